@@ -1,0 +1,104 @@
+"""The one frame type that travels between sources, the engine and sinks, and its conversions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PIXEL_FORMATS = ("RGB", "BGR", "RGBA", "BGRA")
+
+# Where R, G and B sit in each pixel format.
+_RGB_ORDER = {"RGB": (0, 1, 2), "BGR": (2, 1, 0), "RGBA": (0, 1, 2), "BGRA": (2, 1, 0)}
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """What one side of a connection produces or accepts."""
+
+    width: int  # pixels
+    height: int  # pixels
+    pixel_format: str = "RGB"  # one of PIXEL_FORMATS, 8 bits per channel
+
+    def __post_init__(self) -> None:
+        if self.pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"pixel_format: {self.pixel_format!r} must be one of {', '.join(PIXEL_FORMATS)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: {value!r} must be a positive integer")
+
+    @property
+    def channels(self) -> int:
+        return len(self.pixel_format)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height} {self.pixel_format}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One picture: uint8 pixels (H, W, C) in `pixel_format`, with capture time and number."""
+
+    pixels: np.ndarray  # (H, W, C) uint8, C = len(pixel_format)
+    pixel_format: str = "RGB"  # one of PIXEL_FORMATS
+    timestamp: float = 0.0  # time.monotonic() when the source captured it
+    sequence: int = 0  # the source's frame counter
+
+    def __post_init__(self) -> None:
+        if self.pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"pixel_format: {self.pixel_format!r} must be one of {', '.join(PIXEL_FORMATS)}")
+        pixels = self.pixels
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3:
+            raise ValueError(
+                f"pixels: expected a uint8 array (H, W, {len(self.pixel_format)}), got "
+                f"{getattr(pixels, 'dtype', type(pixels).__name__)} {getattr(pixels, 'shape', '')}"
+            )
+        if pixels.shape[2] != len(self.pixel_format):
+            raise ValueError(
+                f"pixels: {self.pixel_format} needs {len(self.pixel_format)} channels, got {pixels.shape[2]}"
+            )
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def format(self) -> FrameFormat:
+        return FrameFormat(self.width, self.height, self.pixel_format)
+
+
+def swizzle(pixels: np.ndarray, source_format: str, target_format: str) -> np.ndarray:
+    """Reorder or add/drop channels between RGB/BGR/RGBA/BGRA (alpha added as 255)."""
+    if source_format == target_format:
+        return pixels
+    rgb = pixels[..., list(_RGB_ORDER[source_format])]
+    if target_format in ("BGR", "BGRA"):
+        rgb = rgb[..., ::-1]
+    if len(target_format) == 4:
+        alpha = pixels[..., 3:4] if len(source_format) == 4 else np.full(pixels.shape[:2] + (1,), 255, np.uint8)
+        return np.ascontiguousarray(np.concatenate([rgb, alpha], axis=2))
+    return np.ascontiguousarray(rgb)
+
+
+def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of (H, W, C) pixels; cheap, for format agreement on the host."""
+    in_height, in_width = pixels.shape[:2]
+    if (in_width, in_height) == (width, height):
+        return pixels
+    rows = (np.arange(height) * in_height // height).astype(np.intp)
+    cols = (np.arange(width) * in_width // width).astype(np.intp)
+    return pixels[rows[:, None], cols[None, :]]
+
+
+def convert(frame: Frame, target: FrameFormat) -> Frame:
+    """The same frame in `target`'s size and pixel format (timestamp and sequence kept)."""
+    if frame.format == target:
+        return frame
+    pixels = resize_nearest(frame.pixels, target.width, target.height)
+    pixels = swizzle(pixels, frame.pixel_format, target.pixel_format)
+    return Frame(np.ascontiguousarray(pixels), target.pixel_format, frame.timestamp, frame.sequence)

@@ -1,0 +1,70 @@
+"""The two small interfaces every transport implements, and the errors they raise.
+
+A Source produces frames, a Sink consumes them. Both are context managers, take keyword-only
+constructor arguments, and may be closed any number of times (the first close releases the
+device, sender name or port; later calls do nothing).
+"""
+
+from __future__ import annotations
+
+import abc
+
+from ..frames import Frame, FrameFormat
+
+
+class TransportUnavailable(RuntimeError):
+    """This transport cannot run on this machine; the message is one line a user can act on.
+
+    Examples: "Spout is Windows-only", "no v4l2loopback device: run `modprobe v4l2loopback`".
+    """
+
+
+class SourceLost(RuntimeError):
+    """The source went away (cable, sender, camera, end of file); the runtime reconnects."""
+
+
+class Source(abc.ABC):
+    """Produces frames. Guarantees: `read` never blocks longer than its timeout;
+    `close` is safe to call twice; after `close`, `read` raises SourceLost."""
+
+    #: what `read` returns; None when the source adapts to whatever arrives
+    format: FrameFormat | None = None
+
+    @abc.abstractmethod
+    def read(self, timeout: float = 0.1) -> Frame | None:
+        """The next new frame, or None when none arrived within `timeout` seconds.
+
+        Raises SourceLost when the source is gone; the caller may close it and open a new one.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the device or connection. Safe to call more than once."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Sink(abc.ABC):
+    """Consumes frames. Guarantees: `send` returns promptly (it never waits for a reader);
+    `close` is safe to call twice."""
+
+    #: what `send` accepts; the runtime converts frames to it before sending
+    format: FrameFormat | None = None
+
+    @abc.abstractmethod
+    def send(self, frame: Frame) -> None:
+        """Publish one frame (already in `self.format` when that is set)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the device, sender name or file. Safe to call more than once."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,9 @@
+"""Errors the engine raises on purpose; each message names what was wrong."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded: missing path, unreachable hub, wrong format, bad weights."""
+
+
+class UnsafeWeightsError(ModelLoadError):
+    """Pickle-based weights (.ckpt, .pt, .pth, .bin) refused without an explicit opt-in."""
