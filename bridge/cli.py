@@ -11,12 +11,10 @@ import importlib
 import logging
 import sys
 
+from .errors import UserError
+
 # subcommand modules, in the order `--help` lists them
 COMMAND_MODULES = ("bridge.commands.bench",)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
