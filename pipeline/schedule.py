@@ -97,6 +97,10 @@ class StepCoefficients:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def __getitem__(self, rows: slice) -> "StepCoefficients":
+        """The coefficients of a slice of rows."""
+        return StepCoefficients(*(v[rows] for v in self.as_tuple()))
+
     def repeat_per_frame(self, frames: int) -> "StepCoefficients":
         """Each step's values repeated for `frames` frames: shape (n * frames,), step-major."""
         return StepCoefficients(*(v.repeat_interleave(frames) for v in self.as_tuple()))

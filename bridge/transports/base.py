@@ -23,6 +23,11 @@ class SourceLost(RuntimeError):
     """The source went away (cable, sender, camera, end of file); the runtime reconnects."""
 
 
+class SourceEnded(SourceLost):
+    """The source finished for good (the end of a file played without looping); the runtime
+    processes what it already has and stops instead of reconnecting."""
+
+
 class Source(abc.ABC):
     """Produces frames. Guarantees: `read` never blocks longer than its timeout;
     `close` is safe to call twice; after `close`, `read` raises SourceLost."""

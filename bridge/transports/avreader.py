@@ -1,0 +1,84 @@
+"""Decode a PyAV container on a thread of its own, so `Source.read` never blocks past its timeout."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..frames import Frame
+from ..slots import LatestSlot
+from .base import SourceEnded, SourceLost
+
+log = logging.getLogger(__name__)
+
+
+class AVReader:
+    """Runs `open_container()` and decodes its first video stream into a newest-frame-wins slot.
+
+    realtime: pace frames by their timestamps (a file played like a live feed); a live device
+    paces itself. loop: start again at the end instead of ending.
+    """
+
+    def __init__(self, *, open_container: Callable[[], object], name: str, realtime: bool, loop: bool) -> None:
+        self._open_container = open_container
+        self._name = name
+        self._realtime = realtime
+        self._loop = loop
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self._stop = threading.Event()
+        self._failure: SourceLost | None = None
+        self._sequence = 0
+        self._container = open_container()  # errors reach the caller at open time
+        self._thread = threading.Thread(target=self._run, name=f"av-reader {name}", daemon=True)
+        self._thread.start()
+
+    def read(self, timeout: float) -> Frame | None:
+        frame = self._slot.take(timeout)
+        if frame is not None:
+            return frame
+        if self._failure is not None:
+            raise self._failure
+        return None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._decode_once()
+                if not self._loop or self._stop.is_set():
+                    break
+                self._container.close()
+                self._container = self._open_container()
+            self._failure = SourceEnded(f"{self._name}: end of stream")
+        except Exception as exc:  # a device unplugged, a corrupt file: the runtime reconnects
+            self._failure = SourceLost(f"{self._name}: {type(exc).__name__}: {exc}")
+        finally:
+            self._slot.close()
+            try:
+                self._container.close()
+            except Exception:  # closing a broken container may fail too; nothing left to release
+                log.debug("closing %s failed", self._name, exc_info=True)
+
+    def _decode_once(self) -> None:
+        """Decode the container from the start to its end (or until stopped)."""
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start = time.monotonic()
+        first_time = None
+        for index, video_frame in enumerate(self._container.decode(stream)):
+            if self._stop.is_set():
+                return
+            if self._realtime:
+                seconds = video_frame.time if video_frame.time is not None else index / float(stream.average_rate or 30)
+                first_time = seconds if first_time is None else first_time
+                if self._stop.wait(max(0.0, start + (seconds - first_time) - time.monotonic())):
+                    return
+            pixels = video_frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            self._slot.put(Frame(pixels, "RGB", time.monotonic(), self._sequence))
+            self._sequence += 1
+
+    def close(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

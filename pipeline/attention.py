@@ -1,0 +1,96 @@
+"""The prompt's cross-attention keys and values, computed once per prompt (StreamDiffusion sec. 3.4).
+
+The prompt is the same for every frame, so each cross-attention layer's K = W_k c and
+V = W_v c are constant between prompt changes. `CrossAttentionCache.install(unet)` gives
+every cross-attention layer a processor that takes its K/V from the cache when one is
+active and falls back to computing them otherwise. StreamDiffusion's code lists this cache
+in the paper but does not have it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    key: torch.Tensor  # (B, heads, tokens, head_dim)
+    value: torch.Tensor  # (B, heads, tokens, head_dim)
+
+
+def _supported(attn) -> bool:
+    """The cached path reproduces plain SDPA cross-attention; anything unusual keeps the default."""
+    return (
+        getattr(attn, "is_cross_attention", False)
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_cross is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+        and float(attn.rescale_output_factor) == 1.0
+    )
+
+
+class _CachedCrossAttnProcessor:
+    """Cross-attention with K/V from the cache (diffusers' attention processor protocol)."""
+
+    def __init__(self, cache: "CrossAttentionCache", index: int, fallback) -> None:
+        self.cache = cache
+        self.index = index
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        layers = self.cache.active
+        if layers is None or attention_mask is not None or hidden_states.ndim != 3:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        kv = layers[self.index]
+        batch = hidden_states.shape[0]
+        if kv.key.shape[0] != batch:
+            raise ValueError(f"cross-attention cache holds {kv.key.shape[0]} rows, the UNet batch has {batch}")
+        head_dim = kv.key.shape[-1]
+        query = attn.to_q(hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(query, kv.key, kv.value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (B, N, h*d)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class CrossAttentionCache:
+    """Holds per-layer K/V for the current prompt batch; `active` is read by the processors."""
+
+    def __init__(self) -> None:
+        self.layers: list = []  # the cross-attention modules, in processor index order
+        self.active: list[LayerKV] | None = None
+
+    @classmethod
+    def install(cls, unet: torch.nn.Module) -> "CrossAttentionCache":
+        """Give each supported cross-attention layer of `unet` a cache-reading processor."""
+        cache = cls()
+        for _, module in unet.named_modules():
+            if hasattr(module, "set_processor") and _supported(module):
+                fallback = module.processor
+                if isinstance(fallback, _CachedCrossAttnProcessor):  # installed before: replace, don't chain
+                    fallback = fallback.fallback
+                processor = _CachedCrossAttnProcessor(cache, len(cache.layers), fallback)
+                module.set_processor(processor)
+                cache.layers.append(module)
+        return cache
+
+    @torch.inference_mode()
+    def compute(self, embeds: torch.Tensor) -> list[LayerKV]:
+        """K/V of every layer for prompt embeddings (B, tokens, D)."""
+        batch = embeds.shape[0]
+        result = []
+        for attn in self.layers:
+            key = attn.to_k(embeds)  # (B, tokens, h*d)
+            value = attn.to_v(embeds)
+            head_dim = key.shape[-1] // attn.heads
+            shape = (batch, -1, attn.heads, head_dim)
+            result.append(
+                LayerKV(key.view(shape).transpose(1, 2).contiguous(), value.view(shape).transpose(1, 2).contiguous())
+            )
+        return result

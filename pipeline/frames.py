@@ -1,0 +1,102 @@
+"""Frames in and out of the engine: kind detection, upload, resize and normalisation on the device.
+
+Accepted (leading batch dimension B = frame_buffer_size when it is > 1, optional when it is 1):
+- numpy uint8 (H, W, C), RGB; C = 4 drops alpha, C = 1 is grey repeated to RGB;
+- torch uint8 (H, W, C) on any device, the same channel rules;
+- torch float (C, H, W) in [0, 1] (values outside are clamped), float32/float16/bfloat16.
+Any size: frames are resized (bilinear, antialiased) to the engine's width x height.
+Output is the same kind, on the same device, at the engine's size, with 3 channels (RGB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FrameKind:
+    """How a frame arrived, so the output goes back the same way."""
+
+    library: str  # "numpy" or "torch"
+    layout: str  # "HWC" (uint8) or "CHW" (float)
+    batched: bool  # had a leading batch dimension
+    device: torch.device  # where the caller's frame lived
+    dtype: torch.dtype  # the caller's element type
+
+
+def _describe(frame) -> str:
+    return f"{type(frame).__module__}.{type(frame).__name__} {getattr(frame, 'dtype', '')} {tuple(getattr(frame, 'shape', ()))}"
+
+
+def frame_kind(frame, frame_buffer_size: int) -> FrameKind:
+    """Classify a frame or raise ValueError naming what is wrong with it."""
+    if isinstance(frame, np.ndarray):
+        if frame.dtype != np.uint8:
+            raise ValueError(f"frame: numpy frames must be uint8 (H, W, C); got {_describe(frame)}")
+        library, layout, dtype, device = "numpy", "HWC", torch.uint8, torch.device("cpu")
+    elif isinstance(frame, torch.Tensor):
+        if frame.dtype == torch.uint8:
+            layout = "HWC"
+        elif frame.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            layout = "CHW"
+        else:
+            raise ValueError(f"frame: tensors must be uint8 (H, W, C) or float (C, H, W); got {_describe(frame)}")
+        library, dtype, device = "torch", frame.dtype, frame.device
+    else:
+        raise ValueError(f"frame: expected a numpy array or torch tensor; got {_describe(frame)}")
+    if frame.ndim == 3 and frame_buffer_size == 1:
+        batched = False
+    elif frame.ndim == 4 and frame.shape[0] == frame_buffer_size:
+        batched = True
+    else:
+        what = f"a batch of {frame_buffer_size} frames" if frame_buffer_size > 1 else "one frame"
+        raise ValueError(
+            f"frame: expected {what} ({layout}{', with a leading batch dimension' if frame_buffer_size > 1 else ''}); "
+            f"got {_describe(frame)}"
+        )
+    channels = frame.shape[-1] if layout == "HWC" else frame.shape[-3]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"frame: expected 1, 3 or 4 channels ({layout}); got {channels} in {_describe(frame)}")
+    if min(frame.shape[-3:]) == 0:
+        raise ValueError(f"frame: empty frame {_describe(frame)}")
+    return FrameKind(library, layout, batched, device, dtype)
+
+
+def to_model_input(
+    frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype."""
+    tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
+    if not kind.batched:
+        tensor = tensor.unsqueeze(0)
+    tensor = tensor.to(device, non_blocking=True)
+    if kind.layout == "HWC":
+        tensor = tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, C, H, W) in [0, 1]
+    else:
+        tensor = tensor.to(dtype).clamp(0.0, 1.0)
+    channels = tensor.shape[1]
+    if channels == 4:
+        tensor = tensor[:, :3]
+    elif channels == 1:
+        tensor = tensor.expand(-1, 3, -1, -1)
+    if tensor.shape[-2:] != (height, width):
+        tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
+
+
+def from_model_output(images: torch.Tensor, kind: FrameKind):
+    """(B, 3, H, W) in [-1, 1] back to the caller's kind, device and layout (one download)."""
+    images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
+    if kind.layout == "HWC":
+        images = images.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    else:
+        images = images.to(kind.dtype)
+    if not kind.batched:
+        images = images[0]
+    if kind.library == "numpy":
+        return np.ascontiguousarray(images.cpu().numpy())
+    return images.to(kind.device).contiguous()

@@ -1,0 +1,302 @@
+"""StreamDiffusion: the stream-batch img2img/txt2img engine (Kodaira et al. 2023).
+
+Stream batch: with n denoising steps and b frames per call, one UNet call denoises n*b latents
+at once, frame f at step 0 beside frame f-1 at step 1 ... frame f-n+1 at step n-1; the output
+lags n-1 calls. Rows are step-major: rows [i*b, (i+1)*b) hold the frames at step i.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .backends import make_backend
+from .config import StreamConfig, t_index_list_from_strength
+from .frames import FrameKind, frame_kind, from_model_output, to_model_input
+from .guidance import RULES, combine, next_stock_noise
+from .models import Components
+from .prompts import PromptEncoder
+from .schedule import StepCoefficients, add_noise, lcm_denoise, step_coefficients, to_epsilon
+from .similarity import SimilarityFilter
+
+log = logging.getLogger(__name__)
+
+# What `update` may change while frames flow; everything else needs a new engine.
+RUNTIME_SETTINGS = frozenset(
+    {
+        "guidance_scale", "delta", "seed", "t_index_list", "num_inference_steps", "cfg_type",
+        "similarity_filter", "similarity_threshold", "similarity_max_skip",
+    }
+)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Counters since the engine was built."""
+
+    frames_in: int  # calls with an input frame (or txt2img calls)
+    frames_processed: int  # calls that ran the VAE and UNet
+    frames_skipped: int  # calls answered by the similarity filter with the previous output
+    nonfinite_caught: int  # outputs with NaN/inf replaced by the last good output
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """What the stream carries from one call to the next; each call replaces it."""
+
+    latent_buffer: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): x_t of frames in flight, steps 1..n-1
+    stock_noise: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): their virtual residual noise (RCFG)
+    last_output: torch.Tensor | None = None  # (b, 3, H, W) in [-1, 1]: the last good output
+
+
+class StreamDiffusion:
+    """One stream: frames in, frames out. See the README for the API and its guarantees."""
+
+    def __init__(self, components: Components, config: StreamConfig, *, backend: str = "eager") -> None:
+        _check_model_fits(components, config)
+        self.components = components.to(config.device, config.dtype)
+        self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache)
+        self.prompts = PromptEncoder(
+            self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size
+        )
+        self.similarity = SimilarityFilter(
+            threshold=config.similarity_threshold, max_skip=config.similarity_max_skip, seed=config.seed
+        )
+        self.state = StreamState()
+        self._counts = {"frames_in": 0, "frames_processed": 0, "frames_skipped": 0}
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=config.device)
+        self.config = config
+        self._configure(config, previous=None)
+        self.set_prompt("")
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, config: StreamConfig, *, backend: str = "eager", **load_options):
+        """Load a hub id, diffusers folder or single .safetensors file (see `load_components`)."""
+        from .loading import load_components
+
+        components = load_components(model_id_or_path, dtype=config.dtype, device=config.device, **load_options)
+        return cls(components, config, backend=backend)
+
+    # ------------------------------------------------------------------ configuration
+
+    def _configure(self, config: StreamConfig, previous: StreamConfig | None) -> None:
+        """Derive everything that stays fixed between frames from `config`."""
+        b, n = config.frame_buffer_size, config.denoising_steps
+        steps_changed = previous is None or (previous.t_index_list, previous.num_inference_steps) != (
+            config.t_index_list, config.num_inference_steps
+        )
+        if steps_changed:
+            coefficients = step_coefficients(
+                self.components.schedule, config.t_index_list, config.num_inference_steps,
+                config.lcm_original_steps, config.device,
+            )
+            self._rows: StepCoefficients = coefficients.repeat_per_frame(b)  # (n*b,) step-major
+        if previous is None or previous.seed != config.seed or previous.denoising_steps != n:
+            self._noise = self._make_noise(config)  # (n*b, 4, h, w)
+            self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
+            self.similarity.reseed(config.seed)
+            self.state = StreamState(last_output=self.state.last_output)  # refill from the next frame
+        if previous is not None and RULES[config.cfg_type].uses_stock and self.state.latent_buffer is not None:
+            if self.state.stock_noise is None:  # switched to RCFG: start from the re-noising noise
+                self.state = StreamState(self.state.latent_buffer, self._noise[b:], self.state.last_output)
+        self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
+        if previous is not None and config.similarity_filter and not previous.similarity_filter:
+            self.similarity.reset()
+
+    def _make_noise(self, config: StreamConfig) -> torch.Tensor:
+        scale = self.components.vae_scale_factor
+        shape = (config.denoising_steps * config.frame_buffer_size, 4, config.height // scale, config.width // scale)
+        generator = torch.Generator(device=config.device).manual_seed(config.seed)
+        return torch.randn(shape, generator=generator, device=config.device, dtype=config.dtype)
+
+    def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
+        """Use these prompts from the next frame on (encoded once, cached; no reload)."""
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        cond = self.prompts.encode(prompt)  # (1, 77, D)
+        uncond = self.prompts.encode(negative_prompt)  # (1, 77, D)
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self._embeds = (uncond, cond)
+        self._conditions = {}  # batch layout -> Conditioning, filled on first use
+
+    def update(self, **params) -> None:
+        """Change run-time settings (see RUNTIME_SETTINGS, plus `strength`) from the next frame on."""
+        if "strength" in params:
+            if "t_index_list" in params:
+                raise ValueError("update: give strength or t_index_list, not both")
+            steps = params.get("num_inference_steps", self.config.num_inference_steps)
+            params["t_index_list"] = t_index_list_from_strength(
+                params.pop("strength"), self.config.denoising_steps, steps
+            )
+        fixed = sorted(set(params) - RUNTIME_SETTINGS)
+        if fixed:
+            raise ValueError(
+                f"update: {', '.join(fixed)} cannot change at run time (allowed: {', '.join(sorted(RUNTIME_SETTINGS))}, "
+                "strength); build a new StreamDiffusion for it"
+            )
+        new_config = self.config.replace(**params)
+        previous, self.config = self.config, new_config
+        self._configure(new_config, previous)
+
+    def reset(self) -> None:
+        """Forget the frames in flight and the similarity reference (counters are kept)."""
+        self.state = StreamState()
+        self.similarity.reset()
+
+    @property
+    def stats(self) -> StreamStats:
+        return StreamStats(nonfinite_caught=int(self._nonfinite), **self._counts)
+
+    # ------------------------------------------------------------------ per frame
+
+    @torch.inference_mode()
+    def __call__(self, frame):
+        """img2img: one frame (or a batch of frame_buffer_size frames) in, the same kind out."""
+        if self.config.mode != "img2img":
+            raise ValueError("mode: this stream is 'txt2img'; call txt2img() (it takes no input frame)")
+        kind = frame_kind(frame, self.config.frame_buffer_size)
+        config = self.config
+        # 1. upload, resize and normalise on the device
+        images = to_model_input(frame, kind, width=config.width, height=config.height, device=config.device, dtype=config.dtype)
+        self._counts["frames_in"] += 1
+        # 2. similarity filter: a near-identical frame gets the previous output, no VAE, no UNet
+        if config.similarity_filter and self.state.last_output is not None and self.similarity.should_skip(images):
+            self._counts["frames_skipped"] += 1
+            return from_model_output(self.state.last_output, kind)
+        if config.similarity_filter and self.state.last_output is None:
+            self.similarity.should_skip(images)  # records the reference
+        # 3. encode and noise to the first step
+        latents = self.backend.encode(images)  # (b, 4, h, w)
+        # 4. denoise, 5. decode, 6. keep finite
+        output = self._finish(self._denoise(latents=latents), fallback=images)
+        # 7. download in the caller's kind
+        return from_model_output(output, kind)
+
+    @torch.inference_mode()
+    def txt2img(self):
+        """One generated frame as uint8 (H, W, 3) numpy RGB; (b, H, W, 3) when frame_buffer_size b > 1."""
+        b = self.config.frame_buffer_size
+        self._counts["frames_in"] += 1
+        output = self._finish(self._denoise(latents=None), fallback=None)
+        kind = FrameKind("numpy", "HWC", batched=b > 1, device=torch.device("cpu"), dtype=torch.uint8)
+        return from_model_output(output, kind)
+
+    def _denoise(self, *, latents: torch.Tensor | None) -> torch.Tensor:
+        """x_0 for the frames leaving the stream: (b, 4, h, w)."""
+        b = self.config.frame_buffer_size
+        first = self._rows[:b]
+        if latents is None:  # txt2img: pure noise at the first step
+            noise = self._noise[:b]
+            x_t = torch.randn(noise.shape, generator=self._txt2img_generator, device=noise.device, dtype=noise.dtype)
+            latents = x_t
+        else:
+            x_t = add_noise(latents, self._noise[:b], first.alpha_sqrt, first.beta_sqrt)  # (b, 4, h, w)
+        if not self.config.use_denoising_batch:
+            return self._sequential(x_t)
+        if self.config.denoising_steps > 1 and self.state.latent_buffer is None:
+            self.state = self._primed_state(latents)
+        return self._stream_batch(x_t)
+
+    def _primed_state(self, latents: torch.Tensor) -> StreamState:
+        """Fill the frames in flight with the first frame noised to each later step."""
+        n, b = self.config.denoising_steps, self.config.frame_buffer_size
+        later = self._rows[b:]
+        buffer = add_noise(latents.repeat(n - 1, 1, 1, 1), self._noise[b:], later.alpha_sqrt, later.beta_sqrt)
+        stock = self._noise[b:] if RULES[self.config.cfg_type].uses_stock else None
+        return StreamState(buffer, stock, self.state.last_output)
+
+    def _stream_batch(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Stream batch: all n steps of n frames in one UNet call."""
+        b, rule = self.config.frame_buffer_size, RULES[self.config.cfg_type]
+        state = self.state
+        if state.latent_buffer is not None:
+            x_t = torch.cat([x_t, state.latent_buffer], dim=0)  # (n*b, 4, h, w)
+        stock = None
+        if rule.uses_stock:  # the new frames start with the noise they were noised with
+            stock = self._noise[:b] if state.stock_noise is None else torch.cat([self._noise[:b], state.stock_noise])
+        x0, eps, stock = self._guided_step(x_t, self._rows, stock, first_step_rows=b)
+        if self.config.denoising_steps == 1:
+            return x0
+        later = self._rows[b:]
+        buffer = add_noise(x0[:-b], self._noise[b:], later.alpha_sqrt, later.beta_sqrt)  # ((n-1)*b, 4, h, w)
+        next_stock = None
+        if rule.uses_stock:
+            now = self._rows[:-b]
+            next_stock = next_stock_noise(
+                eps[:-b], stock[:-b], self._noise[b:], now.alpha_sqrt, now.beta_sqrt, now.c_skip, now.c_out,
+                later.alpha_sqrt, later.beta_sqrt,
+            )
+        self.state = StreamState(buffer, next_stock, state.last_output)
+        return x0[-b:]
+
+    def _sequential(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The reference: the same denoising, one UNet call per step, with the same per-step noise."""
+        b, n, rule = self.config.frame_buffer_size, self.config.denoising_steps, RULES[self.config.cfg_type]
+        stock = self._noise[:b] if rule.uses_stock else None
+        for i in range(n):
+            rows = self._rows[i * b:(i + 1) * b]
+            x0, eps, stock = self._guided_step(x_t, rows, stock, first_step_rows=b if i == 0 else 0)
+            if i == n - 1:
+                break
+            following = self._rows[(i + 1) * b:(i + 2) * b]
+            noise = self._noise[(i + 1) * b:(i + 2) * b]
+            if rule.uses_stock:
+                stock = next_stock_noise(
+                    eps, stock, noise, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip, rows.c_out,
+                    following.alpha_sqrt, following.beta_sqrt,
+                )
+            x_t = add_noise(x0, noise, following.alpha_sqrt, following.beta_sqrt)
+        return x0
+
+    def _guided_step(self, x_t: torch.Tensor, rows: StepCoefficients, stock: torch.Tensor | None, *, first_step_rows: int):
+        """One UNet call on `x_t` with guidance; returns (x0, guided eps, stock as used)."""
+        config, rule = self.config, RULES[self.config.cfg_type]
+        count = x_t.shape[0]
+        uncond = rule.uncond_rows(count, first_step_rows) if config.guidance_active else 0
+        x_in = torch.cat([x_t[:uncond], x_t], dim=0) if uncond else x_t  # (uncond + count, 4, h, w)
+        rows_in = StepCoefficients(*(torch.cat([v[:uncond], v]) for v in rows.as_tuple())) if uncond else rows
+        raw = self.backend.denoise(x_in, rows_in.timesteps, self._condition(uncond, count))
+        eps_all = to_epsilon(raw, x_in, rows_in.alpha_sqrt, rows_in.beta_sqrt, self.components.schedule.prediction_type)
+        eps = eps_all[uncond:]
+        if config.guidance_active:
+            eps_negative, stock = rule.negative(eps_all[:uncond], stock, config.delta)
+            eps = combine(eps_negative, eps, config.guidance_scale)
+        x0 = lcm_denoise(eps, x_t, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip, rows.c_out)
+        return x0, eps, stock
+
+    def _condition(self, uncond_rows: int, cond_rows: int):
+        key = (uncond_rows, cond_rows)
+        if key not in self._conditions:
+            uncond, cond = self._embeds
+            embeds = torch.cat([uncond.expand(uncond_rows, -1, -1), cond.expand(cond_rows, -1, -1)], dim=0)
+            self._conditions[key] = self.backend.condition(embeds.contiguous())
+        return self._conditions[key]
+
+    def _finish(self, x0: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
+        """Decode, and replace a non-finite output by the last good one (no host sync)."""
+        output = self.backend.decode(x0)  # (b, 3, H, W)
+        self._counts["frames_processed"] += 1
+        good = torch.isfinite(output).all()  # 0-dim bool, stays on the device
+        previous = self.state.last_output
+        if previous is None:
+            previous = fallback if fallback is not None else torch.zeros_like(output)
+        output = torch.where(good, output, previous)
+        self._nonfinite = self._nonfinite + (~good).to(torch.int64)
+        self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
+        return output
+
+
+def _check_model_fits(components: Components, config: StreamConfig) -> None:
+    multiple = components.vae_scale_factor * components.unet_downsampling
+    for name in ("width", "height"):
+        value = getattr(config, name)
+        if value % multiple:
+            raise ValueError(
+                f"{name}: {value} must be a multiple of {multiple} for this model "
+                f"(VAE x{components.vae_scale_factor}, UNet x{components.unet_downsampling})"
+            )
+    unet_channels = components.unet.config.in_channels
+    vae_channels = components.vae.config.latent_channels
+    if unet_channels != vae_channels:
+        raise ValueError(f"model: the UNet takes {unet_channels} latent channels, the VAE makes {vae_channels}")
