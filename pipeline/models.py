@@ -189,6 +189,36 @@ def local_clip_tokenizer():
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def _rescale_convs(module: torch.nn.Module, run, target_std: float = 1.0) -> None:
+    """LSUV-style: scale each convolution, in order, so its output on `run()` has `target_std`."""
+    for conv in [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]:
+        seen = []
+        handle = conv.register_forward_hook(lambda _m, _a, out: seen.append(out.float().std().item()))
+        try:
+            run()
+        finally:
+            handle.remove()
+        if seen and seen[0] > 1e-8:
+            conv.weight.mul_(target_std / seen[0])
+            if conv.bias is not None:
+                conv.bias.mul_(target_std / seen[0])
+
+
+@torch.no_grad()
+def _calibrate_vae(vae: torch.nn.Module) -> None:
+    """Random TAESD weights rescaled so a picture passes through: unit-variance latents and an
+    output that depends on the input instead of saturating. The architecture is unchanged."""
+    generator = torch.Generator().manual_seed(0)
+    picture = torch.rand((1, 3, 64, 64), generator=generator) * 2 - 1  # (1, 3, 64, 64) in [-1, 1]
+    _rescale_convs(vae.encoder, lambda: vae.encoder(picture))
+    latents = vae.encoder(picture)
+    _rescale_convs(vae.decoder, lambda: vae.decoder(latents), target_std=0.25)
+    last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    channel_mean = vae.decoder(latents).mean(dim=(0, 2, 3))  # (3,) of 2 * conv_out - 1
+    last.bias.sub_(channel_mean / 2)  # centre the output on mid-grey
+
+
 def random_components(
     arch: str = "tiny",
     *,
@@ -212,6 +242,7 @@ def random_components(
         unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIGS[arch]))
         vae = AutoencoderTiny(**VAE_CONFIGS["tiny" if arch == "tiny" else "taesd"])
+        _calibrate_vae(vae)
     components = Components(
         unet=unet,
         vae=vae,

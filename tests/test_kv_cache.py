@@ -1,0 +1,52 @@
+"""The prompt's cross-attention K/V cache gives the same UNet output as no cache."""
+
+import torch
+
+from pipeline import StreamConfig, StreamDiffusion
+from pipeline.attention import CrossAttentionCache
+
+
+def test_cached_kv_equals_plain_attention(tiny_components):
+    unet = tiny_components.unet
+    embeds = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([999, 500, 20])
+    with torch.no_grad():
+        plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        cache = CrossAttentionCache.install(unet)
+        cross_attention = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+        assert len(cache.layers) == len(cross_attention) == 4  # down, mid and two in the up block
+        cache.active = cache.compute(embeds)
+        try:
+            cached = unet(latents, timesteps, encoder_hidden_states=torch.zeros_like(embeds)).sample
+        finally:
+            cache.active = None
+        assert (cached - plain).abs().max().item() <= 1e-5
+        # with no active cache the processors fall back to computing K/V from the embeddings
+        assert (unet(latents, timesteps, encoder_hidden_states=embeds).sample - plain).abs().max().item() <= 1e-6
+
+
+def test_engine_with_and_without_cache_gives_same_frames(tiny_components):
+    outputs = []
+    frames = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    for kv_cache in (True, False):
+        config = StreamConfig(width=64, height=64, device="cpu", cfg_type="full", guidance_scale=2.0, kv_cache=kv_cache, t_index_list=(20, 40))
+        engine = StreamDiffusion(tiny_components, config)
+        engine.set_prompt("a harbour", negative_prompt="rain")
+        outputs.append([engine(frame) for frame in frames])
+    for cached, plain in zip(*outputs):
+        assert (cached - plain).abs().max().item() <= 1e-5
+
+
+def test_cache_is_recomputed_only_when_the_prompt_changes(tiny_components):
+    config = StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40))
+    engine = StreamDiffusion(tiny_components, config)
+    computed = []
+    original = engine.backend.cache.compute
+    engine.backend.cache.compute = lambda embeds: computed.append(embeds.shape[0]) or original(embeds)
+    for _ in range(3):
+        engine(torch.rand(3, 64, 64))
+    assert computed == [2]  # once, for the (2 cond rows) layout
+    engine.set_prompt("another")
+    engine(torch.rand(3, 64, 64))
+    assert computed == [2, 2]
