@@ -363,7 +363,7 @@ def _load_single_file(path: Path, *, config: Path | None, with_vae: bool, dtype:
             warnings.filterwarnings("ignore", message="(?s).*steps_offset", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_single_file(str(path), **options)
     except ModelLoadError as exc:
-        hint = "pass single_file_config=<a local diffusers folder (configs, tokenizer) of the checkpoint's architecture>"
+        hint = "pass single_file_config=<a local diffusers folder (configs, tokenizer) of its architecture>"
         raise ModelLoadError(f"{exc}; {hint}") from exc.__cause__
     for name in ("unet", "text_encoder") + (("vae",) if with_vae else ()):
         _check_materialized(getattr(pipe, name), what=name, where=path)

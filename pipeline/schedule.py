@@ -53,6 +53,7 @@ class NoiseSchedule:
             "beta_schedule": self.beta_schedule,
             "num_train_timesteps": self.num_train_timesteps,
             "prediction_type": self.prediction_type,
+            "steps_offset": 1,
         }
 
 
@@ -67,11 +68,11 @@ def alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
 
 
 def lcm_timesteps(num_inference_steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
-    """LCM's skipping-step schedule: `num_inference_steps` of the `original_steps` grid, noisiest first."""
+    """LCM's schedule: `num_inference_steps` evenly spaced picks of the `original_steps` grid, noisiest first."""
     k = num_train_timesteps // original_steps
-    origin = np.arange(1, original_steps + 1) * k - 1  # (original_steps,) e.g. 19, 39, ..., 999
-    skipping_step = len(origin) // num_inference_steps
-    return [int(t) for t in origin[::-skipping_step][:num_inference_steps]]
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]  # (original_steps,) 999, 979, ..., 19
+    picks = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in origin[picks]]
 
 
 def lcm_boundary_scalings(

@@ -97,13 +97,16 @@ def _vae_rules(config: dict) -> list[Rule]:
             (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", _VAE_RESNET_NAMES),
             (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTENTION_NAMES),
         ]
-    blocks = len(config["block_out_channels"])
+    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
     for block in range(blocks):
-        rules.append((f"encoder.down_blocks.{block}.resnets.", f"encoder.down.{block}.block.", _VAE_RESNET_NAMES))
-        rules.append((f"encoder.down_blocks.{block}.downsamplers.0.conv.", f"encoder.down.{block}.downsample.conv.", {}))
+        down, up = f"encoder.down_blocks.{block}.", f"decoder.up_blocks.{block}."
         level = blocks - 1 - block  # ldm numbers decoder levels from the highest resolution up
-        rules.append((f"decoder.up_blocks.{block}.resnets.", f"decoder.up.{level}.block.", _VAE_RESNET_NAMES))
-        rules.append((f"decoder.up_blocks.{block}.upsamplers.0.conv.", f"decoder.up.{level}.upsample.conv.", {}))
+        for layer in range(layers):  # the decoder has one resnet more per level
+            rules.append((f"{down}resnets.{layer}.", f"encoder.down.{block}.block.{layer}.", _VAE_RESNET_NAMES))
+        for layer in range(layers + 1):
+            rules.append((f"{up}resnets.{layer}.", f"decoder.up.{level}.block.{layer}.", _VAE_RESNET_NAMES))
+        rules.append((f"{down}downsamplers.0.conv.", f"encoder.down.{block}.downsample.conv.", {}))
+        rules.append((f"{up}upsamplers.0.conv.", f"decoder.up.{level}.upsample.conv.", {}))
     return rules
 
 

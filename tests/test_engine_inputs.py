@@ -1,0 +1,120 @@
+"""Frames of every accepted kind go in and come out the same kind; bad ones get a clear error."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import StreamConfig, StreamDiffusion
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_components):
+    return StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20, 40)))
+
+
+@pytest.fixture(scope="module")
+def batch_engine(tiny_components):
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20, 40), frame_buffer_size=2)
+    return StreamDiffusion(tiny_components, config)
+
+
+def test_numpy_uint8_hwc_any_size(engine):
+    out = engine(np.zeros((90, 120, 3), np.uint8))
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (SIZE, SIZE, 3)
+
+
+def test_torch_uint8_hwc(engine):
+    out = engine(torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_torch_float_chw_keeps_dtype(engine, dtype):
+    out = engine(torch.rand((3, 32, 48)).to(dtype))
+    assert out.dtype == dtype and out.shape == (3, SIZE, SIZE)
+    assert 0.0 <= out.min().item() and out.max().item() <= 1.0
+
+
+def test_rgba_drops_alpha_and_grey_is_repeated(engine):
+    assert engine(np.zeros((SIZE, SIZE, 4), np.uint8)).shape == (SIZE, SIZE, 3)
+    assert engine(np.zeros((SIZE, SIZE, 1), np.uint8)).shape == (SIZE, SIZE, 3)
+
+
+def test_batch_of_frames(batch_engine):
+    out = batch_engine(np.zeros((2, SIZE, SIZE, 3), np.uint8))
+    assert out.shape == (2, SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match="batch of 2 frames"):
+        batch_engine(np.zeros((SIZE, SIZE, 3), np.uint8))
+
+
+def test_single_frame_may_carry_a_batch_dimension_of_one(engine):
+    assert engine(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize(
+    "frame,message",
+    [
+        (np.zeros((SIZE, SIZE, 3), np.float32), "numpy frames must be uint8"),
+        (np.zeros((SIZE, SIZE, 5), np.uint8), "1, 3 or 4 channels"),
+        (np.zeros((SIZE, SIZE), np.uint8), "expected one frame"),
+        (torch.zeros((SIZE, SIZE, 3), dtype=torch.int32), "uint8 .* or float"),
+        (torch.zeros((2, SIZE, SIZE)), "1, 3 or 4 channels"),
+        (np.zeros((0, SIZE, 3), np.uint8), "empty frame"),
+        ([[0, 0, 0]], "numpy array or torch tensor"),
+    ],
+)
+def test_bad_frames_get_a_clear_error(engine, frame, message):
+    with pytest.raises(ValueError, match=message):
+        engine(frame)
+
+
+def test_txt2img_mode_refuses_frames_and_generates(tiny_components):
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", mode="txt2img", t_index_list=(0, 30))
+    engine = StreamDiffusion(tiny_components, config)
+    with pytest.raises(ValueError, match="txt2img"):
+        engine(np.zeros((SIZE, SIZE, 3), np.uint8))
+    frames = [engine.txt2img() for _ in range(3)]
+    assert all(f.shape == (SIZE, SIZE, 3) and f.dtype == np.uint8 for f in frames)
+    assert not np.array_equal(frames[1], frames[2])  # fresh noise every frame
+
+
+def test_size_that_does_not_fit_the_model(tiny_components):
+    with pytest.raises(ValueError, match="width: 72 must be a multiple of 16"):
+        StreamDiffusion(tiny_components, StreamConfig(width=72, height=64, device="cpu"))
+
+
+def test_reset_restarts_the_stream(tiny_components):
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(10, 30)))
+    frame = np.full((SIZE, SIZE, 3), 100, np.uint8)
+    first = engine(frame)
+    engine(np.zeros((SIZE, SIZE, 3), np.uint8))
+    engine.reset()
+    assert np.array_equal(engine(frame), first)
+
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a UNet so that chosen calls predict NaN everywhere (a model that blows up)."""
+
+    def __init__(self, unet, bad_calls):
+        super().__init__()
+        self.unet, self.bad_calls, self.calls = unet, set(bad_calls), 0
+        self.config = unet.config
+
+    def forward(self, *args, **kwargs):
+        out = self.unet(*args, **kwargs)
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            out = (out[0] * float("nan"),)
+        return out
+
+
+def test_nan_producing_model_never_yields_a_nan_frame(tiny_components):
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(25,)))
+    engine.backend.unet = _NaNAfter(engine.backend.unet, bad_calls={2, 3, 5})
+    outputs = [engine(torch.rand(3, SIZE, SIZE)) for _ in range(6)]
+    assert all(torch.isfinite(out).all() for out in outputs)
+    assert engine.stats.nonfinite_caught == 3
+    assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])  # the last good one
+    assert not torch.equal(outputs[3], outputs[0])
