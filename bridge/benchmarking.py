@@ -1,0 +1,142 @@
+"""Engine benchmark: warm up, synchronise around the measured region, report percentiles."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from pipeline import StreamConfig, StreamDiffusion, random_components, t_index_list_from_strength
+
+log = logging.getLogger("sdbridge.bench")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark configuration (every field is reported in the result)."""
+
+    arch: str = "tiny"  # random-weight architecture: tiny, sd15, sd-turbo
+    steps: int = 1  # denoising steps per frame
+    cfg_type: str = "self"  # none, full, self, initialize
+    guidance_scale: float = 1.2  # CFG scale (guidance is on above 1)
+    strength: float = 0.6  # img2img strength -> t_index_list
+    width: int = 512  # pixels
+    height: int = 512  # pixels
+    frame_buffer_size: int = 1  # frames per call
+    frames: int = 300  # measured calls
+    warmup: int = 20  # calls before measuring
+    backend: str = "eager"  # engine backend
+    device: str = "auto"  # torch device
+    dtype: str = "auto"  # float16 on CUDA, float32 on CPU
+    similarity_filter: bool = False  # the filter on (synthetic frames all differ, so it never skips)
+    kv_cache: bool = True  # cross-attention K/V precomputed per prompt
+    time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"
+
+
+def synthetic_frames(settings: BenchSettings, count: int = 8) -> list[np.ndarray]:
+    """Distinct uint8 RGB frames in host memory (a batch each when frame_buffer_size > 1)."""
+    rng = np.random.default_rng(0)
+    shape = (settings.height, settings.width, 3)
+    if settings.frame_buffer_size > 1:
+        shape = (settings.frame_buffer_size, *shape)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+
+
+def time_calls(call, frames: list, *, count: int, warmup: int, device: torch.device, time_limit: float = 0.0) -> list[float]:
+    """Per-call wall times in ms for `count` calls after `warmup` calls (the device synchronised)."""
+    for k in range(warmup):
+        call(frames[k % len(frames)])
+    _synchronize(device)
+    times = []
+    started = time.perf_counter()
+    for k in range(count):
+        begin = time.perf_counter()
+        call(frames[k % len(frames)])
+        _synchronize(device)
+        times.append((time.perf_counter() - begin) * 1000.0)
+        if time_limit and time.perf_counter() - started > time_limit:
+            log.warning("time limit of %.0f s reached after %d of %d frames", time_limit, k + 1, count)
+            break
+    return times
+
+
+def summarize(times_ms: list[float], frames_per_call: int) -> dict:
+    values = np.asarray(times_ms)
+    return {
+        "frames_measured": int(values.size * frames_per_call),
+        "fps": float(frames_per_call * 1000.0 * values.size / values.sum()),
+        "ms_mean": float(values.mean()),
+        "ms_median": float(np.percentile(values, 50)),
+        "ms_p95": float(np.percentile(values, 95)),
+        "ms_p99": float(np.percentile(values, 99)),
+        "ms_min": float(values.min()),
+    }
+
+
+def run_benchmark(settings: BenchSettings, *, sequential: bool = False, components=None) -> list[dict]:
+    """Time the stream-batch path (and the sequential path too, when asked); one dict per run."""
+    base = StreamConfig(
+        width=settings.width, height=settings.height, device=settings.device, dtype=settings.dtype,
+        cfg_type=settings.cfg_type, guidance_scale=settings.guidance_scale,
+        t_index_list=t_index_list_from_strength(settings.strength, settings.steps, 50),
+        frame_buffer_size=settings.frame_buffer_size, similarity_filter=settings.similarity_filter,
+        kv_cache=settings.kv_cache,
+    )
+    if components is None:
+        started = time.perf_counter()
+        log.info("building random-weight %s models on %s (%s) ...", settings.arch, base.device, base.dtype)
+        components = random_components(settings.arch, dtype=base.dtype, device=base.device, seed=0)
+        log.info("models ready in %.1f s", time.perf_counter() - started)
+    frames = synthetic_frames(settings)
+    results = []
+    for batched in (True, False) if sequential else (True,):
+        config = base.replace(use_denoising_batch=batched)
+        engine = StreamDiffusion(components, config, backend=settings.backend)
+        engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
+        if base.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(base.device)
+        log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
+                 "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
+                 settings.warmup, settings.frames)
+        times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
+                           time_limit=settings.time_limit)
+        peak, peak_kind = _peak_memory_gib(base.device)
+        results.append({
+            **asdict(settings),
+            "use_denoising_batch": batched,
+            "t_index_list": list(config.t_index_list),
+            "dtype": str(config.dtype).replace("torch.", ""),
+            "device": device_name(base.device),
+            "device_type": base.device.type,
+            "torch": torch.__version__,
+            **summarize(times, settings.frame_buffer_size),
+            "peak_mem_gib": peak,
+            "peak_mem_kind": peak_kind,
+            "frames_skipped": engine.stats.frames_skipped,
+        })
+        del engine
+    if sequential:
+        results[0]["speedup_vs_sequential"] = results[0]["fps"] / results[1]["fps"]
+    return results

@@ -1,0 +1,116 @@
+"""`sdbridge bench`: frame-in-host-memory to frame-in-host-memory timings of the engine.
+
+Builds random-weight models of the exact architectures (the arithmetic of the real
+checkpoints), runs img2img on synthetic frames through the public API, and writes one JSON
+object per configuration run (see ../shared/benchmarks.md for the method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+log = logging.getLogger("sdbridge.bench")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure engine throughput and latency on random-weight models",
+        description="Time img2img through the public API (host frame in, host frame out). Several values of "
+        "--arch, --steps and --cfg run every combination; each is one JSON object.",
+    )
+    parser.add_argument("--arch", nargs="+", default=["tiny"], choices=["tiny", "sd15", "sd-turbo"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[1], help="denoising steps per frame (len(t_index_list))")
+    parser.add_argument("--cfg", nargs="+", default=["self"], choices=["none", "full", "self", "initialize"])
+    parser.add_argument("--guidance", type=float, default=1.2, help="guidance scale (default 1.2)")
+    parser.add_argument("--strength", type=float, default=0.6, help="img2img strength, sets t_index_list (default 0.6)")
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--frame-buffer-size", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=300, help="measured frames per configuration")
+    parser.add_argument("--warmup", type=int, default=20, help="frames run before measuring")
+    parser.add_argument("--sequential", action="store_true", help="also run the non-batched path and report the ratio")
+    parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
+    parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
+    parser.add_argument("--backend", default="eager")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
+    parser.add_argument("--json", type=Path, help="write the results here (a JSON list of objects)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmarking import BenchSettings, run_benchmark
+
+    if args.frames < 1 or args.warmup < 0:
+        raise UserError(f"--frames must be >= 1 and --warmup >= 0 (got {args.frames}, {args.warmup})")
+    command = "sdbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sdbridge bench"
+    results = []
+    for arch, steps, cfg_type in itertools.product(args.arch, args.steps, args.cfg):
+        settings = BenchSettings(
+            arch=arch, steps=steps, cfg_type=cfg_type, guidance_scale=args.guidance, strength=args.strength,
+            width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
+            warmup=args.warmup, backend=args.backend, device=args.device, dtype=args.dtype,
+            similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
+        )
+        try:
+            runs = run_benchmark(settings, sequential=args.sequential)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        for result in runs:
+            result.update(commit=_commit(), command=command)
+        results.extend(runs)
+        if args.json:  # written after each configuration, so a time-limited script keeps what finished
+            _write(args.json, results)
+    print(format_table(results))
+    return 0
+
+
+def _write(path: Path, results: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def format_table(results: list[dict]) -> str:
+    header = f"{'arch':<9} {'backend':<8} {'steps':>5} {'cfg':<10} {'batch':<5} {'size':<9} {'fps':>7} {'median':>8} {'p95':>8} {'p99':>8} {'mem GiB':>8}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        mode = "yes" if r["use_denoising_batch"] else "seq"
+        lines.append(
+            f"{r['arch']:<9} {r['backend']:<8} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
+            f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
+            f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
+        )
+        if "speedup_vs_sequential" in r:
+            lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
+    if results:
+        lines.append(f"device: {results[0]['device']}  torch {results[0]['torch']}  commit {results[0]['commit']}")
+    return "\n".join(lines)
