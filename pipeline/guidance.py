@@ -95,7 +95,7 @@ def next_stock_noise(
     prediction moved; rescaled to step i+1 and added to the noise that re-noises the frame.
     All scalars are (rows,).
     """
-    beta = beta_sqrt.to(stock.dtype).view(-1, 1, 1, 1)
+    beta = beta_sqrt.view(-1, 1, 1, 1)
     delta_x = lcm_denoise(eps, beta * stock, alpha_sqrt, beta_sqrt, c_skip, c_out)  # (rows, 4, h, w)
-    scale = (alpha_sqrt_next / beta_sqrt_next).to(stock.dtype).view(-1, 1, 1, 1)
+    scale = (alpha_sqrt_next / beta_sqrt_next).view(-1, 1, 1, 1)
     return next_noise + scale * delta_x

@@ -116,14 +116,16 @@ def step_coefficients(
     num_inference_steps: int,
     original_steps: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> StepCoefficients:
-    """Everything the per-frame math needs about the chosen steps, computed once per configuration."""
+    """Everything the per-frame math needs about the chosen steps, computed once per configuration
+    (in float64, stored in the engine's dtype so the per-frame math does no conversions)."""
     all_timesteps = lcm_timesteps(num_inference_steps, original_steps, schedule.num_train_timesteps)
     timesteps = torch.tensor([all_timesteps[i] for i in t_index_list], dtype=torch.int64)
     alpha_bar = alphas_cumprod(schedule)[timesteps]  # (n,)
     c_skip, c_out = lcm_boundary_scalings(timesteps)
     values = (alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt(), c_skip, c_out)
-    return StepCoefficients(timesteps.to(device), *(v.float().to(device) for v in values))
+    return StepCoefficients(timesteps.to(device), *(v.to(device=device, dtype=dtype) for v in values))
 
 
 def _per_sample(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ class StreamDiffusion:
         if steps_changed:
             coefficients = step_coefficients(
                 self.components.schedule, config.t_index_list, config.num_inference_steps,
-                config.lcm_original_steps, config.device,
+                config.lcm_original_steps, config.device, config.dtype,
             )
             self._rows: StepCoefficients = coefficients.repeat_per_frame(b)  # (n*b,) step-major
         if previous is None or previous.seed != config.seed or previous.denoising_steps != n:
