@@ -72,11 +72,29 @@ class StreamDiffusion:
         self.set_prompt("")
 
     @classmethod
-    def from_pretrained(cls, model_id_or_path: str, config: StreamConfig, *, backend: str = "eager", **load_options):
-        """Load a hub id, diffusers folder or single .safetensors file (see `load_components`)."""
+    def from_pretrained(
+        cls,
+        model_id_or_path: str,
+        config: StreamConfig,
+        *,
+        vae: str | None = "taesd-default",
+        lcm_lora: str | None = None,
+        allow_pickle: bool = False,
+        single_file_config: str | None = None,
+        backend: str = "eager",
+    ) -> "StreamDiffusion":
+        """Load a hub id, a diffusers folder or a single .safetensors checkpoint (see pipeline.loading).
+
+        `vae`: TAESD by default, "model" for the checkpoint's own AutoencoderKL, or a folder/hub id.
+        `lcm_lora`: LoRA weights merged into the UNet (LCM-LoRA for SD 1.5 models).
+        `allow_pickle`: opt in to .ckpt/.pt/.bin files, which can run code when loaded.
+        """
         from .loading import load_components
 
-        components = load_components(model_id_or_path, dtype=config.dtype, device=config.device, **load_options)
+        components = load_components(
+            model_id_or_path, vae=vae, lcm_lora=lcm_lora, allow_pickle=allow_pickle,
+            single_file_config=single_file_config, dtype=config.dtype, device=config.device,
+        )
         return cls(components, config, backend=backend)
 
     # ------------------------------------------------------------------ configuration

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 
 from ldm_checkpoint import ldm_state_dict, write_ldm_safetensors
@@ -311,3 +312,14 @@ def test_detect_arch():
     assert detect_arch(dict(UNET_CONFIGS["sd-turbo"], attention_head_dim=[5, 10, 20, 20])) == "sd-turbo"
     assert detect_arch(UNET_CONFIGS["tiny"]) == "custom"
     assert detect_arch(dict(UNET_CONFIGS["sd15"], cross_attention_dim=1024)) == "custom"
+
+
+def test_stream_from_pretrained_folder_runs_frames(model_folder, original):
+    from pipeline import StreamConfig, StreamDiffusion
+
+    config = StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40))
+    engine = StreamDiffusion.from_pretrained(str(model_folder), config, vae="model")
+    engine.set_prompt("a boat")
+    out = engine(np.zeros((64, 64, 3), np.uint8))
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert engine.components.source == str(model_folder)
