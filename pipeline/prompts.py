@@ -52,3 +52,40 @@ class PromptEncoder:
         parameter = next(self.text_encoder.parameters())
         hidden = self.text_encoder(token_ids.to(parameter.device))[0]  # (1, 77, D)
         return hidden.to(parameter.dtype)
+
+
+BLEND_METHODS = ("linear", "slerp")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation along the last dimension (Shoemake 1985); linear where a and b are parallel."""
+    a32, b32 = a.float(), b.float()
+    a_unit = a32 / a32.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    b_unit = b32 / b32.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    cos = (a_unit * b_unit).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)  # (..., 1)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    parallel = sin.abs() < 1e-4
+    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
+    wa = torch.where(parallel, 1.0 - t, torch.sin((1.0 - t) * omega) / safe_sin)
+    wb = torch.where(parallel, torch.full_like(sin, t), torch.sin(t * omega) / safe_sin)
+    return (wa * a32 + wb * b32).to(a.dtype)
+
+
+def blend_embeddings(embeddings: list[torch.Tensor], weights: list[float], method: str = "linear") -> torch.Tensor:
+    """Weighted blend of prompt embeddings (1, 77, D): a weighted mean, or slerp applied pairwise in order."""
+    if method not in BLEND_METHODS:
+        raise ValueError(f"method: {method!r} must be one of {', '.join(BLEND_METHODS)}")
+    if len(embeddings) != len(weights) or not embeddings:
+        raise ValueError(f"prompts: need one weight per prompt and at least one prompt (got {len(weights)} weights)")
+    if any(not (w >= 0.0) or w == float("inf") for w in weights) or sum(weights) <= 0.0:
+        raise ValueError(f"weights: {list(weights)} must be finite, non-negative and not all zero")
+    if method == "linear":
+        total = sum(weights)
+        return sum(e * (w / total) for e, w in zip(embeddings, weights))
+    blended, accumulated = embeddings[0], weights[0]
+    for embedding, weight in zip(embeddings[1:], weights[1:]):
+        if accumulated + weight > 0.0:
+            blended = slerp(blended, embedding, weight / (accumulated + weight))
+        accumulated += weight
+    return blended

@@ -17,7 +17,7 @@ from .config import StreamConfig, t_index_list_from_strength
 from .frames import FrameKind, frame_kind, from_model_output, to_model_input
 from .guidance import RULES, combine, next_stock_noise
 from .models import Components
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, blend_embeddings
 from .schedule import StepCoefficients, add_noise, lcm_denoise, step_coefficients, to_epsilon
 from .similarity import SimilarityFilter
 
@@ -137,6 +137,24 @@ class StreamDiffusion:
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self._embeds = (uncond, cond)
         self._conditions = {}  # batch layout -> Conditioning, filled on first use
+
+    def set_prompt_blend(
+        self, prompts: list[tuple[str, float]], *, negative_prompt: str | None = None, method: str = "linear"
+    ) -> None:
+        """Blend several weighted prompts' embeddings ("linear" mean or "slerp") from the next frame on."""
+        if not isinstance(prompts, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in prompts
+        ):
+            raise ValueError(f"prompts: expected a list of (prompt, weight) pairs, got {prompts!r}")
+        weights = [float(weight) for _, weight in prompts]
+        embeddings = [self.prompts.encode(prompt) for prompt, _ in prompts]
+        cond = blend_embeddings(embeddings, weights, method)  # (1, 77, D)
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        uncond = self.prompts.encode(negative_prompt)
+        self.prompt = " | ".join(f"{prompt}:{weight:g}" for prompt, weight in prompts)
+        self.negative_prompt = negative_prompt
+        self._embeds = (uncond, cond)
+        self._conditions = {}
 
     def update(self, **params) -> None:
         """Change run-time settings (see RUNTIME_SETTINGS, plus `strength`) from the next frame on."""
