@@ -8,7 +8,7 @@ lags n-1 calls. Rows are step-major: rows [i*b, (i+1)*b) hold the frames at step
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,15 @@ class StreamState:
     latent_buffer: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): x_t of frames in flight, steps 1..n-1
     stock_noise: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): their virtual residual noise (RCFG)
     last_output: torch.Tensor | None = None  # (b, 3, H, W) in [-1, 1]: the last good output
+
+
+@dataclass(frozen=True)
+class _PromptState:
+    """The prompt side, swapped as one object so a prompt change is atomic for the frame loop."""
+
+    uncond: torch.Tensor  # (1, 77, D) negative prompt embedding
+    cond: torch.Tensor  # (1, 77, D) prompt (or blended prompts) embedding
+    conditions: dict = field(default_factory=dict)  # (uncond rows, cond rows) -> backend Conditioning
 
 
 class StreamDiffusion:
@@ -135,8 +144,7 @@ class StreamDiffusion:
         cond = self.prompts.encode(prompt)  # (1, 77, D)
         uncond = self.prompts.encode(negative_prompt)  # (1, 77, D)
         self.prompt, self.negative_prompt = prompt, negative_prompt
-        self._embeds = (uncond, cond)
-        self._conditions = {}  # batch layout -> Conditioning, filled on first use
+        self._prompt_state = _PromptState(uncond, cond)
 
     def set_prompt_blend(
         self, prompts: list[tuple[str, float]], *, negative_prompt: str | None = None, method: str = "linear"
@@ -153,8 +161,12 @@ class StreamDiffusion:
         uncond = self.prompts.encode(negative_prompt)
         self.prompt = " | ".join(f"{prompt}:{weight:g}" for prompt, weight in prompts)
         self.negative_prompt = negative_prompt
-        self._embeds = (uncond, cond)
-        self._conditions = {}
+        self._prompt_state = _PromptState(uncond, cond)
+
+    def prepare_prompt(self, prompt: str) -> None:
+        """Encode and cache `prompt` now. Thread-safe: a control thread can call it so that the
+        frame loop's later `set_prompt` finds the embedding ready and never waits on the encoder."""
+        self.prompts.encode(prompt)
 
     def update(self, **params) -> None:
         """Change run-time settings (see RUNTIME_SETTINGS, plus `strength`) from the next frame on."""
@@ -302,12 +314,15 @@ class StreamDiffusion:
         return x0, eps, stock
 
     def _condition(self, uncond_rows: int, cond_rows: int):
+        """The Conditioning of a batch layout, built once per prompt (read through one snapshot)."""
+        prompt_state = self._prompt_state
         key = (uncond_rows, cond_rows)
-        if key not in self._conditions:
-            uncond, cond = self._embeds
-            embeds = torch.cat([uncond.expand(uncond_rows, -1, -1), cond.expand(cond_rows, -1, -1)], dim=0)
-            self._conditions[key] = self.backend.condition(embeds.contiguous())
-        return self._conditions[key]
+        if key not in prompt_state.conditions:
+            embeds = torch.cat(
+                [prompt_state.uncond.expand(uncond_rows, -1, -1), prompt_state.cond.expand(cond_rows, -1, -1)], dim=0
+            )  # (uncond_rows + cond_rows, 77, D)
+            prompt_state.conditions[key] = self.backend.condition(embeds.contiguous())
+        return prompt_state.conditions[key]
 
     def _finish(self, x0: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
         """Decode, and replace a non-finite output by the last good one (no host sync)."""
