@@ -14,11 +14,19 @@ import sys
 from .errors import UserError
 
 # subcommand modules, in the order `--help` lists them
-COMMAND_MODULES = ("bridge.commands.bench",)
+COMMAND_MODULES = ("bridge.commands.run", "bridge.commands.demo", "bridge.commands.devices", "bridge.commands.bench",
+                   "bridge.commands.params")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line (what is wrong and where help is), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="sdbridge",
         description="Real-time StreamDiffusion video effect: frames in, diffusion, frames out, OSC control.",
     )

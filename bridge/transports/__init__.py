@@ -1,0 +1,155 @@
+"""Sources and sinks by URI-like names: `kind[:target][?option=value&...]`.
+
+    testpattern            video:clip.mp4?loop=1     camera:0        ndi:TD Out     spout:TDOut
+    null                   file:out.mp4              file:frames/%05d.png           virtualcam
+    spout:sdbridge         ndi:sdbridge              virtualcam?backend=obs&device=OBS Virtual Camera
+
+Each transport module is imported only when used, so a missing platform library affects only
+the transport that needs it, and says so in one line (TransportUnavailable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import Sink, Source, SourceEnded, SourceLost, TransportUnavailable
+
+__all__ = [
+    "SINK_KINDS", "SOURCE_KINDS", "Sink", "Source", "SourceEnded", "SourceLost", "TransportSpec",
+    "TransportUnavailable", "open_sink", "open_source", "parse_spec",
+]
+
+SOURCE_KINDS = ("testpattern", "video", "camera", "ndi", "spout", "syphon")
+SINK_KINDS = ("virtualcam", "spout", "ndi", "file", "null", "syphon")
+_NEEDS_TARGET = {"video": "a file, as in video:clip.mp4", "file": "a path, as in file:out.mp4",
+                 "ndi": "a name, as in ndi:sdbridge", "spout": "a name, as in spout:sdbridge",
+                 "syphon": "a name, as in syphon:sdbridge"}
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """A parsed source or sink name."""
+
+    kind: str  # "video", "file", ...
+    target: str = ""  # what follows the first ':' (a path, a sender name, a device)
+    options: dict = field(default_factory=dict)  # from "?key=value&key=value", values as strings
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target}" if self.target else self.kind
+
+
+def parse_spec(text: str, *, role: str) -> TransportSpec:
+    """Parse `kind[:target][?options]`; `role` is "source" or "sink" (it names the field in errors)."""
+    kinds = SOURCE_KINDS if role == "source" else SINK_KINDS
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{role}: an empty name; one of {', '.join(kinds)}")
+    body, _, query = text.strip().partition("?")
+    kind, _, target = body.partition(":")
+    kind = kind.strip().lower()
+    if kind not in kinds:
+        raise ValueError(f"{role}: {text!r} is not a {role}; use one of {', '.join(kinds)}")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"{role}: {text!r}: option {item!r} must look like key=value")
+        options[key.strip()] = value.strip()
+    if kind in _NEEDS_TARGET and not target and kind != "syphon":
+        raise ValueError(f"{role}: {text!r} needs {_NEEDS_TARGET[kind]}")
+    return TransportSpec(kind, target.strip(), options)
+
+
+def _option(spec: TransportSpec, name: str, convert, default):
+    if name not in spec.options:
+        return default
+    raw = spec.options[name]
+    try:
+        if convert is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        return convert(raw)
+    except ValueError:
+        raise ValueError(f"{spec}: option {name}={raw!r} is not a valid {convert.__name__}") from None
+
+
+def _check_options(spec: TransportSpec, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(spec.options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{spec}: unknown option(s) {', '.join(unknown)}; known: {', '.join(allowed) or 'none'}")
+
+
+def open_source(text: str, *, fps: float = 30.0) -> Source:
+    """Open the source named `text`. Raises ValueError (bad name) or TransportUnavailable."""
+    spec = parse_spec(text, role="source")
+    if spec.kind == "testpattern":
+        _check_options(spec, ("width", "height", "fps"))
+        from .testpattern import TestPatternSource
+
+        return TestPatternSource(width=_option(spec, "width", int, 640), height=_option(spec, "height", int, 480),
+                                 fps=_option(spec, "fps", float, fps))
+    if spec.kind == "video":
+        _check_options(spec, ("loop", "realtime"))
+        from .video import VideoSource
+
+        return VideoSource(path=spec.target, loop=_option(spec, "loop", bool, False),
+                           realtime=_option(spec, "realtime", bool, True))
+    if spec.kind == "camera":
+        _check_options(spec, ("width", "height", "fps"))
+        from .camera import CameraSource
+
+        return CameraSource(device=spec.target or "0", width=_option(spec, "width", int, None),
+                            height=_option(spec, "height", int, None), fps=_option(spec, "fps", float, None))
+    if spec.kind == "spout":
+        _check_options(spec, ())
+        from .spout import SpoutSource
+
+        return SpoutSource(name=spec.target)
+    if spec.kind == "ndi":
+        _check_options(spec, ("timeout", "pixel_format", "bandwidth", "receiver_name"))
+        from .ndi import NDISource
+
+        options = {name: spec.options[name] for name in ("pixel_format", "bandwidth", "receiver_name") if name in spec.options}
+        if "timeout" in spec.options:
+            options["timeout"] = _option(spec, "timeout", float, None)
+        return NDISource(name=spec.target, **options)
+    from .syphon import SyphonSource
+
+    return SyphonSource(name=spec.target)
+
+
+def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
+    """Open the sink named `text` for frames of `width` x `height` at about `fps`."""
+    spec = parse_spec(text, role="sink")
+    if spec.kind == "null":
+        _check_options(spec, ())
+        from .null import NullSink
+
+        return NullSink()
+    if spec.kind == "file":
+        _check_options(spec, ("codec",))
+        from .file import FileSink
+
+        return FileSink(path=spec.target, width=width, height=height, fps=fps, codec=spec.options.get("codec"))
+    if spec.kind == "virtualcam":
+        _check_options(spec, ("backend", "device"))
+        from .virtualcam import VirtualCamSink
+
+        return VirtualCamSink(width=width, height=height, fps=fps, device=spec.options.get("device") or spec.target or None,
+                              backend=spec.options.get("backend"))
+    if spec.kind == "spout":
+        _check_options(spec, ())
+        from .spout import SpoutSink
+
+        return SpoutSink(name=spec.target, width=width, height=height)
+    if spec.kind == "ndi":
+        _check_options(spec, ("pixel_format", "alpha"))
+        from .ndi import NDISink
+
+        options = {"pixel_format": spec.options["pixel_format"]} if "pixel_format" in spec.options else {}
+        if "alpha" in spec.options:
+            options["alpha"] = _option(spec, "alpha", bool, False)
+        return NDISink(name=spec.target, width=width, height=height, frame_rate=fps, **options)
+    from .syphon import SyphonSink
+
+    return SyphonSink(name=spec.target)

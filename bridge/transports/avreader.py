@@ -32,9 +32,12 @@ class AVReader:
         self._sequence = 0
         self._container = open_container()  # errors reach the caller at open time
         self._thread = threading.Thread(target=self._run, name=f"av-reader {name}", daemon=True)
-        self._thread.start()
+        self._started = False  # playback starts at the first read, not at open
 
     def read(self, timeout: float) -> Frame | None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
         frame = self._slot.take(timeout)
         if frame is not None:
             return frame
@@ -80,5 +83,7 @@ class AVReader:
 
     def close(self, timeout: float = 1.0) -> None:
         self._stop.set()
-        if self._thread is not threading.current_thread():
+        if not self._started:
+            self._container.close()
+        elif self._thread is not threading.current_thread():
             self._thread.join(timeout)

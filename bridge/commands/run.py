@@ -1,0 +1,83 @@
+"""`sdbridge run`: frames from a source through the engine to one or more sinks."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+HELP_EPILOG = """\
+sources: testpattern, video:FILE[?loop=1], camera:INDEX|DEVICE, ndi:NAME, spout:NAME (Windows)
+sinks:   virtualcam[?backend=..&device=..], spout:NAME (Windows), ndi:NAME, file:OUT.mp4,
+         file:DIR/%05d.png, null
+example: sdbridge run --source ndi:"TD Out" --sink virtualcam --sink spout:sdbridge \\
+                      --model stabilityai/sd-turbo --prompt "a watercolor city at night"
+"""
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by run and demo; every default is None so a config file can fill it."""
+    add = parser.add_argument
+    add("--model", help="hub id, folder, single .safetensors file, or random:tiny|sd15|sd-turbo")
+    add("--vae", help="VAE: taesd-default, model, or a folder/hub id")
+    add("--lcm-lora", dest="lcm_lora", help="LCM-LoRA weights to fuse into the UNet")
+    add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
+        help="allow pickle weights (.ckpt/.bin/.pt); they can run code")
+    add("--width", type=int, help="processing and output width (multiple of 8)")
+    add("--height", type=int, help="processing and output height (multiple of 8)")
+    add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")
+    add("--steps", type=int, help="number of denoising steps (indices spread by --strength)")
+    add("--strength", type=float, help="img2img strength in (0, 1]")
+    add("--cfg", choices=("none", "full", "self", "initialize"), help="guidance type")
+    add("--guidance", type=float, help="guidance scale")
+    add("--delta", type=float, help="RCFG residual-noise scale")
+    add("--seed", type=int, help="noise seed")
+    add("--prompt", help="the prompt")
+    add("--negative-prompt", dest="negative_prompt", help="the negative prompt")
+    add("--similarity-filter", dest="similarity_filter", action=argparse.BooleanOptionalAction, default=None,
+        help="skip nearly unchanged frames")
+    add("--similarity-threshold", dest="similarity_threshold", type=float, help="similarity above which to skip")
+    add("--backend", help="engine backend (eager)")
+    add("--device", help="auto, cpu, cuda, cuda:1 ...")
+    add("--dtype", help="auto, float32, float16, bfloat16")
+    add("--fps", type=float, help="output frames per second (default 30)")
+    add("--fallback", choices=("last", "black", "raw"), help="what sinks get while the source stalls")
+    add("--duration", type=float, help="stop after this many seconds")
+    add("--frames", type=int, help="stop after this many processed frames")
+    add("--no-status", dest="status", action="store_const", const=False, help="no status line")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run the effect: source -> engine -> sinks", epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the live effect. Settings come from --config (TOML) and flags; flags win.",
+    )
+    parser.add_argument("--config", help="TOML file with the same settings (flags override it)")
+    parser.add_argument("--source", help="where frames come from (default testpattern)")
+    parser.add_argument("--sink", action="append", help="where frames go; repeat for several")
+    add_engine_flags(parser)
+    parser.set_defaults(handler=handle)
+
+
+def settings_from_args(args: argparse.Namespace, **defaults):
+    from ..settings import FIELDS, merge, read_config_file
+
+    try:
+        file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+        flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+        if flags.get("sink") is not None:
+            flags["sink"] = tuple(flags["sink"])
+        return merge(file_values, flags, **defaults)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def handle(args: argparse.Namespace) -> int:
+    from ..session import format_summary, run_session
+
+    settings = settings_from_args(args)
+    summary = run_session(settings)
+    if summary.get("state") != "interrupted":
+        print(format_summary(summary))
+    return 0

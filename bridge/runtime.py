@@ -1,0 +1,181 @@
+"""The running process: one source, one engine, any number of sinks, three threads between them.
+
+    runtime = Runtime(engine=engine, open_source=lambda: open_source("testpattern"), sinks=[NullSink()])
+    with runtime:                       # start(): opens the source, agrees formats, starts threads
+        runtime.wait(timeout=10)        # until stopped, the source ended, or a limit is reached
+    # leaving the block stops the threads and closes the source and every sink (within ~1.5 s)
+
+The engine is anything with `engine(rgb_pixels) -> rgb_pixels` of its `config.width` x
+`config.height`, plus `update(**values)` and `set_prompt(prompt, negative_prompt=...)` for the
+parameter store; `stats` (frames_skipped, nonfinite_caught) is read when present.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .frames import FrameFormat
+from .params import ParameterStore
+from .stages import OutputLoop, Shared, capture_loop, inference_loop
+from .telemetry import Telemetry
+from .transports.base import Sink, Source
+
+log = logging.getLogger(__name__)
+
+FALLBACKS = ("last", "black", "raw")
+JOIN_SECONDS = 1.0  # how long stop() waits for each thread
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the threads behave; validated on construction (ValueError naming the field)."""
+
+    fps: float = 30.0  # output rate: sinks get a frame at least and at most this often
+    fallback: str = "last"  # what sinks get while no new frame comes: "last" frame, "black", or "raw" input
+    stall_seconds: float = 0.5  # this long without a new output frame is a stall (the fallback applies)
+    reconnect_initial_seconds: float = 0.1  # first wait before reopening a lost source (then doubled)
+    reconnect_max_seconds: float = 2.0  # the longest wait between reconnection attempts
+    max_frames: int | None = None  # finish after the engine returned this many frames (None: no limit)
+    duration: float | None = None  # finish after this many seconds (None: until stopped)
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value, upper: float = math.inf) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
+                raise ValueError(f"{name}: {value!r} must be a number in (0, {upper:g}]")
+
+        positive("fps", self.fps, 1000)
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback: {self.fallback!r} must be one of {', '.join(FALLBACKS)}")
+        positive("stall_seconds", self.stall_seconds, 3600)
+        positive("reconnect_initial_seconds", self.reconnect_initial_seconds, 60)
+        positive("reconnect_max_seconds", self.reconnect_max_seconds, 600)
+        if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames <= 0):
+            raise ValueError(f"max_frames: {self.max_frames!r} must be a positive integer")
+        if self.duration is not None:
+            positive("duration", self.duration)
+
+
+def agree_formats(engine_format: FrameFormat, sinks: Sequence[Sink]) -> list[FrameFormat | None]:
+    """Each sink's accepted format, checked once at join time; logs the conversion each needs."""
+    formats = []
+    for sink in sinks:
+        target = getattr(sink, "format", None)
+        if target is not None and not isinstance(target, FrameFormat):
+            raise ValueError(f"sink {type(sink).__name__}: format {target!r} is not a FrameFormat")
+        if target is not None and target != engine_format:
+            log.info("%s: engine %s -> sink %s", type(sink).__name__, engine_format, target)
+        formats.append(target)
+    return formats
+
+
+class Runtime:
+    """Owns the source it opens and the sinks it is given: `stop()` closes them all."""
+
+    def __init__(
+        self,
+        *,
+        engine,
+        open_source: Callable[[], Source] | None,
+        sinks: Sequence[Sink],
+        config: RuntimeConfig = RuntimeConfig(),
+        params: ParameterStore | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        engine_config = engine.config
+        self.engine_format = FrameFormat(engine_config.width, engine_config.height, "RGB")
+        self.config = config
+        self.params = params if params is not None else ParameterStore()
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._open_source = open_source
+        self._shared = Shared(
+            engine=engine, engine_format=self.engine_format, sinks=list(sinks),
+            sink_formats=agree_formats(self.engine_format, sinks), params=self.params,
+            telemetry=self.telemetry, config=config,
+        )
+        self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
+        self._threads: list[threading.Thread] = []
+        self._started_at: float | None = None
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+
+    def start(self) -> None:
+        """Open the source (its errors reach the caller) and start the three threads."""
+        shared = self._shared
+        try:
+            source = self._open_source() if self._open_source is not None else None
+        except BaseException:
+            self.stop()  # the sinks were handed over: release them
+            raise
+        targets = [("inference", inference_loop, (shared,)), ("output", OutputLoop(shared).run, ())]
+        if source is not None:
+            targets.insert(0, ("capture", capture_loop, (shared, self._open_source, source)))
+        for name, target, args in targets:
+            thread = threading.Thread(target=target, args=args, name=f"sdbridge {name}", daemon=True)
+            self._threads.append(thread)
+        self._started_at = time.monotonic()
+        self.telemetry.state = "running"
+        for thread in self._threads:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run finished (stop requested, source ended, frame or time limit);
+        True when it has, False when `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.finished:
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            step = 0.05 if deadline is None else min(0.05, deadline - now)
+            self._shared.finished.wait(step)
+
+    @property
+    def finished(self) -> bool:
+        shared = self._shared
+        if shared.stop.is_set() or shared.finished.is_set():
+            return True
+        duration = self.config.duration
+        return duration is not None and self._started_at is not None and time.monotonic() - self._started_at >= duration
+
+    def request_stop(self) -> None:
+        """Ask the threads to stop (safe from a signal handler); `stop()` also waits and releases."""
+        self._shared.stop.set()
+
+    def stop(self) -> None:
+        """Stop the threads and close the source and every sink. Safe to call more than once."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        shared = self._shared
+        self.telemetry.state = "stopping"
+        shared.stop.set()
+        shared.input_slot.close()
+        shared.output_slot.close()
+        deadline = time.monotonic() + JOIN_SECONDS
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s did not stop in time; releasing anyway", thread.name)
+        for sink in shared.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing %s failed", type(sink).__name__)
+        self.telemetry.state = "stopped"
+
+    def snapshot(self) -> dict:
+        return self.telemetry.snapshot()
+
+    def __enter__(self) -> "Runtime":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

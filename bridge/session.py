@@ -1,0 +1,167 @@
+"""One `sdbridge run`: settings -> engine -> runtime, with signals, status line and a summary."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+from .errors import UserError
+from .runtime import Runtime, RuntimeConfig
+from .settings import RunSettings
+from .telemetry import status_line
+from .transports import TransportUnavailable, open_sink, open_source
+
+log = logging.getLogger("bridge")
+
+STATUS_SECONDS = 1.0  # status line refresh on a terminal
+PLAIN_STATUS_SECONDS = 10.0  # and when stderr is a file or pipe
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived before the runtime was running (while loading); a BaseException
+    like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+class StopSignals:
+    """SIGINT/SIGTERM: while loading, abort (raise Interrupted); while running, ask the runtime
+    to stop. Installed only on the main thread; the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+        if self.runtime is None:
+            raise Interrupted(signal.Signals(signum).name)
+        self.runtime.request_stop()
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
+    """Run until the source ends, a limit is reached or a signal arrives; the final figures.
+
+    Transports open before the model loads, so a missing sender or device is reported at once.
+    """
+    from .engine import build_engine
+
+    with StopSignals() as signals:
+        sinks, first_source = [], None
+        try:
+            config = _stream_config(settings)
+            sinks, first_source = _open_transports(settings, config.width, config.height)
+            engine = build_engine(settings, config)
+            runtime = _make_runtime(settings, engine, sinks, first_source)
+        except Interrupted:
+            _close_all(sinks, first_source)
+            log.info("interrupted while starting")
+            return {"state": "interrupted"}
+        except BaseException:
+            _close_all(sinks, first_source)
+            raise
+        signals.runtime = runtime
+        if signals.received is not None:
+            runtime.request_stop()
+        started = time.monotonic()
+        try:
+            runtime.start()
+            log.info("running: %s -> %s (%dx%d) -> %s; Ctrl+C stops", settings.source, settings.model,
+                     config.width, config.height, ", ".join(settings.sink))
+            _watch(runtime, stream, settings.status)
+        finally:
+            runtime.stop()
+        summary = runtime.snapshot()
+        summary["seconds"] = time.monotonic() - started
+        return summary
+
+
+def _stream_config(settings: RunSettings):
+    from .engine import stream_config
+
+    try:
+        return stream_config(settings)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _open_transports(settings: RunSettings, width: int, height: int):
+    """(sinks, source), or UserError with the transport's one-line reason."""
+    sinks = []
+    try:
+        for spec in settings.sink:
+            sinks.append(open_sink(spec, width=width, height=height, fps=settings.fps))
+        return sinks, open_source(settings.source, fps=settings.fps)
+    except (TransportUnavailable, ValueError) as exc:
+        _close_all(sinks, None)
+        raise UserError(str(exc)) from None
+    except BaseException:
+        _close_all(sinks, None)
+        raise
+
+
+def _close_all(sinks, source) -> None:
+    for transport in [*sinks, source]:
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:
+                log.exception("closing %s failed", type(transport).__name__)
+
+
+def _make_runtime(settings: RunSettings, engine, sinks, first_source) -> Runtime:
+    """The runtime, handed the already open source first and reopening by name after a loss."""
+    opened = [first_source]
+
+    def source_factory():
+        return opened.pop() if opened else open_source(settings.source, fps=settings.fps)
+
+    config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
+                           duration=settings.duration)
+    runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config)
+    runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})
+    return runtime
+
+
+def _watch(runtime: Runtime, stream, show_status: bool) -> None:
+    """Wait for the end, refreshing the status line (in place on a terminal)."""
+    terminal = show_status and hasattr(stream, "isatty") and stream.isatty()
+    interval = STATUS_SECONDS if terminal else PLAIN_STATUS_SECONDS
+    while not runtime.wait(timeout=interval):
+        if not show_status:
+            continue
+        line = status_line(runtime.snapshot())
+        if terminal:
+            stream.write("\r\x1b[2K" + line)
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+    if terminal:
+        stream.write("\n")
+
+
+def format_summary(summary: dict) -> str:
+    def ms(name: str) -> str:
+        value = summary.get(name)
+        return "-" if value is None else f"{value:.1f} ms"
+
+    return "\n".join([
+        f"ran {summary.get('seconds', 0):.1f} s: {summary['frames_in']} frames in, {summary['frames_processed']} processed, "
+        f"{summary['frames_out']} sent",
+        f"inference: median {ms('inference_ms_median')}, p95 {ms('inference_ms_p95')}",
+        f"latency (capture to publish): median {ms('latency_ms_median')}, p95 {ms('latency_ms_p95')}",
+        f"skipped {summary['frames_skipped']}, dropped {summary['frames_dropped']}, bad {summary['bad_frames']}, "
+        f"source lost {summary['source_lost']}, sink errors {summary['sink_errors']}",
+    ])

@@ -1,0 +1,151 @@
+"""The settings of `sdbridge run`: a TOML file and/or flags (flags win), validated in one place.
+
+The TOML file is flat and uses the flags' names (dashes or underscores):
+
+    source = "ndi:TD Out"
+    sink = ["virtualcam", "spout:sdbridge"]
+    model = "stabilityai/sd-turbo"
+    prompt = "a watercolor city at night"
+    width = 512
+    height = 512
+    t_index_list = [32, 45]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .runtime import FALLBACKS
+from .transports import parse_spec
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one run needs. None for an engine setting means the engine's default."""
+
+    source: str = "testpattern"  # where frames come from (see bridge.transports)
+    sink: tuple[str, ...] = ()  # where frames go; several allowed
+    model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
+    vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
+    lcm_lora: str | None = None  # LCM-LoRA weights fused into the UNet
+    allow_pickle: bool = False  # allow .ckpt/.bin/.pt weights (they can run code)
+    width: int = 512  # processing and output size
+    height: int = 512
+    t_index_list: tuple[int, ...] | None = None  # denoising timestep indices (overrides steps/strength)
+    steps: int | None = None  # number of denoising steps (with strength: evenly spread indices)
+    strength: float | None = None  # img2img strength in (0, 1] (with steps)
+    cfg: str | None = None  # cfg_type: none, full, self, initialize
+    guidance: float | None = None  # guidance_scale
+    delta: float | None = None  # RCFG residual-noise scale
+    seed: int | None = None
+    prompt: str = ""
+    negative_prompt: str | None = None
+    similarity_filter: bool | None = None
+    similarity_threshold: float | None = None
+    backend: str = "eager"
+    device: str = "auto"
+    dtype: str = "auto"
+    fps: float = 30.0  # output rate
+    fallback: str = "last"  # last, black, raw
+    duration: float | None = None  # stop after this many seconds
+    frames: int | None = None  # stop after this many processed frames
+    status: bool = True  # the terminal status line
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sink, str):
+            object.__setattr__(self, "sink", (self.sink,))
+        if isinstance(self.t_index_list, (list, str)):
+            object.__setattr__(self, "t_index_list", _int_list(self.t_index_list))
+        self._validate()
+
+    def _validate(self) -> None:
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        for name, value in dataclasses.asdict(self).items():
+            _check_type(name, value, types[name])
+        parse_spec(self.source, role="source")
+        if not self.sink:
+            raise ValueError("sink: none given; add --sink (virtualcam, spout:NAME, ndi:NAME, file:out.mp4 or null)")
+        for sink in self.sink:
+            parse_spec(sink, role="sink")
+        if not self.model:
+            raise ValueError("model: empty; give a hub id, a folder, a file or random:tiny")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback: {self.fallback!r} must be one of {', '.join(FALLBACKS)}")
+        for name in ("fps", "duration"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name}: {value!r} must be a positive number")
+        for name in ("frames", "steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: {value!r} must be a positive integer")
+        if self.t_index_list is not None and (self.steps is not None or self.strength is not None):
+            raise ValueError("t_index_list: give either t_index_list or steps/strength, not both")
+
+
+def _int_list(value) -> tuple[int, ...]:
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        return tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"t_index_list: {value!r} must be a list of integers, as in 32,45") from None
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """Check `value` against the field's annotation text (bool, int, float, str, tuple)."""
+    if value is None:
+        if "None" not in annotation:
+            raise ValueError(f"{name}: a value is required")
+        return
+    if annotation.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif annotation.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif annotation.startswith("tuple"):
+        ok = isinstance(value, tuple) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = annotation.split(" ")[0].split("[")[0]
+        raise ValueError(f"{name}: {value!r} is not a valid {expected}")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RunSettings))
+
+
+def read_config_file(path: str) -> dict:
+    """The settings in a TOML file, keys normalised to field names; unknown keys are errors."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name == "sinks":
+            name = "sink"
+        if name not in FIELDS:
+            raise ValueError(f"config: {path}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def merge(file_values: dict, flag_values: dict, **defaults) -> RunSettings:
+    """Defaults, then the file, then the flags that were given (not None)."""
+    values = dict(defaults)
+    values.update(file_values)
+    values.update({name: value for name, value in flag_values.items() if value is not None})
+    return RunSettings(**values)

@@ -1,0 +1,271 @@
+"""The three threads of a run: capture, inference, output. Each is a loop over one `Shared` state.
+
+capture:   source.read() -> RGB -> input slot            (reopens a lost source with backoff)
+inference: input slot -> parameters -> engine -> output slot
+output:    output slot (or the fallback) -> each sink, at most and at least every 1/fps seconds
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .frames import Frame, FrameFormat, convert, swizzle
+from .params import ParameterStore, apply_pending
+from .slots import LatestSlot
+from .telemetry import Telemetry
+from .transports.base import Sink, Source, SourceEnded, SourceLost
+
+log = logging.getLogger("bridge.runtime")
+
+
+@dataclass
+class Shared:
+    """What the three threads share; every field is either immutable or thread-safe."""
+
+    engine: object
+    engine_format: FrameFormat  # what the engine returns: its size, RGB
+    sinks: list[Sink]
+    sink_formats: list[FrameFormat | None]  # what each sink accepts (None: anything)
+    params: ParameterStore
+    telemetry: Telemetry
+    config: object  # RuntimeConfig
+    input_slot: LatestSlot = field(default_factory=LatestSlot)
+    output_slot: LatestSlot = field(default_factory=LatestSlot)
+    stop: threading.Event = field(default_factory=threading.Event)
+    source_ended: threading.Event = field(default_factory=threading.Event)
+    inference_done: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class _RateLimitedLog:
+    """Logs the first occurrence and then at most once every `interval` seconds."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self._interval = interval
+        self._last = -1e9
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            log.warning(message, *args)
+
+
+def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Source | None) -> None:
+    """Read frames into the input slot until stopped; reconnect with backoff when the source is lost."""
+    config, telemetry = shared.config, shared.telemetry
+    backoff = config.reconnect_initial_seconds
+    warn = _RateLimitedLog()
+    try:
+        while not shared.stop.is_set():
+            if source is None:
+                source = _reopen(open_source, warn)
+                if source is None:
+                    shared.stop.wait(backoff)
+                    backoff = min(2 * backoff, config.reconnect_max_seconds)
+                    continue
+                log.info("source is back")
+                telemetry.state = "running"
+            try:
+                frame = source.read(timeout=0.05)
+            except SourceEnded as exc:
+                log.info("%s", exc)
+                shared.source_ended.set()
+                return
+            except Exception as exc:  # SourceLost, or a transport's own bug: both mean reopen
+                level = logging.WARNING if isinstance(exc, SourceLost) else logging.ERROR
+                log.log(level, "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
+                telemetry.count("source_lost")
+                telemetry.state = "source lost"
+                _close_quietly(source)
+                source, backoff = None, config.reconnect_initial_seconds
+                continue
+            if frame is not None:
+                if frame.pixel_format != "RGB":
+                    frame = Frame(swizzle(frame.pixels, frame.pixel_format, "RGB"), "RGB", frame.timestamp, frame.sequence)
+                telemetry.frame_in()
+                shared.input_slot.put(frame)
+    finally:
+        if source is not None:
+            _close_quietly(source)
+
+
+def _reopen(open_source: Callable[[], Source], warn: _RateLimitedLog) -> Source | None:
+    try:
+        return open_source()
+    except Exception as exc:
+        warn.warning("source not available yet: %s", exc)
+        return None
+
+
+def _close_quietly(transport) -> None:
+    try:
+        transport.close()
+    except Exception:
+        log.exception("closing %s failed", type(transport).__name__)
+
+
+class Origins:
+    """Which input frame an output shows. With stream batch the engine's output lags n-1 calls
+    (n denoising steps), so its capture time is that of the input n-1 calls back; a frame the
+    similarity filter skipped repeats a picture of the present scene and counts as the current
+    input. Keeps latency figures honest."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._history: deque[Frame] = deque(maxlen=17)
+
+    def lag(self) -> int:
+        config = getattr(self._engine, "config", None)
+        if not getattr(config, "use_denoising_batch", False):
+            return 0
+        return max(0, len(getattr(config, "t_index_list", ())) - 1)
+
+    def origin(self, frame: Frame, skipped: bool) -> Frame:
+        if skipped:
+            return frame
+        self._history.append(frame)
+        lag = min(self.lag(), len(self._history) - 1)
+        return self._history[-1 - lag]
+
+
+def inference_loop(shared: Shared) -> None:
+    """Run the engine on the newest input frame, applying parameter changes between frames."""
+    engine, telemetry, config = shared.engine, shared.telemetry, shared.config
+    warn = _RateLimitedLog()
+    txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
+    expected_shape = (shared.engine_format.height, shared.engine_format.width, 3)
+    origins = Origins(engine)
+    processed = skipped_so_far = 0
+    while not shared.stop.is_set():
+        apply_pending(shared.params, engine)  # 1. parameters, between frames
+        if txt2img:  # 2. the input frame (txt2img has none)
+            frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), processed)
+        else:
+            frame = shared.input_slot.take(timeout=0.05)
+        if frame is None:
+            if shared.source_ended.is_set() and not shared.input_slot.pending:
+                break
+            continue
+        started = time.perf_counter()
+        try:  # 3. the engine
+            pixels = engine.txt2img() if txt2img else engine(frame.pixels)
+        except Exception as exc:
+            telemetry.count("bad_frames")
+            warn.warning("engine failed on a frame: %s: %s", type(exc).__name__, exc)
+            continue
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        if not isinstance(pixels, np.ndarray) or pixels.shape != expected_shape or pixels.dtype != np.uint8:
+            telemetry.count("bad_frames")
+            warn.warning("engine returned %s, expected uint8 %s", getattr(pixels, "shape", type(pixels)), expected_shape)
+            continue
+        telemetry.frame_processed(elapsed_ms)  # 4. figures (one read of the engine's counters), then hand over
+        stats = getattr(engine, "stats", None)
+        skipped = getattr(stats, "frames_skipped", 0)
+        if stats is not None:
+            telemetry.engine_stats(skipped, getattr(stats, "nonfinite_caught", 0))
+        origin = origins.origin(frame, skipped=skipped > skipped_so_far)
+        skipped_so_far = skipped
+        shared.output_slot.put(Frame(pixels, "RGB", origin.timestamp, origin.sequence))
+        processed += 1
+        if config.max_frames is not None and processed >= config.max_frames:
+            break
+    shared.inference_done.set()
+
+
+class OutputLoop:
+    """Sends to every sink: a new frame as soon as it comes, and a repeat whenever a frame period
+    passes without a send, so the sinks never wait longer than that. A token bucket (refilled at
+    fps, BURST deep) keeps the average rate at most fps without delaying frames that arrive on
+    time. After `stall_seconds` without a new frame, the repeats are the configured fallback."""
+
+    BURST = 2.0  # sends allowed back to back (a repeat followed at once by a new frame)
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.period = 1.0 / shared.config.fps
+        self.black = Frame(np.zeros((shared.engine_format.height, shared.engine_format.width, 3), np.uint8))
+        self.last_frame: Frame | None = None
+        self.last_fresh_time = time.monotonic()  # when the newest fresh frame was sent
+        self.last_send_time = -1e9
+        self._tokens = self.BURST
+        self._tokens_time = time.monotonic()
+        self._warn = _RateLimitedLog()
+        self._converted: list[tuple[Frame, Frame] | None] = [None] * len(shared.sinks)
+
+    def run(self) -> None:
+        shared = self.shared
+        try:
+            while not shared.stop.is_set():
+                if shared.inference_done.is_set() and not shared.output_slot.pending:
+                    break
+                repeat_at = self.last_send_time + self.period
+                frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - time.monotonic())))
+                if frame is not None:
+                    self._wait_for_token()
+                    self.last_frame, self.last_fresh_time = frame, time.monotonic()
+                    if shared.telemetry.state == "stalled":
+                        shared.telemetry.state = "running"
+                    self._publish(frame, fresh=True)
+                elif time.monotonic() >= repeat_at:
+                    self._wait_for_token()
+                    self._publish(self._repeat_frame(), fresh=False)
+        finally:
+            shared.finished.set()
+
+    def _wait_for_token(self) -> None:
+        """Take one send from the bucket, waiting (interruptibly) until there is one."""
+        now = time.monotonic()
+        self._tokens = min(self.BURST, self._tokens + (now - self._tokens_time) / self.period)
+        self._tokens_time = now
+        if self._tokens < 1.0:
+            self.shared.stop.wait((1.0 - self._tokens) * self.period)
+            self._tokens, self._tokens_time = 1.0, time.monotonic()
+        self._tokens -= 1.0
+
+    def _repeat_frame(self) -> Frame:
+        stalled = time.monotonic() - self.last_fresh_time > self.shared.config.stall_seconds
+        mode = self.shared.config.fallback
+        if not stalled and self.last_frame is not None:
+            return self.last_frame
+        if mode == "raw":
+            raw = self.shared.input_slot.peek()
+            if raw is not None:
+                return convert(raw, self.shared.engine_format)
+        if mode == "last" and self.last_frame is not None:
+            return self.last_frame
+        return self.black
+
+    def _publish(self, frame: Frame, fresh: bool) -> None:
+        now = time.monotonic()
+        self.last_send_time = now
+        for index, sink in enumerate(self.shared.sinks):
+            try:
+                sink.send(self._for_sink(index, frame))
+            except Exception as exc:
+                self.shared.telemetry.count("sink_errors")
+                self._warn.warning("sink %s failed: %s: %s", type(sink).__name__, type(exc).__name__, exc)
+        latency_ms = (now - frame.timestamp) * 1000.0 if fresh else None
+        stalled = not fresh and now - self.last_fresh_time > self.shared.config.stall_seconds
+        if stalled and self.shared.telemetry.state == "running":
+            self.shared.telemetry.state = "stalled"
+        self.shared.telemetry.frame_out(latency_ms, fallback=stalled)
+
+    def _for_sink(self, index: int, frame: Frame) -> Frame:
+        """`frame` in sink `index`'s format, converted once however often it is repeated."""
+        target = self.shared.sink_formats[index]
+        if target is None or frame.format == target:
+            return frame
+        cached = self._converted[index]
+        if cached is not None and cached[0] is frame:
+            return cached[1]
+        converted = convert(frame, target)
+        self._converted[index] = (frame, converted)
+        return converted

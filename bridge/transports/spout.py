@@ -1,0 +1,177 @@
+"""`spout:NAME`: Spout senders and receivers through SpoutGL (Windows only).
+
+Spout shares OpenGL/DirectX textures, so every SpoutGL call happens on one worker thread that
+creates its own OpenGL context (`createOpenGL`) and keeps it for its whole life. Frames cross
+to and from that thread through newest-frame-wins slots. Pixels travel as BGRA, Spout's
+native layout. A sender name already registered on the machine is an error at start: Spout
+would otherwise silently rename us to NAME_1 and every receiver would lose us.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+
+from ..frames import Frame, FrameFormat
+from ..slots import LatestSlot
+from .base import Sink, Source, SourceLost, TransportUnavailable
+
+POLL_SECONDS = 1.0 / 240  # how often the receiver asks for a new frame
+
+
+def import_spoutgl():
+    """The SpoutGL module, or one clear line saying why not."""
+    try:
+        import SpoutGL
+    except ImportError:
+        if sys.platform != "win32":
+            raise TransportUnavailable("Spout is Windows-only; use NDI to share video with other machines") from None
+        raise TransportUnavailable("Spout needs SpoutGL: pip install SpoutGL PyOpenGL") from None
+    return SpoutGL
+
+
+class _SpoutThread:
+    """Runs `body(stop_event)` on a thread that owns an OpenGL context; start errors re-raised."""
+
+    def __init__(self, name: str, setup, body) -> None:
+        self._setup = setup
+        self._body = body
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join(1.0)
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            handle = self._setup()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._body(handle, self._stop)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+class SpoutSink(Sink):
+    """Publishes frames under the sender name `name` (BGRA, the engine's size)."""
+
+    def __init__(self, *, name: str, width: int, height: int) -> None:
+        if not name:
+            raise ValueError("name: a Spout sender name is needed, as in spout:sdbridge")
+        self._spoutgl = import_spoutgl()
+        self.name = name
+        self.format = FrameFormat(width, height, "BGRA")
+        self.frames_sent = 0
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = _SpoutThread(f"spout sender {name}", self._open_sender, self._send_loop)
+
+    def _open_sender(self):
+        spoutgl = self._spoutgl
+        with spoutgl.SpoutReceiver() as probe:  # only to see which names are taken
+            taken = list(probe.getSenderList())
+        if self.name in taken:
+            raise TransportUnavailable(
+                f"a Spout sender named {self.name!r} already exists; close it or choose another name "
+                "(Spout would silently rename this one)"
+            )
+        sender = spoutgl.SpoutSender()
+        if not sender.createOpenGL():
+            sender.releaseSender()
+            raise TransportUnavailable("Spout: could not create an OpenGL context")
+        sender.setSenderName(self.name)
+        return sender
+
+    def _send_loop(self, sender, stop: threading.Event) -> None:
+        gl_bgra = self._spoutgl.enums.GL_BGRA_EXT
+        try:
+            while not stop.is_set():
+                frame = self._slot.take(0.1)
+                if frame is None:
+                    continue
+                pixels = np.ascontiguousarray(frame.pixels)  # (H, W, 4) BGRA
+                if sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
+                    self.frames_sent += 1
+                sender.setFrameSync(self.name)
+        finally:
+            sender.releaseSender()
+            sender.closeOpenGL()
+
+    def send(self, frame: Frame) -> None:
+        self._slot.put(frame)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._slot.close()
+        self._thread.stop()
+
+
+class SpoutSource(Source):
+    """Receives from the Spout sender `name`. While the sender is away `read` returns None and
+    the receiver reconnects by itself when it comes back; its size may change at any time."""
+
+    def __init__(self, *, name: str) -> None:
+        if not name:
+            raise ValueError("name: a Spout sender name is needed, as in spout:TDSyphonSpoutOut")
+        self._spoutgl = import_spoutgl()
+        self.name = name
+        self.format = None  # the sender decides the size; always BGRA
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self._sequence = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = _SpoutThread(f"spout receiver {name}", self._open_receiver, self._receive_loop)
+
+    def _open_receiver(self):
+        receiver = self._spoutgl.SpoutReceiver()
+        if not receiver.createOpenGL():
+            receiver.releaseReceiver()
+            raise TransportUnavailable("Spout: could not create an OpenGL context")
+        receiver.setReceiverName(self.name)
+        return receiver
+
+    def _receive_loop(self, receiver, stop: threading.Event) -> None:
+        gl_bgra = self._spoutgl.enums.GL_BGRA_EXT
+        buffer = None  # (H, W, 4) uint8, reallocated whenever the sender's size changes
+        try:
+            while not stop.is_set():
+                received = receiver.receiveImage(buffer, gl_bgra, False, 0)
+                if receiver.isUpdated():  # first connection or a new size: the next receive fills it
+                    buffer = np.zeros((receiver.getSenderHeight(), receiver.getSenderWidth(), 4), np.uint8)
+                elif received and buffer is not None and receiver.isFrameNew():
+                    self._slot.put(Frame(buffer.copy(), "BGRA", time.monotonic(), self._sequence))
+                    self._sequence += 1
+                stop.wait(POLL_SECONDS)
+        finally:
+            receiver.releaseReceiver()
+            receiver.closeOpenGL()
+
+    def read(self, timeout: float = 0.1) -> Frame | None:
+        if self._closed:
+            raise SourceLost("Spout receiver closed")
+        return self._slot.take(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._slot.close()
+        self._thread.stop()

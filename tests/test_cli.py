@@ -1,0 +1,176 @@
+"""`sdbridge run`, `demo` and `devices` as a user types them (subprocesses), with the real engine
+and the tiny random-weight model; plus settings merging and one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from bridge.errors import UserError
+from bridge.settings import RunSettings, merge, read_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "random:tiny", "--width", "64", "--height", "64", "--device", "cpu", "--no-status"]
+
+
+def child_env():
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
+
+
+def sdbridge(*args, timeout=120, cwd=None):
+    env = child_env()
+    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if "error" in line.lower()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--width", "abc"], "invalid int value"),
+    (["run", "--fallback", "grey"], "invalid choice"),
+    (["run", "--sink", "null", "--model", "random:tiny", "--width", "100", "--device", "cpu"], "width: 100"),
+    (["run", "--sink", "printer"], "sink: 'printer' is not a sink"),
+    (["run", "--source", "testpattern"], "sink: none given"),
+    (["run", "--sink", "spout:sdbridge", "--model", "random:tiny", "--device", "cpu"], "Spout is Windows-only"),
+])
+def test_bad_flags_are_one_line_and_exit_2(args, message):
+    result = sdbridge(*args)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_config_values_are_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "show.toml"
+    config.write_text('sink = "null"\nwidth = "big"\n')
+    result = sdbridge("run", "--config", str(config))
+    assert result.returncode == 2 and "width: 'big' is not a valid int" in result.stderr
+    config.write_text('sink = "null"\ncolour = "red"\n')
+    result = sdbridge("run", "--config", str(config))
+    assert result.returncode == 2 and "unknown setting 'colour'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = tmp_path / "show.toml"
+    config.write_text('source = "ndi:TD Out"\nsinks = ["virtualcam", "spout:sdbridge"]\nwidth = 512\n'
+                      't-index-list = [20, 40]\nprompt = "ink"\n')
+    settings = merge(read_config_file(str(config)), {"width": 256, "prompt": None, "sink": ("null",)})
+    assert settings.source == "ndi:TD Out" and settings.sink == ("null",)
+    assert settings.width == 256 and settings.prompt == "ink" and settings.t_index_list == (20, 40)
+    with pytest.raises(ValueError, match="t_index_list"):
+        RunSettings(sink=("null",), t_index_list=(20, 40), steps=2)
+
+
+def test_steps_and_strength_make_the_t_index_list():
+    from bridge.engine import stream_config
+
+    config = stream_config(RunSettings(sink=("null",), steps=3, strength=0.5, device="cpu", width=64, height=64))
+    assert len(config.t_index_list) == 3 and config.t_index_list[0] >= 20
+    with pytest.raises(ValueError, match="cfg_type"):
+        stream_config(RunSettings(sink=("null",), cfg="most", device="cpu"))
+
+
+def test_devices_reports_every_backend_without_a_traceback():
+    result = sdbridge("devices")
+    assert result.returncode == 0, result.stderr
+    names = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert names == ["GPU", "TensorRT", "Spout", "Syphon", "NDI", "virtual camera", "cameras"]
+
+
+def make_clip(path, frames=30, fps=15, size=(96, 80)):
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            x = np.linspace(0, 255, width)[None, :, None] + index * 8
+            pixels = np.broadcast_to(x, (height, width, 3)).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+@pytest.mark.slow
+def test_a_clip_through_run_into_a_file(tmp_path):
+    clip, out = tmp_path / "clip.mp4", tmp_path / "out.mp4"
+    make_clip(clip, frames=30, fps=15)  # 2 s
+    result = sdbridge("run", "--source", f"video:{clip}", "--sink", f"file:{out}", *TINY, "--fps", "15",
+                      "--prompt", "ink drawing", "--t-index-list", "30,45")
+    assert result.returncode == 0, result.stderr
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert 20 <= len(frames) <= 40, len(frames)  # 2 s at 15 fps, give or take the start and the end
+    assert frames[0].shape == (64, 64, 3)
+    assert any(not np.array_equal(frames[0], f) for f in frames[1:])
+    assert "processed" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    started = time.monotonic()
+    result = sdbridge("demo", "--duration", "3", "--no-status", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60
+    assert "inference: median" in result.stdout and "wrote sdbridge-demo.mp4" in result.stdout
+    with av.open(str(tmp_path / "sdbridge-demo.mp4")) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) >= 20 and (frames[0].width, frames[0].height) == (256, 256)
+    assert "building random-weight model" in result.stderr  # progress while loading
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_within_3_seconds_and_exits_0(tmp_path):
+    env = child_env()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "run", "--source", "testpattern", "--sink", f"file:{tmp_path}/o.mp4",
+         *TINY], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 90
+        for line in process.stderr:
+            if "running:" in line or time.monotonic() > deadline:
+                break
+        time.sleep(1.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=10)
+        assert time.monotonic() - sent < 3.0
+        assert returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert (tmp_path / "o.mp4").stat().st_size > 0  # the file was finished, not cut off
+
+
+def test_user_error_is_the_exit_2_type():
+    assert issubclass(UserError, Exception)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_model_loads_exits_0_quickly(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "run", "--source", "testpattern", "--sink", "null", *TINY],
+        stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
+    try:
+        for line in process.stderr:
+            if "building random-weight model" in line:
+                break
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 3.0
+    finally:
+        if process.poll() is None:
+            process.kill()

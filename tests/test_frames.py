@@ -1,0 +1,82 @@
+"""Frames, conversions, the frame code in the pixels, and the newest-frame-wins slot."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bridge import framecode
+from bridge.frames import Frame, FrameFormat, convert, resize_nearest
+from bridge.slots import LatestSlot
+
+
+def test_convert_swizzles_and_resizes_keeping_time_and_number():
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[..., 0] = 200  # red
+    frame = Frame(pixels, "RGB", timestamp=1.5, sequence=7)
+    out = convert(frame, FrameFormat(3, 2, "BGRA"))
+    assert out.pixels.shape == (2, 3, 4)
+    assert out.pixels[0, 0].tolist() == [0, 0, 200, 255]
+    assert (out.timestamp, out.sequence) == (1.5, 7)
+
+
+def test_frame_rejects_wrong_channels_naming_the_field():
+    with pytest.raises(ValueError, match="pixels"):
+        Frame(np.zeros((2, 2, 3), np.uint8), "RGBA")
+
+
+@pytest.mark.parametrize("size", [(640, 480), (256, 256), (1280, 720), (96, 80)])
+def test_frame_code_survives_resize(size):
+    pixels = np.full((480, 640, 3), 90, np.uint8)
+    framecode.encode(pixels, 123_456, framecode.milliseconds(98.765))
+    width, height = size
+    assert framecode.decode(resize_nearest(pixels, width, height)) == (123_456, 98_765)
+
+
+def test_frame_code_survives_video_compression(tmp_path):
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "code.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        for index in range(3):
+            pixels = np.random.default_rng(index).integers(0, 255, (256, 256, 3), np.uint8)
+            framecode.encode(pixels, 1000 + index, 5000 + index)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with av.open(path) as container:
+        decoded = [framecode.decode(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    assert decoded == [(1000 + i, 5000 + i) for i in range(3)]
+
+
+def test_elapsed_ms_wraps_around():
+    start = (framecode.MODULUS - 5) / 1000.0
+    assert framecode.elapsed_ms(framecode.milliseconds(start), start + 0.010) == 10
+
+
+def test_slot_newest_wins_and_counts_overwritten():
+    slot = LatestSlot()
+    slot.put(1)
+    slot.put(2)
+    assert slot.take(0.0) == 2
+    assert slot.overwritten == 1
+    assert slot.take(0.0) is None  # each value at most once
+    assert slot.peek() == 2
+
+
+def test_slot_take_waits_at_most_its_timeout_and_wakes_on_put_or_close():
+    slot = LatestSlot()
+    started = time.monotonic()
+    assert slot.take(0.05) is None
+    assert 0.04 <= time.monotonic() - started < 0.5
+    threading.Timer(0.02, slot.put, args=("x",)).start()
+    assert slot.take(2.0) == "x"
+    threading.Timer(0.02, slot.close).start()
+    started = time.monotonic()
+    assert slot.take(2.0) is None
+    assert time.monotonic() - started < 1.0

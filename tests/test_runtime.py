@@ -1,0 +1,313 @@
+"""The runtime's threads with a stand-in engine (an identity resize with a fixed cost): latency,
+source loss, fallbacks, parameters, failures, shutdown. The real engine runs in test_cli.py."""
+
+import statistics
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bridge import framecode
+from bridge.frames import Frame, FrameFormat, resize_nearest
+from bridge.runtime import Runtime, RuntimeConfig
+from bridge.transports.base import Sink, Source, SourceEnded, SourceLost
+from bridge.transports.testpattern import TestPatternSource
+
+
+class StandInEngine:
+    """The engine API the runtime uses: __call__, update, set_prompt, config, stats."""
+
+    def __init__(self, size=128, cost=0.01, fail_every=0):
+        self.config = SimpleNamespace(width=size, height=size, mode="img2img", guidance_scale=1.2)
+        self.stats = SimpleNamespace(frames_skipped=0, nonfinite_caught=0)
+        self.cost, self.fail_every, self.calls = cost, fail_every, 0
+        self.updates, self.prompts = [], []
+
+    def __call__(self, pixels):
+        self.calls += 1
+        time.sleep(self.cost)
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("boom")
+        return np.ascontiguousarray(resize_nearest(pixels, self.config.width, self.config.height))
+
+    def update(self, **values):
+        if values.get("guidance_scale", 0) > 30:
+            raise ValueError(f"guidance_scale: {values['guidance_scale']!r} must be a number in 0..30")
+        self.updates.append(values)
+
+    def set_prompt(self, prompt, negative_prompt=None):
+        self.prompts.append((prompt, negative_prompt))
+
+
+class RecordingSink(Sink):
+    def __init__(self, format=None):
+        self.format = format
+        self.sent = []  # (monotonic time, frame)
+        self.closed = 0
+
+    def send(self, frame):
+        self.sent.append((time.monotonic(), frame))
+
+    def close(self):
+        self.closed += 1
+
+
+def run_for(runtime, seconds):
+    with runtime:
+        runtime.wait(timeout=seconds)
+    return runtime.snapshot()
+
+
+def test_latency_measured_from_the_frame_code_in_the_pixels():
+    engine, sink = StandInEngine(size=256, cost=0.02), RecordingSink(FrameFormat(256, 256, "BGR"))
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=640, height=480, fps=30),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    snapshot = run_for(runtime, 2.0)
+    fresh, latencies, seen = [], [], set()
+    for sent_at, frame in sink.sent:
+        sequence, time_ms = framecode.decode(frame.pixels)
+        if frame.pixels.any() and sequence not in seen:  # skip the black frames sent before the first result  # repeats carry an old number
+            seen.add(sequence)
+            assert sequence == frame.sequence % framecode.MODULUS
+            latencies.append(framecode.elapsed_ms(time_ms, sent_at))
+            fresh.append(sequence)
+    assert len(fresh) > 30 and fresh == sorted(fresh)
+    median = statistics.median(latencies)
+    print(f"\ncapture-to-publish latency from pixels: median {median:.0f} ms, max {max(latencies):.0f} ms "
+          f"(engine {engine.cost * 1000:.0f} ms, input period 33 ms)")
+    assert median < engine.cost * 1000 + 33 + 40  # engine time + one input period (+ scheduling slack)
+    assert abs(snapshot["latency_ms_median"] - median) < 15  # telemetry agrees with the pixels
+    assert sink.closed == 1
+
+
+class FlakySource(Source):
+    """A test pattern that goes away on a schedule: `outages` is a list of (start, end, how) in
+    seconds from `t0`; how is "lost" (read raises SourceLost, reopening fails until the end) or
+    "stall" (read returns None)."""
+
+    def __init__(self, t0, outages, opened):
+        self.t0, self.outages, self.opened = t0, outages, opened
+        self.pattern = TestPatternSource(width=160, height=120, fps=30)
+        opened.append(time.monotonic())
+        if self._outage() == "lost":
+            raise SourceLost("still gone")
+
+    def _outage(self):
+        now = time.monotonic() - self.t0
+        return next((how for start, end, how in self.outages if start <= now < end), None)
+
+    def read(self, timeout=0.1):
+        outage = self._outage()
+        if outage == "lost":
+            raise SourceLost("unplugged")
+        if outage == "stall":
+            time.sleep(timeout)
+            return None
+        return self.pattern.read(timeout)
+
+    def close(self):
+        self.pattern.close()
+
+
+def test_source_loss_20_times_output_never_pauses_and_processing_resumes():
+    fps = 20.0
+    durations = np.geomspace(0.1, 5.0, 20) * 0.04  # 0.1 to 5 s, scaled to 4..200 ms
+    outages, start = [], 0.3
+    for index, duration in enumerate(durations):
+        outages.append((start, start + duration, "lost" if index % 2 else "stall"))
+        start += duration + 0.15
+    t0, opened = time.monotonic(), []
+    engine, sink = StandInEngine(size=64, cost=0.005), RecordingSink()
+    config = RuntimeConfig(fps=fps, reconnect_initial_seconds=0.01, reconnect_max_seconds=0.05, stall_seconds=0.2)
+    runtime = Runtime(engine=engine, open_source=lambda: FlakySource(t0, outages, opened), sinks=[sink], config=config)
+    snapshot = run_for(runtime, start + 0.2 - (time.monotonic() - t0))
+    times = np.array([sent_at for sent_at, _ in sink.sent])
+    gaps = np.diff(times)
+    assert gaps.max() <= 2 / fps, f"the output paused {gaps.max() * 1000:.0f} ms"
+    for (_, end, _), (next_start, _, _) in zip(outages, outages[1:] + [(start, None, None)]):
+        fresh = [f for sent_at, f in sink.sent if t0 + end < f.timestamp < t0 + next_start]
+        assert fresh, f"no new frame after the outage ending at {end:.2f} s"
+    # an outage of a few ms can fall between two reads; the longer ones are all seen
+    assert 6 <= snapshot["source_lost"] <= 10 and len(opened) > snapshot["source_lost"]
+
+
+def test_fallback_black_and_raw_when_the_source_stalls():
+    for fallback in ("black", "raw"):
+        t0 = time.monotonic()
+        sink = RecordingSink()
+        runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                          open_source=lambda: FlakySource(t0, [(0.4, 99, "stall")], []), sinks=[sink],
+                          config=RuntimeConfig(fps=30, fallback=fallback, stall_seconds=0.2))
+        run_for(runtime, 1.0)
+        late = [frame for sent_at, frame in sink.sent if sent_at > t0 + 0.8]
+        assert runtime.telemetry.snapshot()["fallback_frames"] > 0
+        assert late and all(f.pixels.shape == (64, 64, 3) for f in late)
+        if fallback == "black":
+            assert all(not f.pixels.any() for f in late)
+        else:  # the newest raw input frame, converted to the engine's size
+            assert framecode.decode(late[-1].pixels)[0] == late[-1].sequence
+            assert late[-1].pixels.any()
+
+
+class ResizingSource(Source):
+    """A sender whose resolution changes mid-stream (and whose pixel format is BGRA)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def read(self, timeout=0.1):
+        time.sleep(0.01)
+        self.count += 1
+        size = (48, 32) if self.count < 20 else (100, 70)
+        return Frame(np.full((size[1], size[0], 4), 100, np.uint8), "BGRA", time.monotonic(), self.count)
+
+    def close(self):
+        pass
+
+
+def test_a_resolution_change_mid_stream_is_converted_not_reloaded():
+    engine, sink = StandInEngine(size=64, cost=0.002), RecordingSink()
+    runtime = Runtime(engine=engine, open_source=ResizingSource, sinks=[sink], config=RuntimeConfig(fps=30))
+    snapshot = run_for(runtime, 0.8)
+    assert snapshot["frames_processed"] > 20 and snapshot["bad_frames"] == 0
+    assert {f.pixels.shape for _, f in sink.sent} == {(64, 64, 3)}
+    assert snapshot["source_lost"] == 0
+
+
+def test_status_line_shows_the_figures():
+    from bridge.telemetry import Telemetry, status_line
+
+    telemetry = Telemetry()
+    telemetry.frame_in()
+    telemetry.frame_processed(41.0)
+    telemetry.frame_out(55.0)
+    line = status_line(telemetry.snapshot())
+    assert "infer 41/41 ms" in line and "latency 55 ms" in line and "\n" not in line
+
+
+def test_parameters_apply_between_frames_newest_wins_and_bad_values_are_reported():
+    engine, sink = StandInEngine(size=64, cost=0.01), RecordingSink()
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    results = []
+    runtime.params.add_listener(lambda name, value, error: results.append((name, value, error)))
+    with runtime:
+        runtime.params.set("guidance_scale", 1.5)
+        runtime.params.set("guidance_scale", 2.0)  # newest wins
+        runtime.params.set("prompt", "neon")
+        time.sleep(0.3)
+        runtime.params.update({"guidance_scale": 99.0, "delta": 0.5})  # one bad value in a batch
+        time.sleep(0.3)
+        with pytest.raises(ValueError, match="seed"):
+            runtime.params.set("seed", "abc")  # wrong type: refused at once, naming the parameter
+        runtime.wait(timeout=0.3)
+        processed = runtime.snapshot()["frames_processed"]
+    assert {"guidance_scale": 2.0} in engine.updates and {"guidance_scale": 1.5} not in engine.updates
+    assert {"delta": 0.5} in engine.updates  # the good value of the refused batch still landed
+    assert ("prompt", "neon", None) in results and engine.prompts == [("neon", None)]
+    assert any(name == "guidance_scale" and value == 99.0 and "0..30" in error for name, value, error in results if error)
+    assert runtime.params.rejected["guidance_scale"][0] == 99.0
+    assert processed > 20  # kept running
+
+
+def test_engine_failures_are_counted_and_the_output_keeps_going():
+    engine, sink = StandInEngine(size=64, cost=0.005, fail_every=3), RecordingSink()
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    snapshot = run_for(runtime, 1.0)
+    assert snapshot["bad_frames"] >= 5 and snapshot["frames_processed"] >= 10
+    assert np.diff([t for t, _ in sink.sent]).max() <= 2 / 30
+
+
+def test_each_sink_gets_its_own_format_converted_once_per_frame():
+    rgb, bgra = RecordingSink(), RecordingSink(FrameFormat(32, 16, "BGRA"))
+    runtime = Runtime(engine=StandInEngine(size=64), open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[rgb, bgra], config=RuntimeConfig(fps=30))
+    run_for(runtime, 0.5)
+    assert rgb.sent[-1][1].format == FrameFormat(64, 64, "RGB")
+    assert bgra.sent[-1][1].format == FrameFormat(32, 16, "BGRA")
+
+
+def test_a_sink_with_an_impossible_format_is_an_error_at_start():
+    sink = RecordingSink(format="1080p please")
+    with pytest.raises(ValueError, match="FrameFormat"):
+        Runtime(engine=StandInEngine(), open_source=lambda: TestPatternSource(), sinks=[sink])
+
+
+class EndingSource(Source):
+    def __init__(self, frames):
+        self.frames = frames
+
+    def read(self, timeout=0.1):
+        if not self.frames:
+            raise SourceEnded("end of clip")
+        time.sleep(0.01)
+        return Frame(self.frames.pop(0), "RGB", time.monotonic(), 0)
+
+    def close(self):
+        pass
+
+
+def test_runtime_finishes_by_itself_when_the_source_ends_or_the_frame_limit_is_hit():
+    frames = [np.full((32, 32, 3), i, np.uint8) for i in range(10)]
+    runtime = Runtime(engine=StandInEngine(size=32, cost=0.001), open_source=lambda: EndingSource(frames),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=30))
+    with runtime:
+        assert runtime.wait(timeout=5.0)
+    assert runtime.snapshot()["frames_processed"] >= 5
+    limited = Runtime(engine=StandInEngine(size=32, cost=0.001), open_source=lambda: TestPatternSource(fps=60),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=60, max_frames=5))
+    with limited:
+        assert limited.wait(timeout=5.0)
+    assert limited.snapshot()["frames_processed"] == 5
+
+
+def test_stop_is_quick_and_releases_source_and_sinks_even_with_a_slow_engine():
+    closed = threading.Event()
+
+    class Pattern(TestPatternSource):
+        def close(self):
+            closed.set()
+            super().close()
+
+    sink = RecordingSink()
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.3), open_source=lambda: Pattern(width=64, height=64),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    runtime.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    runtime.stop()
+    runtime.stop()
+    assert time.monotonic() - started < 1.5
+    assert closed.is_set() and sink.closed == 1
+
+
+def test_runtime_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="fallback"):
+        RuntimeConfig(fallback="grey")
+    with pytest.raises(ValueError, match="fps"):
+        RuntimeConfig(fps=0)
+
+
+def test_stream_batch_lag_is_counted_in_the_latency():
+    """An engine whose output shows the input of n-1 = 2 calls back, like stream batch with 3 steps."""
+
+    class LaggingEngine(StandInEngine):
+        def __init__(self):
+            super().__init__(size=64, cost=0.005)
+            self.config.t_index_list, self.config.use_denoising_batch = (10, 20, 30), True
+            self.previous = []
+
+        def __call__(self, pixels):
+            self.previous.append(super().__call__(pixels))
+            return self.previous[-3] if len(self.previous) >= 3 else self.previous[0]
+
+    sink = RecordingSink()
+    runtime = Runtime(engine=LaggingEngine(), open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    run_for(runtime, 1.0)
+    fresh = [f for _, f in sink.sent if f.pixels.any()]
+    assert len(fresh) > 10
+    assert all(framecode.decode(f.pixels)[0] == f.sequence for f in fresh)  # metadata matches the picture

@@ -1,0 +1,153 @@
+"""Sources and sinks that run for real here: test pattern, video files, file sink, null, the registry."""
+
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+
+from bridge import framecode
+from bridge.frames import Frame
+from bridge.transports import SourceEnded, SourceLost, TransportUnavailable, open_sink, open_source, parse_spec
+
+
+def make_clip(path, *, frames=12, fps=24, width=160, height=120):
+    """A short mp4 whose frames carry their index in the frame code."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            pixels = np.full((height, width, 3), (index * 20) % 256, np.uint8)
+            framecode.encode(pixels, index, 0)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return str(path)
+
+
+def read_all(source, limit_seconds=5.0):
+    frames, deadline = [], time.monotonic() + limit_seconds
+    with pytest.raises(SourceEnded):
+        while time.monotonic() < deadline:
+            frame = source.read(timeout=0.1)
+            if frame is not None:
+                frames.append(frame)
+    return frames
+
+
+def test_parse_spec_kinds_targets_and_options():
+    spec = parse_spec("video:C:\\clips\\a.mp4?loop=1&realtime=0", role="source")
+    assert (spec.kind, spec.target, spec.options) == ("video", "C:\\clips\\a.mp4", {"loop": "1", "realtime": "0"})
+    assert parse_spec('ndi:TD Out', role="source").target == "TD Out"
+    assert parse_spec("virtualcam", role="sink").kind == "virtualcam"
+
+
+@pytest.mark.parametrize(
+    "text, role, message",
+    [("webcam", "source", "not a source"), ("file", "sink", "needs a path"), ("video", "source", "needs a file"),
+     ("null?x", "sink", "key=value"), ("testpattern", "sink", "not a sink")],
+)
+def test_parse_spec_errors_name_the_field(text, role, message):
+    with pytest.raises(ValueError, match=f"{role}: .*{message}"):
+        parse_spec(text, role=role)
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(ValueError, match="unknown option"):
+        open_source("testpattern?colour=red")
+
+
+def test_testpattern_moves_is_paced_and_carries_its_number_and_time():
+    with open_source("testpattern?width=320&height=240&fps=50") as source:
+        started = time.monotonic()
+        frames = [f for f in (source.read(timeout=0.2) for _ in range(12)) if f is not None]
+        elapsed = time.monotonic() - started
+    assert len(frames) >= 10 and elapsed >= 0.15  # paced at about 50 fps, not a burst
+    assert frames[0].format.width == 320 and frames[0].pixel_format == "RGB"
+    assert not np.array_equal(frames[0].pixels, frames[1].pixels)
+    for frame in frames:
+        assert framecode.decode(frame.pixels) == (frame.sequence, framecode.milliseconds(frame.timestamp))
+    with pytest.raises(SourceLost):
+        source.read()
+    source.close()  # twice is fine
+
+
+def test_read_never_blocks_past_its_timeout():
+    with open_source("testpattern?fps=2") as source:
+        source.read(timeout=0.5)
+        started = time.monotonic()
+        assert source.read(timeout=0.05) is None
+        assert time.monotonic() - started < 0.3
+
+
+def test_video_source_plays_the_file_once_then_ends(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=12, fps=24)
+    with open_source(f"video:{clip}") as source:
+        started = time.monotonic()
+        frames = read_all(source)
+    assert 0.3 < time.monotonic() - started < 3.0  # real time: 12 frames at 24 fps
+    assert [framecode.decode(f.pixels)[0] for f in frames] == list(range(12))
+    assert frames[0].pixels.shape == (120, 160, 3)
+
+
+def test_video_source_loops(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, fps=60)
+    with open_source(f"video:{clip}?loop=1") as source:
+        numbers, deadline = [], time.monotonic() + 5
+        while len(numbers) < 15 and time.monotonic() < deadline:
+            frame = source.read(timeout=0.1)
+            if frame is not None:
+                numbers.append(framecode.decode(frame.pixels)[0])
+    assert numbers[:15] == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2]
+
+
+def test_missing_video_and_camera_are_one_line_errors(tmp_path):
+    with pytest.raises(TransportUnavailable, match="video file not found"):
+        open_source(f"video:{tmp_path / 'nope.mp4'}")
+    if sys.platform.startswith("linux"):
+        with pytest.raises(TransportUnavailable, match="no camera at /dev/video97"):
+            open_source("camera:97")
+
+
+def test_file_sink_writes_an_mp4_that_reads_back(tmp_path):
+    path = tmp_path / "out" / "result.mp4"
+    sink = open_sink(f"file:{path}", width=64, height=48, fps=20)
+    for index in range(10):
+        sink.send(Frame(np.full((48, 64, 3), index * 25, np.uint8)))
+        time.sleep(0.01)
+    sink.close()
+    sink.close()
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 10 and frames[0].shape == (48, 64, 3)
+    assert abs(int(frames[9].mean()) - 225) < 8
+
+
+def test_file_sink_writes_a_png_sequence(tmp_path):
+    sink = open_sink(f"file:{tmp_path}/frames/%04d.png", width=32, height=32, fps=10)
+    for index in range(3):
+        sink.send(Frame(np.full((32, 32, 3), index * 100, np.uint8)))
+    sink.close()
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == ["0001.png", "0002.png", "0003.png"]
+    with av.open(str(tmp_path / "frames" / "0003.png")) as container:
+        assert next(container.decode(video=0)).to_ndarray(format="rgb24")[0, 0].tolist() == [200, 200, 200]
+
+
+def test_null_sink_counts():
+    sink = open_sink("null", width=8, height=8)
+    sink.send(Frame(np.zeros((8, 8, 3), np.uint8)))
+    assert sink.frames_sent == 1 and sink.format is None
+    sink.close()
+    sink.close()
+
+
+def test_syphon_says_it_is_not_supported():
+    with pytest.raises(TransportUnavailable, match="Syphon is not supported yet; use NDI on macOS"):
+        open_source("syphon:TD")
+    with pytest.raises(TransportUnavailable, match="Syphon is not supported yet"):
+        open_sink("syphon:sdbridge", width=64, height=64)

@@ -1,0 +1,165 @@
+"""Transports whose real peer cannot exist here: the virtual camera (through pyvirtualcam's own
+register_backend) and Spout (through a stand-in with SpoutGL's exact API). Plus their
+"not available here" errors."""
+
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import spoutgl_standin
+from bridge.frames import Frame
+from bridge.transports import TransportUnavailable, open_sink, open_source
+
+pyvirtualcam = pytest.importorskip("pyvirtualcam")
+
+
+class RecordingBackend:
+    """A pyvirtualcam backend as its Backend docstring specifies: keyword-only constructor,
+    send(1-D C-contiguous uint8), close() called exactly once, device(), native_fourcc()."""
+
+    instances = []
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.width, self.height, self.fps, self.fourcc = width, height, fps, fourcc
+        self._device = device or "test camera"
+        self.frames, self.closed = [], 0
+        RecordingBackend.instances.append(self)
+
+    def send(self, frame):
+        assert frame.ndim == 1 and frame.flags["C_CONTIGUOUS"] and frame.dtype == np.uint8
+        self.frames.append(frame.reshape(self.height, self.width, 3).copy())
+
+    def close(self):
+        self.closed += 1
+
+    def device(self):
+        return self._device
+
+    def native_fourcc(self):
+        return None
+
+
+class NoDeviceBackend:
+    """Fails the way pyvirtualcam's v4l2loopback backend does on a machine without the module."""
+
+    def __init__(self, **kw):
+        raise RuntimeError("No v4l2 loopback device found at /dev/video[0-99]. Did you run 'modprobe v4l2loopback'? "
+                           "See also pyvirtualcam's documentation.")
+
+
+@pytest.fixture
+def test_backends(monkeypatch):
+    monkeypatch.setattr(pyvirtualcam.camera, "BACKENDS", dict(pyvirtualcam.camera.BACKENDS))
+    pyvirtualcam.register_backend("sdbridge-test", RecordingBackend)
+    pyvirtualcam.register_backend("no-device", NoDeviceBackend)
+    RecordingBackend.instances.clear()
+
+
+def test_virtualcam_sends_rgb_frames_through_a_registered_backend(test_backends):
+    sink = open_sink("virtualcam?backend=sdbridge-test", width=64, height=48, fps=25)
+    assert sink.format.pixel_format == "RGB" and sink.backend == "sdbridge-test"
+    backend = RecordingBackend.instances[0]
+    assert backend.fourcc == pyvirtualcam.util.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    sink.send(Frame(pixels))
+    sink.close()
+    sink.close()
+    assert np.array_equal(backend.frames[0], pixels)
+    assert backend.closed == 1  # pyvirtualcam's promise to its backends: close exactly once
+
+
+def test_virtualcam_without_a_loopback_device_is_one_clear_line(test_backends):
+    with pytest.raises(TransportUnavailable) as caught:
+        open_sink("virtualcam?backend=no-device", width=64, height=48)
+    message = str(caught.value)
+    assert "\n" not in message and "modprobe v4l2loopback" in message
+
+
+def test_virtualcam_unknown_backend_lists_the_available_ones(test_backends):
+    with pytest.raises(TransportUnavailable, match="not available.*sdbridge-test"):
+        open_sink("virtualcam?backend=nope", width=64, height=48)
+
+
+def test_virtualcam_without_pyvirtualcam(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyvirtualcam", None)
+    with pytest.raises(TransportUnavailable, match="pip install pyvirtualcam"):
+        open_sink("virtualcam", width=64, height=48)
+
+
+@pytest.fixture
+def spout(monkeypatch):
+    spoutgl_standin.reset()
+    monkeypatch.setitem(sys.modules, "SpoutGL", spoutgl_standin)
+    yield spoutgl_standin
+    assert spoutgl_standin.thread_violations == []
+    assert spoutgl_standin.gl_contexts_open == 0
+
+
+def wait_for(predicate, seconds=3.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_spout_round_trip_bgra_on_one_gl_thread(spout):
+    sink = open_sink("spout:sdbridge", width=64, height=32)
+    assert sink.format.pixel_format == "BGRA"
+    source = open_source("spout:sdbridge")
+    pixels = np.zeros((32, 64, 4), np.uint8)
+    pixels[..., 2] = 200  # red in BGRA
+    pixels[..., 3] = 255
+    received = None
+    for _ in range(3):  # connect, size, then a frame
+        sink.send(Frame(pixels.copy(), "BGRA"))
+        received = wait_for(lambda: source.read(timeout=0.05), 1.0) or received
+    assert received is not None and received.pixel_format == "BGRA"
+    assert np.array_equal(received.pixels, pixels)
+    source.close()
+    sink.close()
+    sink.close()
+    assert "sdbridge" not in spout.senders  # released
+
+
+def test_spout_receiver_follows_a_size_change(spout):
+    sink = open_sink("spout:resize", width=32, height=32)
+    with open_source("spout:resize") as source:
+        sink.send(Frame(np.full((32, 32, 4), 10, np.uint8), "BGRA"))
+        assert wait_for(lambda: source.read(timeout=0.05)).pixels.shape == (32, 32, 4)
+        sink.close()
+        bigger = open_sink("spout:resize", width=48, height=40)
+        bigger.send(Frame(np.full((40, 48, 4), 20, np.uint8), "BGRA"))
+
+        def next_big():
+            frame = source.read(timeout=0.05)
+            if frame is None or frame.pixels.shape != (40, 48, 4):
+                bigger.send(Frame(np.full((40, 48, 4), 20, np.uint8), "BGRA"))
+                return None
+            return frame
+
+        assert wait_for(next_big).pixels[0, 0, 0] == 20
+        bigger.close()
+
+
+def test_spout_sender_name_never_silently_becomes_name_1(spout):
+    first = open_sink("spout:sdbridge", width=16, height=16)
+    with pytest.raises(TransportUnavailable, match="already exists"):
+        open_sink("spout:sdbridge", width=16, height=16)
+    first.close()
+    again = open_sink("spout:sdbridge", width=16, height=16)  # free again after close: same name
+    assert list(spout.senders) == ["sdbridge"]
+    again.close()
+
+
+def test_spout_without_spoutgl_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "SpoutGL", None)
+    expected = "Spout is Windows-only" if sys.platform != "win32" else "pip install SpoutGL"
+    with pytest.raises(TransportUnavailable, match=expected):
+        open_sink("spout:sdbridge", width=16, height=16)
+    with pytest.raises(TransportUnavailable, match=expected):
+        open_source("spout:TD")
