@@ -95,8 +95,12 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
     }
 
 
-def run_benchmark(settings: BenchSettings, *, sequential: bool = False, components=None) -> list[dict]:
-    """Time the stream-batch path (and the sequential path too, when asked); one dict per run."""
+def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False, components=None) -> list[dict]:
+    """Time the stream-batch path (and the sequential path too, when asked); one dict per run.
+
+    `runtime`: also run the same engine through the bridge runtime (testpattern -> engine -> null)
+    and report what the threads and slots add per frame, under "runtime_overhead".
+    """
     base = StreamConfig(
         width=settings.width, height=settings.height, device=settings.device, dtype=settings.dtype,
         cfg_type=settings.cfg_type, guidance_scale=settings.guidance_scale,
@@ -136,6 +140,14 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, componen
             "peak_mem_kind": peak_kind,
             "frames_skipped": engine.stats.frames_skipped,
         })
+        if runtime and batched:
+            from .runtime_bench import measure_runtime_overhead
+
+            log.info("the same engine through the runtime (testpattern -> engine -> null) ...")
+            results[-1]["runtime_overhead"] = measure_runtime_overhead(
+                engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
+                timeout=settings.time_limit or 300.0,
+            )
         del engine
     if sequential:
         results[0]["speedup_vs_sequential"] = results[0]["fps"] / results[1]["fps"]

@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, default=300, help="measured frames per configuration")
     parser.add_argument("--warmup", type=int, default=20, help="frames run before measuring")
     parser.add_argument("--sequential", action="store_true", help="also run the non-batched path and report the ratio")
+    parser.add_argument("--runtime", action="store_true",
+                        help="also run the engine through the runtime's threads (testpattern -> null): the overhead per frame")
     parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
     parser.add_argument("--backend", default="eager")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
         )
         try:
-            runs = run_benchmark(settings, sequential=args.sequential)
+            runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for result in runs:
@@ -109,6 +111,12 @@ def format_table(results: list[dict]) -> str:
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
             f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
         )
+        if "runtime_overhead" in r:
+            o = r["runtime_overhead"]
+            lines.append(
+                f"{'':<9} through the runtime: {o['runtime_frame_ms']:.2f} ms/frame vs {o['engine_ms']:.2f} alone "
+                f"(overhead {o['overhead_ms']:+.2f} ms), latency median {o['latency_ms_median']:.1f} ms"
+            )
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
     if results:
