@@ -170,7 +170,7 @@ def inference_loop(shared: Shared) -> None:
         stats = getattr(engine, "stats", None)
         skipped = getattr(stats, "frames_skipped", 0)
         if stats is not None:
-            telemetry.engine_stats(skipped, getattr(stats, "nonfinite_caught", 0))
+            telemetry.engine_stats(skipped, getattr(stats, "bad_caught", getattr(stats, "nonfinite_caught", 0)))
         origin = origins.origin(frame, skipped=skipped > skipped_so_far)
         skipped_so_far = skipped
         shared.output_slot.put(Frame(pixels, "RGB", origin.timestamp, origin.sequence))

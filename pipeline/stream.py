@@ -23,6 +23,9 @@ from .similarity import SimilarityFilter
 
 log = logging.getLogger(__name__)
 
+# Outputs at or below this in every channel are black once converted to 8 bits ([-1, 1] scale).
+BLACK_LEVEL = -1.0 + 2.0 / 255.0
+
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
@@ -40,6 +43,11 @@ class StreamStats:
     frames_processed: int  # calls that ran the VAE and UNet
     frames_skipped: int  # calls answered by the similarity filter with the previous output
     nonfinite_caught: int  # outputs with NaN/inf replaced by the last good output
+    black_caught: int  # all-black outputs of a non-black input, replaced by the last good output
+
+    @property
+    def bad_caught(self) -> int:
+        return self.nonfinite_caught + self.black_caught
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ class StreamDiffusion:
         )
         self.state = StreamState()
         self._counts = {"frames_in": 0, "frames_processed": 0, "frames_skipped": 0}
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=config.device)
+        self._caught = torch.zeros(2, dtype=torch.int64, device=config.device)  # non-finite, black
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
@@ -194,7 +202,8 @@ class StreamDiffusion:
 
     @property
     def stats(self) -> StreamStats:
-        return StreamStats(nonfinite_caught=int(self._nonfinite), **self._counts)
+        nonfinite, black = self._caught.tolist()  # one read of the device counters
+        return StreamStats(nonfinite_caught=nonfinite, black_caught=black, **self._counts)
 
     # ------------------------------------------------------------------ per frame
 
@@ -325,17 +334,34 @@ class StreamDiffusion:
         return prompt_state.conditions[key]
 
     def _finish(self, x0: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
-        """Decode, and replace a non-finite output by the last good one (no host sync)."""
+        """Decode; a bad output (see `output_faults`) is replaced by the last good one, or by the
+        input before there is one."""
         output = self.backend.decode(x0)  # (b, 3, H, W)
         self._counts["frames_processed"] += 1
-        good = torch.isfinite(output).all()  # 0-dim bool, stays on the device
+        faults = output_faults(output, fallback)  # (2,) int64 on the device: non-finite, black
         previous = self.state.last_output
         if previous is None:
             previous = fallback if fallback is not None else torch.zeros_like(output)
-        output = torch.where(good, output, previous)
-        self._nonfinite = self._nonfinite + (~good).to(torch.int64)
+        if output.device.type == "cpu":  # nothing runs asynchronously: branch, and copy nothing when good
+            if faults.any():
+                output = previous
+        else:  # select on the device: no host synchronisation
+            output = torch.where(faults.any(), previous, output)
+        self._caught = self._caught + faults
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
+
+
+def output_faults(output: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """(non-finite, black) flags of an output in [-1, 1] as a (2,) int64 tensor, from one reduction:
+    NaN and +-inf show in the minimum or maximum; "black" means every value is black in 8 bits
+    while the source (when given) is not, since a black scene may stay black."""
+    low, high = torch.aminmax(output)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    black = finite & (high <= BLACK_LEVEL)
+    if source is not None:
+        black = black & (source.amax() > BLACK_LEVEL)
+    return torch.stack([~finite, black]).to(torch.int64)
 
 
 def _check_model_fits(components: Components, config: StreamConfig) -> None:

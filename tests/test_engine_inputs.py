@@ -118,3 +118,29 @@ def test_nan_producing_model_never_yields_a_nan_frame(tiny_components):
     assert engine.stats.nonfinite_caught == 3
     assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])  # the last good one
     assert not torch.equal(outputs[3], outputs[0])
+
+
+class _BlackOn(torch.nn.Module):
+    """Wraps a VAE decoder so that chosen calls return an all-black picture."""
+
+    def __init__(self, decode, bad_calls):
+        super().__init__()
+        self.decode_fn, self.bad_calls, self.calls = decode, set(bad_calls), 0
+
+    def __call__(self, latents):
+        out = self.decode_fn(latents)
+        self.calls += 1
+        return torch.full_like(out, -1.0) if self.calls in self.bad_calls else out
+
+
+def test_black_output_of_a_non_black_input_is_replaced(tiny_components):
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(25,)))
+    engine.backend.decode = _BlackOn(engine.backend.decode, bad_calls={2, 4})
+    outputs = [engine(torch.rand(3, SIZE, SIZE)) for _ in range(4)]
+    assert all(out.amax() > 0.01 for out in outputs)
+    assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[3], outputs[2])
+    assert engine.stats.black_caught == 2 and engine.stats.nonfinite_caught == 0 and engine.stats.bad_caught == 2
+    # a black scene may come out black: it is not counted
+    engine.backend.decode = _BlackOn(engine.backend.decode.decode_fn, bad_calls={1})
+    assert engine(torch.zeros(3, SIZE, SIZE)).amax() == 0.0
+    assert engine.stats.black_caught == 2
