@@ -1,0 +1,229 @@
+"""Thin socket adapters around a `handle(data, sender)` callable: UDP, and TCP with OSC 1.0
+(int32 length prefix) or OSC 1.1 (SLIP) framing, detected per connection from its first byte.
+
+Both run on daemon threads, wake at least every `POLL_SECONDS` to notice close(), and never
+hold more than one packet's worth of bytes per connection. `close()` is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from typing import Callable
+
+from .osc import OSCError, slip_decode
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how often blocked receive loops look at the close flag
+UDP_BUFFER_BYTES = 65535  # recvfrom size: any UDP datagram (max payload 65507) is read in full
+UDP_SOCKET_BUFFER = 1 << 20  # kernel receive buffer: absorbs bursts; beyond it the kernel drops
+MAX_TCP_CONNECTIONS = 16  # more are accepted and closed at once
+TCP_READ_BYTES = 65536
+
+Handler = Callable[[bytes, tuple], None]
+ErrorHandler = Callable[[OSCError, tuple], None]  # (what went wrong, peer): for counters and logs
+
+
+def _log_error(error: OSCError, peer: tuple) -> None:
+    log.warning("OSC TCP from %s: %s", peer[0], error)
+
+
+def _address_family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class UDPServer:
+    """Receives datagrams on (host, port) and hands each to `handler` on its own thread."""
+
+    def __init__(self, *, host: str, port: int, handler: Handler) -> None:
+        self._handler = handler
+        self._socket = socket.socket(_address_family(host), socket.SOCK_DGRAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise
+        self._socket.settimeout(POLL_SECONDS)
+        self.port = self._socket.getsockname()[1]
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdbridge osc udp", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, sender = self._socket.recvfrom(UDP_BUFFER_BYTES)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closed.is_set():
+                    return
+                continue  # e.g. ICMP port unreachable reported on Windows; keep receiving
+            self._handler(data, sender)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(2 * POLL_SECONDS + 1.0)
+        self._socket.close()
+
+
+class TCPServer:
+    """Accepts up to MAX_TCP_CONNECTIONS; each connection's packets go to `handler`."""
+
+    def __init__(self, *, host: str, port: int, handler: Handler, max_packet_bytes: int = 65507,
+                 on_error: ErrorHandler = _log_error, allow: Callable[[tuple], bool] = lambda peer: True) -> None:
+        self._handler = handler
+        self._allow = allow
+        self._on_error = on_error
+        self._max_packet = max_packet_bytes
+        self._socket = socket.socket(_address_family(host), socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, port))
+            self._socket.listen(8)
+        except OSError:
+            self._socket.close()
+            raise
+        self._socket.settimeout(POLL_SECONDS)
+        self.port = self._socket.getsockname()[1]
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: dict[threading.Thread, socket.socket] = {}
+        self.refused_connections = 0
+        self._thread = threading.Thread(target=self._accept, name="sdbridge osc tcp", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, peer = self._socket.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closed.is_set():
+                    return
+                continue
+            if not self._allow(peer):
+                connection.close()
+                continue
+            with self._lock:
+                if len(self._connections) >= MAX_TCP_CONNECTIONS or self._closed.is_set():
+                    self.refused_connections += 1
+                    connection.close()
+                    log.warning("OSC TCP connection from %s refused: %d already open", peer[0], MAX_TCP_CONNECTIONS)
+                    continue
+                connection.settimeout(POLL_SECONDS)
+                thread = threading.Thread(target=self._serve, args=(connection, peer), daemon=True,
+                                          name=f"sdbridge osc tcp {peer[0]}:{peer[1]}")
+                self._connections[thread] = connection
+            thread.start()
+
+    def _serve(self, connection: socket.socket, peer: tuple) -> None:
+        framer = StreamFramer(max_packet_bytes=self._max_packet)
+        try:
+            while not self._closed.is_set():
+                try:
+                    chunk = connection.recv(TCP_READ_BYTES)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    return
+                packets = framer.feed(chunk)
+                for error in framer.take_errors():
+                    self._on_error(error, peer)
+                for packet in packets:
+                    self._handler(packet, peer)
+        except OSCError as exc:  # the stream cannot be read on: close it
+            self._on_error(exc, peer)
+        except OSError as exc:
+            log.info("OSC TCP connection from %s closed: %s", peer[0], exc)
+        finally:
+            connection.close()
+            with self._lock:
+                self._connections.pop(threading.current_thread(), None)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(2 * POLL_SECONDS + 1.0)
+        self._socket.close()
+        with self._lock:
+            threads = list(self._connections)
+        for thread in threads:
+            thread.join(2 * POLL_SECONDS + 1.0)
+
+
+class StreamFramer:
+    """Splits a TCP byte stream into OSC packets. The first byte decides the framing for the
+    whole connection: 0xC0 (SLIP END), '/' or '#' -> OSC 1.1 SLIP; anything else -> OSC 1.0
+    int32 big-endian length prefix. Holds at most one packet (plus one read) in memory.
+
+    Length-prefix errors (a length over the limit, negative, or not a multiple of 4) leave the
+    stream unreadable: OSCError, and the connection is closed. A SLIP frame over the limit is
+    skipped up to its END byte (the frame boundary is still known), like a frame with a bad
+    escape; both are reported by `take_errors()`."""
+
+    def __init__(self, *, max_packet_bytes: int) -> None:
+        self._max = max_packet_bytes
+        self._buffer = bytearray()
+        self._mode: str | None = None
+        self._skipping = False  # SLIP: inside an oversized frame, dropping bytes until END
+        self._errors: list[OSCError] = []
+
+    def take_errors(self) -> list[OSCError]:
+        errors, self._errors = self._errors, []
+        return errors
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._mode is None and chunk:
+            self._mode = "slip" if chunk[0] in (0xC0, ord("/"), ord("#")) else "length"
+        self._buffer += chunk
+        return self._slip_packets() if self._mode == "slip" else self._length_packets()
+
+    def _length_packets(self) -> list[bytes]:
+        packets = []
+        while len(self._buffer) >= 4:
+            size = struct.unpack_from(">i", self._buffer, 0)[0]
+            if size < 0 or size > self._max or size % 4:
+                raise OSCError("malformed", f"TCP length prefix {size} is invalid (limit {self._max})")
+            if len(self._buffer) < 4 + size:
+                break
+            if size:
+                packets.append(bytes(self._buffer[4:4 + size]))
+            del self._buffer[:4 + size]
+        return packets
+
+    def _slip_packets(self) -> list[bytes]:
+        packets = []
+        while True:
+            end = self._buffer.find(b"\xc0")
+            if end < 0:
+                if len(self._buffer) > 2 * self._max + 2:  # escaped bytes can double the size
+                    self._buffer.clear()
+                    if not self._skipping:
+                        self._errors.append(OSCError("too_large", f"SLIP frame over {self._max} bytes"))
+                    self._skipping = True
+                return packets
+            frame = bytes(self._buffer[:end])
+            del self._buffer[:end + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if not frame:
+                continue  # the leading END of the double-END form
+            try:
+                packet = slip_decode(frame)
+            except OSCError as exc:  # a bad escape drops this frame only
+                self._errors.append(exc)
+                continue
+            if len(packet) > self._max:
+                self._errors.append(OSCError("too_large", f"SLIP frame of {len(packet)} bytes over {self._max}"))
+                continue
+            packets.append(packet)

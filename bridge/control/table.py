@@ -1,0 +1,290 @@
+"""The one parameter table: every live control, declared once.
+
+It drives the OSC handlers (router.py), OSCQuery (oscquery.py), `sdbridge params` (text, JSON
+for the TouchDesigner/OBS generators, Markdown for the README). Ranges agree with
+pipeline.StreamConfig's validation (tests/test_control_table.py checks it).
+
+Targets:
+- "engine": written into the ParameterStore under `name`; the runtime applies them between
+  frames with engine.update(**values) / engine.set_prompt(...) / engine.set_prompt_blend(...).
+- "runtime": actions for the runtime itself (pause, resume, preset recall), never stored.
+
+Conversion (`convert`) is a pure function of the OSC arguments: it accepts what TouchDesigner
+and lighting desks send (int, float, double, T/F, numeric strings), refuses NaN/inf, and clamps
+numbers to the range. Every refusal is a ValueError that names the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .osc import IMPULSE
+
+KINDS = ("string", "float", "int", "bool", "int_list", "prompt_blend", "choice", "trigger", "cue")
+INT32_MAX = 2**31 - 1
+MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
+
+
+@dataclass(frozen=True)
+class Param:
+    """One live control. `address` is relative to the prefix (default /sd)."""
+
+    name: str  # the ParameterStore / engine keyword ("engine"), or the action ("runtime")
+    address: str  # e.g. "/guidance"; the OSC address is prefix + address
+    kind: str  # one of KINDS
+    description: str
+    target: str = "engine"  # "engine" (stored, applied between frames) or "runtime" (an action)
+    minimum: float | None = None  # numbers, list items, blend weights: the clamping range
+    maximum: float | None = None
+    default: Any = None  # the engine's default (None: none, or derived from other settings)
+    unit: str = ""
+    aliases: tuple[str, ...] = ()  # absolute addresses StreamDiffusionTD users already send
+    fader: bool = False  # also listens on address + "/norm": 0..1 mapped onto minimum..maximum
+    max_items: int = 1  # int_list items, prompt_blend pairs
+    choices: tuple[str, ...] = ()  # choice: the accepted strings
+    max_length: int = 2048  # string: characters
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: {self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.target not in ("engine", "runtime"):
+            raise ValueError(f"target: {self.target!r} must be 'engine' or 'runtime'")
+        if self.fader and (self.minimum is None or self.maximum is None):
+            raise ValueError(f"{self.name}: a fader needs a minimum and a maximum")
+
+    @property
+    def osc_type(self) -> str:
+        """The OSC type tag string advertised (OSCQuery TYPE) for the plain address."""
+        if self.kind == "int_list":
+            return "i" * len(self.default or (0,))
+        return {"string": "s", "float": "f", "int": "i", "bool": "T", "prompt_blend": "sf",
+                "choice": "s", "trigger": "I", "cue": "i"}[self.kind]
+
+
+PARAMETERS: tuple[Param, ...] = (
+    Param("prompt", "/prompt", "string", "what to turn the input into", aliases=("/prompt",)),
+    Param("negative_prompt", "/negative_prompt", "string",
+          "what to steer away from (cfg full / initialize)", aliases=("/negative_prompt",)),
+    Param("prompt_blend", "/prompt_blend", "prompt_blend",
+          "blend of prompts: pairs of (prompt, weight), up to 8; replaces the prompt",
+          minimum=0.0, maximum=1.0, max_items=8),
+    Param("prompt_blend_method", "/prompt_blend/method", "choice",
+          "how blended prompt embeddings are combined", default="linear", choices=("linear", "slerp")),
+    Param("guidance_scale", "/guidance", "float", "CFG scale; guidance is off at 1.0 or below",
+          minimum=0.0, maximum=30.0, default=1.2, aliases=("/guidance_scale",), fader=True),
+    Param("delta", "/delta", "float", "RCFG residual-noise scale", minimum=0.0, maximum=5.0,
+          default=1.0, aliases=("/delta",), fader=True),
+    Param("seed", "/seed", "int", "noise seed", minimum=0, maximum=INT32_MAX, default=2,
+          aliases=("/seed",), fader=True),
+    Param("strength", "/strength", "float",
+          "img2img strength: how far from the input (sets the timestep indices)",
+          minimum=0.01, maximum=1.0, fader=True),
+    Param("t_index_list", "/t_index_list", "int_list",
+          "timestep indices, one per denoising step, strictly increasing",
+          minimum=0, maximum=999, default=(32, 45), unit="index", aliases=("/t_list",), max_items=16),
+    Param("similarity_filter", "/similarity/enable", "bool",
+          "skip frames nearly equal to the last processed one", default=False),
+    Param("similarity_threshold", "/similarity/threshold", "float",
+          "cosine similarity above which frames may be skipped", minimum=0.0, maximum=0.999,
+          default=0.98, fader=True),
+    Param("similarity_max_skip", "/similarity/max_skip", "int", "most consecutive frames skipped",
+          minimum=0, maximum=10_000, default=10, unit="frames", fader=True),
+    Param("pause", "/pause", "trigger", "freeze the output on the last frame (a 0 / F argument is ignored)",
+          target="runtime"),
+    Param("resume", "/resume", "trigger", "continue after pause (a 0 / F argument is ignored)",
+          target="runtime"),
+    Param("preset", "/preset", "cue", "recall a numbered parameter set from the config file",
+          target="runtime", minimum=0, maximum=INT32_MAX),
+)
+
+BY_NAME = {param.name: param for param in PARAMETERS}
+ENGINE_NAMES = tuple(p.name for p in PARAMETERS if p.target == "engine")
+RUNTIME_NAMES = tuple(p.name for p in PARAMETERS if p.target == "runtime")
+
+
+def addresses(prefix: str = "/sd", *, aliases: bool = True) -> dict[str, tuple[Param, bool]]:
+    """Every OSC address -> (parameter, normalized); `/norm` forms and aliases included."""
+    table: dict[str, tuple[Param, bool]] = {}
+    for param in PARAMETERS:
+        table[prefix + param.address] = (param, False)
+        if param.fader:
+            table[prefix + param.address + "/norm"] = (param, True)
+    if aliases:
+        for param in PARAMETERS:
+            for alias in param.aliases:
+                table.setdefault(alias, (param, False))
+    return table
+
+
+def check_prefix(prefix: str) -> str:
+    """The prefix, validated: '/word[/word...]' of letters, digits, '_', '-', '.'; '' for none."""
+    if prefix == "":
+        return prefix
+    parts = prefix.split("/")
+    if parts[0] != "" or len(prefix) > 64 or not all(
+        part and all(c.isascii() and (c.isalnum() or c in "_-.") for c in part) for part in parts[1:]
+    ):
+        raise ValueError(f"osc_prefix: {prefix!r} must look like /sd (letters, digits, _ - . between slashes)")
+    return prefix
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+class Ignored(Exception):
+    """A message that is understood and deliberately does nothing (a trigger's 0 / release)."""
+
+
+def convert(param: Param, args: tuple, *, normalized: bool = False) -> Any:
+    """The value to store (or the action's argument) from OSC arguments; ValueError naming the
+    parameter when they cannot be used, Ignored for a trigger's release."""
+    if normalized:
+        return _from_fader(param, _single(param, args))
+    if param.kind == "string":
+        return _string(param, _single(param, args))
+    if param.kind in ("float", "int"):
+        return _clamped_number(param, _number(param, _single(param, args)))
+    if param.kind == "bool":
+        return _boolean(param, _single(param, args))
+    if param.kind == "int_list":
+        return _int_list(param, args)
+    if param.kind == "prompt_blend":
+        return _prompt_blend(param, args)
+    if param.kind == "choice":
+        value = _string(param, _single(param, args)).strip().lower()
+        if value not in param.choices:
+            raise ValueError(f"{param.name}: {value[:40]!r} must be one of {', '.join(param.choices)}")
+        return value
+    if param.kind == "trigger":
+        if not args or args[0] is IMPULSE or args[0] is None or _boolean(param, args[0]):
+            return True
+        raise Ignored
+    return _whole(param, _number(param, _single(param, args)))  # cue
+
+
+def _single(param: Param, args: tuple) -> Any:
+    if len(args) != 1:
+        raise ValueError(f"{param.name}: expects one argument, got {len(args)}")
+    return args[0]
+
+
+def _string(param: Param, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{param.name}: expects a string, got {type(value).__name__}")
+    if len(value) > param.max_length:
+        raise ValueError(f"{param.name}: {len(value)} characters exceed {param.max_length}")
+    return value
+
+
+def _number(param: Param, value: Any) -> float | int:
+    """int, float, T/F or a numeric string, finite."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > MAX_NUMERIC_STRING:
+            raise ValueError(f"{param.name}: {text[:20]!r}... is not a number")
+        try:
+            value = int(text) if text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"{param.name}: {text!r} is not a number") from None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{param.name}: {value!r} is not a finite number")
+        return value
+    raise ValueError(f"{param.name}: expects a number, got {type(value).__name__}")
+
+
+def _whole(param: Param, value: float | int) -> int:
+    """Floats round to the nearest integer (faders send 12.0 or 12.4 for integer settings)."""
+    return value if isinstance(value, int) else int(round(value))
+
+
+def _clamped_number(param: Param, value: float | int) -> float | int:
+    low, high = param.minimum, param.maximum
+    if param.kind == "int":
+        value = _whole(param, value)
+        return int(min(max(value, low), high))
+    return float(min(max(float(value), low), high))
+
+
+def _from_fader(param: Param, value: Any) -> float | int:
+    if not param.fader:
+        raise ValueError(f"{param.name}: has no /norm form")
+    position = min(max(float(_number(param, value)), 0.0), 1.0)
+    return _clamped_number(param, param.minimum + position * (param.maximum - param.minimum))
+
+
+def _boolean(param: Param, value: Any) -> bool:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "on", "yes"):
+            return True
+        if text in ("0", "false", "off", "no"):
+            return False
+        raise ValueError(f"{param.name}: {text[:20]!r} is not on/off")
+    return _number(param, value) != 0
+
+
+def _int_list(param: Param, args: tuple) -> tuple[int, ...]:
+    """Integers as separate arguments, or one string "32,45" / "32 45"; clamped, strictly increasing."""
+    if len(args) == 1 and isinstance(args[0], str):
+        if len(args[0]) > param.max_items * 8:
+            raise ValueError(f"{param.name}: string too long for {param.max_items} indices")
+        args = tuple(args[0].replace(",", " ").split())
+    if not 1 <= len(args) <= param.max_items:
+        raise ValueError(f"{param.name}: expects 1 to {param.max_items} integers, got {len(args)}")
+    low, high = int(param.minimum), int(param.maximum)
+    values = tuple(min(max(_whole(param, _number(param, item)), low), high) for item in args)
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{param.name}: {list(values)} must be strictly increasing")
+    return values
+
+
+def _prompt_blend(param: Param, args: tuple) -> tuple[tuple[str, float], ...]:
+    """Pairs (prompt, weight); weights clamped to 0..1, at least one above 0."""
+    if not args or len(args) % 2 or len(args) // 2 > param.max_items:
+        raise ValueError(f"{param.name}: expects 1 to {param.max_items} (prompt, weight) pairs, got {len(args)} arguments")
+    pairs = []
+    for text, weight in zip(args[::2], args[1::2]):
+        number = float(_number(param, weight))
+        pairs.append((_string(param, text), min(max(number, param.minimum), param.maximum)))
+    if not any(weight > 0 for _, weight in pairs):
+        raise ValueError(f"{param.name}: at least one weight must be above 0")
+    return tuple(pairs)
+
+
+def check_presets(presets: dict) -> dict[int, dict[str, Any]]:
+    """Presets from a config file ({cue: {name: value}}), validated strictly (no clamping
+    surprises at show time: an out-of-range value is an error here, naming cue and field)."""
+    checked: dict[int, dict[str, Any]] = {}
+    for cue, values in (presets or {}).items():
+        try:
+            number = int(cue)
+        except (TypeError, ValueError):
+            raise ValueError(f"presets: cue {cue!r} is not an integer") from None
+        if not isinstance(values, dict) or not values:
+            raise ValueError(f"presets.{number}: must be a non-empty table of parameter values")
+        checked[number] = {name: _preset_value(number, name, value) for name, value in values.items()}
+    return checked
+
+
+def _preset_value(cue: int, name: str, value: Any) -> Any:
+    param = BY_NAME.get(name)
+    if param is None or param.target != "engine":
+        raise ValueError(f"presets.{cue}.{name}: unknown parameter; known: {', '.join(ENGINE_NAMES)}")
+    if param.kind == "prompt_blend" and isinstance(value, (list, tuple)):
+        args = tuple(item for pair in value for item in pair)
+    else:
+        args = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    try:
+        converted = convert(param, args)
+    except ValueError as exc:
+        raise ValueError(f"presets.{cue}.{exc}") from None
+    if param.kind in ("float", "int") and converted != value:
+        raise ValueError(f"presets.{cue}.{name}: {value!r} is outside {param.minimum:g}..{param.maximum:g}")
+    return converted
