@@ -1,84 +1,98 @@
 """The parameter store: where the control plane (OSC, the CLI) writes, and the inference thread reads.
 
-Writers call `set(name, value)` from any thread; the newest value per name wins and earlier
-unapplied ones are dropped. Between two frames the inference thread calls `take()` for every
-pending change at once and applies them to the engine, then `report_applied` / `report_rejected`
-with the result; listeners (the control plane's replies, the status line) hear about both.
-Values are checked for type here; ranges are the engine's to check (its ValueError names the
-field and becomes the rejection message).
+Writers call `set(name, value)` / `update(values)` from any thread; the newest value per name
+wins and earlier unapplied ones are dropped. Between two frames the inference thread calls
+`apply_pending(store, engine)`, which takes every pending change at once and applies it, then
+reports the result to listeners (the control plane's status, the status line).
+
+Which names exist and their types come from the one parameter table (bridge.control.table):
+only its "engine" parameters are stored, so no message can set anything else. Ranges are the
+engine's to check (its ValueError names the field and becomes the rejection message).
+
+Prompts are encoded off the frame loop: with a `prompt_encoder` attached, new prompt texts go
+to a worker thread that runs the text encoder first, and are queued only when ready, so the
+inference thread never waits for the encoder.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from .control.table import BY_NAME, ENGINE_NAMES
 
 log = logging.getLogger(__name__)
 
+PARAMETERS = {name: BY_NAME[name] for name in ENGINE_NAMES}
+PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
+# Setting one of a group replaces any pending value of the others (they describe the same thing).
+EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"})
 
-@dataclass(frozen=True)
-class Parameter:
-    """One live parameter of the engine."""
-
-    name: str  # the engine.update keyword (or "prompt" / "negative_prompt" for set_prompt)
-    kind: type  # str, float, int, bool or tuple (a list of ints)
-    description: str
-
-
-PARAMETERS = {
-    p.name: p
-    for p in (
-        Parameter("prompt", str, "what to turn the input into"),
-        Parameter("negative_prompt", str, "what to steer away from (cfg full / initialize)"),
-        Parameter("guidance_scale", float, "CFG scale; off at 1.0 or below"),
-        Parameter("delta", float, "RCFG residual-noise scale"),
-        Parameter("seed", int, "noise seed"),
-        Parameter("strength", float, "img2img strength in (0, 1]: how far from the input"),
-        Parameter("t_index_list", tuple, "timestep indices, one per denoising step"),
-        Parameter("similarity_filter", bool, "skip frames nearly equal to the last one"),
-        Parameter("similarity_threshold", float, "cosine similarity above which frames may be skipped"),
-        Parameter("similarity_max_skip", int, "most consecutive frames skipped"),
-    )
-}
-PROMPT_NAMES = ("prompt", "negative_prompt")
+Listener = Callable[[str, Any, "str | None"], None]
 
 
 def coerce(name: str, value: Any) -> Any:
     """`value` as the parameter's type; ValueError naming the parameter when it cannot be."""
     if name not in PARAMETERS:
         raise ValueError(f"{name}: unknown parameter; known: {', '.join(PARAMETERS)}")
-    kind = PARAMETERS[name].kind
+    param = PARAMETERS[name]
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                    raise TypeError
-                return value.lower() in ("1", "true", "on", "yes")
-            if isinstance(value, (bool, int)) and value in (0, 1):
-                return bool(value)
-            raise TypeError
-        if kind is tuple:
-            items = value.replace(",", " ").split() if isinstance(value, str) else value
-            return tuple(_whole(v) for v in items)
-        if kind is int:
-            return _whole(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if not isinstance(value, str):
-            raise TypeError
-        return value
+        return _COERCE[param.kind](param, value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+        raise ValueError(f"{name}: {value!r} is not a valid {param.kind.replace('_', ' ')}") from None
 
 
 def _whole(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise TypeError
     return int(value)
+
+
+def _boolean(param, value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+            raise TypeError
+        return value.lower() in ("1", "true", "on", "yes")
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise TypeError
+
+
+def _number(param, value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError
+    return float(value)
+
+
+def _string(param, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _int_list(param, value: Any) -> tuple[int, ...]:
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    return tuple(_whole(v) for v in items)
+
+
+def _blend(param, value: Any) -> tuple[tuple[str, float], ...]:
+    pairs = tuple((str(prompt), float(weight)) for prompt, weight in value)
+    if not pairs or not all(isinstance(p, str) for p, _ in value):
+        raise TypeError
+    return pairs
+
+
+def _choice(param, value: Any) -> str:
+    if value not in param.choices:
+        raise ValueError
+    return value
+
+
+_COERCE = {
+    "string": _string, "float": _number, "int": lambda p, v: _whole(v), "bool": _boolean,
+    "int_list": _int_list, "prompt_blend": _blend, "choice": _choice,
+}
 
 
 class ParameterStore:
@@ -89,18 +103,28 @@ class ParameterStore:
         self._pending: dict[str, Any] = {}
         self._applied: dict[str, Any] = {}  # the values the engine last accepted
         self._rejected: dict[str, tuple[Any, str]] = {}  # name -> (value, reason) of the last refusal
-        self._listeners: list[Callable[[str, Any, str | None], None]] = []
+        self._listeners: list[Listener] = []
+        self._encoder: _PromptWorker | None = None
 
     def set(self, name: str, value: Any) -> None:
         """Queue `value` for the next frame; ValueError (naming the parameter) for a wrong type."""
-        value = coerce(name, value)
-        with self._lock:
-            self._pending[name] = value
+        self.update({name: value})
 
     def update(self, values: dict[str, Any]) -> None:
         """Several values at once, applied together (all are type-checked before any is queued)."""
         checked = {name: coerce(name, value) for name, value in values.items()}
+        texts = _prompt_texts(checked)
+        if texts and self._encoder is not None:
+            self._encoder.submit(checked, texts)  # queued once the texts are encoded
+        else:
+            self._queue(checked)
+
+    def _queue(self, checked: dict[str, Any]) -> None:
         with self._lock:
+            for group in EXCLUSIVE:
+                if group & checked.keys():
+                    for name in group - checked.keys():
+                        self._pending.pop(name, None)
             self._pending.update(checked)
 
     def take(self) -> dict[str, Any]:
@@ -108,6 +132,16 @@ class ParameterStore:
         with self._lock:
             pending, self._pending = self._pending, {}
         return pending
+
+    def attach_prompt_encoder(self, encode: Callable[[str], None]) -> None:
+        """Encode new prompt texts with `encode` on a worker thread before they are queued."""
+        if self._encoder is None:
+            self._encoder = _PromptWorker(self, encode)
+
+    def close(self) -> None:
+        """Stop the prompt worker (if any). Safe to call twice."""
+        if self._encoder is not None:
+            self._encoder.close()
 
     def report_applied(self, values: dict[str, Any]) -> None:
         with self._lock:
@@ -125,10 +159,20 @@ class ParameterStore:
             listeners = list(self._listeners)
         self._notify(listeners, name, value, reason)
 
-    def add_listener(self, callback: Callable[[str, Any, str | None], None]) -> None:
+    def forget(self, name: str) -> None:
+        """Drop `name` from the applied values (a blend replaced the plain prompt, or back)."""
+        with self._lock:
+            self._applied.pop(name, None)
+
+    def add_listener(self, callback: Listener) -> None:
         """`callback(name, value, error)` after each apply (error None) or rejection (error text)."""
         with self._lock:
             self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
 
     def _notify(self, listeners, name: str, value: Any, error: str | None) -> None:
         for callback in listeners:
@@ -148,10 +192,60 @@ class ParameterStore:
             return dict(self._rejected)
 
 
+def _prompt_texts(values: dict[str, Any]) -> list[str]:
+    texts = [values[name] for name in ("prompt", "negative_prompt") if name in values]
+    texts += [prompt for prompt, _ in values.get("prompt_blend", ())]
+    return texts
+
+
+class _PromptWorker:
+    """Runs the text encoder for new prompts on its own thread; the newest request wins."""
+
+    def __init__(self, store: ParameterStore, encode: Callable[[str], None]) -> None:
+        self._store, self._encode = store, encode
+        self._condition = threading.Condition()
+        self._request: tuple[dict, list[str]] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="prompt-encoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, values: dict[str, Any], texts: list[str]) -> None:
+        with self._condition:
+            if self._request is not None:  # an older request not started yet: merge, newest values win
+                values = {**self._request[0], **values}
+                texts = self._request[1] + texts
+            self._request = (values, texts)
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while self._request is None and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                values, texts = self._request
+                self._request = None
+            try:
+                for text in texts:
+                    self._encode(text)
+            except Exception as exc:  # a failed encode: report it, keep the current prompt
+                for name in PROMPT_NAMES:
+                    if name in values:
+                        self._store.report_rejected(name, values.pop(name), f"encoding failed: {type(exc).__name__}: {exc}")
+            self._store._queue(values)
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout=2.0)
+
+
 def apply_pending(store: ParameterStore, engine) -> None:
-    """Apply every pending change to `engine` (between frames): prompts via set_prompt, the rest
-    via one engine.update; when that update is refused, each value is tried alone so good ones
-    still land and only the bad ones are reported."""
+    """Apply every pending change to `engine` (between frames): prompts via set_prompt or
+    set_prompt_blend, the rest via one engine.update; when that update is refused, each value is
+    tried alone so good ones still land and only the bad ones are reported."""
     changes = store.take()
     if not changes:
         return
@@ -168,7 +262,7 @@ def apply_pending(store: ParameterStore, engine) -> None:
             store.report_rejected(name, value, str(exc))
             return
         for name, value in changes.items():
-            apply_pending_one(store, engine, name, value)
+            _apply_one(store, engine, name, value)
         return
     except Exception as exc:  # the engine's own bug: report, keep running
         for name, value in changes.items():
@@ -177,7 +271,7 @@ def apply_pending(store: ParameterStore, engine) -> None:
     store.report_applied(changes)
 
 
-def apply_pending_one(store: ParameterStore, engine, name: str, value: Any) -> None:
+def _apply_one(store: ParameterStore, engine, name: str, value: Any) -> None:
     try:
         engine.update(**{name: value})
     except Exception as exc:
@@ -187,13 +281,23 @@ def apply_pending_one(store: ParameterStore, engine, name: str, value: Any) -> N
 
 
 def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any]) -> None:
+    """The prompt side as one change: a plain prompt or a blend (whichever was set last; the
+    store keeps one of them), with the negative prompt and blend method kept when not given."""
     applied = store.applied
-    prompt = prompts.get("prompt", applied.get("prompt", ""))
     negative = prompts.get("negative_prompt", applied.get("negative_prompt"))
+    if "prompt" in prompts:
+        blend = None
+    else:
+        blend = prompts.get("prompt_blend", applied.get("prompt_blend"))
     try:
-        engine.set_prompt(prompt, negative_prompt=negative)
+        if blend is not None:
+            method = prompts.get("prompt_blend_method", applied.get("prompt_blend_method", "linear"))
+            engine.set_prompt_blend(list(blend), negative_prompt=negative, method=method)
+        else:
+            engine.set_prompt(prompts.get("prompt", applied.get("prompt", "")), negative_prompt=negative)
     except Exception as exc:
         for name, value in prompts.items():
-            store.report_rejected(name, value, str(exc))
-    else:
-        store.report_applied(prompts)
+            store.report_rejected(name, value, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+        return
+    store.forget("prompt_blend" if blend is None else "prompt")
+    store.report_applied(prompts)

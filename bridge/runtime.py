@@ -143,6 +143,18 @@ class Runtime:
         duration = self.config.duration
         return duration is not None and self._started_at is not None and time.monotonic() - self._started_at >= duration
 
+    def pause(self) -> None:
+        """Hold the output on the last frame and stop running the engine (safe from any thread)."""
+        self._shared.paused.set()
+
+    def resume(self) -> None:
+        """Process new frames again after `pause` (safe from any thread)."""
+        self._shared.paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._shared.paused.is_set()
+
     def request_stop(self) -> None:
         """Ask the threads to stop (safe from a signal handler); `stop()` also waits and releases."""
         self._shared.stop.set()
@@ -168,6 +180,7 @@ class Runtime:
                 sink.close()
             except Exception:
                 log.exception("closing %s failed", type(sink).__name__)
+        self.params.close()
         self.telemetry.state = "stopped"
 
     def snapshot(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -9,6 +10,7 @@ import threading
 import time
 
 from .errors import UserError
+from .params import ParameterStore
 from .runtime import Runtime, RuntimeConfig
 from .settings import RunSettings
 from .telemetry import status_line
@@ -54,23 +56,32 @@ class StopSignals:
 def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
     """Run until the source ends, a limit is reached or a signal arrives; the final figures.
 
-    Transports open before the model loads, so a missing sender or device is reported at once.
+    Transports and the OSC ports open before the model loads, so a missing sender, a missing
+    device or a port in use is reported at once; OSC values that arrive while the model loads
+    are applied on the first frame.
     """
     from .engine import build_engine
 
     with StopSignals() as signals:
-        sinks, first_source = [], None
+        sinks, first_source, plane = [], None, None
+        store = ParameterStore()
+        live: dict = {}  # the runtime, once built: the control plane starts before it
         try:
             config = _stream_config(settings)
             sinks, first_source = _open_transports(settings, config.width, config.height)
+            plane = _start_control(settings, store, live)
             engine = build_engine(settings, config)
-            runtime = _make_runtime(settings, engine, sinks, first_source)
+            gc.collect()
+            gc.freeze()  # the model's objects never need collecting: shorter pauses of every thread
+            store.attach_prompt_encoder(engine.prepare_prompt)
+            runtime = _make_runtime(settings, engine, sinks, first_source, store)
+            live["runtime"] = runtime
         except Interrupted:
-            _close_all(sinks, first_source)
+            _close_all(sinks, first_source, plane, store)
             log.info("interrupted while starting")
             return {"state": "interrupted"}
         except BaseException:
-            _close_all(sinks, first_source)
+            _close_all(sinks, first_source, plane, store)
             raise
         signals.runtime = runtime
         if signals.received is not None:
@@ -83,9 +94,32 @@ def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
             _watch(runtime, stream, settings.status)
         finally:
             runtime.stop()
+            _close_all([], None, plane, store)
         summary = runtime.snapshot()
         summary["seconds"] = time.monotonic() - started
         return summary
+
+
+def _start_control(settings: RunSettings, store: ParameterStore, live: dict):
+    """The OSC control plane around `store`, bound now (UserError when a port is taken)."""
+    if not settings.osc:
+        return None
+    from .control import ControlPlane
+
+    def telemetry() -> dict:
+        runtime = live.get("runtime")
+        return runtime.snapshot() if runtime is not None else {"state": "starting"}
+
+    def action(name: str):
+        def call() -> None:
+            runtime = live.get("runtime")
+            if runtime is not None:
+                getattr(runtime, name)()
+        return call
+
+    plane = ControlPlane(store=store, settings=settings.control_settings(), telemetry=telemetry,
+                         on_pause=action("pause"), on_resume=action("resume"), presets=settings.presets)
+    return plane.start()
 
 
 def _stream_config(settings: RunSettings):
@@ -112,8 +146,8 @@ def _open_transports(settings: RunSettings, width: int, height: int):
         raise
 
 
-def _close_all(sinks, source) -> None:
-    for transport in [*sinks, source]:
+def _close_all(sinks, source, *others) -> None:
+    for transport in [*sinks, source, *others]:
         if transport is not None:
             try:
                 transport.close()
@@ -121,7 +155,7 @@ def _close_all(sinks, source) -> None:
                 log.exception("closing %s failed", type(transport).__name__)
 
 
-def _make_runtime(settings: RunSettings, engine, sinks, first_source) -> Runtime:
+def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: ParameterStore) -> Runtime:
     """The runtime, handed the already open source first and reopening by name after a loss."""
     opened = [first_source]
 
@@ -130,7 +164,7 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source) -> Runtime
 
     config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
                            duration=settings.duration)
-    runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config)
+    runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store)
     runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})
     return runtime
 

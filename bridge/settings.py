@@ -9,6 +9,12 @@ The TOML file is flat and uses the flags' names (dashes or underscores):
     width = 512
     height = 512
     t_index_list = [32, 45]
+    osc_port = 7450
+    status_target = "127.0.0.1:9001"
+
+    [presets.1]            # /sd/preset 1
+    prompt = "a foggy harbour"
+    guidance_scale = 1.4
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
+from .control.table import check_presets
 from .runtime import FALLBACKS
 from .transports import parse_spec
 
@@ -58,8 +66,24 @@ class RunSettings:
     duration: float | None = None  # stop after this many seconds
     frames: int | None = None  # stop after this many processed frames
     status: bool = True  # the terminal status line
+    osc: bool = True  # OSC control (False: no port is opened)
+    osc_port: int = DEFAULT_OSC_PORT  # UDP and TCP port for OSC in
+    osc_bind: str = DEFAULT_BIND  # interface OSC and OSCQuery listen on
+    osc_allow: tuple[str, ...] | None = None  # only these sender addresses/networks (None: any that reach us)
+    osc_prefix: str = "/sd"  # address prefix of every parameter
+    osc_aliases: bool = True  # also accept StreamDiffusionTD's addresses
+    status_target: str | None = None  # host:port for OSC status out (None: off)
+    oscquery: bool = True  # serve OSCQuery over HTTP
+    oscquery_port: int | None = None  # None: OSC port + 1
+    presets: dict | None = None  # {cue: {parameter: value}} recalled by /sd/preset i
 
     def __post_init__(self) -> None:
+        if isinstance(self.osc_allow, str):
+            object.__setattr__(self, "osc_allow", tuple(self.osc_allow.split(",")))
+        if self.presets is not None:
+            if not isinstance(self.presets, dict):
+                raise ValueError(f"presets: {self.presets!r} must be a table of numbered presets ([presets.1] ...)")
+            object.__setattr__(self, "presets", check_presets(self.presets))
         if isinstance(self.sink, str):
             object.__setattr__(self, "sink", (self.sink,))
         if isinstance(self.t_index_list, (list, str)):
@@ -89,6 +113,14 @@ class RunSettings:
                 raise ValueError(f"{name}: {value!r} must be a positive integer")
         if self.t_index_list is not None and (self.steps is not None or self.strength is not None):
             raise ValueError("t_index_list: give either t_index_list or steps/strength, not both")
+        self.control_settings()  # validates the OSC settings (ValueError naming the field)
+
+    def control_settings(self) -> ControlSettings:
+        return ControlSettings(
+            osc_port=self.osc_port, osc_bind=self.osc_bind, osc_allow=self.osc_allow, osc_prefix=self.osc_prefix,
+            osc_aliases=self.osc_aliases, status_target=self.status_target, oscquery=self.oscquery,
+            oscquery_port=self.oscquery_port,
+        )
 
 
 def _int_list(value) -> tuple[int, ...]:
@@ -111,6 +143,8 @@ def _check_type(name: str, value, annotation: str) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif annotation.startswith("dict"):
+        ok = isinstance(value, dict)
     elif annotation.startswith("tuple"):
         ok = isinstance(value, tuple) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
     else:
@@ -139,7 +173,7 @@ def read_config_file(path: str) -> dict:
             name = "sink"
         if name not in FIELDS:
             raise ValueError(f"config: {path}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
-        values[name] = tuple(value) if isinstance(value, list) else value
+        values[name] = tuple(value) if isinstance(value, list) and name != "presets" else value
     return values
 
 

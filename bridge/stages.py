@@ -39,6 +39,7 @@ class Shared:
     input_slot: LatestSlot = field(default_factory=LatestSlot)
     output_slot: LatestSlot = field(default_factory=LatestSlot)
     stop: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)  # output holds, engine idle
     source_ended: threading.Event = field(default_factory=threading.Event)
     inference_done: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -146,6 +147,13 @@ def inference_loop(shared: Shared) -> None:
     processed = skipped_so_far = 0
     while not shared.stop.is_set():
         apply_pending(shared.params, engine)  # 1. parameters, between frames
+        if shared.paused.is_set():  # paused: inputs are dropped, the output holds its last frame
+            if telemetry.state == "running":
+                telemetry.state = "paused"
+            shared.input_slot.take(timeout=0.05)
+            continue
+        if telemetry.state == "paused":
+            telemetry.state = "running"
         if txt2img:  # 2. the input frame (txt2img has none)
             frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), processed)
         else:
@@ -231,6 +239,9 @@ class OutputLoop:
         self._tokens -= 1.0
 
     def _repeat_frame(self) -> Frame:
+        if self.shared.paused.is_set() and self.last_frame is not None:
+            self.last_fresh_time = time.monotonic()  # a pause is not a stall
+            return self.last_frame
         stalled = time.monotonic() - self.last_fresh_time > self.shared.config.stall_seconds
         mode = self.shared.config.fallback
         if not stalled and self.last_frame is not None:

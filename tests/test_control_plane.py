@@ -237,14 +237,15 @@ def test_every_advertised_address_works_when_sent(plane):
         client.send_message(node["FULL_PATH"], args if args else [])
         assert wait_for(lambda: plane.counters["messages"] == number), node["FULL_PATH"]
     counters = plane.counters
-    # until bridge.params knows prompt_blend and prompt_blend_method, the store refuses those two
-    store_lacks = {"prompt_blend", "prompt_blend_method"} - set(STORE_PARAMETERS)
-    assert counters["rejected"] == len(store_lacks)
+    assert counters["rejected"] == 0
     assert counters["internal_errors"] == 0 and counters["malformed"] == 0 and counters["unknown_address"] == 0
     assert plane.test_actions.calls == ["pause", "resume"]
     got = pending(plane.test_store, {})
     assert got["prompt"] == "preset zero"  # /sd/preset 0 came after /sd/prompt
-    assert set(got) == {p.name for p in PARAMETERS if p.target == "engine"} - store_lacks
+    # each exclusive pair keeps the one set last: the preset's prompt, then t_index_list after strength
+    superseded = {"prompt_blend", "strength"}
+    assert set(got) == {p.name for p in PARAMETERS if p.target == "engine"} - superseded
+    assert set(STORE_PARAMETERS) == {p.name for p in PARAMETERS if p.target == "engine"}
 
 
 def test_allow_list_over_real_sockets():

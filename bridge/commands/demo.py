@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULTS = dict(source="testpattern?width=320&height=240", model="random:tiny", width=256, height=256,
-                fps=15.0, duration=5.0, prompt="a watercolor city at night", device="cpu")
+                fps=15.0, duration=5.0, prompt="a watercolor city at night", device="cpu", osc=False)
 
 
 def register(subparsers) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..control import add_arguments as add_control_arguments
 from ..errors import UserError
 
 HELP_EPILOG = """\
@@ -57,6 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--source", help="where frames come from (default testpattern)")
     parser.add_argument("--sink", action="append", help="where frames go; repeat for several")
     add_engine_flags(parser)
+    add_control_arguments(parser)
     parser.set_defaults(handler=handle)
 
 
@@ -66,6 +68,13 @@ def settings_from_args(args: argparse.Namespace, **defaults):
     try:
         file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
         flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+        if getattr(args, "zeroconf", None):
+            raise ValueError("zeroconf: mDNS advertising is not implemented; give OSCQuery clients the host and "
+                             "--oscquery-port directly")
+        if flags.get("oscquery_port") == "off":
+            flags["oscquery"], flags["oscquery_port"] = False, None
+        if flags.get("osc_allow") is not None:
+            flags["osc_allow"] = tuple(a for item in flags["osc_allow"] for a in item.split(",") if a)
         if flags.get("sink") is not None:
             flags["sink"] = tuple(flags["sink"])
         return merge(file_values, flags, **defaults)

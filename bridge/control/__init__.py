@@ -83,15 +83,19 @@ class ControlSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ControlSettings":
-        """From the flags `add_arguments` defines; ValueError naming the field."""
+        """From the flags `add_arguments` defines (None: the default); ValueError naming the field."""
+        def given(name: str, default):
+            value = getattr(args, name, None)
+            return default if value is None else value
+
         query_port = getattr(args, "oscquery_port", None)
+        allow = getattr(args, "osc_allow", None)
         return cls(
-            osc_port=getattr(args, "osc_port", DEFAULT_OSC_PORT), osc_bind=getattr(args, "osc_bind", DEFAULT_BIND),
-            osc_allow=tuple(args.osc_allow) if getattr(args, "osc_allow", None) else None,
-            osc_prefix=getattr(args, "osc_prefix", "/sd"), osc_aliases=getattr(args, "osc_aliases", True),
-            status_target=getattr(args, "status_target", None),
+            osc_port=given("osc_port", DEFAULT_OSC_PORT), osc_bind=given("osc_bind", DEFAULT_BIND),
+            osc_allow=tuple(allow) if allow else None, osc_prefix=given("osc_prefix", "/sd"),
+            osc_aliases=given("osc_aliases", True), status_target=getattr(args, "status_target", None),
             oscquery=query_port != "off", oscquery_port=None if query_port in (None, "off") else int(query_port),
-            zeroconf=getattr(args, "zeroconf", False),
+            zeroconf=given("zeroconf", False),
         )
 
 
@@ -105,23 +109,23 @@ def _query_port(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The control plane's flags (for `sdbridge run`)."""
+    """The control plane's flags (for `sdbridge run`). Every default is None, so that a config
+    file can set the value and a flag given on the command line wins over it."""
     group = parser.add_argument_group("OSC control")
     add = group.add_argument
-    add("--osc-port", dest="osc_port", type=int, default=DEFAULT_OSC_PORT,
-        help=f"UDP and TCP port for OSC in (default {DEFAULT_OSC_PORT})")
-    add("--osc-bind", dest="osc_bind", default=DEFAULT_BIND,
-        help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    add("--osc-port", dest="osc_port", type=int, help=f"UDP and TCP port for OSC in (default {DEFAULT_OSC_PORT})")
+    add("--osc-bind", dest="osc_bind", help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     add("--osc-allow", dest="osc_allow", action="append", metavar="ADDR[,ADDR]",
         help="only accept OSC from these addresses or networks (e.g. 192.168.1.20,10.0.0.0/24)")
-    add("--osc-prefix", dest="osc_prefix", default="/sd", help="address prefix (default /sd)")
-    add("--no-osc-aliases", dest="osc_aliases", action="store_false",
+    add("--osc-prefix", dest="osc_prefix", help="address prefix (default /sd)")
+    add("--no-osc-aliases", dest="osc_aliases", action="store_const", const=False,
         help="do not accept StreamDiffusionTD's addresses (/prompt, /guidance_scale, /t_list ...)")
+    add("--no-osc", dest="osc", action="store_const", const=False, help="no OSC control at all (no port is opened)")
     add("--status-target", dest="status_target", metavar="HOST:PORT",
         help="send /sd/status/... once a second to this OSC receiver (default off)")
     add("--oscquery-port", dest="oscquery_port", type=_query_port, metavar="PORT|off",
         help="OSCQuery HTTP port on the OSC interface (default: OSC port + 1)")
-    add("--zeroconf", dest="zeroconf", action="store_true", help="advertise over mDNS (not implemented)")
+    add("--zeroconf", dest="zeroconf", action="store_const", const=True, help="advertise over mDNS (not implemented)")
 
 
 class ControlPlane:

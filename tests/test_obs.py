@@ -1,0 +1,262 @@
+"""The OBS script (obs/sdbridge_obs.py) loaded with the stand-in obspython: properties generated
+from the real parameter table, script_update / buttons / scene changes driven, a real UDP peer
+receiving exactly the expected messages; its hand-written OSC encoder checked against python-osc's
+parser and liblo's oscdump."""
+
+import importlib.util
+import pathlib
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from pythonosc.osc_message import OscMessage
+
+import obspython_standin
+from bridge.cli import build_parser
+from bridge.commands.params import as_json
+from bridge.control.status import status_messages
+from bridge.control.table import PARAMETERS
+from test_touchdesigner import check_guide
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "obs" / "sdbridge_obs.py"
+WAIT_SECONDS = 5.0
+
+
+def load_script():
+    sys.modules["obspython"] = obspython_standin
+    obspython_standin.standin.reset()
+    spec = importlib.util.spec_from_file_location("sdbridge_obs_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Receiver:
+    """A real UDP peer on 127.0.0.1; messages parsed by python-osc."""
+
+    def __init__(self):
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+
+    def messages(self, quiet=0.3, limit=WAIT_SECONDS):
+        """Everything that arrives until `quiet` seconds pass without a datagram."""
+        got, deadline = [], time.monotonic() + limit
+        self.socket.settimeout(quiet)
+        while time.monotonic() < deadline:
+            try:
+                data = self.socket.recv(65535)
+            except socket.timeout:
+                break
+            message = OscMessage(data)
+            got.append((message.address, list(message.params)))
+        return got
+
+    def close(self):
+        self.socket.close()
+
+
+@pytest.fixture
+def fake_sdbridge(tmp_path):
+    """An executable answering `params --json` with the real CLI and recording `run`'s arguments."""
+    path = tmp_path / "sdbridge"
+    path.write_text(f"""#!/bin/sh
+if [ "$1" = "params" ]; then cd '{ROOT}' && exec '{sys.executable}' -m bridge.cli "$@"; fi
+printf '%s\\n' "$@" > '{tmp_path}/argv.txt'
+exec '{sys.executable}' -c 'import time; time.sleep(30)'
+""")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.fixture
+def loaded(fake_sdbridge):
+    obs = obspython_standin
+    script = load_script()
+    receiver = Receiver()
+    settings = obs.obs_data_create()
+    obs.obs_data_set_string(settings, "executable", str(fake_sdbridge))
+    script.script_defaults(settings)
+    obs.obs_data_set_int(settings, "osc_port", receiver.port)
+    obs.obs_data_set_int(settings, "status_port", free_port())
+    script.script_load(settings)
+    script.script_update(settings)  # OBS calls it after loading: the baseline, nothing is sent
+    yield script, settings, receiver
+    script.script_unload()
+    receiver.close()
+
+
+def test_properties_cover_every_parameter_of_the_table(loaded):
+    script, settings, receiver = loaded
+    props = script.script_properties()
+    kinds = {"string": "text", "float": "float_slider", "int": "int", "bool": "bool", "int_list": "text",
+             "prompt_blend": "text", "choice": "list", "trigger": "button", "cue": "int"}
+    for param in PARAMETERS:
+        prop = props.items.get("p_" + param.name)
+        assert prop is not None, f"{param.name}: no OBS property"
+        assert prop.kind == kinds[param.kind], param.name
+        assert param.address in prop.long_description
+        if param.kind == "float":
+            assert (prop.details["min"], prop.details["max"]) == (param.minimum, param.maximum)
+    assert [name for name, _ in props.items["p_prompt_blend_method"].items] == ["linear", "slerp"]
+    assert receiver.messages(quiet=0.2) == []  # loading sends nothing
+    assert obspython_standin.obs_data_get_int(settings, "osc_port") == receiver.port
+
+
+def test_changes_send_exactly_what_changed(loaded):
+    script, settings, receiver = loaded
+    obs = obspython_standin
+    obs.obs_data_set_double(settings, "p_guidance_scale", 2.5)
+    script.script_update(settings)
+    assert receiver.messages() == [("/sd/guidance", [2.5])]
+    obs.obs_data_set_string(settings, "p_prompt", "a foggy harbour at dawn")
+    obs.obs_data_set_bool(settings, "p_similarity_filter", True)
+    obs.obs_data_set_string(settings, "p_t_index_list", "20, 35")
+    script.script_update(settings)
+    assert sorted(receiver.messages()) == sorted([("/sd/prompt", ["a foggy harbour at dawn"]),
+                                                   ("/sd/similarity/enable", [True]), ("/sd/t_index_list", [20, 35])])
+    script.script_update(settings)  # nothing changed
+    assert receiver.messages(quiet=0.2) == []
+
+
+def test_buttons_triggers_presets_and_scenes(loaded):
+    script, settings, receiver = loaded
+    obs, standin = obspython_standin, obspython_standin.standin
+    props = script.script_properties()
+    standin.click(props, "p_pause")
+    obs.obs_data_set_int(settings, "p_preset", 3)
+    script.script_update(settings)
+    standin.click(props, "p_preset_recall")
+    assert receiver.messages() == [("/sd/pause", []), ("/sd/preset", [3])]
+    obs.obs_data_set_string(settings, "scene_presets", "Intro = 4\n# comment\nFinale=9")
+    script.script_update(settings)
+    standin.change_scene("Intro")
+    standin.change_scene("Backstage")  # no preset: nothing
+    standin.change_scene("Finale")
+    assert receiver.messages() == [("/sd/preset", [4]), ("/sd/preset", [9])]
+    standin.click(props, "send_all")
+    sent = dict((address, args) for address, args in receiver.messages())
+    assert sent["/sd/guidance"] == [pytest.approx(1.2)] and "/sd/pause" not in sent and "/sd/strength" not in sent
+
+
+def test_start_sends_everything_when_the_bridge_is_alive_and_stop_ends_it(loaded, tmp_path):
+    script, settings, receiver = loaded
+    obs, standin = obspython_standin, obspython_standin.standin
+    obs.obs_data_set_string(settings, "source", "camera:OBS Virtual Camera")
+    obs.obs_data_set_string(settings, "sinks", "spout:sdbridge, ndi:sdbridge")
+    obs.obs_data_set_string(settings, "p_prompt", "neon jungle")
+    script.script_update(settings)
+    receiver.messages()
+    props = script.script_properties()
+    standin.click(props, "start")
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (tmp_path / "argv.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    args = build_parser().parse_args(argv)
+    assert (args.source, args.sink, args.osc_port) == ("camera:OBS Virtual Camera", ["spout:sdbridge", "ndi:sdbridge"],
+                                                       receiver.port)
+    status_port = obs.obs_data_get_int(settings, "status_port")
+    assert args.status_target == f"127.0.0.1:{status_port}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bridge:  # the bridge's status, as it sends it
+        for packet in status_messages({"state": "running", "processed_fps": 30.0}):
+            bridge.sendto(packet, ("127.0.0.1", status_port))
+    time.sleep(0.1)
+    standin.run_timers()
+    sent = dict(receiver.messages())
+    assert sent["/sd/prompt"] == ["neon jungle"] and "/sd/t_index_list" in sent
+    standin.run_timers()  # still alive: no second snapshot
+    assert receiver.messages(quiet=0.2) == []
+    process = script.state.process
+    standin.click(props, "stop")
+    assert process.poll() is not None
+
+
+def test_script_uses_only_what_the_standin_documents():
+    used = set(re.findall(r"(?<![\w-])obs\.([A-Za-z_]+)", SCRIPT.read_text()))
+    missing = [name for name in used if not hasattr(obspython_standin, name)]
+    assert not missing
+
+
+def test_missing_program_shows_a_problem_instead_of_parameters(tmp_path):
+    obs = obspython_standin
+    script = load_script()
+    settings = obs.obs_data_create()
+    obs.obs_data_set_string(settings, "executable", str(tmp_path / "nowhere"))
+    script.script_defaults(settings)
+    props = script.script_properties()
+    assert "cannot run" in props.items["table_error"].description and "p_prompt" not in props.items
+
+
+# ------------------------------------------------------------------ the hand-written encoder
+
+ENCODER_CASES = [
+    ("/sd/guidance", [2.5]), ("/sd/seed", [-7]), ("/sd/prompt", ["abc"]), ("/sd/prompt", ["abcd"]),
+    ("/sd/prompt", ["a watercolor city at night, 東京"]), ("/sd/t_index_list", [0, 20, 999]), ("/sd/pause", []),
+    ("/sd/similarity/enable", [True]), ("/sd/similarity/enable", [False]), ("/a", [b"\x01\x02\x03"]),
+    ("/sd/prompt_blend", ["a castle", 0.7, "a forest", 0.3]),
+]
+
+
+@pytest.mark.parametrize("address, args", ENCODER_CASES)
+def test_encoder_against_python_osc(address, args):
+    script = load_script()
+    data = script.encode_message(address, args)
+    assert len(data) % 4 == 0
+    message = OscMessage(data)
+    assert message.address == address
+    assert list(message.params) == [pytest.approx(a, rel=1e-6) if isinstance(a, float) else a for a in args]
+    if all(not isinstance(a, bytes) for a in args):
+        assert script.decode_message(data) == (address, [pytest.approx(a, rel=1e-6) if isinstance(a, float) else a
+                                                         for a in args])
+
+
+def test_encoder_refuses_what_osc_cannot_carry():
+    with pytest.raises(ValueError, match="cannot send a dict"):
+        load_script().encode_message("/sd/x", [{}])
+
+
+@pytest.mark.skipif(shutil.which("oscdump") is None, reason="liblo-tools (oscdump) not installed")
+def test_encoder_against_oscdump():
+    script = load_script()
+    port = free_port()
+    dump = subprocess.Popen(["oscdump", "-L", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        cases = [("/sd/guidance", [2.5]), ("/sd/prompt", ["neon jungle"]), ("/sd/t_index_list", [20, 35]),
+                 ("/sd/pause", []), ("/sd/similarity/enable", [True])]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for address, args in cases:
+                sender.sendto(script.encode_message(address, args), ("127.0.0.1", port))
+        lines, deadline = [], time.monotonic() + WAIT_SECONDS
+        while len(lines) < len(cases) and time.monotonic() < deadline:
+            line = dump.stdout.readline().strip()
+            lines.append(re.sub(r"^[0-9a-f]{8}\.[0-9a-f]{8} ", "", line))  # oscdump's timetag column
+    finally:
+        dump.terminate()
+        dump.wait(5)
+    assert lines == ['/sd/guidance f 2.500000', '/sd/prompt s "neon jungle"', "/sd/t_index_list ii 20 35", "/sd/pause",
+                     "/sd/similarity/enable T #T"]
+
+
+def test_scene_preset_text():
+    script = load_script()
+    assert script.parse_scene_presets("Intro = 1\n\n# x\nPart = Two = 2") == {"Intro": 1, "Part = Two": 2}
+    with pytest.raises(ValueError, match="line 1"):
+        script.parse_scene_presets("Intro")
+
+
+def test_obs_guide_matches_the_code():
+    check_guide(ROOT / "obs" / "README.md")

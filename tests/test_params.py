@@ -1,0 +1,99 @@
+"""The parameter store: one table, exclusive pairs, prompt blends, prompts encoded off the frame loop."""
+
+import time
+
+import numpy as np
+import pytest
+
+from bridge.control.table import ENGINE_NAMES
+from bridge.params import PARAMETERS, ParameterStore, apply_pending
+from pipeline import StreamConfig, StreamDiffusion
+
+
+@pytest.fixture()
+def engine(tiny_components):
+    return StreamDiffusion(tiny_components, StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40)))
+
+
+def _wait_pending(store, name, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with store._lock:
+            if name in store._pending:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def test_the_store_knows_exactly_the_tables_engine_parameters():
+    assert set(PARAMETERS) == set(ENGINE_NAMES)
+    store = ParameterStore()
+    with pytest.raises(ValueError, match="unknown parameter"):
+        store.set("__class__", 1)
+    with pytest.raises(ValueError, match="prompt_blend_method"):
+        store.set("prompt_blend_method", "cubic")
+
+
+def test_strength_and_t_index_list_replace_each_other():
+    store = ParameterStore()
+    store.set("strength", 0.5)
+    store.set("t_index_list", [10, 20])
+    assert store.take() == {"t_index_list": (10, 20)}
+    store.update({"t_index_list": "5, 9", "seed": 3})
+    store.set("strength", 0.7)
+    assert store.take() == {"strength": 0.7, "seed": 3}
+
+
+def test_blend_then_negative_prompt_keeps_the_blend(engine):
+    store = ParameterStore()
+    store.set("prompt_blend", [("a castle", 0.5), ("a forest", 0.5)])
+    store.set("prompt_blend_method", "slerp")
+    apply_pending(store, engine)
+    assert engine.prompt == "a castle:0.5 | a forest:0.5"
+    store.set("negative_prompt", "fog")
+    apply_pending(store, engine)
+    assert engine.prompt.startswith("a castle") and engine.negative_prompt == "fog"
+    store.set("prompt", "a river")
+    apply_pending(store, engine)
+    assert engine.prompt == "a river" and "prompt_blend" not in store.applied
+    store.set("negative_prompt", "rain")
+    apply_pending(store, engine)
+    assert engine.prompt == "a river" and engine.negative_prompt == "rain"
+    assert not store.rejected
+
+
+def test_prompts_are_encoded_before_the_frame_loop_sees_them(engine):
+    store = ParameterStore()
+    store.attach_prompt_encoder(engine.prepare_prompt)
+    try:
+        store.set("prompt", "a lighthouse at dawn")
+        assert _wait_pending(store, "prompt")
+        assert engine.prompts.cached("a lighthouse at dawn")
+        calls = []
+        handle = engine.components.text_encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+        try:
+            apply_pending(store, engine)  # what the inference thread does between frames
+            engine(np.zeros((64, 64, 3), np.uint8))
+        finally:
+            handle.remove()
+        assert calls == [] and engine.prompt == "a lighthouse at dawn"
+    finally:
+        store.close()
+        store.close()
+
+
+def test_a_failing_encode_is_reported_and_the_prompt_kept(engine):
+    store = ParameterStore()
+
+    def broken(text):
+        raise RuntimeError("CUDA out of memory")
+
+    store.attach_prompt_encoder(broken)
+    try:
+        store.update({"prompt": "never", "guidance_scale": 1.7})
+        assert _wait_pending(store, "guidance_scale")
+        apply_pending(store, engine)
+        assert engine.prompt == "" and engine.config.guidance_scale == 1.7
+        assert "encoding failed" in store.rejected["prompt"][1]
+    finally:
+        store.close()

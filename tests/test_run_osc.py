@@ -1,0 +1,108 @@
+"""`sdbridge run` with its control plane, driven by liblo's oscsend (a foreign client), read back
+over OSCQuery (real HTTP) and OSC status out (a real UDP socket), then stopped with SIGTERM."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from pythonosc.osc_message import OscMessage
+
+from test_cli import REPO, TINY, child_env
+
+pytestmark = pytest.mark.skipif(shutil.which("oscsend") is None,
+                                reason="liblo's oscsend is not installed (Debian package liblo-tools)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        tcp.bind(("127.0.0.1", port))  # the same number free for TCP too
+        return port
+
+
+def query(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+        return json.loads(response.read())
+
+
+def wait_until(check, seconds: float):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    return None
+
+
+def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
+    osc_port, query_port = free_port(), free_port()
+    status = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    status.bind(("127.0.0.1", 0))
+    status.settimeout(0.2)
+    config = tmp_path / "show.toml"
+    config.write_text('[presets.3]\nprompt = "preset three"\nguidance_scale = 2.5\n')
+    command = [sys.executable, "-m", "bridge.cli", "run", "--config", str(config), "--source", "testpattern",
+               "--sink", "null", *TINY, "--fps", "10", "--osc-port", str(osc_port), "--oscquery-port", str(query_port),
+               "--status-target", f"127.0.0.1:{status.getsockname()[1]}"]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: query(query_port, "/?HOST_INFO"), 60), "OSCQuery never answered"
+        assert query(query_port, "/?HOST_INFO")["OSC_PORT"] == osc_port
+
+        def send(*args):
+            subprocess.run(["oscsend", "127.0.0.1", str(osc_port), *args], check=True, timeout=5)
+
+        send("/sd/guidance", "f", "1.7")
+        send("/sd/prompt", "s", "a neon harbour")
+        assert wait_until(lambda: query(query_port, "/sd/guidance?VALUE")["VALUE"] == [pytest.approx(1.7)], 30)
+        assert wait_until(lambda: query(query_port, "/sd/prompt?VALUE")["VALUE"] == ["a neon harbour"], 30)
+        subprocess.run(["oscsend", f"osc.tcp://127.0.0.1:{osc_port}", "/sd/preset", "i", "3"], check=True, timeout=5)
+        assert wait_until(lambda: query(query_port, "/sd/prompt?VALUE")["VALUE"] == ["preset three"], 30)
+
+        def state():
+            try:
+                message = OscMessage(status.recv(65536))
+            except socket.timeout:
+                return None
+            return message.params[0] if message.address == "/sd/status/state_name" else None
+
+        assert wait_until(lambda: state() == "running", 10)
+        send("/sd/pause")
+        assert wait_until(lambda: state() == "paused", 10)
+        send("/sd/resume")
+        assert wait_until(lambda: state() == "running", 10)
+        send("/sd/t_index_list", "ii", "40", "10")  # not increasing: refused, the run goes on
+        send("/sd/seed", "i", "5")
+        assert wait_until(lambda: query(query_port, "/sd/seed?VALUE")["VALUE"] == [5], 30)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        status.close()
+    assert process.returncode == 0, err
+    assert "t_index_list" in err and "strictly increasing" in err, err  # the refusal was logged
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", osc_port))  # the ports are free again at once
+        tcp.bind(("127.0.0.1", osc_port))
+
+
+def test_port_in_use_is_one_line_before_the_model_loads():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "bridge.cli", "run", "--sink", "null", *TINY, "--osc-port", str(port)],
+                                cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "osc-port: cannot listen" in result.stderr and "Traceback" not in result.stderr
+    assert "building random-weight" not in result.stderr
