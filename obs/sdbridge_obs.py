@@ -1,0 +1,508 @@
+"""sdbridge for OBS: sliders and text boxes for the live effect, sent over OSC on every change.
+
+Load it in OBS: Tools > Scripts > + > this file (OBS's own Python; standard library only).
+The properties are generated from the bridge's parameter table (`sdbridge params --json`, run
+with the program set in "sdbridge program"); press "Reload parameters" after changing it.
+It can start and stop `sdbridge run`, re-sends every value when the bridge (re)starts (it
+listens for the bridge's /sd/status messages), and recalls a preset when the scene changes
+("Scene presets": one `Scene name = preset number` per line).
+"""
+
+import json
+import shlex
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import os
+
+import obspython as obs
+
+STATUS_POLL_MS = 250
+PREFIX_KEY = "p_"  # settings key of a table parameter: p_<name>
+
+
+# ------------------------------------------------------------------ OSC, hand-written (1.0)
+
+
+def _pad(data):
+    return data + b"\x00" * (4 - len(data) % 4)
+
+
+def _osc_string(text):
+    return _pad(text.encode("utf-8"))  # at least one NUL, to a multiple of 4
+
+
+def encode_message(address, args):
+    """One OSC message; bool -> T/F, int -> i, float -> f, str -> s, bytes -> b."""
+    tags, payload = ",", b""
+    for arg in args:
+        if isinstance(arg, bool):
+            tags += "T" if arg else "F"
+        elif isinstance(arg, int):
+            tags += "i"
+            payload += struct.pack(">i", arg)
+        elif isinstance(arg, float):
+            tags += "f"
+            payload += struct.pack(">f", arg)
+        elif isinstance(arg, str):
+            tags += "s"
+            payload += _osc_string(arg)
+        elif isinstance(arg, (bytes, bytearray)):
+            tags += "b"
+            payload += struct.pack(">i", len(arg)) + bytes(arg) + b"\x00" * (-len(arg) % 4)
+        else:
+            raise ValueError("%s: cannot send a %s over OSC" % (address, type(arg).__name__))
+    return _osc_string(address) + _osc_string(tags) + payload
+
+
+def _read_string(data, offset):
+    end = data.index(b"\x00", offset)
+    return data[offset:end].decode("utf-8", "replace"), (end + 4) & ~3
+
+
+def decode_message(data):
+    """(address, [args]) of a plain message with i f s T F arguments; ValueError otherwise."""
+    try:
+        address, offset = _read_string(data, 0)
+        tags, offset = _read_string(data, offset)
+        if not address.startswith("/") or not tags.startswith(","):
+            raise ValueError("not an OSC message")
+        args = []
+        for tag in tags[1:]:
+            if tag == "i":
+                args.append(struct.unpack_from(">i", data, offset)[0])
+                offset += 4
+            elif tag == "f":
+                args.append(struct.unpack_from(">f", data, offset)[0])
+                offset += 4
+            elif tag == "s":
+                text, offset = _read_string(data, offset)
+                args.append(text)
+            elif tag in "TF":
+                args.append(tag == "T")
+            else:
+                raise ValueError("type %r not read here" % tag)
+        return address, args
+    except (struct.error, IndexError) as exc:
+        raise ValueError("truncated OSC message: %s" % exc) from None
+
+
+# ------------------------------------------------------------------ the table and messages
+
+
+def load_table(executable):
+    """The parsed JSON of `<executable> params --json`; ValueError with the reason."""
+    try:
+        done = subprocess.run([executable, "params", "--json"], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise ValueError("cannot run %r: %s" % (executable, exc.strerror or exc)) from None
+    except subprocess.TimeoutExpired:
+        raise ValueError("%s params --json took over 60 s" % executable) from None
+    if done.returncode != 0:
+        raise ValueError("%s params --json failed: %s" % (executable, (done.stderr or done.stdout).strip()[:200]))
+    try:
+        table = json.loads(done.stdout)
+        table["osc"]["port"], table["parameters"][0]["name"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError("%s params --json printed no parameter table" % executable) from None
+    return table
+
+
+def value_arguments(row, value):
+    """OSC arguments for a table row holding `value` (a setting's value); None: send nothing."""
+    kind = row["kind"]
+    if kind in ("string", "choice"):
+        return [str(value)]
+    if kind == "float":
+        return [float(value)]
+    if kind in ("int", "cue"):
+        return [int(value)]
+    if kind == "bool":
+        return [bool(value)]
+    if kind == "trigger":
+        return []
+    if kind == "int_list":
+        items = str(value).replace(",", " ").split()
+        if not items:
+            return None
+        try:
+            return [int(item) for item in items]
+        except ValueError:
+            raise ValueError("%s: %r must be whole numbers, e.g. 32,45" % (row["name"], value)) from None
+    if kind == "prompt_blend":
+        arguments = []
+        for part in [p.strip() for p in str(value).split("|") if p.strip()]:
+            prompt, _, weight = part.rpartition(":")
+            try:
+                arguments += [prompt.strip(), float(weight)]
+            except ValueError:
+                raise ValueError("%s: %r must be 'prompt:weight'" % (row["name"], part)) from None
+        return arguments or None
+    raise ValueError("%s: kind %r is not known to this script; update it" % (row["name"], kind))
+
+
+def parse_scene_presets(text):
+    """'Intro = 1' lines -> {'Intro': 1}; ValueError naming the bad line."""
+    presets = {}
+    for number, line in enumerate(str(text).splitlines(), 1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        scene, separator, preset = line.rpartition("=")
+        try:
+            presets[scene.strip()] = int(preset)
+        except ValueError:
+            raise ValueError("scene presets line %d: %r must be 'Scene name = number'" % (number, line)) from None
+        if not separator or not scene.strip():
+            raise ValueError("scene presets line %d: %r must be 'Scene name = number'" % (number, line))
+    return presets
+
+
+# ------------------------------------------------------------------ state
+
+
+class State:
+    def __init__(self):
+        self.settings = None
+        self.table = None
+        self.table_error = ""
+        self.sent = {}  # parameter name -> last value sent (or seen at load)
+        self.socket = None
+        self.status_socket = None
+        self.status_port = None
+        self.process = None
+        self.log_path = os.path.join(tempfile.gettempdir(), "sdbridge-obs.log")
+        self.alive = False
+
+
+state = State()
+
+
+def _log(level, text):
+    obs.script_log(level, "[sdbridge] " + text)
+
+
+def _rows():
+    return state.table["parameters"] if state.table else []
+
+
+def _stored_rows():
+    return [row for row in _rows() if row["kind"] not in ("trigger", "cue")]
+
+
+def _setting(row, settings=None):
+    settings = settings if settings is not None else state.settings
+    key, kind = PREFIX_KEY + row["name"], row["kind"]
+    if kind in ("float",):
+        return obs.obs_data_get_double(settings, key)
+    if kind in ("int", "cue"):
+        return obs.obs_data_get_int(settings, key)
+    if kind == "bool":
+        return obs.obs_data_get_bool(settings, key)
+    return obs.obs_data_get_string(settings, key)
+
+
+def _target():
+    host = obs.obs_data_get_string(state.settings, "host") or "127.0.0.1"
+    return host, obs.obs_data_get_int(state.settings, "osc_port")
+
+
+def send(address, args):
+    if state.socket is None:
+        state.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        state.socket.sendto(encode_message(address, args), _target())
+    except (OSError, ValueError) as exc:
+        _log(obs.LOG_WARNING, "OSC to %s:%s failed: %s" % (_target() + (exc,)))
+
+
+def send_row(row, value):
+    try:
+        arguments = value_arguments(row, value)
+    except ValueError as exc:
+        _log(obs.LOG_WARNING, str(exc))
+        return
+    if arguments is not None:
+        send(row["address"], arguments)
+
+
+def send_all():
+    """Every stored parameter that has a value worth restoring (not actions, not empty texts)."""
+    for row in _stored_rows():
+        value = _setting(row)
+        if row["kind"] in ("string", "int_list", "prompt_blend") and not str(value).strip():
+            continue
+        if row["kind"] not in ("string", "prompt_blend") and row.get("default") is None:
+            continue  # e.g. strength: sent when moved, never forced over the configured steps
+        send_row(row, value)
+
+
+def _reload_table():
+    executable = obs.obs_data_get_string(state.settings, "executable") or "sdbridge"
+    try:
+        state.table, state.table_error = load_table(executable), ""
+    except ValueError as exc:
+        state.table, state.table_error = None, str(exc)
+        _log(obs.LOG_WARNING, str(exc))
+
+
+# ------------------------------------------------------------------ the bridge process
+
+
+def bridge_command(settings):
+    """argv of `sdbridge run` for the script's settings."""
+    argv = [obs.obs_data_get_string(settings, "executable") or "sdbridge", "run",
+            "--osc-port", str(obs.obs_data_get_int(settings, "osc_port")),
+            "--status-target", "127.0.0.1:%d" % obs.obs_data_get_int(settings, "status_port")]
+    for key, flag in (("source", "--source"), ("model", "--model"), ("config", "--config")):
+        value = obs.obs_data_get_string(settings, key).strip()
+        if value:
+            argv += [flag, value]
+    for sink in obs.obs_data_get_string(settings, "sinks").split(","):
+        if sink.strip():
+            argv += ["--sink", sink.strip()]
+    return argv + shlex.split(obs.obs_data_get_string(settings, "extra"))
+
+
+def start_bridge(*_):
+    if state.process is not None and state.process.poll() is None:
+        _log(obs.LOG_INFO, "the bridge is already running (pid %d)" % state.process.pid)
+        return False
+    argv = bridge_command(state.settings)
+    _open_status_socket()
+    try:
+        with open(state.log_path, "ab") as log:
+            flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            state.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             creationflags=flags if sys.platform.startswith("win") else 0)
+    except OSError as exc:
+        _log(obs.LOG_WARNING, "cannot start %r: %s" % (argv[0], exc.strerror or exc))
+        return False
+    state.alive = False
+    _log(obs.LOG_INFO, "started: %s (log: %s)" % (" ".join(argv), state.log_path))
+    return False
+
+
+def stop_bridge(*_):
+    process, state.process = state.process, None
+    if process is None or process.poll() is not None:
+        return False
+    import signal
+    try:
+        if sys.platform.startswith("win"):
+            process.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            process.terminate()
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+    except OSError:
+        pass
+    _log(obs.LOG_INFO, "stopped the bridge (status %s)" % process.returncode)
+    return False
+
+
+def _open_status_socket():
+    port = obs.obs_data_get_int(state.settings, "status_port")
+    if state.status_socket is not None and state.status_port == port:
+        return
+    _close_status_socket()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError as exc:
+        listener.close()
+        _log(obs.LOG_WARNING, "cannot listen for status on port %d: %s" % (port, exc.strerror or exc))
+        return
+    listener.setblocking(False)
+    state.status_socket, state.status_port = listener, port
+
+
+def _close_status_socket():
+    if state.status_socket is not None:
+        state.status_socket.close()
+    state.status_socket = state.status_port = None
+
+
+def poll_status():
+    """Timer: read /sd/status messages; the first 'alive' after a start re-sends every value."""
+    prefix = state.table["osc"]["prefix"] if state.table else "/sd"
+    for _ in range(256):  # bounded: at most this many datagrams per tick
+        if state.status_socket is None:
+            return
+        try:
+            data = state.status_socket.recv(65535)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        try:
+            address, args = decode_message(data)
+        except ValueError:
+            continue
+        if address == prefix + "/status/alive" and not state.alive:
+            state.alive = True
+            _log(obs.LOG_INFO, "the bridge is up: sending every parameter")
+            send_all()
+        elif address == prefix + "/status/error" and args:
+            _log(obs.LOG_WARNING, "bridge: %s" % args[0])
+    if state.process is not None and state.process.poll() is not None:
+        _log(obs.LOG_WARNING, "the bridge exited with status %s; see %s" % (state.process.returncode, state.log_path))
+        state.process, state.alive = None, False
+
+
+# ------------------------------------------------------------------ scene changes
+
+
+def on_event(event):
+    if event != obs.OBS_FRONTEND_EVENT_SCENE_CHANGED or state.settings is None:
+        return
+    scene = obs.obs_frontend_get_current_scene()
+    if scene is None:
+        return
+    name = obs.obs_source_get_name(scene)
+    obs.obs_source_release(scene)
+    try:
+        presets = parse_scene_presets(obs.obs_data_get_string(state.settings, "scene_presets"))
+    except ValueError as exc:
+        _log(obs.LOG_WARNING, str(exc))
+        return
+    row = next((row for row in _rows() if row["kind"] == "cue"), None)
+    if name in presets and row is not None:
+        send(row["address"], [presets[name]])
+
+
+# ------------------------------------------------------------------ OBS script functions
+
+
+def script_description():
+    return ("<b>sdbridge</b>: controls the live StreamDiffusion effect over OSC, starts and stops the "
+            "bridge, recalls presets on scene changes. See obs/README.md.")
+
+
+def script_defaults(settings):
+    obs.obs_data_set_default_string(settings, "executable", "sdbridge")
+    obs.obs_data_set_default_string(settings, "host", "127.0.0.1")
+    obs.obs_data_set_default_string(settings, "source", "camera:0")
+    obs.obs_data_set_default_string(settings, "sinks", "virtualcam")
+    state.settings = state.settings or settings
+    if state.table is None and not state.table_error:
+        _reload_table()
+    port = state.table["osc"]["port"] if state.table else 0
+    obs.obs_data_set_default_int(settings, "osc_port", port)
+    obs.obs_data_set_default_int(settings, "status_port", port + 2 if port else 0)
+    for row in _stored_rows() + [row for row in _rows() if row["kind"] == "cue"]:
+        key, default = PREFIX_KEY + row["name"], row.get("default")
+        if row["kind"] == "float":
+            obs.obs_data_set_default_double(settings, key, default if default is not None else row["max"])
+        elif row["kind"] in ("int", "cue"):
+            obs.obs_data_set_default_int(settings, key, default if default is not None else int(row["min"] or 0))
+        elif row["kind"] == "bool":
+            obs.obs_data_set_default_bool(settings, key, bool(default))
+        elif isinstance(default, list):
+            obs.obs_data_set_default_string(settings, key, ",".join(str(v) for v in default))
+        else:
+            obs.obs_data_set_default_string(settings, key, default or "")
+
+
+def script_properties():
+    props = obs.obs_properties_create()
+    obs.obs_properties_add_text(props, "executable", "sdbridge program", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_button(props, "reload", "Reload parameters", _reload_clicked)
+    if state.table_error:
+        obs.obs_properties_add_text(props, "table_error", "Problem: " + state.table_error, obs.OBS_TEXT_INFO)
+    obs.obs_properties_add_text(props, "host", "Bridge host", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_int(props, "osc_port", "OSC port", 1, 65535, 1)
+    obs.obs_properties_add_int(props, "status_port", "Status port", 1, 65535, 1)
+    obs.obs_properties_add_text(props, "source", "Bridge source (--source)", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(props, "sinks", "Bridge sinks (--sink, comma-separated)", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(props, "model", "Model (--model)", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(props, "config", "Config file (--config)", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(props, "extra", "Extra flags", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_button(props, "start", "Start bridge", start_bridge)
+    obs.obs_properties_add_button(props, "stop", "Stop bridge", stop_bridge)
+    obs.obs_properties_add_button(props, "send_all", "Send all parameters", _send_all_clicked)
+    for row in _rows():
+        _add_property(props, row)
+    obs.obs_properties_add_text(props, "scene_presets", "Scene presets (Scene name = number)", obs.OBS_TEXT_MULTILINE)
+    return props
+
+
+def _add_property(props, row):
+    key, label, kind = PREFIX_KEY + row["name"], row["name"].replace("_", " ").capitalize(), row["kind"]
+    if kind == "float":
+        prop = obs.obs_properties_add_float_slider(props, key, label, row["min"], row["max"],
+                                                   (row["max"] - row["min"]) / 1000.0)
+    elif kind in ("int", "cue"):
+        prop = obs.obs_properties_add_int(props, key, label, int(row["min"]), int(min(row["max"], 2**31 - 1)), 1)
+        if kind == "cue":
+            obs.obs_properties_add_button(props, key + "_recall", "Recall " + label.lower(), _recall_callback(row))
+    elif kind == "bool":
+        prop = obs.obs_properties_add_bool(props, key, label)
+    elif kind == "choice":
+        prop = obs.obs_properties_add_list(props, key, label, obs.OBS_COMBO_TYPE_LIST, obs.OBS_COMBO_FORMAT_STRING)
+        for choice in row["choices"]:
+            obs.obs_property_list_add_string(prop, choice, choice)
+    elif kind == "trigger":
+        prop = obs.obs_properties_add_button(props, key, label, _trigger_callback(row))
+    else:  # string, int_list, prompt_blend
+        text_type = obs.OBS_TEXT_MULTILINE if row["name"] in ("prompt", "negative_prompt") else obs.OBS_TEXT_DEFAULT
+        prop = obs.obs_properties_add_text(props, key, label, text_type)
+    obs.obs_property_set_long_description(prop, "%s (%s)" % (row.get("description", ""), row["address"]))
+
+
+def _trigger_callback(row):
+    def clicked(props, prop):
+        send(row["address"], value_arguments(row, None))
+        return False
+    return clicked
+
+
+def _recall_callback(row):
+    def clicked(props, prop):
+        send(row["address"], [obs.obs_data_get_int(state.settings, PREFIX_KEY + row["name"])])
+        return False
+    return clicked
+
+
+def _reload_clicked(props, prop):
+    _reload_table()
+    state.sent = {row["name"]: _setting(row) for row in _stored_rows()}
+    return True  # rebuild the properties view
+
+
+def _send_all_clicked(props, prop):
+    send_all()
+    return False
+
+
+def script_update(settings):
+    """Called by OBS when a property changes: send each parameter whose value changed."""
+    first = state.settings is None or not state.sent
+    state.settings = settings
+    for row in _stored_rows():
+        value = _setting(row, settings)
+        if not first and state.sent.get(row["name"]) != value:
+            send_row(row, value)
+        state.sent[row["name"]] = value
+
+
+def script_load(settings):
+    state.settings = settings
+    if state.table is None:
+        _reload_table()
+    state.sent = {}
+    obs.obs_frontend_add_event_callback(on_event)
+    obs.timer_add(poll_status, STATUS_POLL_MS)
+    _open_status_socket()
+
+
+def script_unload():
+    obs.timer_remove(poll_status)
+    stop_bridge()
+    _close_status_socket()
+    if state.socket is not None:
+        state.socket.close()
+        state.socket = None

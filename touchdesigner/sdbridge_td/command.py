@@ -1,0 +1,96 @@
+"""The `sdbridge run` command line for the component's settings.
+
+    options = BridgeOptions(transport="spout", osc_port=table.osc_port, status_port=table.osc_port + 2)
+    argv = build_command(options)     # ['sdbridge', 'run', '--source', 'spout:sdbridge-in', ...]
+
+Video goes TouchDesigner -> bridge on `input_name` and back on `output_name`: Spout on Windows,
+NDI anywhere (the bridge has no Syphon yet, so macOS uses NDI, also on one machine).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+
+TRANSPORTS = ("spout", "ndi")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeOptions:
+    """What the component's Bridge page holds; validated on construction."""
+
+    executable: str = "sdbridge"  # the sdbridge program (a path when it is not on PATH)
+    transport: str = "spout"  # spout (Windows) or ndi
+    input_name: str = "sdbridge-in"  # sender TouchDesigner publishes and the bridge reads
+    output_name: str = "sdbridge-out"  # sender the bridge publishes and TouchDesigner reads
+    model: str = ""  # --model ('' leaves the bridge's default / config file)
+    width: int = 512
+    height: int = 512
+    prompt: str = ""  # --prompt for the first frames, before OSC arrives
+    osc_port: int  # --osc-port: where the component sends parameters (the table's default port)
+    osc_bind: str = "127.0.0.1"  # --osc-bind: 0.0.0.0 when TouchDesigner runs on another machine
+    status_host: str = "127.0.0.1"  # where the bridge sends /sd/status (this machine, seen from the bridge)
+    status_port: int  # --status-target port: the component's OSC In DAT
+    config: str = ""  # --config show.toml (presets, anything else)
+    extra: str = ""  # more flags, split like a shell would
+    platform: str = sys.platform
+
+    def __post_init__(self) -> None:
+        if not self.executable.strip():
+            raise ValueError("executable: give the path of the sdbridge program")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: {self.transport!r} must be one of {', '.join(TRANSPORTS)}"
+                             + ("; Syphon is not supported by the bridge yet, use ndi" if self.transport == "syphon" else ""))
+        if self.transport == "spout" and not self.platform.startswith("win"):
+            raise ValueError("transport: spout exists only on Windows; use ndi here")
+        for field in ("input_name", "output_name"):
+            if not getattr(self, field).strip():
+                raise ValueError(f"{field}: give a sender name")
+        if self.input_name == self.output_name:
+            raise ValueError(f"output_name: {self.output_name!r} must differ from input_name")
+        for field in ("width", "height"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 64 or value % 8:
+                raise ValueError(f"{field}: {value!r} must be a multiple of 8, at least 64")
+        for field in ("osc_port", "status_port"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or not 1 <= value <= 65535:
+                raise ValueError(f"{field}: {value!r} must be a port number in 1..65535")
+        if self.osc_port == self.status_port:
+            raise ValueError(f"status_port: {self.status_port} must differ from osc_port")
+        try:
+            shlex.split(self.extra)
+        except ValueError as exc:
+            raise ValueError(f"extra: {exc}") from None
+
+
+def source_spec(options: BridgeOptions) -> str:
+    return f"{options.transport}:{options.input_name}"
+
+
+def sink_spec(options: BridgeOptions) -> str:
+    return f"{options.transport}:{options.output_name}"
+
+
+def build_command(options: BridgeOptions) -> list[str]:
+    """argv for subprocess (no shell): executable, 'run', flags."""
+    argv = [options.executable, "run", "--source", source_spec(options), "--sink", sink_spec(options),
+            "--width", str(options.width), "--height", str(options.height),
+            "--osc-port", str(options.osc_port), "--osc-bind", options.osc_bind,
+            "--status-target", f"{options.status_host}:{options.status_port}"]
+    if options.model.strip():
+        argv += ["--model", options.model.strip()]
+    if options.prompt.strip():
+        argv += ["--prompt", options.prompt]
+    if options.config.strip():
+        argv += ["--config", options.config.strip()]
+    return argv + shlex.split(options.extra)
+
+
+def command_text(argv: list[str], *, platform: str = sys.platform) -> str:
+    """The command as one line to paste into a terminal (the GPU machine's, for NDI setups)."""
+    if platform.startswith("win"):
+        import subprocess
+        return subprocess.list2cmdline(argv)
+    return shlex.join(argv)
