@@ -18,6 +18,8 @@ from .transports import TransportUnavailable, open_sink, open_source
 
 log = logging.getLogger("bridge")
 
+# SIGBREAK: Windows' CTRL_BREAK_EVENT, how a supervisor (the TouchDesigner extension) stops us there
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
 STATUS_SECONDS = 1.0  # status line refresh on a terminal
 PLAIN_STATUS_SECONDS = 10.0  # and when stderr is a file or pipe
 
@@ -44,7 +46,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
