@@ -14,7 +14,7 @@ import sys
 from .errors import UserError
 
 # subcommand modules, in the order `--help` lists them
-COMMAND_MODULES = ("bridge.commands.run", "bridge.commands.demo", "bridge.commands.devices", "bridge.commands.bench",
+COMMAND_MODULES = ("bridge.commands.run", "bridge.commands.demo", "bridge.commands.devices", "bridge.commands.bench", "bridge.commands.build_engines",
                    "bridge.commands.params")
 
 

@@ -1,0 +1,61 @@
+"""`sdbridge build-engines`: TensorRT engines built ahead of the show, into a cache folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build-engines", help="export ONNX and build TensorRT engines ahead of the show",
+        description="Export the UNet and the VAE to ONNX and build one TensorRT engine per resolution and batch "
+        "the stream needs, into --cache (keyed by model, resolution, batch, precision, TensorRT version and GPU). "
+        "The tensorrt backend that runs them is not built yet; --onnx-only works anywhere.",
+    )
+    parser.add_argument("--model", required=True, help="hub id, folder, .safetensors file or random:tiny|sd15|sd-turbo")
+    parser.add_argument("--width", type=int, action="append", help="width(s) to build for (default 512)")
+    parser.add_argument("--height", type=int, action="append", help="height(s), one per --width (default 512)")
+    parser.add_argument("--t-index-list", dest="t_index_list", default="32,45", help="denoising steps (sets the batch)")
+    parser.add_argument("--cfg", default="self", choices=("none", "full", "self", "initialize"))
+    parser.add_argument("--frame-buffer-size", type=int, default=1)
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32", "bf16"))
+    parser.add_argument("--cache", type=Path, default=Path("engines"), help="engine cache folder (default ./engines)")
+    parser.add_argument("--onnx-only", action="store_true", help="only export ONNX (no TensorRT needed)")
+    parser.add_argument("--force", action="store_true", help="rebuild engines the cache already holds")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from pipeline import StreamConfig, load_components, random_components
+    from pipeline.backends.engine_cache import EngineCache
+    from pipeline.backends.tensorrt_build import TensorRTUnavailable, build_engines, tensorrt_identity
+
+    widths, heights = args.width or [512], args.height or [512]
+    if len(widths) != len(heights):
+        raise UserError(f"--width and --height: give one height per width (got {len(widths)} and {len(heights)})")
+    device, dtype = ("cpu", "float32") if args.onnx_only else ("cuda", args.precision.replace("fp", "float"))
+    try:
+        if not args.onnx_only:
+            tensorrt_identity()  # before loading anything: TensorRT and a GPU are there
+        configs = [StreamConfig(width=w, height=h, device=device, dtype=dtype, cfg_type=args.cfg,
+                                t_index_list=tuple(int(i) for i in args.t_index_list.split(",")),
+                                frame_buffer_size=args.frame_buffer_size) for w, h in zip(widths, heights)]
+        if args.model.startswith("random:"):
+            components = random_components(args.model[len("random:"):], dtype=configs[0].dtype, device=configs[0].device)
+        else:
+            components = load_components(args.model, dtype=configs[0].dtype, device=configs[0].device)
+        cache = EngineCache(args.cache, rebuild_hint=f"sdbridge build-engines --model {args.model} --cache {args.cache}")
+        built = []
+        for config in configs:
+            built += build_engines(components, config, cache, work_folder=args.cache / "onnx", precision=args.precision,
+                                   onnx_only=args.onnx_only, force=args.force)
+    except TensorRTUnavailable as exc:
+        raise UserError(f"{exc} (--onnx-only exports the ONNX files without it)") from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for path in built:
+        print(path)
+    return 0
