@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import resource
 import time
@@ -36,6 +37,13 @@ class BenchSettings:
     similarity_filter: bool = False  # the filter on (synthetic frames all differ, so it never skips)
     kv_cache: bool = True  # cross-attention K/V precomputed per prompt
     time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def device_name(device: torch.device) -> str:
@@ -124,6 +132,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
                  "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
                  settings.warmup, settings.frames)
+        load_before = _load_average()
         times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
                            time_limit=settings.time_limit)
         peak, peak_kind = _peak_memory_gib(base.device)
@@ -139,6 +148,8 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
             "peak_mem_gib": peak,
             "peak_mem_kind": peak_kind,
             "frames_skipped": engine.stats.frames_skipped,
+            "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work on the host
+            "host_cpus": os.cpu_count(),
         })
         if runtime and batched:
             from .runtime_bench import measure_runtime_overhead
