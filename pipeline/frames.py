@@ -3,7 +3,9 @@
 Accepted (leading batch dimension B = frame_buffer_size when it is > 1, optional when it is 1):
 - numpy uint8 (H, W, C), RGB; C = 4 drops alpha, C = 1 is grey repeated to RGB;
 - torch uint8 (H, W, C) on any device, the same channel rules;
-- torch float (C, H, W) in [0, 1] (values outside are clamped), float32/float16/bfloat16.
+- torch float (C, H, W) in [0, 1] (values outside are clamped), float32/float16/bfloat16;
+- any other tensor with `__dlpack__` (CuPy, JAX, ...), taken zero-copy on its device; it comes
+  back as a torch tensor on that device (which speaks DLPack too).
 Any size: frames are resized (bilinear, antialiased) to the engine's width x height.
 Output is the same kind, on the same device, at the engine's size, with 3 channels (RGB).
 """
@@ -32,6 +34,17 @@ def _describe(frame) -> str:
     return f"{type(frame).__module__}.{type(frame).__name__} {getattr(frame, 'dtype', '')} {tuple(getattr(frame, 'shape', ()))}"
 
 
+def as_tensor(frame):
+    """A tensor from another library (CuPy, JAX, ...) through DLPack, zero-copy and on its own
+    device; numpy arrays and torch tensors are returned as they are."""
+    if isinstance(frame, (np.ndarray, torch.Tensor)) or not hasattr(frame, "__dlpack__"):
+        return frame
+    try:
+        return torch.from_dlpack(frame)
+    except (RuntimeError, TypeError, BufferError) as exc:
+        raise ValueError(f"frame: {_describe(frame)} could not be shared through DLPack ({exc})") from None
+
+
 def frame_kind(frame, frame_buffer_size: int) -> FrameKind:
     """Classify a frame or raise ValueError naming what is wrong with it."""
     if isinstance(frame, np.ndarray):
@@ -47,7 +60,7 @@ def frame_kind(frame, frame_buffer_size: int) -> FrameKind:
             raise ValueError(f"frame: tensors must be uint8 (H, W, C) or float (C, H, W); got {_describe(frame)}")
         library, dtype, device = "torch", frame.dtype, frame.device
     else:
-        raise ValueError(f"frame: expected a numpy array or torch tensor; got {_describe(frame)}")
+        raise ValueError(f"frame: expected a numpy array, a torch tensor or a DLPack tensor; got {_describe(frame)}")
     if frame.ndim == 3 and frame_buffer_size == 1:
         batched = False
     elif frame.ndim == 4 and frame.shape[0] == frame_buffer_size:

@@ -14,7 +14,7 @@ import torch
 
 from .backends import make_backend
 from .config import StreamConfig, t_index_list_from_strength
-from .frames import FrameKind, frame_kind, from_model_output, to_model_input
+from .frames import FrameKind, as_tensor, frame_kind, from_model_output, to_model_input
 from .guidance import RULES, combine, next_stock_noise
 from .models import Components
 from .prompts import PromptEncoder, blend_embeddings
@@ -212,6 +212,7 @@ class StreamDiffusion:
         """img2img: one frame (or a batch of frame_buffer_size frames) in, the same kind out."""
         if self.config.mode != "img2img":
             raise ValueError("mode: this stream is 'txt2img'; call txt2img() (it takes no input frame)")
+        frame = as_tensor(frame)
         kind = frame_kind(frame, self.config.frame_buffer_size)
         config = self.config
         # 1. upload, resize and normalise on the device

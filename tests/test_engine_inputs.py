@@ -62,7 +62,7 @@ def test_single_frame_may_carry_a_batch_dimension_of_one(engine):
         (torch.zeros((SIZE, SIZE, 3), dtype=torch.int32), "uint8 .* or float"),
         (torch.zeros((2, SIZE, SIZE)), "1, 3 or 4 channels"),
         (np.zeros((0, SIZE, 3), np.uint8), "empty frame"),
-        ([[0, 0, 0]], "numpy array or torch tensor"),
+        ([[0, 0, 0]], "numpy array, a torch tensor or a DLPack tensor"),
     ],
 )
 def test_bad_frames_get_a_clear_error(engine, frame, message):
@@ -144,3 +144,24 @@ def test_black_output_of_a_non_black_input_is_replaced(tiny_components):
     engine.backend.decode = _BlackOn(engine.backend.decode.decode_fn, bad_calls={1})
     assert engine(torch.zeros(3, SIZE, SIZE)).amax() == 0.0
     assert engine.stats.black_caught == 2
+
+
+class _ForeignTensor:
+    """A tensor from another library, seen only through the DLPack protocol."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __dlpack__(self, **kwargs):
+        return self._tensor.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._tensor.__dlpack_device__()
+
+
+def test_dlpack_frames_go_in_without_a_copy_and_come_back_as_tensors(engine):
+    pixels = torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8)
+    out = engine(_ForeignTensor(pixels))
+    assert isinstance(out, torch.Tensor) and out.shape == (SIZE, SIZE, 3) and out.device == pixels.device
+    assert torch.equal(out, engine(pixels))  # the same frame as the tensor itself gives
+    assert torch.from_dlpack(_ForeignTensor(pixels)).data_ptr() == pixels.data_ptr()  # shared, not copied
