@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from .errors import UserError
 
@@ -45,15 +47,31 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+class StopRequested(BaseException):
+    """SIGTERM (or Windows' SIGBREAK) before `sdbridge run` installed its own handlers."""
+
+
+def _stop_early(signum, _frame) -> None:
+    raise StopRequested(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose, args.quiet)
+    # A stop request is a normal way to end: exit 0 even if it comes while Python is still importing.
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _stop_early)
     try:
-        return int(args.handler(args) or 0)
-    except UserError as exc:
-        print(f"sdbridge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        configure_logging(args.verbose, args.quiet)
+        try:
+            return int(args.handler(args) or 0)
+        except UserError as exc:
+            print(f"sdbridge {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    except StopRequested:
+        return 0
     except KeyboardInterrupt:
         return 130
 

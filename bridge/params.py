@@ -29,6 +29,8 @@ PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_metho
 # Setting one of a group replaces any pending value of the others (they describe the same thing).
 EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"})
 
+CLOSE_SECONDS = 0.5  # how long close() waits for a prompt encode in progress (shutdown stays under 3 s)
+
 Listener = Callable[[str, Any, "str | None"], None]
 
 
@@ -159,6 +161,20 @@ class ParameterStore:
             listeners = list(self._listeners)
         self._notify(listeners, name, value, reason)
 
+    def report_restored(self, values: dict[str, Any], reason: str) -> None:
+        """The engine was put back to `values` (a rollback after failed frames): the applied values
+        they replace (and their exclusive partners, e.g. strength for t_index_list) are reported
+        rejected with `reason`, then `values` applied."""
+        before = self.applied
+        self.report_applied({name: value for name, value in values.items() if name in PARAMETERS})
+        for name, value in values.items():
+            related = next((group for group in EXCLUSIVE if name in group), {name})
+            for other in sorted(related):
+                if other in before and (other != name or before[other] != value):
+                    self.report_rejected(other, before[other], reason)
+                    if other != name:
+                        self.forget(other)
+
     def forget(self, name: str) -> None:
         """Drop `name` from the applied values (a blend replaced the plain prompt, or back)."""
         with self._lock:
@@ -239,7 +255,7 @@ class _PromptWorker:
         with self._condition:
             self._closed = True
             self._condition.notify()
-        self._thread.join(timeout=2.0)
+        self._thread.join(timeout=CLOSE_SECONDS)  # a daemon thread: an encode in progress is not waited for
 
 
 def apply_pending(store: ParameterStore, engine) -> None:
@@ -254,9 +270,11 @@ def apply_pending(store: ParameterStore, engine) -> None:
         _apply_prompts(store, engine, prompts)
     if not changes:
         return
+    before = getattr(engine, "config", None)
     try:
         engine.update(**changes)
     except (ValueError, TypeError) as exc:
+        _restore(engine, before)
         if len(changes) == 1:
             name, value = next(iter(changes.items()))
             store.report_rejected(name, value, str(exc))
@@ -264,20 +282,36 @@ def apply_pending(store: ParameterStore, engine) -> None:
         for name, value in changes.items():
             _apply_one(store, engine, name, value)
         return
-    except Exception as exc:  # the engine's own bug: report, keep running
+    except Exception as exc:  # the engine's own failure (a bug, out of memory): undo, report, keep running
+        restored = _restore(engine, before)
         for name, value in changes.items():
-            store.report_rejected(name, value, f"{type(exc).__name__}: {exc}")
+            store.report_rejected(name, value, f"{type(exc).__name__}: {exc}{restored}")
         return
     store.report_applied(changes)
 
 
 def _apply_one(store: ParameterStore, engine, name: str, value: Any) -> None:
+    before = getattr(engine, "config", None)
     try:
         engine.update(**{name: value})
     except Exception as exc:
-        store.report_rejected(name, value, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+        restored = _restore(engine, before)
+        store.report_rejected(name, value, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}{restored}")
     else:
         store.report_applied({name: value})
+
+
+def _restore(engine, before) -> str:
+    """After a failed update: put back the configuration the engine had (an update that failed
+    half-way may have changed part of it); a note for the rejection message."""
+    from .recovery import describe, restore_config
+
+    try:
+        restored = restore_config(engine, before)
+    except Exception as exc:
+        log.error("restoring the engine's settings after a failed update failed: %s", describe(exc))
+        return "; restoring the previous settings failed"
+    return "; previous settings restored" if restored else ""
 
 
 def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any]) -> None:

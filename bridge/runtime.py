@@ -8,6 +8,12 @@
 The engine is anything with `engine(rgb_pixels) -> rgb_pixels` of its `config.width` x
 `config.height`, plus `update(**values)` and `set_prompt(prompt, negative_prompt=...)` for the
 parameter store; `stats` (frames_skipped, nonfinite_caught) is read when present.
+
+Faults never stop the output: a lost source is reopened (backoff 0.1 s doubling to 0.5 s, so a
+source that comes back is picked up within a second) while the sinks get the fallback; a step
+that raises costs that frame, is counted in bad_frames and becomes telemetry's last_error (sent
+as /sd/status/error); repeated failures roll the engine back to its last working settings
+(bridge.recovery).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class RuntimeConfig:
     fallback: str = "last"  # what sinks get while no new frame comes: "last" frame, "black", or "raw" input
     stall_seconds: float = 0.5  # this long without a new output frame is a stall (the fallback applies)
     reconnect_initial_seconds: float = 0.1  # first wait before reopening a lost source (then doubled)
-    reconnect_max_seconds: float = 2.0  # the longest wait between reconnection attempts
+    reconnect_max_seconds: float = 0.5  # the longest wait between reconnection attempts (a source that
+    # comes back is picked up within this plus its opening time: under 1 s for the show-safety promise)
     max_frames: int | None = None  # finish after the engine returned this many frames (None: no limit)
     duration: float | None = None  # finish after this many seconds (None: until stopped)
 
@@ -98,10 +105,16 @@ class Runtime:
             telemetry=self.telemetry, config=config,
         )
         self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
+        self.params.add_listener(self._heard)
         self._threads: list[threading.Thread] = []
         self._started_at: float | None = None
         self._stop_lock = threading.Lock()
         self._stopped = False
+
+    def _heard(self, name: str, value, error: str | None) -> None:
+        """Parameter listener: a refused or failed change is the latest error for status out."""
+        if error is not None:
+            self.telemetry.error(f"parameter {name}={value!r} refused: {error}")
 
     def start(self) -> None:
         """Open the source (its errors reach the caller) and start the three threads."""

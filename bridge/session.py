@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from .errors import UserError
 from .params import ParameterStore
 from .runtime import Runtime, RuntimeConfig
@@ -62,8 +64,6 @@ def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
     device or a port in use is reported at once; OSC values that arrive while the model loads
     are applied on the first frame.
     """
-    from .engine import build_engine
-
     with StopSignals() as signals:
         sinks, first_source, plane = [], None, None
         store = ParameterStore()
@@ -72,7 +72,8 @@ def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
             config = _stream_config(settings)
             sinks, first_source = _open_transports(settings, config.width, config.height)
             plane = _start_control(settings, store, live)
-            engine = build_engine(settings, config)
+            engine = _build_engine(settings, config)
+            _first_frame(engine, first_source)
             gc.collect()
             gc.freeze()  # the model's objects never need collecting: shorter pauses of every thread
             store.attach_prompt_encoder(engine.prepare_prompt)
@@ -122,6 +123,40 @@ def _start_control(settings: RunSettings, store: ParameterStore, live: dict):
     plane = ControlPlane(store=store, settings=settings.control_settings(), telemetry=telemetry,
                          on_pause=action("pause"), on_resume=action("resume"), presets=settings.presets)
     return plane.start()
+
+
+def _build_engine(settings: RunSettings, config):
+    """build_engine, with any failure as one UserError line (the traceback goes to the debug log):
+    a device that is not there, out of memory while loading, a corrupt file."""
+    from .engine import build_engine
+    from .recovery import describe
+
+    try:
+        return build_engine(settings, config)
+    except (UserError, Interrupted):
+        raise
+    except Exception as exc:
+        log.debug("building the engine failed", exc_info=True)
+        raise UserError(f"model: cannot build the engine for {settings.model!r} on {config.device}: {describe(exc)}") from None
+
+
+def _first_frame(engine, source) -> None:
+    """Run one frame (the source's size, or VGA) before going live, then forget it: a device, dtype
+    or size the engine cannot run fails here as one line instead of as every frame of the show."""
+    from .recovery import describe
+
+    config = engine.config
+    source_format = getattr(source, "format", None)
+    width, height = (source_format.width, source_format.height) if source_format is not None else (640, 480)
+    try:
+        if getattr(config, "mode", "img2img") == "txt2img":
+            engine.txt2img()
+        else:
+            engine(np.full((height, width, 3), 128, np.uint8))
+    except Exception as exc:
+        log.debug("the first frame failed", exc_info=True)
+        raise UserError(f"engine: the first frame failed on {config.device} ({config.dtype}): {describe(exc)}") from None
+    engine.reset()
 
 
 def _stream_config(settings: RunSettings):

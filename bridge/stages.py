@@ -18,6 +18,7 @@ import numpy as np
 
 from .frames import Frame, FrameFormat, convert, swizzle
 from .params import ParameterStore, apply_pending
+from .recovery import EngineGuard, describe
 from .slots import LatestSlot
 from .telemetry import Telemetry
 from .transports.base import Sink, Source, SourceEnded, SourceLost
@@ -84,13 +85,19 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 level = logging.WARNING if isinstance(exc, SourceLost) else logging.ERROR
                 log.log(level, "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
                 telemetry.count("source_lost")
+                telemetry.error(f"source lost: {describe(exc)}")
                 telemetry.state = "source lost"
                 _close_quietly(source)
                 source, backoff = None, config.reconnect_initial_seconds
                 continue
             if frame is not None:
-                if frame.pixel_format != "RGB":
-                    frame = Frame(swizzle(frame.pixels, frame.pixel_format, "RGB"), "RGB", frame.timestamp, frame.sequence)
+                try:
+                    if frame.pixel_format != "RGB":
+                        frame = Frame(swizzle(frame.pixels, frame.pixel_format, "RGB"), "RGB", frame.timestamp, frame.sequence)
+                except Exception as exc:  # a transport's malformed frame: skip it, keep reading
+                    telemetry.error(f"source: unusable frame: {describe(exc)}")
+                    warn.warning("source gave an unusable frame: %s", describe(exc))
+                    continue
                 telemetry.frame_in()
                 shared.input_slot.put(frame)
     finally:
@@ -138,15 +145,20 @@ class Origins:
 
 
 def inference_loop(shared: Shared) -> None:
-    """Run the engine on the newest input frame, applying parameter changes between frames."""
+    """Run the engine on the newest input frame, applying parameter changes between frames.
+    A failing frame is dropped and reported; repeated failures roll the engine back (see recovery)."""
     engine, telemetry, config = shared.engine, shared.telemetry, shared.config
-    warn = _RateLimitedLog()
+    guard = EngineGuard(engine=engine, telemetry=telemetry, params=shared.params)
     txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
     expected_shape = (shared.engine_format.height, shared.engine_format.width, 3)
     origins = Origins(engine)
     processed = skipped_so_far = 0
     while not shared.stop.is_set():
-        apply_pending(shared.params, engine)  # 1. parameters, between frames
+        try:  # 1. parameters, between frames
+            apply_pending(shared.params, engine)
+        except Exception as exc:  # never expected (apply_pending reports its own failures): keep running
+            telemetry.error(f"parameters: {describe(exc)}")
+            log.exception("applying parameters failed")
         if shared.paused.is_set():  # paused: inputs are dropped, the output holds its last frame
             if telemetry.state == "running":
                 telemetry.state = "paused"
@@ -165,20 +177,20 @@ def inference_loop(shared: Shared) -> None:
         started = time.perf_counter()
         try:  # 3. the engine
             pixels = engine.txt2img() if txt2img else engine(frame.pixels)
-        except Exception as exc:
-            telemetry.count("bad_frames")
-            warn.warning("engine failed on a frame: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:  # torch.OutOfMemoryError included: this frame only
+            guard.failed("step failed", exc)
             continue
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         if not isinstance(pixels, np.ndarray) or pixels.shape != expected_shape or pixels.dtype != np.uint8:
-            telemetry.count("bad_frames")
-            warn.warning("engine returned %s, expected uint8 %s", getattr(pixels, "shape", type(pixels)), expected_shape)
+            guard.failed(f"returned {getattr(pixels, 'shape', type(pixels).__name__)}, expected uint8 {expected_shape}")
             continue
         telemetry.frame_processed(elapsed_ms)  # 4. figures (one read of the engine's counters), then hand over
         stats = getattr(engine, "stats", None)
         skipped = getattr(stats, "frames_skipped", 0)
         if stats is not None:
             telemetry.engine_stats(skipped, getattr(stats, "bad_caught", getattr(stats, "nonfinite_caught", 0)))
+        if skipped == skipped_so_far:  # a frame the similarity filter skipped proves no configuration
+            guard.good_frame()
         origin = origins.origin(frame, skipped=skipped > skipped_so_far)
         skipped_so_far = skipped
         shared.output_slot.put(Frame(pixels, "RGB", origin.timestamp, origin.sequence))
@@ -214,19 +226,29 @@ class OutputLoop:
             while not shared.stop.is_set():
                 if shared.inference_done.is_set() and not shared.output_slot.pending:
                     break
-                repeat_at = self.last_send_time + self.period
-                frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - time.monotonic())))
-                if frame is not None:
-                    self._wait_for_token()
-                    self.last_frame, self.last_fresh_time = frame, time.monotonic()
-                    if shared.telemetry.state == "stalled":
-                        shared.telemetry.state = "running"
-                    self._publish(frame, fresh=True)
-                elif time.monotonic() >= repeat_at:
-                    self._wait_for_token()
-                    self._publish(self._repeat_frame(), fresh=False)
+                try:
+                    self._step()
+                except Exception as exc:  # a bug here must not end the output: report, go on
+                    shared.telemetry.error(f"output: {describe(exc)}")
+                    self._warn.warning("output step failed: %s", describe(exc))
+                    shared.stop.wait(self.period / 4)
         finally:
             shared.finished.set()
+
+    def _step(self) -> None:
+        """Send the new frame when one comes within the frame period, else repeat one."""
+        shared = self.shared
+        repeat_at = self.last_send_time + self.period
+        frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - time.monotonic())))
+        if frame is not None:
+            self._wait_for_token()
+            self.last_frame, self.last_fresh_time = frame, time.monotonic()
+            if shared.telemetry.state == "stalled":
+                shared.telemetry.state = "running"
+            self._publish(frame, fresh=True)
+        elif time.monotonic() >= repeat_at:
+            self._wait_for_token()
+            self._publish(self._repeat_frame(), fresh=False)
 
     def _wait_for_token(self) -> None:
         """Take one send from the bucket, waiting (interruptibly) until there is one."""

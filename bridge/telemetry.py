@@ -19,6 +19,7 @@ COUNTERS = (
     "source_lost",  # times the source went away
     "sink_errors",  # sends that raised
     "fallback_frames",  # frames sent from the fallback (stalled source or engine)
+    "rollbacks",  # times the engine was put back to the last configuration that produced a good frame
 )
 
 
@@ -42,11 +43,19 @@ class Telemetry:
         self._latency_ms: deque[float] = deque(maxlen=SAMPLES)
         self._engine_stats: dict[str, int] = {}
         self._slots: list = []  # hand-off slots whose overwritten values count as dropped frames
+        self._last_error: str | None = None  # the latest fault, one line (status out sends it)
+        self._last_error_time: float | None = None
         self.state = "starting"  # "starting", "running", "source lost", "stopping", "stopped"
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._counters[name] += amount
+
+    def error(self, text: str) -> None:
+        """Record the latest fault (engine step, update, prompt, source): one line for status out."""
+        line = " ".join(str(text).split())[:512]
+        with self._lock:
+            self._last_error, self._last_error_time = line, self._clock()
 
     def watch_slots(self, slots) -> None:
         """Count values replaced in these LatestSlots before being taken as dropped frames."""
@@ -101,6 +110,7 @@ class Telemetry:
             inference = list(self._inference_ms)
             latency = list(self._latency_ms)
             rates = {name: self._rate(name, now) for name in self._arrivals}
+            last_error, last_error_time = self._last_error, self._last_error_time
         return {
             "state": self.state,
             "input_fps": rates["in"],
@@ -111,6 +121,8 @@ class Telemetry:
             "latency_ms_median": _percentile(latency, 0.5),
             "latency_ms_p95": _percentile(latency, 0.95),
             **counters,
+            "last_error": last_error,
+            "last_error_age": None if last_error_time is None else now - last_error_time,
         }
 
 

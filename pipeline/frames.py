@@ -97,7 +97,9 @@ def to_model_input(
     elif channels == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.shape[-2:] != (height, width):
-        tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        work = tensor.float() if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" else tensor
+        tensor = F.interpolate(work, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        tensor = tensor.to(dtype)  # (antialiased resize has no bfloat16 CPU kernel: done in float32 there)
     return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
 
 

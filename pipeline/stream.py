@@ -193,7 +193,12 @@ class StreamDiffusion:
             )
         new_config = self.config.replace(**params)
         previous, self.config = self.config, new_config
-        self._configure(new_config, previous)
+        try:
+            self._configure(new_config, previous)
+        except BaseException:  # all or nothing: derive everything from the previous settings again
+            self.config = previous
+            self._configure(previous, new_config)
+            raise
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -360,7 +365,8 @@ def output_faults(output: torch.Tensor, source: torch.Tensor | None) -> torch.Te
     low, high = torch.aminmax(output)
     finite = torch.isfinite(low) & torch.isfinite(high)
     black = finite & (high <= BLACK_LEVEL)
-    if source is not None:
+    # on the CPU, look at the source only when the output is black; on a GPU, don't branch (no sync)
+    if source is not None and (output.device.type != "cpu" or bool(black)):
         black = black & (source.amax() > BLACK_LEVEL)
     return torch.stack([~finite, black]).to(torch.int64)
 

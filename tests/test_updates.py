@@ -107,3 +107,21 @@ def test_prompt_cache_makes_switching_back_free(tiny_components):
     finally:
         handle.remove()
     assert len(calls) == 2  # "" was encoded at construction; each new prompt once
+
+
+def test_an_update_that_fails_changes_nothing(tiny_components):
+    engine = _build(tiny_components, "self", {}, {})
+    engine(torch.rand(3, SIZE, SIZE))
+    config, noise = engine.config, engine._noise.clone()
+    make_noise = engine._make_noise
+
+    def failing(new_config):
+        if new_config.seed == 99:
+            raise torch.OutOfMemoryError("out of memory while making noise")
+        return make_noise(new_config)
+
+    engine._make_noise = failing
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.update(seed=99, guidance_scale=2.0)
+    assert engine.config == config and torch.equal(engine._noise, noise)
+    engine(torch.rand(3, SIZE, SIZE))  # and the stream goes on
