@@ -31,8 +31,15 @@ else:  # pragma: no cover
 
 from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
 from .control.table import check_presets
+from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
 from .transports import parse_spec
+
+
+RANDOM_PREFIX = "random:"
+RANDOM_ARCHS = ("tiny", "sd15", "sd-turbo")  # pipeline.ARCHS (kept here: reading settings must not import torch)
+MAX_SIZE = 4096  # width and height: far above what runs live; a typo's 1048576 is refused, not allocated
+MAX_FPS = 1000.0  # the runtime's limit
 
 
 @dataclass(frozen=True)
@@ -99,14 +106,23 @@ class RunSettings:
             raise ValueError("sink: none given; add --sink (virtualcam, spout:NAME, ndi:NAME, file:out.mp4 or null)")
         for sink in self.sink:
             parse_spec(sink, role="sink")
-        if not self.model:
-            raise ValueError("model: empty; give a hub id, a folder, a file or random:tiny")
+        if not self.model.strip():
+            raise ValueError(f"model: {self.model!r} is empty; give a hub id, a folder, a file or random:tiny")
+        if self.model.startswith(RANDOM_PREFIX) and self.model[len(RANDOM_PREFIX):] not in RANDOM_ARCHS:
+            raise ValueError(f"model: {self.model!r} is not a random-weight architecture; one of "
+                             f"{', '.join(RANDOM_PREFIX + arch for arch in RANDOM_ARCHS)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_SIZE:
+                raise ValueError(f"{name}: {value!r} must be a positive multiple of 8 up to {MAX_SIZE}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: {self.fallback!r} must be one of {', '.join(FALLBACKS)}")
         for name in ("fps", "duration"):
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ValueError(f"{name}: {value!r} must be a positive number")
+        if self.fps > MAX_FPS:
+            raise ValueError(f"fps: {self.fps!r} must be at most {MAX_FPS:g}")
         for name in ("frames", "steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -145,13 +161,35 @@ def _check_type(name: str, value, annotation: str) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif annotation.startswith("dict"):
         ok = isinstance(value, dict)
+    elif annotation.startswith("tuple[int"):
+        ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     elif annotation.startswith("tuple"):
-        ok = isinstance(value, tuple) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     else:
         ok = isinstance(value, str)
     if not ok:
         expected = annotation.split(" ")[0].split("[")[0]
-        raise ValueError(f"{name}: {value!r} is not a valid {expected}")
+        if annotation.startswith("tuple"):
+            expected = "list of " + ("integers" if annotation.startswith("tuple[int") else "strings")
+        shown = list(value) if isinstance(value, tuple) else value  # as written in the file
+        raise ValueError(f"{name}: {shown!r} is not a valid {expected}")
+
+
+def check_presets_fit(presets: dict | None, config) -> None:
+    """Each preset's engine values applied to the run's StreamConfig, as the engine will apply
+    them between frames: a preset the engine would refuse (a t_index_list outside the schedule)
+    is an error at start, naming cue, field and value, not a refusal in the middle of a show."""
+    from pipeline import t_index_list_from_strength
+
+    for cue, values in (presets or {}).items():
+        changes = {name: value for name, value in values.items() if name not in PROMPT_NAMES}
+        try:
+            if "strength" in changes:
+                changes["t_index_list"] = t_index_list_from_strength(
+                    changes.pop("strength"), config.denoising_steps, config.num_inference_steps)
+            config.replace(**changes)
+        except ValueError as exc:
+            raise ValueError(f"presets.{cue}.{exc}") from None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSettings))
@@ -164,6 +202,10 @@ def read_config_file(path: str) -> dict:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ValueError(f"config: file not found: {path}") from None
+    except OSError as exc:  # a folder, no permission
+        raise ValueError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config: {path} is not valid TOML: {exc}") from None
     values = {}

@@ -82,10 +82,24 @@ def settings_from_args(args: argparse.Namespace, **defaults):
         raise UserError(str(exc)) from None
 
 
+def check_presets_against_engine(settings) -> None:
+    """The config file's presets against the run's engine settings, before anything opens."""
+    from ..engine import stream_config
+    from ..settings import check_presets_fit
+
+    if not settings.presets:
+        return
+    try:
+        check_presets_fit(settings.presets, stream_config(settings))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def handle(args: argparse.Namespace) -> int:
     from ..session import format_summary, run_session
 
     settings = settings_from_args(args)
+    check_presets_against_engine(settings)
     summary = run_session(settings)
     if summary.get("state") != "interrupted":
         print(format_summary(summary))

@@ -18,6 +18,8 @@ writing their values into the store.
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,8 +61,9 @@ class ControlSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ValueError(f"{name}: {value!r} must be a port number in 0..65535")
-        if not isinstance(self.osc_bind, str) or not self.osc_bind:
-            raise ValueError(f"osc_bind: {self.osc_bind!r} must be an interface address")
+        if not _is_bind_address(self.osc_bind):
+            raise ValueError(f"osc_bind: {self.osc_bind!r} must be an IP address of this machine "
+                             "(127.0.0.1: this machine only; 0.0.0.0: every interface) or localhost")
         if isinstance(self.osc_allow, str):
             object.__setattr__(self, "osc_allow", (self.osc_allow,))
         parse_allow(self.osc_allow)
@@ -97,6 +100,19 @@ class ControlSettings:
             oscquery=query_port != "off", oscquery_port=None if query_port in (None, "off") else int(query_port),
             zeroconf=given("zeroconf", False),
         )
+
+
+def _is_bind_address(text) -> bool:
+    """An IP address literal, or localhost: never a name resolved through DNS at start."""
+    if not isinstance(text, str) or not text:
+        return False
+    if text == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _query_port(text: str):
@@ -181,11 +197,17 @@ class ControlPlane:
                  s.status_target or "off")
 
     def _bind(self, field: str, make):
+        bind = self.settings.osc_bind
+        port = self.settings.osc_port if field == "osc_port" else self.settings.resolved_oscquery_port
         try:
             part = make()
         except OSError as exc:
-            raise UserError(f"{field.replace('_', '-')}: cannot listen on {self.settings.osc_bind}: {exc.strerror or exc}; "
-                            f"choose another with --{field.replace('_', '-')}") from None
+            reason = exc.strerror or exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"osc_bind: {bind!r} is not an address of this machine ({reason}); "
+                                "choose another with --osc-bind") from None
+            flag = field.replace("_", "-")
+            raise UserError(f"{flag}: cannot listen on {bind}:{port}: {reason}; choose another with --{flag}") from None
         self._parts.append(part)
         return part
 

@@ -79,6 +79,9 @@ class StatusSender:
         self._snapshot, self._prefix, self._interval = snapshot, prefix, interval
         self._socket = socket.socket(family, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
+        # connected: the kernel picks the local address on the route to the target (127.0.0.1 for a
+        # local receiver) instead of binding 0.0.0.0, and delivers datagrams from the target only
+        self._connected = False
         self._closed = threading.Event()
         self._failures = 0
         self.sent = 0  # ticks sent
@@ -96,8 +99,11 @@ class StatusSender:
         except Exception as exc:  # telemetry's bug: still say we are alive, with the error
             snapshot = {"state": "unknown", "last_error": f"status: {type(exc).__name__}: {exc}"}
         try:
+            if not self._connected:  # no route yet (a desk's network still coming up): next tick
+                self._socket.connect(self._address)
+                self._connected = True
             for message in status_messages(snapshot, prefix=self._prefix):
-                self._socket.sendto(message, self._address)
+                self._socket.send(message)
             self.sent += 1
         except (OSError, ValueError) as exc:  # unreachable target, full buffer: try again next tick
             self._failures += 1

@@ -284,7 +284,13 @@ def _preset_value(cue: int, name: str, value: Any) -> Any:
     try:
         converted = convert(param, args)
     except ValueError as exc:
-        raise ValueError(f"presets.{cue}.{exc}") from None
+        reason = str(exc).removeprefix(f"{name}: ")
+        raise ValueError(f"presets.{cue}.{name}: {value!r}: {reason}") from None
     if param.kind in ("float", "int") and converted != value:
         raise ValueError(f"presets.{cue}.{name}: {value!r} is outside {param.minimum:g}..{param.maximum:g}")
+    given = args[0].replace(",", " ").split() if len(args) == 1 and isinstance(args[0], str) else args
+    if param.kind == "int_list" and [float(item) for item in given] != [float(item) for item in converted]:
+        raise ValueError(f"presets.{cue}.{name}: {value!r} has an index outside {param.minimum:g}..{param.maximum:g}")
+    if param.kind == "prompt_blend" and [weight for _, weight in converted] != list(args[1::2]):
+        raise ValueError(f"presets.{cue}.{name}: {value!r} has a weight outside {param.minimum:g}..{param.maximum:g}")
     return converted
