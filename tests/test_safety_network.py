@@ -34,9 +34,14 @@ FREE_TEXT = {"prompt", "negative_prompt", "prompt_blend"}  # the only parameters
 
 
 def listening(pid: int) -> list[tuple[str, str, int]]:
-    """(kind, address, port) of every inet socket the process has open."""
+    """(kind, address, port) of every inet socket the process listens on or sends from: UDP
+    sockets, and TCP sockets in LISTEN (an accepted connection from this test is not a server)."""
     kinds = {socket.SOCK_DGRAM: "udp", socket.SOCK_STREAM: "tcp"}
-    return sorted((kinds[c.type], c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet"))
+    return sorted(
+        (kinds[c.type], c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.type == socket.SOCK_DGRAM or c.status == psutil.CONN_LISTEN
+    )
 
 
 def test_run_listens_on_loopback_only_and_drops_senders_outside_the_allow_list():
