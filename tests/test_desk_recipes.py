@@ -19,7 +19,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from bridge.control import ControlPlane, ControlSettings
 from bridge.control.table import addresses
 from bridge.params import ParameterStore
-from test_touchdesigner import check_guide, has_run_flag
+from test_touchdesigner import check_guide
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "lighting-desks.md"
@@ -150,7 +150,6 @@ def free_port(kind=socket.SOCK_DGRAM):
         return probe.getsockname()[1]
 
 
-@pytest.mark.skipif(not has_run_flag("--osc-port"), reason="`sdbridge run` has no --osc-port yet")
 def test_eos_recipe_changes_a_running_bridge(tmp_path):
     osc_port, query_port, status_port = free_port(), free_port(socket.SOCK_STREAM), free_port()
     status = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -112,12 +112,10 @@ def test_each_parameter_reaches_the_bridge(td_table, param_name):
             assert pending == PRESET_VALUES[7]
         else:
             assert actions.calls == [param_name]
-    elif param_name in STORE_PARAMETERS:
+    else:
+        assert param_name in STORE_PARAMETERS
         assert counters["rejected"] == 0, router.last_error
         assert param_name in pending
-    else:  # the router understood it; the store does not know the name yet (bridge/params.py)
-        assert "unknown parameter" in router.last_error
-        pytest.xfail(f"{param_name}: ParameterStore does not accept it yet")
 
 
 def test_texts_parse_or_say_what_is_wrong(td_table):
@@ -166,9 +164,7 @@ def test_command_line_uses_the_real_flags(td_table):
     argv = command.build_command(options)
     assert argv[:6] == ["sdbridge", "run", "--source", "ndi:td out", "--sink", "ndi:sd out"]
     assert td_table.osc_port == DEFAULT_OSC_PORT
-    missing = [flag for flag in ("--osc-port", "--osc-bind", "--status-target") if not has_run_flag(flag)]
-    if missing:
-        pytest.skip(f"`sdbridge run` has no {', '.join(missing)} yet (control plane being wired into run)")
+    assert all(has_run_flag(flag) for flag in ("--osc-port", "--osc-bind", "--status-target"))
     args = run_parser().parse_args(argv[1:])
     assert (args.source, args.sink, args.height, args.prompt, args.fps) == ("ndi:td out", ["ndi:sd out"], 768, "a city", 25.0)
 
@@ -445,11 +441,6 @@ def check_guide(path):
     parser = build_parser()
     for line in commands:
         argv = shlex.split(line)[1:]
-        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
-        if argv[0] == "run":
-            missing = [f for f in flags if f.startswith("--osc") or f.startswith("--status")]
-            if missing and not has_run_flag(missing[0]):
-                continue  # the OSC flags arrive with the control plane in `sdbridge run`
         try:
             parser.parse_args(argv)
         except SystemExit:
