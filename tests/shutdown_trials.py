@@ -67,20 +67,12 @@ def send_prompt(port: int, text: str) -> socket.socket:
 
 
 def make_clip(path: Path, frames: int = 8, fps: int = 15, size=(96, 80)) -> None:
-    import av
     import numpy as np
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for index in range(frames):
-            pixels = np.full((size[1], size[0], 3), (index * 30) % 255, np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    from clips import write_clip
+
+    pictures = [np.full((size[1], size[0], 3), (index * 30) % 255, np.uint8) for index in range(frames)]
+    write_clip(path, pictures, fps=fps, codec="mpeg4")
 
 
 def trial(*, moment: str, signum: int, port: int, workdir: Path, rng: random.Random, size: int = 128,

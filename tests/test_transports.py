@@ -10,23 +10,17 @@ import pytest
 from bridge import framecode
 from bridge.frames import Frame
 from bridge.transports import SourceEnded, SourceLost, TransportUnavailable, open_sink, open_source, parse_spec
+from clips import write_clip
 
 
 def make_clip(path, *, frames=12, fps=24, width=160, height=120):
     """A short mp4 whose frames carry their index in the frame code."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(frames):
-            pixels = np.full((height, width, 3), (index * 20) % 256, np.uint8)
-            framecode.encode(pixels, index, 0)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return str(path)
+    pictures = []
+    for index in range(frames):
+        pixels = np.full((height, width, 3), (index * 20) % 256, np.uint8)
+        framecode.encode(pixels, index, 0)
+        pictures.append(pixels)
+    return write_clip(path, pictures, fps=fps)
 
 
 def read_all(source, limit_seconds=5.0):

@@ -12,6 +12,16 @@ import abc
 from ..frames import Frame, FrameFormat
 
 
+def claim_close(transport) -> bool:
+    """True for the first `close()` of `transport` (which holds `_lock` and `_closed`), the one
+    that releases the device; False for every later call, which must do nothing."""
+    with transport._lock:
+        if transport._closed:
+            return False
+        transport._closed = True
+        return True
+
+
 class TransportUnavailable(RuntimeError):
     """This transport cannot run on this machine; the message is one line a user can act on.
 

@@ -10,7 +10,7 @@ import threading
 
 from ..frames import Frame
 from .avreader import AVReader
-from .base import Source, SourceLost, TransportUnavailable
+from .base import Source, SourceLost, TransportUnavailable, claim_close
 
 
 def camera_input(device: str) -> tuple[str, str]:
@@ -64,8 +64,6 @@ class CameraSource(Source):
             raise SourceLost(str(exc)) from None
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not claim_close(self):
+            return
         self._reader.close()

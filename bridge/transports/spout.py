@@ -17,7 +17,7 @@ import numpy as np
 
 from ..frames import Frame, FrameFormat
 from ..slots import LatestSlot
-from .base import Sink, Source, SourceLost, TransportUnavailable
+from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close
 
 POLL_SECONDS = 1.0 / 240  # how often the receiver asks for a new frame
 
@@ -115,10 +115,8 @@ class SpoutSink(Sink):
         self._slot.put(frame)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not claim_close(self):
+            return
         self._slot.close()
         self._thread.stop()
 
@@ -169,9 +167,7 @@ class SpoutSource(Source):
         return self._slot.take(timeout)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not claim_close(self):
+            return
         self._slot.close()
         self._thread.stop()

@@ -7,7 +7,7 @@ import threading
 
 from ..frames import Frame
 from .avreader import AVReader
-from .base import Source, SourceLost, TransportUnavailable
+from .base import Source, SourceLost, TransportUnavailable, claim_close
 
 
 class VideoSource(Source):
@@ -44,8 +44,6 @@ class VideoSource(Source):
         return self._reader.read(timeout)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not claim_close(self):
+            return
         self._reader.close()
