@@ -189,7 +189,9 @@ def test_a_prompt_whose_encoding_fails_keeps_the_current_prompt(show):
 
     runtime.params.attach_prompt_encoder(encode)
     runtime.params.set("prompt", "calm lake")
-    assert wait_for(lambda: engine.prompt == "calm lake")
+    # wait until the store has reported it applied (engine.prompt changes a moment earlier, and
+    # a late report_applied of "calm lake" would clear the refusal this test waits for)
+    assert wait_for(lambda: runtime.params.applied.get("prompt") == "calm lake")
     runtime.params.set("prompt", "cursed forest")
     assert wait_for(lambda: "prompt" in runtime.params.rejected)
     after = processed(runtime)
