@@ -87,7 +87,21 @@ def check_cameras() -> tuple[str, bool, str]:
     return "cameras", True, "listed by the OS (camera:NAME on Windows, camera:INDEX on macOS)"
 
 
-CHECKS = (check_gpu, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras)
+def check_window() -> tuple[str, bool, str]:
+    from .transports.base import TransportUnavailable
+    from .transports.window import check_display, import_tkinter
+
+    try:
+        check_display()
+        tkinter = import_tkinter()
+    except TransportUnavailable as exc:
+        return "window", False, str(exc).removeprefix("window: ")
+    return "window", True, f"Tk {tkinter.TkVersion} (a preview window can open)"
+
+
+CHECKS = (
+    check_gpu, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras, check_window,
+)
 
 
 def report() -> list[tuple[str, bool, str]]:

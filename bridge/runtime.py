@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FALLBACKS = ("last", "black", "raw")
 JOIN_SECONDS = 1.0  # how long stop() waits for each thread
+WAIT_STEP_SECONDS = 0.2  # wait() looks at the stop flag and the duration at least this often
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,10 @@ class Runtime:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False
-            step = 0.05 if deadline is None else min(0.05, deadline - now)
-            self._shared.finished.wait(step)
+            step = WAIT_STEP_SECONDS if deadline is None else min(WAIT_STEP_SECONDS, deadline - now)
+            if self.config.duration is not None and self._started_at is not None:
+                step = min(step, max(0.001, self._started_at + self.config.duration - now))
+            self._shared.finished.wait(step)  # signal handlers still run at once (POSIX)
 
     @property
     def finished(self) -> bool:

@@ -1,8 +1,16 @@
-"""How much the runtime adds per frame over the engine alone (for `sdbridge bench --runtime`)."""
+"""How much the runtime adds per frame over the engine alone (for `sdbridge bench --runtime`).
+
+The two are measured in alternating rounds (engine alone, then through the runtime, then alone
+again ...), so that a change in the host's load during the run affects both sides alike; the
+figures are medians over every round. Where psutil is installed, the CPU time each runtime
+thread used per processed frame is reported too: on a CPU engine that is where the overhead
+goes, since those threads share the cores with torch's own.
+"""
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -21,59 +29,127 @@ def _engine_alone_ms(engine, frame: np.ndarray, frames: int) -> list[float]:
     return times
 
 
-class _Timed:
-    """The engine, noting when each call returns (the runtime sees the same API)."""
+def _thread_cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds used so far by each named thread of this process (None without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    return {names[t.id]: t.user_time + t.system_time for t in psutil.Process().threads() if t.id in names}
 
-    def __init__(self, engine) -> None:
+
+class _Timed:
+    """The engine, noting when each call returns (the runtime sees the same API); after the
+    `sample_after`-th call it reads the threads' CPU times once (the threads end soon after)."""
+
+    def __init__(self, engine, sample_after: int) -> None:
         self._engine = engine
+        self._sample_after = sample_after
         self.finished: list[float] = []
+        self.cpu_at_end: dict[str, float] | None = None
 
     def __call__(self, pixels):
         out = self._engine(pixels)
         self.finished.append(time.perf_counter())
+        if len(self.finished) == self._sample_after:
+            self.cpu_at_end = _thread_cpu_seconds()
         return out
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
 
+def _through_runtime(engine, *, frames: int, warmup: int, size: tuple[int, int], source_fps: float,
+                     timeout: float) -> tuple[list[float], dict, dict[str, float]]:
+    """One round through testpattern -> runtime -> null: the intervals between processed frames
+    (ms, after `warmup`), the telemetry snapshot, and each thread's CPU ms per processed frame."""
+    width, height = size
+    timed = _Timed(engine, sample_after=warmup + frames)
+    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=source_fps),
+                      sinks=[NullSink()], config=RuntimeConfig(fps=source_fps, max_frames=warmup + frames))
+    cpu_before: dict[str, float] | None = None
+    with runtime:
+        deadline = time.monotonic() + timeout
+        while len(timed.finished) < warmup and time.monotonic() < deadline:
+            time.sleep(0.005)
+        cpu_before = _thread_cpu_seconds()  # the threads are running: measure from the end of the warm-up
+        runtime.wait(timeout=max(0.0, deadline - time.monotonic()))
+        snapshot = runtime.snapshot()
+    intervals = (np.diff(timed.finished[warmup:]) * 1000.0).tolist()
+    cpu: dict[str, float] = {}
+    if cpu_before is not None and timed.cpu_at_end is not None and intervals:
+        for name, seconds in timed.cpu_at_end.items():
+            if name.startswith("sdbridge ") and name in cpu_before:
+                cpu[name.removeprefix("sdbridge ")] = (seconds - cpu_before[name]) * 1000.0 / len(intervals)
+    return intervals, snapshot, cpu
+
+
 def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, input_size: tuple[int, int] = (640, 480),
-                             timeout: float = 300.0) -> dict:
-    """Run `engine` alone on a test-pattern frame, then testpattern -> runtime -> null with the
-    source at twice the engine's rate, and compare the time per processed frame.
+                             rounds: int = 3, timeout: float = 300.0) -> dict:
+    """Run `engine` alone on a test-pattern frame and through testpattern -> runtime -> null
+    (source at twice the engine's rate), in `rounds` alternating rounds of frames/rounds each.
 
     Returns ms figures: engine_ms (median call alone), runtime_frame_ms (median interval between
-    processed frames through the runtime), overhead_ms (their difference), runtime_inference_ms
-    (median engine call inside the runtime), latency_ms_median / latency_ms_p95 (capture to
-    publish), plus frames and fps of each part.
+    processed frames through the runtime), overhead_ms (their difference), overhead_ms_rounds
+    (the difference per round), runtime_inference_ms (median engine call inside the runtime),
+    thread_cpu_ms_per_frame (capture/inference/output, with psutil), latency_ms_median /
+    latency_ms_p95 (capture to publish), plus frames and fps of each part.
     """
     width, height = input_size
     pattern = TestPatternSource(width=width, height=height, fps=1000)
     frame = pattern.read(timeout=1.0).pixels
     pattern.close()
     _engine_alone_ms(engine, frame, warmup)
-    alone = _engine_alone_ms(engine, frame, frames)
+    rounds = max(1, min(rounds, frames // 2))
+    per_round = max(2, frames // rounds)
+    alone_all: list[float] = []
+    through_all: list[float] = []
+    per_round_overhead: list[float] = []
+    inference: list[float] = []
+    latency: list[float] = []
+    latency_p95: list[float] = []
+    dropped = 0
+    cpu_rounds: list[dict[str, float]] = []
+    deadline = time.monotonic() + timeout
+    for _ in range(rounds):
+        alone = _engine_alone_ms(engine, frame, per_round)
+        source_fps = min(1000.0, 2.0 * 1000.0 / max(statistics.median(alone), 1e-3))  # twice what the engine takes
+        intervals, snapshot, cpu = _through_runtime(
+            engine, frames=per_round, warmup=warmup, size=(width, height), source_fps=source_fps,
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+        alone_all += alone
+        through_all += intervals
+        if intervals:
+            per_round_overhead.append(statistics.median(intervals) - statistics.median(alone))
+        for values, key in ((inference, "inference_ms_median"), (latency, "latency_ms_median"), (latency_p95, "latency_ms_p95")):
+            if snapshot[key] is not None:
+                values.append(snapshot[key])
+        dropped += snapshot["frames_dropped"]
+        if cpu:
+            cpu_rounds.append(cpu)
+        if time.monotonic() >= deadline:
+            break
+    engine_ms = statistics.median(alone_all)
+    runtime_frame_ms = statistics.median(through_all) if through_all else float("nan")
+    threads = sorted({name for cpu in cpu_rounds for name in cpu})
 
-    timed = _Timed(engine)
-    source_fps = min(1000.0, 2.0 * 1000.0 / max(statistics.median(alone), 1e-3))  # twice what the engine takes
-    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=source_fps),
-                      sinks=[NullSink()], config=RuntimeConfig(fps=source_fps, max_frames=frames + warmup))
-    with runtime:
-        runtime.wait(timeout=timeout)
-        snapshot = runtime.snapshot()
-    processed_times = timed.finished
-    intervals = np.diff(processed_times[warmup:]) * 1000.0 if len(processed_times) > warmup + 1 else np.array([])
-    engine_ms = statistics.median(alone)
-    runtime_frame_ms = float(np.median(intervals)) if intervals.size else float("nan")
+    def median_or_none(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
     return {
-        "frames": frames,
+        "frames": len(through_all),
+        "rounds": len(per_round_overhead),
         "engine_ms": engine_ms,
         "engine_fps": 1000.0 / engine_ms if engine_ms else float("nan"),
         "runtime_frame_ms": runtime_frame_ms,
         "runtime_fps": 1000.0 / runtime_frame_ms if runtime_frame_ms else float("nan"),
         "overhead_ms": runtime_frame_ms - engine_ms,
-        "runtime_inference_ms": snapshot["inference_ms_median"],
-        "latency_ms_median": snapshot["latency_ms_median"],
-        "latency_ms_p95": snapshot["latency_ms_p95"],
-        "frames_dropped": snapshot["frames_dropped"],
+        "overhead_ms_rounds": per_round_overhead,
+        "runtime_inference_ms": median_or_none(inference),
+        "thread_cpu_ms_per_frame": {name: statistics.median(cpu.get(name, 0.0) for cpu in cpu_rounds) for name in threads},
+        "latency_ms_median": median_or_none(latency),
+        "latency_ms_p95": median_or_none(latency_p95),
+        "frames_dropped": dropped,
     }

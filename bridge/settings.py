@@ -103,7 +103,7 @@ class RunSettings:
             _check_type(name, value, types[name])
         parse_spec(self.source, role="source")
         if not self.sink:
-            raise ValueError("sink: none given; add --sink (virtualcam, spout:NAME, ndi:NAME, file:out.mp4 or null)")
+            raise ValueError("sink: none given; add --sink (virtualcam, spout:NAME, ndi:NAME, file:out.mp4, window or null)")
         for sink in self.sink:
             parse_spec(sink, role="sink")
         if not self.model.strip():

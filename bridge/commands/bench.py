@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                         help="also run the engine through the runtime's threads (testpattern -> null): the overhead per frame")
     parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
-    parser.add_argument("--backend", default="eager")
+    parser.add_argument("--backend", default="eager",
+                        help="engine backend: eager (default) or compiled (torch.compile; compiled before the warm-up frames)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
@@ -113,10 +114,14 @@ def format_table(results: list[dict]) -> str:
         )
         if "runtime_overhead" in r:
             o = r["runtime_overhead"]
+            latency = "-" if o["latency_ms_median"] is None else f"{o['latency_ms_median']:.1f}"
             lines.append(
                 f"{'':<9} through the runtime: {o['runtime_frame_ms']:.2f} ms/frame vs {o['engine_ms']:.2f} alone "
-                f"(overhead {o['overhead_ms']:+.2f} ms), latency median {o['latency_ms_median']:.1f} ms"
+                f"(overhead {o['overhead_ms']:+.2f} ms over {o['rounds']} alternating rounds), latency median {latency} ms"
             )
+            if o.get("thread_cpu_ms_per_frame"):
+                cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in o["thread_cpu_ms_per_frame"].items())
+                lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
     if results:

@@ -10,7 +10,7 @@ from ..errors import UserError
 HELP_EPILOG = """\
 sources: testpattern, video:FILE[?loop=1], camera:INDEX|DEVICE, ndi:NAME, spout:NAME (Windows)
 sinks:   virtualcam[?backend=..&device=..], spout:NAME (Windows), ndi:NAME, file:OUT.mp4,
-         file:DIR/%05d.png, null
+         file:DIR/%05d.png, window[:TITLE][?scale=0.5] (a preview), null
 example: sdbridge run --source ndi:"TD Out" --sink virtualcam --sink spout:sdbridge \\
                       --model stabilityai/sd-turbo --prompt "a watercolor city at night"
 """
@@ -38,7 +38,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--similarity-filter", dest="similarity_filter", action=argparse.BooleanOptionalAction, default=None,
         help="skip nearly unchanged frames")
     add("--similarity-threshold", dest="similarity_threshold", type=float, help="similarity above which to skip")
-    add("--backend", help="engine backend (eager)")
+    add("--backend", help="engine backend: eager (default) or compiled (torch.compile, compiles at start)")
     add("--device", help="auto, cpu, cuda, cuda:1 ...")
     add("--dtype", help="auto, float32, float16, bfloat16")
     add("--fps", type=float, help="output frames per second (default 30)")

@@ -3,6 +3,7 @@
     testpattern            video:clip.mp4?loop=1     camera:0        ndi:TD Out     spout:TDOut
     null                   file:out.mp4              file:frames/%05d.png           virtualcam
     spout:sdbridge         ndi:sdbridge              virtualcam?backend=obs&device=OBS Virtual Camera
+    window                 window:Preview            window:Preview?scale=0.5
 
 Each transport module is imported only when used, so a missing platform library affects only
 the transport that needs it, and says so in one line (TransportUnavailable).
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 SOURCE_KINDS = ("testpattern", "video", "camera", "ndi", "spout", "syphon")
-SINK_KINDS = ("virtualcam", "spout", "ndi", "file", "null", "syphon")
+SINK_KINDS = ("virtualcam", "spout", "ndi", "file", "null", "window", "syphon")
 _NEEDS_TARGET = {"video": "a file, as in video:clip.mp4", "file": "a path, as in file:out.mp4",
                  "ndi": "a name, as in ndi:sdbridge", "spout": "a name, as in spout:sdbridge",
                  "syphon": "a name, as in syphon:sdbridge"}
@@ -150,6 +151,12 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
         if "alpha" in spec.options:
             options["alpha"] = _option(spec, "alpha", bool, False)
         return NDISink(name=spec.target, width=width, height=height, frame_rate=fps, **options)
+    if spec.kind == "window":
+        _check_options(spec, ("scale",))
+        from .window import WindowSink
+
+        return WindowSink(title=spec.target or "sdbridge", scale=_option(spec, "scale", float, 1.0),
+                          width=width, height=height)
     from .syphon import SyphonSink
 
     return SyphonSink(name=spec.target)

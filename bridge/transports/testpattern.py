@@ -35,9 +35,10 @@ class TestPatternSource(Source):
         self._lock = threading.Lock()
         x = np.linspace(0, 255, width, dtype=np.float32)[None, :]  # (1, W)
         y = np.linspace(0, 255, height, dtype=np.float32)[:, None]  # (H, 1)
-        self._background = np.stack(
+        background = np.stack(
             [np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)), (x + y) / 2], axis=2
         ).astype(np.uint8)  # (H, W, 3)
+        self._strip = np.concatenate([background, background], axis=1)  # (H, 2W, 3): scrolling is a slice
 
     def read(self, timeout: float = 0.1) -> Frame | None:
         if self._closed:
@@ -57,8 +58,9 @@ class TestPatternSource(Source):
         return frame
 
     def _render(self, sequence: int, now: float) -> np.ndarray:
-        height, width = self._background.shape[:2]
-        pixels = np.roll(self._background, shift=(sequence * 4) % width, axis=1)  # (H, W, 3), a copy
+        height, width = self.format.height, self.format.width
+        start = width - (sequence * 4) % width  # the background scrolled right by 4 pixels a frame
+        pixels = self._strip[:, start : start + width].copy()  # (H, W, 3)
         size = max(4, min(width, height) // 5)
         span_x, span_y = max(1, width - size), max(1, height - size)
         left = abs((sequence * 7) % (2 * span_x) - span_x)

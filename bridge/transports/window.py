@@ -1,0 +1,286 @@
+"""`window[:TITLE]`: an on-screen preview of the output in a Tk window (standard library only).
+
+Tk is used from one thread only: a daemon thread started by the sink creates the interpreter,
+the window and its picture, runs Tk's event loop, and looks for a new frame every few
+milliseconds (`after`). `send` only leaves the frame in a newest-wins slot and returns, so a
+slow or stuck window never holds the output. Closing the window by hand stops the preview,
+not the show: `send` keeps accepting frames and the other sinks keep getting them.
+
+Where: Windows, and Linux with an X server (X11 or XWayland). Not macOS: its Tk creates
+windows only on the main thread, and a window made from any other thread aborts the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+
+import numpy as np
+
+from ..frames import Frame, resize_nearest, swizzle
+from ..slots import LatestSlot
+from .base import Sink, TransportUnavailable, claim_close
+
+log = logging.getLogger(__name__)
+
+POLL_MILLISECONDS = 8  # how often the GUI thread looks for a new frame (about 120 times a second)
+OPEN_TIMEOUT_SECONDS = 5.0  # longest wait for the window to appear (or fail) in the constructor
+CLOSE_TIMEOUT_SECONDS = 1.0  # longest wait for the GUI thread to end in `close`
+MAX_SCALE = 8.0
+
+
+def check_display(platform: str | None = None, environ=None) -> None:
+    """Raise TransportUnavailable when this OS or session has nowhere to show a window."""
+    platform = platform or sys.platform
+    environ = os.environ if environ is None else environ
+    if platform == "darwin":
+        raise TransportUnavailable("window: not available on macOS (Tk windows must live on the main thread); "
+                                   "watch the output through ndi or virtualcam")
+    if platform == "win32":
+        return
+    if not environ.get("DISPLAY") and not environ.get("WAYLAND_DISPLAY"):
+        raise TransportUnavailable("window: no display to open a window on ($DISPLAY is not set)")
+
+
+def import_tkinter():
+    """The tkinter module, or one clear line saying why not."""
+    try:
+        import tkinter
+    except ImportError:
+        message = "window: tkinter is not installed (Debian/Ubuntu: apt-get install python3-tk)"
+        raise TransportUnavailable(message) from None
+    return tkinter
+
+
+def ppm_bytes(pixels: np.ndarray, pixel_format: str, scale: float = 1.0) -> bytes:
+    """(H, W, C) pixels in any of the frame pixel formats as a binary PPM (P6) picture, scaled
+    by nearest neighbour; Tk's photo images read PPM natively."""
+    rgb = swizzle(pixels, pixel_format, "RGB")  # (H, W, 3)
+    if scale != 1.0:
+        height, width = rgb.shape[:2]
+        rgb = resize_nearest(rgb, max(1, round(width * scale)), max(1, round(height * scale)))
+    height, width = rgb.shape[:2]
+    return b"P6\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(rgb).tobytes()
+
+
+def _new_root(tkinter):
+    """A Tk main window that, unlike tkinter.Tk, runs no ~/.sdbridge.py or ~/.sdbridge.tcl."""
+
+    class Root(tkinter.Tk):
+        def readprofile(self, baseName, className):  # noqa: N803 (tkinter's names)
+            pass
+
+    return Root(className="sdbridge")
+
+
+class _View:
+    """The Tk objects; created, used and destroyed on the GUI thread only."""
+
+    def __init__(self, tkinter, root, title: str, first_picture: bytes) -> None:
+        self.root = root
+        self.photo = tkinter.PhotoImage(master=root, data=first_picture, format="PPM")
+        self.label = tkinter.Label(root, image=self.photo, borderwidth=0, highlightthickness=0)
+        self.label.pack()
+        root.title(title)
+        self.destroyed = False
+
+    def show(self, picture: bytes) -> None:
+        self.photo.configure(data=picture, format="PPM")  # the label follows the new size
+
+    def destroy(self) -> None:
+        if not self.destroyed:
+            self.destroyed = True
+            self.root.destroy()
+
+
+class _Request:
+    """A function to run on the GUI thread and its outcome."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class WindowSink(Sink):
+    """Shows every frame sent (any size, RGB/BGR/RGBA/BGRA) in a window titled `title`, scaled
+    by `scale`; a black `width` x `height` picture until the first frame arrives.
+
+    `frames_sent` counts `send` calls, `frames_shown` the pictures put on screen, and
+    `frames_dropped` those replaced by a newer one before the window got to them.
+    """
+
+    def __init__(self, *, title: str = "sdbridge", scale: float = 1.0, width: int = 512, height: int = 512) -> None:
+        if not isinstance(title, str):
+            raise ValueError(f"title: {title!r} must be a string")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_SCALE:
+            raise ValueError(f"scale: {scale!r} must be a number in (0, {MAX_SCALE:g}]")
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: {value!r} must be a positive integer")
+        check_display()
+        tkinter = import_tkinter()
+        self.format = None  # any size and pixel format: converted on the GUI thread
+        self.title = title or "sdbridge"
+        self.scale = float(scale)
+        self.frames_sent = 0
+        self.frames_shown = 0
+        self._slot: LatestSlot[Frame] = LatestSlot()
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._user_closed = threading.Event()
+        self._ready = threading.Event()
+        self._open_error: str | None = None
+        self._show_failed = False
+        first_picture = ppm_bytes(np.zeros((height, width, 3), np.uint8), "RGB", self.scale)
+        self._thread = threading.Thread(target=self._run, args=(tkinter, first_picture), name="sdbridge-window",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(OPEN_TIMEOUT_SECONDS):
+            self._stop.set()
+            raise TransportUnavailable(f"window: the window did not open within {OPEN_TIMEOUT_SECONDS:g} s")
+        if self._open_error is not None:
+            self._thread.join(CLOSE_TIMEOUT_SECONDS)
+            raise TransportUnavailable(f"window: cannot open a window: {self._open_error}")
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._slot.overwritten
+
+    @property
+    def user_closed(self) -> bool:
+        """True once the window was closed by hand (the sink still accepts frames)."""
+        return self._user_closed.is_set()
+
+    @property
+    def running(self) -> bool:
+        """True while the GUI thread is alive."""
+        return self._thread.is_alive()
+
+    def send(self, frame: Frame) -> None:
+        """Hand `frame` to the window and return at once; the window shows the newest one."""
+        self.frames_sent += 1
+        if self._closed or self._user_closed.is_set():
+            return
+        self._slot.put(frame)
+
+    def close(self) -> None:
+        if not claim_close(self):
+            return
+        self._stop.set()
+        self._slot.close()
+        self._thread.join(CLOSE_TIMEOUT_SECONDS)
+        if self._thread.is_alive():
+            log.warning("window: the window thread did not end within %g s", CLOSE_TIMEOUT_SECONDS)
+
+    def call_in_window(self, function, timeout: float = 1.0):
+        """Run `function(view)` on the GUI thread and return what it returns (`view` has `root`,
+        `photo`, `label`). For tests and diagnostics; raises TimeoutError or RuntimeError."""
+        if not self._thread.is_alive():
+            raise RuntimeError("window: the window is closed")
+        request = _Request(function)
+        self._requests.put(request)
+        if not request.done.wait(timeout):
+            raise TimeoutError(f"window: no answer from the window thread within {timeout:g} s")
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def shown_picture(self, timeout: float = 1.0) -> np.ndarray:
+        """The picture on screen now, read back from the photo image: (H, W, 3) uint8 RGB."""
+        data = self.call_in_window(lambda view: view.photo.tk.call(view.photo.name, "data", "-format", "ppm"), timeout)
+        _magic, size, _maximum, pixels = bytes(data).split(b"\n", 3)  # P6, "W H", 255, RGB bytes
+        width, height = (int(value) for value in size.split())
+        return np.frombuffer(pixels, np.uint8).reshape(height, width, 3)
+
+    # --- everything below runs on the GUI thread
+
+    def _run(self, tkinter, first_picture: bytes) -> None:
+        try:
+            root = _new_root(tkinter)
+        except tkinter.TclError as exc:
+            self._open_error = " ".join(str(exc).split()) or type(exc).__name__
+            self._ready.set()
+            return
+        view = None
+        try:
+            view = _View(tkinter, root, self.title, first_picture)
+            root.protocol("WM_DELETE_WINDOW", lambda: self._on_user_close(view))
+            root.after(POLL_MILLISECONDS, self._poll, view)
+            self._ready.set()
+            root.mainloop()
+        except Exception as exc:
+            if not self._ready.is_set():
+                self._open_error = " ".join(str(exc).split()) or type(exc).__name__
+            else:
+                log.warning("window: the window failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            try:
+                if view is not None:
+                    view.destroy()
+                else:
+                    root.destroy()
+            except tkinter.TclError:
+                pass
+            self._ready.set()
+            self._fail_requests()
+
+    def _poll(self, view: _View) -> None:
+        """One look: answer requests, show the newest frame, come back in POLL_MILLISECONDS."""
+        try:
+            self._serve_requests(view)
+            if self._stop.is_set() and not view.destroyed:
+                view.destroy()  # mainloop returns
+            if not view.destroyed:
+                frame = self._slot.take(timeout=0)
+                if frame is not None:
+                    self._show(view, frame)
+        finally:
+            if not view.destroyed:
+                view.root.after(POLL_MILLISECONDS, self._poll, view)
+
+    def _show(self, view: _View, frame: Frame) -> None:
+        try:
+            view.show(ppm_bytes(frame.pixels, frame.pixel_format, self.scale))
+        except Exception as exc:  # a bad frame costs one picture, never the window
+            if not self._show_failed:
+                self._show_failed = True
+                log.warning("window: cannot show a frame: %s: %s", type(exc).__name__, exc)
+            return
+        self.frames_shown += 1
+
+    def _serve_requests(self, view: _View) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if view.destroyed:
+                    raise RuntimeError("window: the window is closed")
+                request.result = request.function(view)
+            except BaseException as exc:
+                request.error = exc
+            request.done.set()
+
+    def _fail_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request.error = RuntimeError("window: the window is closed")
+            request.done.set()
+
+    def _on_user_close(self, view: _View) -> None:
+        """WM_DELETE_WINDOW: the preview goes away, the sink keeps accepting frames."""
+        if not self._user_closed.is_set():
+            self._user_closed.set()
+            log.info("window: %r closed by the user; the output goes on to the other sinks", self.title)
+        view.destroy()

@@ -1,0 +1,68 @@
+"""`sdbridge bench` as a user types it: the JSON it writes (the keys the benchmark method names),
+--sequential's ratio, --runtime's alternating-round overhead figures; and the runtime
+measurement on its own with a stand-in engine of known cost."""
+
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bridge.runtime_bench import measure_runtime_overhead
+
+from test_cli import sdbridge
+
+REQUIRED = {"arch", "backend", "steps", "cfg_type", "width", "height", "frame_buffer_size", "fps", "ms_median",
+            "ms_p95", "ms_p99", "peak_mem_gib", "device", "torch", "commit", "command"}
+
+
+@pytest.mark.slow
+def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_overhead(tmp_path):
+    out = tmp_path / "bench.json"
+    result = sdbridge("bench", "--arch", "tiny", "--steps", "2", "--width", "64", "--height", "64", "--frames", "8",
+                      "--warmup", "2", "--device", "cpu", "--sequential", "--runtime", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    batched, sequential = json.loads(out.read_text())
+    for run in (batched, sequential):
+        assert REQUIRED <= run.keys()
+        assert run["arch"] == "tiny" and run["backend"] == "eager" and run["steps"] == 2
+        assert (run["width"], run["height"]) == (64, 64) and run["fps"] > 0
+        assert run["ms_median"] <= run["ms_p95"] <= run["ms_p99"]
+        assert "bench" in run["command"]
+    assert batched["use_denoising_batch"] and not sequential["use_denoising_batch"]
+    assert batched["speedup_vs_sequential"] == pytest.approx(batched["fps"] / sequential["fps"])
+    overhead = batched["runtime_overhead"]
+    assert overhead["rounds"] >= 1 and overhead["frames"] >= 2
+    assert overhead["overhead_ms"] == pytest.approx(overhead["runtime_frame_ms"] - overhead["engine_ms"])
+    assert len(overhead["overhead_ms_rounds"]) == overhead["rounds"]
+    assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
+    assert overhead["thread_cpu_ms_per_frame"]["inference"] > 0
+    assert "through the runtime" in result.stdout and "alternating rounds" in result.stdout
+    print("\n" + result.stdout)
+
+
+class SleepingEngine:
+    """Takes `seconds` a frame without using the CPU: what the runtime adds shows plainly."""
+
+    def __init__(self, seconds: float, size: int = 32) -> None:
+        self.seconds = seconds
+        self.config = SimpleNamespace(width=size, height=size, mode="img2img", use_denoising_batch=True, t_index_list=[0])
+        self.calls = 0
+
+    def __call__(self, pixels):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return np.zeros((self.config.height, self.config.width, 3), np.uint8)
+
+
+def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
+    engine = SleepingEngine(0.02)
+    figures = measure_runtime_overhead(engine, frames=12, warmup=2, input_size=(32, 32), rounds=3, timeout=30)
+    assert figures["rounds"] == 3 and len(figures["overhead_ms_rounds"]) == 3
+    # 2 warm-up calls, then per round: 4 alone + (2 warm-up + 4) through the runtime
+    assert engine.calls == 2 + 3 * (4 + 6)
+    assert figures["frames"] == 3 * 3  # intervals between the 4 measured frames of each round
+    assert figures["engine_ms"] >= 20.0 and figures["runtime_frame_ms"] >= 20.0
+    assert figures["latency_ms_median"] is not None and figures["runtime_inference_ms"] >= 20.0
+    assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
