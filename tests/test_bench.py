@@ -39,6 +39,8 @@ def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_ove
     assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
     assert overhead["thread_cpu_ms_per_frame"]["inference"] > 0
     assert "through the runtime" in result.stdout and "alternating rounds" in result.stdout
+    # two steps: the frame leaves one call after it went in
+    assert overhead["latency_budget_ms"] == pytest.approx(2 * overhead["engine_ms"] + 1000.0 / overhead["source_fps"])
     print("\n" + result.stdout)
 
 
@@ -57,12 +59,15 @@ class SleepingEngine:
 
 
 def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
-    engine = SleepingEngine(0.02)
+    engine = SleepingEngine(0.08)  # slower than the 30 fps source
     figures = measure_runtime_overhead(engine, frames=12, warmup=2, input_size=(32, 32), rounds=3, timeout=30)
     assert figures["rounds"] == 3 and len(figures["overhead_ms_rounds"]) == 3
     # 2 warm-up calls, then per round: 4 alone + (2 warm-up + 4) through the runtime
     assert engine.calls == 2 + 3 * (4 + 6)
     assert figures["frames"] == 3 * 3  # intervals between the 4 measured frames of each round
-    assert figures["engine_ms"] >= 20.0 and figures["runtime_frame_ms"] >= 20.0
-    assert figures["latency_ms_median"] is not None and figures["runtime_inference_ms"] >= 20.0
+    assert figures["engine_ms"] >= 80.0 and figures["runtime_frame_ms"] >= 80.0
+    assert figures["latency_ms_median"] is not None and figures["runtime_inference_ms"] >= 80.0
+    assert figures["source_fps"] == 30.0
+    # lag 0 (one step): the budget is one engine call plus one input period
+    assert figures["latency_budget_ms"] == pytest.approx(figures["engine_ms"] + 1000.0 / 30.0)
     assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}

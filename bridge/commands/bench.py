@@ -114,10 +114,14 @@ def format_table(results: list[dict]) -> str:
         )
         if "runtime_overhead" in r:
             o = r["runtime_overhead"]
-            latency = "-" if o["latency_ms_median"] is None else f"{o['latency_ms_median']:.1f}"
+            latency = "-" if o["latency_ms_median"] is None else f"{o['latency_ms_median']:.1f}/{o['latency_ms_p95']:.1f}"
             lines.append(
                 f"{'':<9} through the runtime: {o['runtime_frame_ms']:.2f} ms/frame vs {o['engine_ms']:.2f} alone "
-                f"(overhead {o['overhead_ms']:+.2f} ms over {o['rounds']} alternating rounds), latency median {latency} ms"
+                f"(overhead {o['overhead_ms']:+.2f} ms over {o['rounds']} alternating rounds)"
+            )
+            lines.append(
+                f"{'':<9} latency capture to publish at {o['source_fps']:.0f} fps input: {latency} ms (median/p95), "
+                f"budget {o['latency_budget_ms']:.1f} ms (engine time for the frame + one input period)"
             )
             if o.get("thread_cpu_ms_per_frame"):
                 cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in o["thread_cpu_ms_per_frame"].items())
