@@ -71,10 +71,14 @@ class _PromptState:
 class StreamDiffusion:
     """One stream: frames in, frames out. See the README for the API and its guarantees."""
 
-    def __init__(self, components: Components, config: StreamConfig, *, backend: str = "eager") -> None:
+    def __init__(
+        self, components: Components, config: StreamConfig, *, backend: str = "eager", backend_options: dict | None = None
+    ) -> None:
+        """`backend`: "eager" or "compiled"; `backend_options`: keyword options of that backend (e.g. the
+        compiled backend's `compile_backend`). A compiled backend compiles here (see `warm_up`)."""
         _check_model_fits(components, config)
         self.components = components.to(config.device, config.dtype)
-        self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache)
+        self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
         self.prompts = PromptEncoder(
             self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size
         )
@@ -87,6 +91,7 @@ class StreamDiffusion:
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
+        self.warm_up()
 
     @classmethod
     def from_pretrained(
@@ -99,6 +104,7 @@ class StreamDiffusion:
         allow_pickle: bool = False,
         single_file_config: str | None = None,
         backend: str = "eager",
+        backend_options: dict | None = None,
     ) -> "StreamDiffusion":
         """Load a hub id, a diffusers folder or a single .safetensors checkpoint (see pipeline.loading).
 
@@ -112,7 +118,7 @@ class StreamDiffusion:
             model_id_or_path, vae=vae, lcm_lora=lcm_lora, allow_pickle=allow_pickle,
             single_file_config=single_file_config, dtype=config.dtype, device=config.device,
         )
-        return cls(components, config, backend=backend)
+        return cls(components, config, backend=backend, backend_options=backend_options)
 
     # ------------------------------------------------------------------ configuration
 
@@ -195,10 +201,24 @@ class StreamDiffusion:
         previous, self.config = self.config, new_config
         try:
             self._configure(new_config, previous)
+            if unet_batches(new_config) != unet_batches(previous):  # a step-count or cfg-type change
+                self.warm_up()
         except BaseException:  # all or nothing: derive everything from the previous settings again
             self.config = previous
             self._configure(previous, new_config)
             raise
+
+    def warm_up(self) -> None:
+        """Ready the backend for every UNet batch the current cfg type and step count can reach,
+        guidance on or off, so that no frame waits (the compiled backend compiles here; eager has
+        nothing to do). Called by __init__ and by `update` when those batches change."""
+        config, b = self.config, self.config.frame_buffer_size
+        images = None
+        if config.mode == "img2img":
+            images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
+        self.backend.warmup(
+            unet_batches(config), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
+        )  # latents (b, 4, h, w), embeds (1, 77, D), images (b, 3, H, W)
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -356,6 +376,17 @@ class StreamDiffusion:
         self._caught = self._caught + faults
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
+
+
+def unet_batches(config: StreamConfig) -> tuple[int, ...]:
+    """Every UNet batch size these settings can reach, guidance on or off (as `_guided_step` builds them)."""
+    b, n, rule = config.frame_buffer_size, config.denoising_steps, RULES[config.cfg_type]
+    # (rows, first-step rows) of each UNet call of one frame
+    calls = [(n * b, b)] if config.use_denoising_batch else [(b, b)] + [(b, 0)] * (n - 1)
+    sizes = {rows for rows, _ in calls}  # guidance off
+    if config.cfg_type != "none":
+        sizes |= {rows + rule.uncond_rows(rows, first) for rows, first in calls}
+    return tuple(sorted(sizes))
 
 
 def output_faults(output: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:

@@ -41,7 +41,7 @@ class EagerBackend:
         if self.cache is not None:
             self.cache.active = cond.kv
         try:
-            return self.unet(x_t, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+            return self._unet_forward(x_t, t, cond.embeds)
         finally:
             if self.cache is not None:
                 self.cache.active = None
@@ -49,13 +49,27 @@ class EagerBackend:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8)."""
-        if self._vae_is_tiny:
-            latents = self.vae.encode(images, return_dict=False)[0]
-        else:
-            latents = self.vae.encode(images, return_dict=False)[0].mode()  # AutoencoderKL: the mean
-        return latents * self.latent_scale
+        return self._vae_encode(images)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> (B, 3, 8h, 8w) in [-1, 1] (not clamped)."""
-        return self.vae.decode(latents / self.latent_scale, return_dict=False)[0]
+        return self._vae_decode(latents)
+
+    def warmup(self, unet_batches, *, latents: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor | None) -> None:
+        """Prepare every UNet batch in `unet_batches` before frames flow: nothing to do when eager."""
+
+    # The network calls themselves, without the inference-mode wrapper: what the compiled backend compiles.
+
+    def _unet_forward(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]  # (B, 4, h, w)
+
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self._vae_is_tiny:
+            latents = self.vae.encode(images, return_dict=False)[0]
+        else:
+            latents = self.vae.encode(images, return_dict=False)[0].mode()  # AutoencoderKL: the mean
+        return latents * self.latent_scale  # (B, 4, H/8, W/8)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.latent_scale, return_dict=False)[0]  # (B, 3, 8h, 8w)

@@ -1,0 +1,246 @@
+"""The compiled backend: the eager backend's UNet and VAE calls run through torch.compile.
+
+Nothing recompiles while a show runs, because nothing a graph was traced with changes:
+- shapes: dynamic=False, one graph per UNet batch size (and resolution). `warmup` compiles every
+  batch the stream's cfg type and step count can reach, guidance on and off, before frames flow;
+  a step-count or cfg-type change warms the new batches up (a compilation, logged);
+- the prompt: the UNet graph reads the embeddings and the cross-attention K/V from static buffers
+  owned by this backend, one set per batch size, refreshed in place (copy_) when `denoise` is given
+  a Conditioning other than the one copied last. A new prompt or negative prompt, or guidance
+  crossing 1 (another batch size, another set), changes tensor values, never the tensors;
+- timesteps are a tensor input: strength and t_index_list change their values, not their shape.
+  Guidance scale, delta and seed live in the stream's eager arithmetic, outside the compiled calls;
+  the only Python numbers inside are fixed per model (the VAE's latent scale).
+
+fullgraph=True: the diffusers UNet of the tiny, sd15 and sd-turbo architectures, TAESD, and the K/V
+cache processors (pipeline/attention.py) trace as one graph each; a model that does not is refused
+at warm-up with one line (pass fullgraph=False in backend_options to allow graph breaks).
+
+On CUDA only: channels_last weights and CUDA graphs (mode="reduce-overhead", cudagraph trees). This
+path has not run on a GPU yet (none was available to this project); it follows torch's documented
+API: torch._dynamo.mark_static_address(guard=True) on the static buffers (the graph reads them where
+they are, no copy per call; a new buffer would be a visible recompilation, not a silent re-record),
+torch.compiler.cudagraph_mark_step_begin before each call (each call a step of its own), outputs
+cloned out of the graph pool (the next replay overwrites it), and three warm-up calls per graph
+(cudagraph trees run a function eagerly once, record it on the next call, then replay). Cudagraph
+trees are kept per thread (torch/_inductor/cudagraph_trees.py): the first call from another thread
+(the runtime's inference thread, after construction in the main thread) records every warmed graph
+again in that thread before it runs, so no recording waits for, say, guidance crossing 1 mid-show.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..attention import LayerKV
+from ..models import Components
+from .eager import Conditioning, EagerBackend
+
+log = logging.getLogger(__name__)
+
+CUDA_GRAPH_WARMUP_CALLS = 3  # cudagraph trees: an eager warm-up run, the recording, a first replay
+WARMUP_TIMESTEP = 999  # any valid timestep: warm-up only needs the dtype and shape of the real ones
+
+
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs between starts: TORCHINDUCTOR_CACHE_DIR when the user
+    (or torch) set it, else sdbridge's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "sdbridge", "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compile_unavailable_reason() -> str | None:
+    """Why torch.compile cannot run in this interpreter (e.g. an unsupported Python), or None."""
+    try:
+        from torch._dynamo import eval_frame
+
+        eval_frame.check_if_dynamo_supported()
+    except (ImportError, RuntimeError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The innermost error's type and first line (dynamo wraps a compiler's error in its own)."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None and inner is not exc:
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _allow_graphs(count: int) -> None:
+    """dynamo keeps at most `recompile_limit` graphs per function and backend, then silently runs
+    eagerly; this backend wants one per UNet batch size, so raise the limit when a show needs more."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    if getattr(config, name) < count:
+        log.info("raising torch._dynamo.config.%s to %d (one graph per UNet batch size)", name, count)
+        setattr(config, name, count)
+
+
+class CompiledBackend(EagerBackend):
+    """The eager backend's calls through torch.compile (plus CUDA graphs on a GPU); see the module docstring."""
+
+    name = "compiled"
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        kv_cache: bool = True,
+        compile_backend: str | Callable = "inductor",
+        fullgraph: bool = True,
+    ) -> None:
+        """`compile_backend`: torch.compile's backend ("inductor", or a callable such as a
+        compilation counter in tests); `fullgraph`: refuse graph breaks (see the module docstring)."""
+        reason = compile_unavailable_reason()
+        if reason is not None:
+            raise ValueError(
+                f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
+            )
+        super().__init__(components, kv_cache=kv_cache)
+        device = next(self.unet.parameters()).device
+        self._inductor = compile_backend == "inductor"
+        self._cuda_graphs = device.type == "cuda" and self._inductor  # CUDA graphs need both
+        options = {"backend": compile_backend, "dynamic": False, "fullgraph": fullgraph}
+        self.cache_dir = inductor_cache_dir() if self._inductor else None  # inductor's FX graph cache
+        if device.type == "cuda":  # GPU only (not run yet by this project; see the module docstring)
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+            if self._cuda_graphs:
+                options["mode"] = "reduce-overhead"  # CUDA graphs through cudagraph trees
+        compile_call = functools.partial(torch.compile, **options)
+        # the eager backend's own calls, compiled (the methods below route through them)
+        self._compiled_unet = compile_call(super()._unet_forward)
+        self._compiled_encode = compile_call(super()._vae_encode)
+        self._compiled_decode = compile_call(super()._vae_decode)
+        self._static: dict[int, Conditioning] = {}  # UNet batch size -> the buffers its graph reads
+        self._copied_from: dict[int, Conditioning] = {}  # UNet batch size -> the Conditioning copied in last
+        self._warm: dict[tuple, Callable[[], object]] = {}  # graphs compiled by `warmup`, with the call that did it
+        self._recorded_in = threading.current_thread()  # the thread whose cudagraph trees hold the recordings
+
+    # ------------------------------------------------------------------ the interface
+
+    @torch.inference_mode()
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction, read through this batch size's static prompt buffers."""
+        return super().denoise(x_t, t, self._static_conditioning(cond))
+
+    def warmup(
+        self, unet_batches: Iterable[int], *, latents: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor | None
+    ) -> None:
+        """Compile (and on CUDA record) every graph not compiled yet: the UNet for each batch size in
+        `unet_batches`, the VAE decoder for `latents` (b, 4, h, w) and, given `images` (b, 3, H, W),
+        the encoder. `embeds` (1, tokens, D) is a prompt embedding of the real shape."""
+        latent_shape = tuple(latents.shape[1:])
+        unet_keys = [("unet", rows, latent_shape) for rows in sorted(set(unet_batches))]
+        _allow_graphs(len({key for key in self._warm if key[0] == "unet"} | set(unet_keys)))
+        for key in unet_keys:
+            rows = key[1]
+            x_t = latents[:1].expand(rows, -1, -1, -1).contiguous()  # (rows, 4, h, w)
+            t = torch.full((rows,), WARMUP_TIMESTEP, dtype=torch.int64, device=latents.device)  # as step_coefficients
+            cond = self.condition(embeds.expand(rows, -1, -1).contiguous())  # (rows, tokens, D)
+            self._warm_up(key, f"the UNet for batch {rows}", functools.partial(self.denoise, x_t, t, cond))
+        self._warm_up(("decode", tuple(latents.shape)), f"the VAE decoder for batch {latents.shape[0]}",
+                      functools.partial(self.decode, latents))
+        if images is not None:
+            self._warm_up(("encode", tuple(images.shape)), f"the VAE encoder for batch {images.shape[0]}",
+                          functools.partial(self.encode, images))
+
+    # ------------------------------------------------------------------ the compiled calls
+
+    def _unet_forward(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self._run(self._compiled_unet, x_t, t, embeds)
+
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(self._compiled_encode, images)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run(self._compiled_decode, latents)
+
+    def _run(self, graph: Callable, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(map(_graph_input, inputs))
+        if not self._cuda_graphs:
+            return graph(*inputs)
+        if self._recorded_in is not threading.current_thread():
+            self._record_in_this_thread()
+        torch.compiler.cudagraph_mark_step_begin()  # each call a step of its own
+        return graph(*inputs).clone()  # out of the graph's memory pool, which the next replay overwrites
+
+    def _record_in_this_thread(self) -> None:
+        """Cudagraph trees are per thread: record every warmed graph in this one too (no compilation)."""
+        self._recorded_in = threading.current_thread()
+        log.info("recording %d CUDA graph(s) in thread %r", len(self._warm), self._recorded_in.name)
+        for call in self._warm.values():
+            for _ in range(CUDA_GRAPH_WARMUP_CALLS):
+                call()
+
+    def _warm_up(self, key: tuple, what: str, call: Callable[[], object]) -> None:
+        if key in self._warm:
+            return
+        hint = ""
+        if self._inductor:
+            hint = f" (first start: a minute or more; later starts reuse the cache in {self.cache_dir})"
+        log.info("compiling %s%s", what, hint)
+        started = time.perf_counter()
+        try:
+            for _ in range(CUDA_GRAPH_WARMUP_CALLS if self._cuda_graphs else 1):
+                call()
+        except Exception as exc:  # a compiler's error is long: one line for the user, all of it with -v
+            log.debug("compiling %s failed", what, exc_info=exc)
+            raise ValueError(f"backend: 'compiled' could not compile {what}: {_one_line(exc)}") from exc
+        log.info("compiled %s in %.1f s", what, time.perf_counter() - started)
+        self._warm[key] = call
+
+    # ------------------------------------------------------------------ static prompt buffers
+
+    def _static_conditioning(self, cond: Conditioning) -> Conditioning:
+        """This batch size's static buffers holding `cond`'s values (copied only when `cond` is new)."""
+        rows = cond.embeds.shape[0]
+        if self._copied_from.get(rows) is cond:  # every frame but the first after a prompt change
+            return self._static[rows]
+        static = self._static.get(rows)
+        if static is not None and _shapes(static) == _shapes(cond):
+            static.embeds.copy_(cond.embeds)
+            for buffer, source in zip(static.kv or (), cond.kv or ()):
+                buffer.key.copy_(source.key)
+                buffer.value.copy_(source.value)
+        else:  # the first Conditioning of this batch size: its copies become the buffers
+            static = self._static[rows] = self._new_buffers(cond)
+        self._copied_from[rows] = cond  # held, so its identity cannot be reused by another object
+        return static
+
+    def _new_buffers(self, cond: Conditioning) -> Conditioning:
+        kv = None if cond.kv is None else [LayerKV(layer.key.clone(), layer.value.clone()) for layer in cond.kv]
+        static = Conditioning(cond.embeds.clone(), kv)
+        if self._cuda_graphs:  # the graph reads them in place instead of copying them into its inputs
+            for tensor in _tensors(static):
+                torch._dynamo.mark_static_address(tensor, guard=True)
+        return static
+
+
+def _graph_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous inference tensors, every call: strides and dispatch keys (which tell inference
+    tensors from others, e.g. the stream's timesteps computed outside inference mode) are guarded."""
+    if not tensor.is_inference():
+        return tensor.clone(memory_format=torch.contiguous_format)  # called in inference mode: one
+    return tensor.contiguous()
+
+
+def _tensors(cond: Conditioning) -> list[torch.Tensor]:
+    return [cond.embeds, *(tensor for layer in cond.kv or () for tensor in (layer.key, layer.value))]
+
+
+def _shapes(cond: Conditioning) -> list[tuple]:
+    return [(tensor.shape, tensor.dtype, tensor.device) for tensor in _tensors(cond)]
