@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+from . import openmp
 from .control.table import BY_NAME, ENGINE_NAMES
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class _PromptWorker:
                 for name in PROMPT_NAMES:
                     if name in values:
                         self._store.report_rejected(name, values.pop(name), f"encoding failed: {type(exc).__name__}: {exc}")
+            openmp.release_idle_workers()  # idle until the next prompt: keep the engine's threads fast
             self._store._queue(values)
 
     def close(self) -> None:

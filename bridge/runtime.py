@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import openmp
 from .frames import FrameFormat
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
@@ -133,6 +134,7 @@ class Runtime:
             self._threads.append(thread)
         self._started_at = time.monotonic()
         self.telemetry.state = "running"
+        openmp.release_idle_workers()  # this thread built the engine; the inference thread runs it
         for thread in self._threads:
             thread.start()
 
