@@ -82,12 +82,12 @@ def _through_runtime(engine, *, frames: int, warmup: int, size: tuple[int, int],
     if cpu_before is not None and timed.cpu_at_end is not None and intervals:
         for name, seconds in timed.cpu_at_end.items():
             if name.startswith("sdbridge ") and name in cpu_before:
-                cpu[name.removeprefix("sdbridge ")] = (seconds - cpu_before[name]) * 1000.0 / len(intervals)
+                cpu[name.removeprefix("sdbridge ")] = (seconds - cpu_before[name]) * 1000.0 / frames  # calls measured
     return intervals, snapshot, cpu
 
 
 def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, input_size: tuple[int, int] = (640, 480),
-                             rounds: int = 3, timeout: float = 300.0) -> dict:
+                             rounds: int = 5, timeout: float = 300.0) -> dict:
     """Run `engine` alone on a test-pattern frame and through testpattern -> runtime -> null
     (source at a steady 30 fps, or twice the engine's rate when that is more: the engine always
     has a new frame waiting), in `rounds` alternating rounds of frames/rounds each.
