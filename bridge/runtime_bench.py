@@ -87,14 +87,15 @@ def _through_runtime(engine, *, frames: int, warmup: int, size: tuple[int, int],
 
 
 def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, input_size: tuple[int, int] = (640, 480),
-                             rounds: int = 5, timeout: float = 300.0) -> dict:
+                             rounds: int = 5, source_fps: float | None = None, timeout: float = 300.0) -> dict:
     """Run `engine` alone on a test-pattern frame and through testpattern -> runtime -> null
     (source at a steady 30 fps, or twice the engine's rate when that is more: the engine always
-    has a new frame waiting), in `rounds` alternating rounds of frames/rounds each.
+    has a new frame waiting; or `source_fps`), in `rounds` alternating rounds of frames/rounds each.
 
     Returns ms figures: engine_ms (median call alone), runtime_frame_ms (median interval between
     processed frames through the runtime), overhead_ms (their difference), overhead_ms_rounds
     (the difference per round), runtime_inference_ms (median engine call inside the runtime),
+    between_calls_ms (runtime_frame_ms less that call: what the inference loop itself adds),
     thread_cpu_ms_per_frame (capture/inference/output, with psutil), latency_ms_median /
     latency_ms_p95 (capture to publish) and latency_budget_ms: the engine's time for the frame
     (stream batch returns a frame `lag` = steps - 1 calls after it went in, so (lag + 1) engine
@@ -119,7 +120,8 @@ def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, inpu
     deadline = time.monotonic() + timeout
     for _ in range(rounds):
         alone = _engine_alone_ms(engine, frame, per_round)
-        source_fps = min(1000.0, max(30.0, 2.0 * 1000.0 / max(statistics.median(alone), 1e-3)))
+        if source_fps is None:
+            source_fps = min(1000.0, max(30.0, 2.0 * 1000.0 / max(statistics.median(alone), 1e-3)))
         intervals, snapshot, cpu = _through_runtime(
             engine, frames=per_round, warmup=warmup, size=(width, height), source_fps=source_fps,
             timeout=max(1.0, deadline - time.monotonic()),
@@ -156,6 +158,8 @@ def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, inpu
         "overhead_ms": runtime_frame_ms - engine_ms,
         "overhead_ms_rounds": per_round_overhead,
         "runtime_inference_ms": median_or_none(inference),
+        # the inference thread's own time per frame outside the engine call (slots, parameters, figures)
+        "between_calls_ms": None if not inference else runtime_frame_ms - statistics.median(inference),
         "thread_cpu_ms_per_frame": {name: statistics.median(cpu.get(name, 0.0) for cpu in cpu_rounds) for name in threads},
         "latency_ms_median": median_or_none(latency),
         "latency_ms_p95": median_or_none(latency_p95),

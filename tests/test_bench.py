@@ -35,6 +35,7 @@ def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_ove
     overhead = batched["runtime_overhead"]
     assert overhead["rounds"] >= 1 and overhead["frames"] >= 2
     assert overhead["overhead_ms"] == pytest.approx(overhead["runtime_frame_ms"] - overhead["engine_ms"])
+    assert overhead["between_calls_ms"] == pytest.approx(overhead["runtime_frame_ms"] - overhead["runtime_inference_ms"])
     assert len(overhead["overhead_ms_rounds"]) == overhead["rounds"]
     assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
     assert overhead["thread_cpu_ms_per_frame"]["inference"] > 0

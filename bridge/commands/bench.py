@@ -119,6 +119,11 @@ def format_table(results: list[dict]) -> str:
                 f"{'':<9} through the runtime: {o['runtime_frame_ms']:.2f} ms/frame vs {o['engine_ms']:.2f} alone "
                 f"(overhead {o['overhead_ms']:+.2f} ms over {o['rounds']} alternating rounds)"
             )
+            if o.get("between_calls_ms") is not None:
+                lines.append(
+                    f"{'':<9} engine call inside the runtime {o['runtime_inference_ms']:.2f} ms, "
+                    f"the inference loop between calls {o['between_calls_ms']:+.2f} ms"
+                )
             lines.append(
                 f"{'':<9} latency capture to publish at {o['source_fps']:.0f} fps input: {latency} ms (median/p95), "
                 f"budget {o['latency_budget_ms']:.1f}/{o['latency_budget_p95_ms']:.1f} ms (engine time for the frame + one input period)"
