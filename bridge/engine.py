@@ -60,5 +60,14 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
         raise UserError(str(exc)) from None
     if settings.prompt or settings.negative_prompt:
         engine.set_prompt(settings.prompt, negative_prompt=settings.negative_prompt)
+    if settings.compile_steps:
+        if settings.backend != "compiled":
+            log.warning("--compile-steps has no effect with the %s backend", settings.backend)
+        else:
+            progress(f"compiling for {', '.join(map(str, settings.compile_steps))} step(s) as well ...")
+            try:
+                engine.warm_up(step_counts=settings.compile_steps)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
     progress(f"engine ready in {time.perf_counter() - started:.1f} s")
     return engine

@@ -66,6 +66,7 @@ class RunSettings:
     similarity_filter: bool | None = None
     similarity_threshold: float | None = None
     backend: str = "eager"
+    compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
     device: str = "auto"
     dtype: str = "auto"
     fps: float = 30.0  # output rate
@@ -93,8 +94,9 @@ class RunSettings:
             object.__setattr__(self, "presets", check_presets(self.presets))
         if isinstance(self.sink, str):
             object.__setattr__(self, "sink", (self.sink,))
-        if isinstance(self.t_index_list, (list, str)):
-            object.__setattr__(self, "t_index_list", _int_list(self.t_index_list))
+        for name in ("t_index_list", "compile_steps"):
+            if isinstance(getattr(self, name), (list, str)):
+                object.__setattr__(self, name, _int_list(getattr(self, name), name))
         self._validate()
 
     def _validate(self) -> None:
@@ -127,6 +129,9 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: {value!r} must be a positive integer")
+        for count in self.compile_steps:
+            if not 1 <= count <= 16:
+                raise ValueError(f"compile_steps: {count!r} must be a number of steps from 1 to 16")
         if self.t_index_list is not None and (self.steps is not None or self.strength is not None):
             raise ValueError("t_index_list: give either t_index_list or steps/strength, not both")
         self.control_settings()  # validates the OSC settings (ValueError naming the field)
@@ -139,12 +144,13 @@ class RunSettings:
         )
 
 
-def _int_list(value) -> tuple[int, ...]:
+def _int_list(value, name: str) -> tuple[int, ...]:
     items = value.replace(",", " ").split() if isinstance(value, str) else value
     try:
         return tuple(int(item) for item in items)
     except (TypeError, ValueError):
-        raise ValueError(f"t_index_list: {value!r} must be a list of integers, as in 32,45") from None
+        example = "32,45" if name == "t_index_list" else "1,2,4"
+        raise ValueError(f"{name}: {value!r} must be a list of integers, as in {example}") from None
 
 
 def _check_type(name: str, value, annotation: str) -> None:

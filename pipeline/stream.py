@@ -208,16 +208,25 @@ class StreamDiffusion:
             self._configure(previous, new_config)
             raise
 
-    def warm_up(self) -> None:
+    def warm_up(self, step_counts=()) -> None:
         """Ready the backend for every UNet batch the current cfg type and step count can reach,
         guidance on or off, so that no frame waits (the compiled backend compiles here; eager has
-        nothing to do). Called by __init__ and by `update` when those batches change."""
+        nothing to do). Called by __init__ and by `update` when those batches change.
+
+        `step_counts`: other numbers of denoising steps to ready now as well, so that a later
+        t_index_list of that length (an operator's change during a show) compiles nothing."""
         config, b = self.config, self.config.frame_buffer_size
+        batches = set(unet_batches(config))
+        for count in step_counts:
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= min(16, config.num_inference_steps):
+                raise ValueError(f"step_counts: {count!r} must be a whole number of steps from 1 to "
+                                 f"{min(16, config.num_inference_steps)}")
+            batches |= set(unet_batches(config.replace(t_index_list=tuple(range(count)))))
         images = None
         if config.mode == "img2img":
             images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
         self.backend.warmup(
-            unet_batches(config), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
+            sorted(batches), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
         )  # latents (b, 4, h, w), embeds (1, 77, D), images (b, 3, H, W)
 
     def reset(self) -> None:

@@ -132,6 +132,42 @@ def test_no_compilation_while_settings_change(tiny_components, cfg_type, batched
     assert all(out.shape == (3, SIZE, SIZE) and torch.isfinite(out).all() for out in outputs)
 
 
+def test_step_counts_compiled_at_start_need_no_compilation_mid_show(tiny_components):
+    """`warm_up(step_counts=...)` (`--compile-steps`): an operator's t_index_list of another
+    length then compiles nothing during the show."""
+    counter = CountingBackend()
+    config = _config(cfg_type="full")
+    engine = _compiled(tiny_components, config, counter)
+    engine.warm_up(step_counts=[1, 3])
+    expected = set(unet_batches(config))
+    for steps in ((10,), (5, 25, 45)):
+        expected |= set(unet_batches(config.replace(t_index_list=steps)))
+    assert counter.count == len(expected) + 2  # one graph per UNet batch of 1, 2 and 3 steps, the VAE encoder and decoder
+    warm = counter.count
+    outputs = []
+    for steps in ((10,), (5, 25, 45), (20, 40), (12,)):
+        engine.update(t_index_list=steps)
+        outputs += [engine(frame) for frame in _frames(2, seed=len(steps))]
+        engine.update(guidance_scale=1.0)
+        outputs.append(engine(_frames(1)[0]))
+        engine.update(guidance_scale=1.6)
+    assert counter.count == warm, f"compiled during the show: {counter.graphs[warm:]}"
+    assert all(out.shape == (3, SIZE, SIZE) and torch.isfinite(out).all() for out in outputs)
+    for bad in (0, 17, "2", 2.0, True):
+        with pytest.raises(ValueError, match="step_counts"):
+            engine.warm_up(step_counts=[bad])
+
+
+def test_compile_steps_setting_is_read_and_checked():
+    from bridge.settings import RunSettings
+
+    assert RunSettings(sink=("null",), compile_steps="1, 2,4").compile_steps == (1, 2, 4)
+    assert RunSettings(sink=("null",), compile_steps=[3]).compile_steps == (3,)
+    for bad, message in (("1,x", "must be a list of integers"), ([0], "from 1 to 16"), ([17], "from 1 to 16")):
+        with pytest.raises(ValueError, match=f"compile_steps: .*{message}"):
+            RunSettings(sink=("null",), compile_steps=bad)
+
+
 @pytest.mark.parametrize("cfg_type", ["full", "self"])
 def test_compiled_frames_equal_eager_frames(tiny_components, cfg_type):
     config = _config(cfg_type=cfg_type)
