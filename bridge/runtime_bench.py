@@ -42,18 +42,22 @@ def _thread_cpu_seconds() -> dict[str, float] | None:
 
 class _Timed:
     """The engine, noting when each call returns (the runtime sees the same API); after the
-    `sample_after`-th call it reads the threads' CPU times once (the threads end soon after)."""
+    `start`-th and the `end`-th call it reads the threads' CPU times (from the inference thread
+    itself, while every thread of the run is alive)."""
 
-    def __init__(self, engine, sample_after: int) -> None:
+    def __init__(self, engine, start: int, end: int) -> None:
         self._engine = engine
-        self._sample_after = sample_after
+        self._start, self._end = start, end
         self.finished: list[float] = []
+        self.cpu_at_start: dict[str, float] | None = None
         self.cpu_at_end: dict[str, float] | None = None
 
     def __call__(self, pixels):
         out = self._engine(pixels)
         self.finished.append(time.perf_counter())
-        if len(self.finished) == self._sample_after:
+        if len(self.finished) == self._start:
+            self.cpu_at_start = _thread_cpu_seconds()
+        if len(self.finished) == self._end:
             self.cpu_at_end = _thread_cpu_seconds()
         return out
 
@@ -66,23 +70,20 @@ def _through_runtime(engine, *, frames: int, warmup: int, size: tuple[int, int],
     """One round through testpattern -> runtime -> null: the intervals between processed frames
     (ms, after `warmup`), the telemetry snapshot, and each thread's CPU ms per processed frame."""
     width, height = size
-    timed = _Timed(engine, sample_after=warmup + frames)
+    timed = _Timed(engine, start=max(1, warmup), end=warmup + frames)
     runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=source_fps),
                       sinks=[NullSink()], config=RuntimeConfig(fps=source_fps, max_frames=warmup + frames))
-    cpu_before: dict[str, float] | None = None
     with runtime:
-        deadline = time.monotonic() + timeout
-        while len(timed.finished) < warmup and time.monotonic() < deadline:
-            time.sleep(0.005)
-        cpu_before = _thread_cpu_seconds()  # the threads are running: measure from the end of the warm-up
-        runtime.wait(timeout=max(0.0, deadline - time.monotonic()))
+        runtime.wait(timeout=timeout)
         snapshot = runtime.snapshot()
     intervals = (np.diff(timed.finished[warmup:]) * 1000.0).tolist()
     cpu: dict[str, float] = {}
-    if cpu_before is not None and timed.cpu_at_end is not None and intervals:
-        for name, seconds in timed.cpu_at_end.items():
-            if name.startswith("sdbridge ") and name in cpu_before:
-                cpu[name.removeprefix("sdbridge ")] = (seconds - cpu_before[name]) * 1000.0 / frames  # calls measured
+    before, after = timed.cpu_at_start, timed.cpu_at_end
+    calls = warmup + frames - max(1, warmup)  # the calls between the two readings
+    if before is not None and after is not None and calls > 0:
+        for name, seconds in after.items():
+            if name.startswith("sdbridge ") and name in before:
+                cpu[name.removeprefix("sdbridge ")] = (seconds - before[name]) * 1000.0 / calls
     return intervals, snapshot, cpu
 
 
