@@ -72,3 +72,20 @@ def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
     # lag 0 (one step): the budget is one engine call plus one input period
     assert figures["latency_budget_ms"] == pytest.approx(figures["engine_ms"] + 1000.0 / 30.0)
     assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
+
+
+def test_runtime_floor_script_writes_both_step_counts(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import REPO, child_env
+
+    out = tmp_path / "floor.json"
+    result = subprocess.run([sys.executable, "bench/runtime_floor.py", "--engine-ms", "40", "--frames", "6", "--size", "32",
+                             "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert [r["steps"] for r in record["results"]] == [1, 2] and "runtime_floor.py" in record["command"]
+    for steps, r in zip((1, 2), record["results"]):
+        assert r["engine_ms"] >= 40.0 and r["frames"] >= 2
+        assert r["latency_budget_ms"] == pytest.approx(steps * r["engine_ms"] + 1000.0 / 30.0)
