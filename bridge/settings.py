@@ -38,6 +38,8 @@ from .transports import parse_spec
 
 RANDOM_PREFIX = "random:"
 RANDOM_ARCHS = ("tiny", "sd15", "sd-turbo")  # pipeline.ARCHS (kept here: reading settings must not import torch)
+ENGINE_BACKENDS = ("compiled", "eager")  # pipeline.backends.BACKENDS, likewise
+PLANNED_BACKENDS = ("tensorrt",)  # pipeline.backends.PLANNED: designed, refused with the engine's reason
 MAX_SIZE = 4096  # width and height: far above what runs live; a typo's 1048576 is refused, not allocated
 MAX_FPS = 1000.0  # the runtime's limit
 
@@ -113,6 +115,8 @@ class RunSettings:
         if self.model.startswith(RANDOM_PREFIX) and self.model[len(RANDOM_PREFIX):] not in RANDOM_ARCHS:
             raise ValueError(f"model: {self.model!r} is not a random-weight architecture; one of "
                              f"{', '.join(RANDOM_PREFIX + arch for arch in RANDOM_ARCHS)}")
+        if self.backend not in ENGINE_BACKENDS + PLANNED_BACKENDS:  # refused before minutes of model loading
+            raise ValueError(f"backend: {self.backend!r} is not available; choose one of {', '.join(ENGINE_BACKENDS)}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if not 0 < value <= MAX_SIZE:

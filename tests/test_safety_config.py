@@ -48,6 +48,7 @@ CASES = [
     ("vae-number", {"vae": "3"}, "", ["vae", "3"]),
     ("lcm-lora-list", {"lcm_lora": '["a", "b"]'}, "", ["lcm_lora", "['a', 'b']"]),
     ("allow-pickle-string", {"allow_pickle": '"yes"'}, "", ["allow_pickle", "'yes'"]),
+    ("backend-unknown", {"backend": '"turbo"'}, "", ["backend", "'turbo'", "eager"]),
     # sizes and rates
     ("width-string", {"width": '"big"'}, "", ["width", "'big'"]),
     ("width-not-multiple-of-8", {"width": "100"}, "", ["width", "100"]),
@@ -172,6 +173,14 @@ def test_random_architectures_agree_with_the_engine():
     from bridge.settings import RANDOM_ARCHS
 
     assert RANDOM_ARCHS == ARCHS
+
+
+def test_backend_names_agree_with_the_engine():
+    from pipeline.backends import BACKENDS, PLANNED
+
+    from bridge.settings import ENGINE_BACKENDS, PLANNED_BACKENDS
+
+    assert set(ENGINE_BACKENDS) == set(BACKENDS) and set(PLANNED_BACKENDS) == set(PLANNED)
 
 
 def test_missing_config_file_and_a_folder_as_config(tmp_path, capsys):
