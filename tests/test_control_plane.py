@@ -248,6 +248,27 @@ def test_every_advertised_address_works_when_sent(plane):
     assert set(STORE_PARAMETERS) == {p.name for p in PARAMETERS if p.target == "engine"}
 
 
+def test_status_reports_the_newest_error_of_run_engine_and_osc():
+    """The run's own last error (telemetry), the engine's refusal of a value and the OSC router's
+    refusal of a packet: status out shows whichever came last."""
+    run = {"state": "running", "last_error": "source lost: camera unplugged", "last_error_age": 5.0}
+    store = ParameterStore()
+    settings = ControlSettings(osc_port=0, oscquery=False)
+    with ControlPlane(store=store, settings=settings, telemetry=lambda: dict(run)) as control:
+        assert control.snapshot()["last_error"] == "source lost: camera unplugged"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(encode_message("/sd/guidance_scale", "loud"), ("127.0.0.1", control.osc_port))
+        deadline = time.monotonic() + 10
+        while control.router.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        newest = control.snapshot()
+        assert "guidance_scale" in newest["last_error"] and newest["last_error_age"] < 5.0
+        store.report_rejected("seed", 666, "out of memory")  # the engine refused a value after that
+        assert control.snapshot()["last_error"] == "seed: out of memory"
+        run.update(last_error="source lost: again", last_error_age=0.0)  # and now the run itself
+        assert control.snapshot()["last_error"] == "source lost: again"
+
+
 def test_allow_list_over_real_sockets():
     store = ParameterStore()
     settings = ControlSettings(osc_port=0, oscquery=False, osc_allow=("10.1.2.3",))

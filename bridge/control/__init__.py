@@ -21,6 +21,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -159,7 +160,7 @@ class ControlPlane:
                              allow=parse_allow(settings.osc_allow), actions=actions, presets=presets)
         self._parts: list = []
         self._started = self._closed = False
-        self._store_error: str | None = None
+        self._store_error: tuple[str, float] | None = None  # the latest refusal by the engine, and when
         self.osc_port: int | None = None
         self.oscquery_port: int | None = None
 
@@ -214,7 +215,7 @@ class ControlPlane:
     def _heard(self, name: str, value: Any, error: str | None) -> None:
         """Store listener (runs on the inference thread): keep the latest rejection only."""
         if error is not None and not self._closed:
-            self._store_error = f"{name}: {error}"
+            self._store_error = (f"{name}: {error}", time.monotonic())
 
     def _values(self) -> dict:
         return self._store.applied
@@ -225,8 +226,17 @@ class ControlPlane:
         counters = self.router.counters
         snapshot["osc_refused"] = sum(counters[k] for k in (
             "dropped_sender", "malformed", "over_limit", "unknown_address", "bad_pattern", "rejected"))
-        if not snapshot.get("last_error"):
-            snapshot["last_error"] = self._store_error or self.router.last_error
+        now = time.monotonic()
+        errors = []
+        if snapshot.get("last_error"):
+            errors.append((now - (snapshot.get("last_error_age") or 0.0), snapshot["last_error"]))
+        if self._store_error is not None:
+            errors.append(self._store_error[::-1])
+        if self.router.last_error is not None:
+            errors.append((self.router.last_error_time, self.router.last_error))
+        if errors:  # the newest of the run's, the engine's and the OSC router's
+            when, text = max(errors, key=lambda error: error[0])
+            snapshot["last_error"], snapshot["last_error_age"] = text, now - when
         return snapshot
 
     @property

@@ -97,6 +97,7 @@ class Router:
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._refusals = RateLimitedLog(log, clock=clock)
         self.last_error: str | None = None  # the latest refusal, for the status output
+        self.last_error_time: float | None = None  # when it came (time.monotonic)
 
     @property
     def addresses(self) -> dict[str, tuple[Param, bool]]:
@@ -246,7 +247,7 @@ class Router:
             self._counters[name] += amount
 
     def _refuse(self, key: str, sender: tuple, text: str) -> None:
-        self.last_error = text
+        self.last_error, self.last_error_time = text, time.monotonic()
         self._refusals.warning(key, "OSC from %s:%s refused: %s", sender[0], sender[1], text)
 
 
