@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -20,6 +21,28 @@ def check_gpu() -> tuple[str, bool, str]:
         return "GPU", True, "Apple MPS"
     reason = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
     return "GPU", False, f"{reason}; the engine runs on the CPU (slow, fine for the demo)"
+
+
+def check_compile() -> tuple[str, bool, str]:
+    """Whether `--backend compiled` can run: torch.compile in this interpreter, and a C++ compiler
+    for inductor's CPU kernels (CUDA kernels come from triton)."""
+    import shutil
+
+    import torch
+
+    from pipeline.backends.compiled import compile_unavailable_reason
+
+    reason = compile_unavailable_reason()
+    if reason is not None:
+        return "torch.compile", False, f"{reason}; use --backend eager"
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile", False, "triton is not installed: inductor needs it for CUDA kernels"
+        return "torch.compile", True, "--backend compiled can run on CUDA (triton)"
+    compiler = next((name for name in ("c++", "g++", "clang++", "cl") if shutil.which(name)), None)
+    if compiler is None:
+        return "torch.compile", False, "no C++ compiler on PATH for inductor's CPU kernels; --backend compiled needs one"
+    return "torch.compile", True, f"--backend compiled can run (C++ compiler: {compiler})"
 
 
 def check_tensorrt() -> tuple[str, bool, str]:
@@ -100,7 +123,7 @@ def check_window() -> tuple[str, bool, str]:
 
 
 CHECKS = (
-    check_gpu, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras, check_window,
+    check_gpu, check_compile, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras, check_window,
 )
 
 
