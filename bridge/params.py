@@ -130,6 +130,11 @@ class ParameterStore:
                         self._pending.pop(name, None)
             self._pending.update(checked)
 
+    @property
+    def has_pending(self) -> bool:
+        """True when a change waits for the next frame (a hint: `take` may still find none)."""
+        return bool(self._pending)
+
     def take(self) -> dict[str, Any]:
         """Every pending change (newest per name), removing them; {} when none."""
         with self._lock:

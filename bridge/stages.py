@@ -41,6 +41,10 @@ class Shared:
     output_slot: LatestSlot = field(default_factory=LatestSlot)
     stop: threading.Event = field(default_factory=threading.Event)
     paused: threading.Event = field(default_factory=threading.Event)  # output holds, engine idle
+    # the engine is applying new settings (the compiled backend may compile for a minute): the
+    # output holds its last frame meanwhile; a deliberate change is not a stall
+    updating: threading.Event = field(default_factory=threading.Event)
+    updating_since: float = 0.0  # when the current settings change began (time.monotonic)
     source_ended: threading.Event = field(default_factory=threading.Event)
     inference_done: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -154,11 +158,16 @@ def inference_loop(shared: Shared) -> None:
     origins = Origins(engine)
     processed = skipped_so_far = 0
     while not shared.stop.is_set():
+        if shared.params.has_pending:  # only a real change holds the output (see OutputLoop)
+            shared.updating_since = time.monotonic()
+            shared.updating.set()
         try:  # 1. parameters, between frames
             apply_pending(shared.params, engine)
         except Exception as exc:  # never expected (apply_pending reports its own failures): keep running
             telemetry.error(f"parameters: {describe(exc)}")
             log.exception("applying parameters failed")
+        finally:
+            shared.updating.clear()
         if shared.paused.is_set():  # paused: inputs are dropped, the output holds its last frame
             if telemetry.state == "running":
                 telemetry.state = "paused"
@@ -243,7 +252,7 @@ class OutputLoop:
         if frame is not None:
             self._wait_for_token()
             self.last_frame, self.last_fresh_time = frame, time.monotonic()
-            if shared.telemetry.state == "stalled":
+            if shared.telemetry.state in ("stalled", "updating"):
                 shared.telemetry.state = "running"
             self._publish(frame, fresh=True)
         elif time.monotonic() >= repeat_at:
@@ -263,6 +272,12 @@ class OutputLoop:
     def _repeat_frame(self) -> Frame:
         if self.shared.paused.is_set() and self.last_frame is not None:
             self.last_fresh_time = time.monotonic()  # a pause is not a stall
+            return self.last_frame
+        if self.shared.updating.is_set() and self.last_frame is not None:
+            now = time.monotonic()
+            self.last_fresh_time = now  # nor is a change of settings
+            if now - self.shared.updating_since > self.shared.config.stall_seconds and self.shared.telemetry.state == "running":
+                self.shared.telemetry.state = "updating"  # long enough to say so in the status
             return self.last_frame
         stalled = time.monotonic() - self.last_fresh_time > self.shared.config.stall_seconds
         mode = self.shared.config.fallback

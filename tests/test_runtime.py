@@ -311,3 +311,44 @@ def test_stream_batch_lag_is_counted_in_the_latency():
     fresh = [f for _, f in sink.sent if f.pixels.any()]
     assert len(fresh) > 10
     assert all(framecode.decode(f.pixels)[0] == f.sequence for f in fresh)  # metadata matches the picture
+
+
+class SlowUpdateEngine(StandInEngine):
+    """An engine whose settings change takes `update_seconds` (as the compiled backend compiling)."""
+
+    def __init__(self, update_seconds, **kwargs):
+        super().__init__(**kwargs)
+        self.update_seconds = update_seconds
+
+    def update(self, **values):
+        time.sleep(self.update_seconds)
+        super().update(**values)
+
+
+def test_a_slow_settings_change_holds_the_last_frame_not_the_fallback():
+    """fallback "black" after 0.2 s of stall, and an update that takes 1.2 s: the sinks keep the last
+    frame throughout (a deliberate change is not a stall), the state says "updating", frames resume."""
+    engine, sink = SlowUpdateEngine(1.2, size=64, cost=0.01), RecordingSink()
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30), sinks=[sink],
+                      config=RuntimeConfig(fps=30, fallback="black", stall_seconds=0.2))
+    states = []
+    with runtime:
+        deadline = time.monotonic() + 10
+        while runtime.snapshot()["frames_processed"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fallback_before = runtime.snapshot()["fallback_frames"]  # black frames before the first result count
+        runtime.params.set("guidance_scale", 1.5)
+        changed_at = time.monotonic()
+        while not engine.updates and time.monotonic() < changed_at + 10:
+            states.append(runtime.snapshot()["state"])
+            time.sleep(0.02)
+        processed = runtime.snapshot()["frames_processed"]
+        while runtime.snapshot()["frames_processed"] < processed + 5 and time.monotonic() < changed_at + 20:
+            time.sleep(0.01)
+        snapshot = runtime.snapshot()
+    assert engine.updates == [{"guidance_scale": 1.5}]
+    during = [frame for sent_at, frame in sink.sent if changed_at + 0.3 < sent_at < changed_at + 1.1]
+    assert len(during) >= 15  # the output went on at ~30 fps
+    assert all(frame.pixels.any() for frame in during)  # never the black fallback
+    assert "updating" in states and snapshot["state"] == "running"
+    assert snapshot["fallback_frames"] == fallback_before and snapshot["frames_processed"] >= processed + 5

@@ -7,7 +7,7 @@
     /sd/status/latency_ms     f  median capture-to-publish time
     /sd/status/frames_skipped i  frames the similarity filter skipped (total)
     /sd/status/frames_dropped i  frames replaced before the next stage took them (total)
-    /sd/status/state          i  0 starting, 1 running, 2 paused, 3 source lost, 4 stopping, 5 stopped, 6 stalled, -1 other
+    /sd/status/state          i  0 starting, 1 running, 2 paused, 3 source lost, 4 stopping, 5 stopped, 6 stalled, 7 updating, -1 other
     /sd/status/state_name     s  the same as text
     /sd/status/osc_refused    i  OSC messages refused so far (malformed, unknown, out of the allow-list ...)
     /sd/status/error          s  the latest error, when there is one
@@ -27,7 +27,8 @@ from .osc import encode_message
 
 log = logging.getLogger(__name__)
 
-STATES = {"starting": 0, "running": 1, "paused": 2, "source lost": 3, "stopping": 4, "stopped": 5, "stalled": 6}
+STATES = {"starting": 0, "running": 1, "paused": 2, "source lost": 3, "stopping": 4, "stopped": 5, "stalled": 6,
+          "updating": 7}
 # (address suffix, snapshot key, type)
 FIGURES = (
     ("fps", "processed_fps", float),

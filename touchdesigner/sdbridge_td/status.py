@@ -18,7 +18,8 @@ FIELDS = (
     ("frames_skipped", "i"), ("frames_dropped", "i"), ("state", "i"), ("state_name", "s"),
     ("osc_refused", "i"), ("error", "s"),
 )
-STATE_NAMES = {0: "starting", 1: "running", 2: "paused", 3: "source lost", 4: "stopping", 5: "stopped", 6: "stalled", -1: "other"}
+STATE_NAMES = {0: "starting", 1: "running", 2: "paused", 3: "source lost", 4: "stopping", 5: "stopped", 6: "stalled",
+               7: "updating", -1: "other"}
 ALIVE_TIMEOUT_SECONDS = 3.0  # status comes once a second: three missed ticks mean the bridge is gone
 
 
