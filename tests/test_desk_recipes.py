@@ -20,6 +20,7 @@ from bridge.control import ControlPlane, ControlSettings
 from bridge.control.table import addresses
 from bridge.params import ParameterStore
 from test_touchdesigner import check_guide
+from test_control_plane import Actions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "lighting-desks.md"
@@ -83,17 +84,6 @@ def expectation(text):
         return ("action", text[:-2])
     name, _, value = text.partition(" = ")
     return ("store", name, ast.literal_eval(value))
-
-
-class Actions:
-    def __init__(self):
-        self.calls = []
-
-    def pause(self):
-        self.calls.append("pause")
-
-    def resume(self):
-        self.calls.append("resume")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import spoutgl_standin
 from bridge.frames import Frame
 from bridge.transports import TransportUnavailable, open_sink, open_source
 
-pyvirtualcam = pytest.importorskip("pyvirtualcam")
+pyvirtualcam = pytest.importorskip("pyvirtualcam", reason="pyvirtualcam is not installed: pip install 'sdbridge[virtualcam]'")
 
 
 class RecordingBackend:

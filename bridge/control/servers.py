@@ -35,19 +35,26 @@ def _address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _bound_socket(host: str, port: int, kind: int, option: int, value: int) -> socket.socket:
+    """A socket of `kind` with one SOL_SOCKET `option` set, bound to (host, port), polling every
+    POLL_SECONDS; closed again if any step fails."""
+    sock = socket.socket(_address_family(host), kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, value)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(POLL_SECONDS)
+    return sock
+
+
 class UDPServer:
     """Receives datagrams on (host, port) and hands each to `handler` on its own thread."""
 
     def __init__(self, *, host: str, port: int, handler: Handler) -> None:
         self._handler = handler
-        self._socket = socket.socket(_address_family(host), socket.SOCK_DGRAM)
-        try:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
-            self._socket.bind((host, port))
-        except OSError:
-            self._socket.close()
-            raise
-        self._socket.settimeout(POLL_SECONDS)
+        self._socket = _bound_socket(host, port, socket.SOCK_DGRAM, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
         self.port = self._socket.getsockname()[1]
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdbridge osc udp", daemon=True)
@@ -82,15 +89,12 @@ class TCPServer:
         self._allow = allow
         self._on_error = on_error
         self._max_packet = max_packet_bytes
-        self._socket = socket.socket(_address_family(host), socket.SOCK_STREAM)
+        self._socket = _bound_socket(host, port, socket.SOCK_STREAM, socket.SO_REUSEADDR, 1)
         try:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._socket.bind((host, port))
             self._socket.listen(8)
         except OSError:
             self._socket.close()
             raise
-        self._socket.settimeout(POLL_SECONDS)
         self.port = self._socket.getsockname()[1]
         self._closed = threading.Event()
         self._lock = threading.Lock()
