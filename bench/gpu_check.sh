@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU figures of the engine issues in one prepared run on an H100/H200 (the `device` tool),
-# each step with a time limit, JSON under $OUT, a short table printed last.
+# The GPU figures of issues 3 and 5 in prepared runs on an H100/H200 (the `device` tool), each
+# step with a time limit, JSON and a log per step under $OUT, a short table printed last.
 #
 # Here, once, in the repository root (the device has torch, transformers, numpy, safetensors,
-# but no diffusers):
-#   echo /.whl/ >> .git/info/exclude
+# zipp, but no diffusers):
+#   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers importlib_metadata zipp
-# Then: run(command="bash bench/gpu_check.sh eager", carry=[".whl"], timeout_s=560); the same
-# with "compiled" (issue 5's backend; inductor compiles first, a few minutes) if time is left;
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# Then: run(command="bash bench/gpu_check.sh turbo", carry=[".whl"], timeout_s=...); then "sd15";
 # and give_back.
+#   turbo: sd-turbo 1 step 512x512: eager through the runtime (issue 3: overhead <= 1 ms, latency
+#          budget; issue 5: eager >= 40 fps), compiled with prompt changes at 60 fps (issue 5:
+#          >= 170 fps, p99 <= 1.3x median, < 6 GiB, no frame later than two periods)
+#   sd15:  sd15 4 steps RCFG self 512x512, compiled (issue 5: >= 100 fps)
 set -u
-PART="${1:-eager}"
+PART="${1:-turbo}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
@@ -21,35 +24,42 @@ fi
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results/gpu}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
+python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 
 bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SECONDS
   local seconds=$1 name=$2
   shift 2
-  timeout "$seconds" python3 -m bridge.cli -q bench --time-limit 60 --json "$OUT/$name.json" "$@" \
-    || echo "bench $name: exit $? (timeout or failure)"
+  echo "== $name (limit ${seconds}s): sdbridge bench $*"
+  local started=$SECONDS
+  timeout -k 5 "$seconds" python3 -m bridge.cli bench --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   exit $rc after $((SECONDS - started)) s"
+  [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
 }
 
-if [ "$PART" = eager ]; then
-  # issue 2: eager sd-turbo 1 step (target >= 40 fps); sd15 4 steps stream batch vs sequential (target >= 2.5x)
-  # issue 3: the runtime's threads over the engine alone (target <= 1 ms), latency at 30 fps in
-  bench 180 sd_turbo_1step_eager --arch sd-turbo --steps 1 --cfg self --width 512 --height 512 --frames 300 --warmup 30 --runtime
-  bench 220 sd15_4step_batch_vs_sequential --arch sd15 --steps 4 --cfg self --width 512 --height 512 --frames 200 --warmup 20 --sequential
-  bench 100 sd15_2step_self --arch sd15 --steps 2 --cfg self --width 512 --height 512 --frames 200 --warmup 20
-else
-  # issue 5: compiled sd-turbo 1 step (target >= 170 fps, p99 <= 1.3x median, < 6 GiB); sd15 4 steps self (>= 100 fps)
-  bench 280 sd_turbo_1step_compiled --backend compiled --arch sd-turbo --steps 1 --cfg self --width 512 --height 512 --frames 600 --warmup 30
-  bench 260 sd15_4step_compiled --backend compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --frames 400 --warmup 30
-fi
+TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
+case "$PART" in
+  turbo)
+    bench 150 sd_turbo_1step_eager $TURBO --frames 300 --warmup 30 --time-limit 30 --runtime
+    bench 240 sd_turbo_1step_compiled $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 30 --prompt-changes 8
+    ;;
+  sd15)
+    bench 240 sd15_4step_self_compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
+      --frames 400 --warmup 30 --time-limit 30
+    ;;
+  *) echo "unknown part $PART (turbo, sd15)"; exit 2 ;;
+esac
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
-rows = []
+sys.path.insert(0, ".")
+from bridge.commands.bench import format_table
+results = []
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    for r in json.loads(path.read_text()):
-        rows.append(f"{r['arch']:<9} {r['backend']:<8} {r['steps']:>2} {r['cfg_type']:<10} {'batch' if r['use_denoising_batch'] else 'seq':<5} "
-                    f"{r['fps']:7.1f} fps  median {r['ms_median']:6.2f} ms  p99 {r['ms_p99']:6.2f} ms  "
-                    f"{r['peak_mem_gib']:5.2f} GiB  {r['device']}" + (f"  x{r['speedup_vs_sequential']:.2f} vs seq" if 'speedup_vs_sequential' in r else "")
-                    + (f"  runtime {r['runtime_overhead']['overhead_ms']:+.2f} ms/frame" if 'runtime_overhead' in r else ""))
-print("\n".join(rows) or "no results")
+    try:
+        results += json.loads(path.read_text())
+    except ValueError as exc:
+        print(f"{path.name}: unreadable ({exc})")
+print(format_table(results) if results else "no results")
 PY

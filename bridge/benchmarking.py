@@ -103,11 +103,14 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
     }
 
 
-def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False, components=None) -> list[dict]:
+def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False,
+                  prompt_changes: int = 0, components=None) -> list[dict]:
     """Time the stream-batch path (and the sequential path too, when asked); one dict per run.
 
     `runtime`: also run the same engine through the bridge runtime (testpattern -> engine -> null)
     and report what the threads and slots add per frame, under "runtime_overhead".
+    `prompt_changes`: also change the prompt that many times through the runtime at 60 fps and
+    report the gaps between frames, under "prompt_changes".
     """
     base = StreamConfig(
         width=settings.width, height=settings.height, device=settings.device, dtype=settings.dtype,
@@ -158,6 +161,14 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
             results[-1]["runtime_overhead"] = measure_runtime_overhead(
                 engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
                 timeout=settings.time_limit or 300.0,
+            )
+        if prompt_changes and batched:
+            from .runtime_bench import measure_prompt_changes
+
+            log.info("%d prompt changes through the runtime at 60 fps ...", prompt_changes)
+            results[-1]["prompt_changes"] = measure_prompt_changes(
+                engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
+                timeout=max(30.0, prompt_changes * 0.5 + 30.0),
             )
         del engine
     if sequential:

@@ -169,3 +169,72 @@ def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, inpu
         "latency_budget_p95_ms": budget_p95_ms,  # the same with the engine's p95 call time
         "frames_dropped": dropped,
     }
+
+
+def measure_prompt_changes(engine, *, changes: int = 10, output_fps: float = 60.0, warmup: int = 30,
+                           interval: float = 0.5, input_size: tuple[int, int] = (640, 480),
+                           timeout: float = 120.0) -> dict:
+    """Change the prompt `changes` times, `interval` seconds apart, the way an operator does: a new
+    text into the runtime's parameter store, encoded by its prompt worker off the frame loop and
+    swapped in between frames. The source runs at `output_fps`; the figures are the gaps between
+    frames leaving the engine (ms): the largest in the second after any change and anywhere, and
+    how many exceed two output periods (the target: none). `graphs_compiled` counts torch.compile
+    graphs made during the changes (the target: 0; None where torch._dynamo is not loaded)."""
+    from .params import ParameterStore
+
+    width, height = input_size
+    store = ParameterStore()
+    store.attach_prompt_encoder(engine.prepare_prompt)
+    timed = _Timed(engine, start=1, end=2)
+    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
+                      sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
+    deadline = time.monotonic() + timeout
+    changed_at: list[float] = []
+    texts = [f"a watercolour of a lighthouse in a storm, variant {k}" for k in range(changes)]
+    graphs_before = _graphs_compiled()
+    try:
+        with runtime:
+            while len(timed.finished) < warmup and time.monotonic() < deadline:
+                time.sleep(0.01)
+            measured_from = len(timed.finished)
+            for text in texts:
+                if time.monotonic() + interval >= deadline:
+                    break
+                store.set("prompt", text)
+                changed_at.append(time.perf_counter())
+                time.sleep(interval)
+            applied = store.applied.get("prompt")
+            snapshot = runtime.snapshot()
+    finally:
+        store.close()
+    graphs_after = _graphs_compiled()
+    finished = np.asarray(timed.finished[measured_from:])
+    gaps = np.diff(finished) * 1000.0  # gap k ends at finished[k + 1]
+    period_ms = 1000.0 / output_fps
+    after_change = np.zeros(gaps.size, dtype=bool)
+    for moment in changed_at:
+        after_change |= (finished[1:] >= moment) & (finished[1:] < moment + 1.0)
+    return {
+        "changes": len(changed_at),
+        "last_prompt_applied": applied == texts[len(changed_at) - 1] if changed_at else False,
+        "output_fps": output_fps,
+        "frames": int(finished.size),
+        "gap_ms_median": float(np.median(gaps)) if gaps.size else None,
+        "gap_ms_max": float(gaps.max()) if gaps.size else None,
+        "gap_ms_max_after_change": float(gaps[after_change].max()) if after_change.any() else None,
+        "gaps_over_two_periods": int((gaps > 2 * period_ms).sum()),
+        "two_periods_ms": 2 * period_ms,
+        "graphs_compiled": None if graphs_before is None else graphs_after - graphs_before,
+        "inference_ms_median": snapshot.get("inference_ms_median"),
+    }
+
+
+def _graphs_compiled() -> int | None:
+    """Graphs torch.compile has made in this process so far (None where dynamo is not loaded)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--sequential", action="store_true", help="also run the non-batched path and report the ratio")
     parser.add_argument("--runtime", action="store_true",
                         help="also run the engine through the runtime's threads (testpattern -> null): the overhead per frame")
+    parser.add_argument("--prompt-changes", type=int, default=0, metavar="N",
+                        help="also change the prompt N times through the runtime at 60 fps: the largest gap between frames")
     parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
     parser.add_argument("--backend", default="eager",
@@ -56,8 +58,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..benchmarking import BenchSettings, run_benchmark
 
-    if args.frames < 1 or args.warmup < 0:
-        raise UserError(f"--frames must be >= 1 and --warmup >= 0 (got {args.frames}, {args.warmup})")
+    if args.frames < 1 or args.warmup < 0 or args.prompt_changes < 0:
+        raise UserError(f"--frames must be >= 1, --warmup and --prompt-changes >= 0 "
+                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes})")
     command = "sdbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sdbridge bench"
     results = []
     for arch, steps, cfg_type in itertools.product(args.arch, args.steps, args.cfg):
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
         )
         try:
-            runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime)
+            runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
+                                 prompt_changes=args.prompt_changes)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for result in runs:
@@ -131,6 +135,14 @@ def format_table(results: list[dict]) -> str:
             if o.get("thread_cpu_ms_per_frame"):
                 cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in o["thread_cpu_ms_per_frame"].items())
                 lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
+        if "prompt_changes" in r:
+            c = r["prompt_changes"]
+            after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
+            lines.append(
+                f"{'':<9} {c['changes']} prompt changes at {c['output_fps']:.0f} fps: largest gap after a change {after} ms, "
+                f"anywhere {c['gap_ms_max']:.1f} ms; {c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; "
+                f"last prompt applied: {'yes' if c['last_prompt_applied'] else 'NO'}; graphs compiled: {c['graphs_compiled']}"
+            )
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
     if results:
