@@ -12,6 +12,10 @@
 #   turbo: sd-turbo 1 step 512x512: eager through the runtime (issue 3: overhead <= 1 ms, latency
 #          budget; issue 5: eager >= 40 fps), compiled with prompt changes at 60 fps (issue 5:
 #          >= 170 fps, p99 <= 1.3x median, < 6 GiB, no frame later than two periods)
+#          (turbo measures the compiled modules each in cudagraph trees: --cuda-graphs modules)
+#   step:  bench/graph_check.py (the whole-step CUDA graph equals the same modules without it), then
+#          sd-turbo 1 step and sd15 4 steps RCFG self through the step graph, with prompt changes
+#          and the runtime's overhead (issue 5: >= 170 fps, >= 100 fps; issue 3)
 #   sd15:  sd15 4 steps RCFG self 512x512, compiled (issue 5: >= 100 fps)
 set -u
 PART="${1:-turbo}"
@@ -42,13 +46,27 @@ TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --hei
 case "$PART" in
   turbo)
     bench 150 sd_turbo_1step_eager $TURBO --frames 300 --warmup 30 --time-limit 30 --runtime
-    bench 240 sd_turbo_1step_compiled $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 30 --prompt-changes 8
+    bench 240 sd_turbo_1step_compiled_modules $TURBO --backend compiled --cuda-graphs modules --frames 600 --warmup 30 \
+      --time-limit 30 --prompt-changes 8
+    ;;
+  step)
+    # the whole step in one CUDA graph: first its correctness against the same modules without a graph
+    echo "== graph_check (limit 150s)"
+    timeout -k 5 150 python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
+    rc=$?
+    echo "   exit $rc"
+    tail -n 3 "$OUT/graph_check.log"
+    if [ $rc -ne 0 ]; then echo "graph check failed: the step benchmarks are skipped"; exit 1; fi
+    bench 200 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 30 \
+      --prompt-changes 8 --runtime
+    bench 200 sd15_4step_self_compiled_step --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
+      --frames 400 --warmup 30 --time-limit 30
     ;;
   sd15)
     bench 240 sd15_4step_self_compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
       --frames 400 --warmup 30 --time-limit 30
     ;;
-  *) echo "unknown part $PART (turbo, sd15)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, sd15)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

@@ -79,11 +79,52 @@ def frame_kind(frame, frame_buffer_size: int) -> FrameKind:
     return FrameKind(library, layout, batched, device, dtype)
 
 
+class HostStaging:
+    """Pinned host buffers (one per shape and direction) for numpy frames to and from a CUDA
+    device: the upload is a memcpy into page-locked memory and an asynchronous copy, the
+    download an asynchronous copy and the frame's one host synchronisation. A buffer is
+    written again only after its last copy finished (an event), and a download is copied out
+    of its buffer before it is returned, so no caller ever holds memory that is reused."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._upload_done = None  # torch.cuda.Event of the last upload
+
+    def _buffer(self, direction: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        key = (direction, tuple(shape), dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return self._buffers[key]
+
+    def upload(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
+        """`array` (uint8) on `device`, through a pinned buffer."""
+        host = self._buffer("up", array.shape, torch.uint8)
+        if self._upload_done is not None:
+            self._upload_done.synchronize()  # the previous upload from this buffer has finished
+        np.copyto(host.numpy(), array)
+        tensor = host.to(device, non_blocking=True)
+        self._upload_done = torch.cuda.Event()
+        self._upload_done.record(torch.cuda.current_stream(device))
+        return tensor
+
+    def download(self, tensor: torch.Tensor) -> np.ndarray:
+        """A host copy of device `tensor` (waits for the device: the frame's one synchronisation)."""
+        host = self._buffer("down", tensor.shape, tensor.dtype)
+        host.copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream(tensor.device).synchronize()
+        return host.numpy().copy()
+
+
 def to_model_input(
-    frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype
+    frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype,
+    staging: HostStaging | None = None,
 ) -> torch.Tensor:
-    """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype."""
-    tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
+    """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype.
+    With `staging`, a numpy frame goes to a CUDA device through its pinned buffer."""
+    if kind.library == "numpy" and staging is not None and torch.device(device).type == "cuda":
+        tensor = staging.upload(frame, torch.device(device))
+    else:
+        tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
     if not kind.batched:
         tensor = tensor.unsqueeze(0)
     tensor = tensor.to(device, non_blocking=True)
@@ -103,15 +144,25 @@ def to_model_input(
     return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
 
 
-def from_model_output(images: torch.Tensor, kind: FrameKind):
-    """(B, 3, H, W) in [-1, 1] back to the caller's kind, device and layout (one download)."""
-    images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the same device."""
+    images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
+    return images.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def from_model_output(images: torch.Tensor, kind: FrameKind, *, pixels: torch.Tensor | None = None,
+                      staging: HostStaging | None = None):
+    """(B, 3, H, W) in [-1, 1] back to the caller's kind, device and layout (one download).
+    `pixels`: `to_pixels(images)` when already made (the step graph makes it); `staging`: pinned
+    buffers for the download of a numpy frame from a CUDA device."""
     if kind.layout == "HWC":
-        images = images.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        images = to_pixels(images) if pixels is None else pixels  # (B, H, W, 3)
     else:
-        images = images.to(kind.dtype)
+        images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0).to(kind.dtype)  # (B, 3, H, W) in [0, 1]
     if not kind.batched:
         images = images[0]
     if kind.library == "numpy":
+        if staging is not None and images.device.type == "cuda":
+            return staging.download(images.contiguous())
         return np.ascontiguousarray(images.cpu().numpy())
     return images.to(kind.device).contiguous()

@@ -14,12 +14,13 @@ import torch
 
 from .backends import make_backend
 from .config import StreamConfig, t_index_list_from_strength
-from .frames import FrameKind, as_tensor, frame_kind, from_model_output, to_model_input
+from .frames import FrameKind, HostStaging, as_tensor, frame_kind, from_model_output, to_model_input
 from .guidance import RULES, combine, next_stock_noise
 from .models import Components
 from .prompts import PromptEncoder, blend_embeddings
 from .schedule import StepCoefficients, add_noise, lcm_denoise, step_coefficients, to_epsilon
 from .similarity import SimilarityFilter
+from .step_graph import StepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ class StreamDiffusion:
         self.state = StreamState()
         self._counts = {"frames_in": 0, "frames_processed": 0, "frames_skipped": 0}
         self._caught = torch.zeros(2, dtype=torch.int64, device=config.device)  # non-finite, black
+        # guidance scale and delta as 0-d tensors, updated in place: a step graph reads them
+        self._guidance_scale = torch.zeros((), dtype=torch.float32, device=config.device)
+        self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
+        self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
+        replay = getattr(self.backend, "step_graphs", None)
+        self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
@@ -133,15 +140,19 @@ class StreamDiffusion:
                 self.components.schedule, config.t_index_list, config.num_inference_steps,
                 config.lcm_original_steps, config.device, config.dtype,
             )
-            self._rows: StepCoefficients = coefficients.repeat_per_frame(b)  # (n*b,) step-major
+            self._rows: StepCoefficients = _in_place(
+                getattr(self, "_rows", None), coefficients.repeat_per_frame(b)
+            )  # (n*b,) step-major
         if previous is None or previous.seed != config.seed or previous.denoising_steps != n:
-            self._noise = self._make_noise(config)  # (n*b, 4, h, w)
+            self._noise = _in_place(getattr(self, "_noise", None), self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
             self.similarity.reseed(config.seed)
             self.state = StreamState(last_output=self.state.last_output)  # refill from the next frame
         if previous is not None and RULES[config.cfg_type].uses_stock and self.state.latent_buffer is not None:
             if self.state.stock_noise is None:  # switched to RCFG: start from the re-noising noise
                 self.state = StreamState(self.state.latent_buffer, self._noise[b:], self.state.last_output)
+        self._guidance_scale.fill_(config.guidance_scale)
+        self._delta.fill_(config.delta)
         self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
         if previous is not None and config.similarity_filter and not previous.similarity_filter:
             self.similarity.reset()
@@ -201,7 +212,8 @@ class StreamDiffusion:
         previous, self.config = self.config, new_config
         try:
             self._configure(new_config, previous)
-            if unet_batches(new_config) != unet_batches(previous):  # a step-count or cfg-type change
+            missing_graph = self._graphs is not None and new_config not in self._graphs
+            if unet_batches(new_config) != unet_batches(previous) or missing_graph:  # steps, cfg type
                 self.warm_up()
         except BaseException:  # all or nothing: derive everything from the previous settings again
             self.config = previous
@@ -228,6 +240,11 @@ class StreamDiffusion:
         self.backend.warmup(
             sorted(batches), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
         )  # latents (b, 4, h, w), embeds (1, 77, D), images (b, 3, H, W)
+        if self._graphs is not None:  # the current settings' step graphs, guidance on and off
+            self._graphs.capture(config)
+            if config.cfg_type != "none":
+                flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
+                self._graphs.capture(config.replace(guidance_scale=flipped))
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -250,26 +267,38 @@ class StreamDiffusion:
         kind = frame_kind(frame, self.config.frame_buffer_size)
         config = self.config
         # 1. upload, resize and normalise on the device
-        images = to_model_input(frame, kind, width=config.width, height=config.height, device=config.device, dtype=config.dtype)
+        images = to_model_input(frame, kind, width=config.width, height=config.height, device=config.device,
+                                dtype=config.dtype, staging=self._staging)
         self._counts["frames_in"] += 1
         # 2. similarity filter: a near-identical frame gets the previous output, no VAE, no UNet
         if config.similarity_filter and self.state.last_output is not None and self.similarity.should_skip(images):
             self._counts["frames_skipped"] += 1
-            return from_model_output(self.state.last_output, kind)
+            return from_model_output(self.state.last_output, kind, staging=self._staging)
         if config.similarity_filter and self.state.last_output is None:
             self.similarity.should_skip(images)  # records the reference
-        # 3. encode and noise to the first step
-        latents = self.backend.encode(images)  # (b, 4, h, w)
-        # 4. denoise, 5. decode, 6. keep finite
-        output = self._finish(self._denoise(latents=latents), fallback=images)
+        # 3.-6. encode, denoise, decode, keep finite: one graph replay where there is one
+        replayed = self._graphs.run(images) if self._graphs is not None else None
+        self._counts["frames_processed"] += 1
+        if replayed is None:
+            output, pixels = self._step(images), None
+        else:
+            output, pixels = replayed  # the graph's memory: copied out below, before the next replay
+            if kind.library == "torch":
+                output, pixels = (output.clone(), None) if kind.layout == "CHW" else (output, pixels.clone())
         # 7. download in the caller's kind
-        return from_model_output(output, kind)
+        return from_model_output(output, kind, pixels=pixels, staging=self._staging)
+
+    def _step(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode, denoise, decode, keep finite: (b, 3, H, W) in [-1, 1] in and out (what a step graph holds)."""
+        latents = self.backend.encode(images)  # (b, 4, h, w)
+        return self._finish(self._denoise(latents=latents), fallback=images)
 
     @torch.inference_mode()
     def txt2img(self):
         """One generated frame as uint8 (H, W, 3) numpy RGB; (b, H, W, 3) when frame_buffer_size b > 1."""
         b = self.config.frame_buffer_size
         self._counts["frames_in"] += 1
+        self._counts["frames_processed"] += 1
         output = self._finish(self._denoise(latents=None), fallback=None)
         kind = FrameKind("numpy", "HWC", batched=b > 1, device=torch.device("cpu"), dtype=torch.uint8)
         return from_model_output(output, kind)
@@ -352,10 +381,18 @@ class StreamDiffusion:
         eps_all = to_epsilon(raw, x_in, rows_in.alpha_sqrt, rows_in.beta_sqrt, self.components.schedule.prediction_type)
         eps = eps_all[uncond:]
         if config.guidance_active:
-            eps_negative, stock = rule.negative(eps_all[:uncond], stock, config.delta)
-            eps = combine(eps_negative, eps, config.guidance_scale)
+            eps_negative, stock = rule.negative(eps_all[:uncond], stock, self._delta)
+            eps = combine(eps_negative, eps, self._guidance_scale)
         x0 = lcm_denoise(eps, x_t, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip, rows.c_out)
         return x0, eps, stock
+
+    def _prepare_conditions(self) -> None:
+        """Ready every UNet batch layout of the current settings for the backend (a compiled
+        backend copies a new prompt into the static buffers its graphs read): before a replay."""
+        config, rule = self.config, RULES[self.config.cfg_type]
+        for rows, first_step_rows in unet_calls(config):
+            uncond = rule.uncond_rows(rows, first_step_rows) if config.guidance_active else 0
+            self.backend.prepare(self._condition(uncond, rows))
 
     def _condition(self, uncond_rows: int, cond_rows: int):
         """The Conditioning of a batch layout, built once per prompt (read through one snapshot)."""
@@ -372,7 +409,6 @@ class StreamDiffusion:
         """Decode; a bad output (see `output_faults`) is replaced by the last good one, or by the
         input before there is one."""
         output = self.backend.decode(x0)  # (b, 3, H, W)
-        self._counts["frames_processed"] += 1
         faults = output_faults(output, fallback)  # (2,) int64 on the device: non-finite, black
         previous = self.state.last_output
         if previous is None:
@@ -382,16 +418,34 @@ class StreamDiffusion:
                 output = previous
         else:  # select on the device: no host synchronisation
             output = torch.where(faults.any(), previous, output)
-        self._caught = self._caught + faults
+        self._caught.add_(faults)
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
 
 
+def unet_calls(config: StreamConfig) -> list[tuple[int, int]]:
+    """(rows, first-step rows) of each UNet call of one frame, before guidance rows are added."""
+    b, n = config.frame_buffer_size, config.denoising_steps
+    return [(n * b, b)] if config.use_denoising_batch else [(b, b)] + [(b, 0)] * (n - 1)
+
+
+def _in_place(old, new):
+    """`new`'s values in `old`'s tensors when the shapes match (a step graph keeps reading
+    them), else `new`. Works on a tensor or on StepCoefficients."""
+    if old is None:
+        return new
+    pairs = list(zip(old.as_tuple(), new.as_tuple())) if isinstance(old, StepCoefficients) else [(old, new)]
+    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in pairs):
+        return new
+    for a, b in pairs:
+        a.copy_(b)
+    return old
+
+
 def unet_batches(config: StreamConfig) -> tuple[int, ...]:
     """Every UNet batch size these settings can reach, guidance on or off (as `_guided_step` builds them)."""
-    b, n, rule = config.frame_buffer_size, config.denoising_steps, RULES[config.cfg_type]
-    # (rows, first-step rows) of each UNet call of one frame
-    calls = [(n * b, b)] if config.use_denoising_batch else [(b, b)] + [(b, 0)] * (n - 1)
+    rule = RULES[config.cfg_type]
+    calls = unet_calls(config)
     sizes = {rows for rows, _ in calls}  # guidance off
     if config.cfg_type != "none":
         sizes |= {rows + rule.uncond_rows(rows, first) for rows, first in calls}

@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
     parser.add_argument("--backend", default="eager",
                         help="engine backend: eager (default) or compiled (torch.compile; compiled before the warm-up frames)")
+    parser.add_argument("--cuda-graphs", default="step", choices=["step", "modules", "off"],
+                        help="compiled backend on CUDA: the whole step in one graph (default), a graph per module, or none")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         settings = BenchSettings(
             arch=arch, steps=steps, cfg_type=cfg_type, guidance_scale=args.guidance, strength=args.strength,
             width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
-            warmup=args.warmup, backend=args.backend, device=args.device, dtype=args.dtype,
+            warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
         )
         try:
@@ -107,12 +109,13 @@ def _commit() -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    header = f"{'arch':<9} {'backend':<8} {'steps':>5} {'cfg':<10} {'batch':<5} {'size':<9} {'fps':>7} {'median':>8} {'p95':>8} {'p99':>8} {'mem GiB':>8}"
+    header = f"{'arch':<9} {'backend':<16} {'steps':>5} {'cfg':<10} {'batch':<5} {'size':<9} {'fps':>7} {'median':>8} {'p95':>8} {'p99':>8} {'mem GiB':>8}"
     lines = [header, "-" * len(header)]
     for r in results:
         mode = "yes" if r["use_denoising_batch"] else "seq"
+        backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
         lines.append(
-            f"{r['arch']:<9} {r['backend']:<8} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
+            f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
             f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
         )

@@ -22,6 +22,7 @@ class EagerBackend:
     """`denoise(x_t, t, cond) -> model output`, `encode(images) -> latents`, `decode(latents) -> images`."""
 
     name = "eager"
+    step_graphs: str | None = None  # "cuda" when the stream should capture its whole step in one CUDA graph
 
     def __init__(self, components: Components, *, kv_cache: bool = True) -> None:
         self.unet = components.unet
@@ -34,6 +35,10 @@ class EagerBackend:
         """Precompute what the UNet needs of these embeddings (once per prompt and layout)."""
         kv = self.cache.compute(embeds) if self.cache is not None else None
         return Conditioning(embeds, kv)
+
+    def prepare(self, cond: Conditioning) -> None:
+        """Called with the Conditioning of every UNet batch layout before a step graph's replay
+        (a compiled backend copies a new prompt into the buffers its graph reads); nothing here."""
 
     @torch.inference_mode()
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

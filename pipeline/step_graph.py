@@ -1,0 +1,204 @@
+"""The whole per-frame step in one CUDA graph: VAE encode, the stream-batch UNet call with its
+guidance and LCM arithmetic, VAE decode, the bad-output check and the conversion to 8-bit
+pixels, replayed with one launch per frame.
+
+Why: the compiled modules alone still launch dozens of small kernels per frame between them
+(noise, guidance, the consistency function, the output check) and each compiled call checks its
+guards; on a GPU that waits on the CPU (sd-turbo, 1 step, 512x512: 9.2 ms per frame through the
+per-module graphs on an H100, about 60 % of it launch gaps). One graph removes all of that.
+
+What a graph reads, it reads from fixed addresses, so everything that may change during a show
+is a buffer updated in place before the replay, never a value baked into the graph:
+- the input picture (copied into `images`), the frames in flight and their RCFG stock noise,
+  the last good output (the `state` buffers: the stream's state *is* these tensors between
+  replays), the bad-output counters;
+- the prompt: the backend's static conditioning buffers (`prepare` copies a new prompt's
+  embeddings and K/V in, outside the graph);
+- guidance scale and delta (0-d tensors), the step coefficients (strength, t_index_list of the
+  same length) and the noise (seed): the stream updates those tensors in place.
+What changes the graph's shape or its Python control flow is part of the key, one graph each:
+cfg type, guidance on or off, steps, frames per call, stream batch or sequential, size.
+`capture` makes the graphs of the current settings before frames flow (both sides of guidance
+crossing 1), so a change between them captures nothing during a show.
+
+The first frame after a start, a reset or a seed change runs without the graph (it fills the
+frames in flight); every later one replays. The similarity filter's decision happens before the
+replay (it reads the input picture), so the filter works with graphs too.
+
+`replay="eager"` runs the same body again at every replay instead of a CUDA graph: the same
+buffers and in-place updates, on any device, which is how the CPU tests check this plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .frames import to_pixels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Step:
+    """One captured step: its static input, state buffers and outputs, and the graph."""
+
+    images: torch.Tensor  # (b, 3, H, W) the input picture in [-1, 1], model dtype
+    state: object  # StreamState whose tensors are the graph's state buffers
+    output: torch.Tensor  # (b, 3, H, W) in [-1, 1]: the frame out (the graph's own memory)
+    pixels: torch.Tensor  # (b, H, W, 3) uint8: the same as 8-bit RGB
+    replay: Callable[[], None]
+
+
+def graph_key(config) -> tuple:
+    """What fixes a step graph's shapes and control flow (everything else is a buffer)."""
+    return (config.mode, config.cfg_type, config.guidance_active, config.denoising_steps, config.frame_buffer_size,
+            config.use_denoising_batch, config.width, config.height)
+
+
+class StepGraphs:
+    """The step graphs of one StreamDiffusion, keyed by `graph_key`; see the module docstring."""
+
+    def __init__(self, stream, *, replay: str = "cuda") -> None:
+        if replay not in ("cuda", "eager"):
+            raise ValueError(f"replay: {replay!r} must be 'cuda' or 'eager'")
+        self._stream = stream
+        self._replay = replay
+        self._steps: dict[tuple, _Step] = {}
+        self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None  # one pool for every step
+        self.captures = 0  # steps captured so far
+        self.replays = 0  # frames that ran through a step graph
+        self.replaying = False  # True during a replay (with replay="eager", Python runs then too)
+        self.failed: str | None = None  # why capturing failed: every frame then runs without a graph
+
+    def __contains__(self, config) -> bool:
+        return graph_key(config) in self._steps
+
+    def capture(self, config) -> None:
+        """Capture the step of `config` (no frames needed: the buffers are filled at the first replay)."""
+        key = graph_key(config)
+        if key in self._steps or config.mode != "img2img" or self.failed:
+            return
+        stream = self._stream
+        started = time.perf_counter()
+        saved_config, saved_state = stream.config, stream.state
+        saved_counts, saved_caught = dict(stream._counts), stream._caught.clone()
+        try:
+            stream.config = config  # only control flow differs (guidance on or off); buffers are shared
+            with torch.inference_mode():
+                stream._prepare_conditions()
+                self._steps[key] = self._new_step(config)
+        except Exception as exc:  # never stop the show for it: the same work runs without the graph
+            self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self._steps.clear()
+            log.warning("could not capture the step in a CUDA graph (%s); every frame runs without one", self.failed)
+            log.debug("capture failure", exc_info=exc)
+            return
+        finally:
+            stream.config, stream.state = saved_config, saved_state
+            stream._counts.clear()
+            stream._counts.update(saved_counts)
+            stream._caught.copy_(saved_caught)
+        self.captures += 1
+        log.info("captured the %s step graph (%s, %d step(s), guidance %s) in %.2f s", self._replay, config.cfg_type,
+                 config.denoising_steps, "on" if config.guidance_active else "off", time.perf_counter() - started)
+
+    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the current settings' step on `images` (b, 3, H, W): (output, pixels), views of
+        the graph's memory valid until the next replay; None when this frame must run without
+        the graph (nothing in flight yet, or no graph for these settings)."""
+        stream = self._stream
+        step = None if self.failed else self._steps.get(graph_key(stream.config))
+        if step is None or not self._load_state(step):
+            return None
+        stream._prepare_conditions()
+        step.images.copy_(images)
+        self.replaying = True
+        try:
+            step.replay()
+        finally:
+            self.replaying = False
+        self.replays += 1
+        stream.state = step.state
+        return step.output, step.pixels
+
+    def clear(self) -> None:
+        """Forget every step graph (their memory goes back to the pool)."""
+        self._steps.clear()
+
+    # ------------------------------------------------------------------ building
+
+    def _new_step(self, config) -> _Step:
+        stream = self._stream
+        device, dtype = stream._noise.device, stream._noise.dtype
+        b, n = config.frame_buffer_size, config.denoising_steps
+        latent = stream._noise.shape[1:]  # (4, h, w)
+        later = (n - 1) * b
+        images = torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype)
+        state = type(stream.state)(
+            torch.zeros(later, *latent, device=device, dtype=dtype) if n > 1 else None,
+            torch.zeros(later, *latent, device=device, dtype=dtype) if n > 1 and _uses_stock(config) else None,
+            torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype),
+        )
+
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            stream.state = state
+            output = stream._step(images)  # replaces stream.state with the step's new tensors
+            for buffer, new in zip(_tensors(state), _tensors(stream.state)):
+                if buffer is not None and new is not None and new is not buffer:
+                    buffer.copy_(new)
+            return output, to_pixels(output).contiguous()
+
+        if self._replay == "eager":
+            output, pixels = body()
+
+            def replay() -> None:
+                new_output, new_pixels = body()
+                output.copy_(new_output)
+                pixels.copy_(new_pixels)
+
+            return _Step(images, state, output, pixels, replay)
+
+        side = torch.cuda.Stream(device)  # warm up outside the capture, as torch's CUDA graph recipe asks
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the prompt worker may run the text encoder on another thread meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            output, pixels = body()
+        return _Step(images, state, output, pixels, graph.replay)
+
+    def _load_state(self, step: _Step) -> bool:
+        """Make the stream's state the step's buffers (copied in when it lives elsewhere); False
+        when the stream has nothing in flight yet (the frame then runs without the graph)."""
+        stream = self._stream
+        current = stream.state
+        if current is step.state:
+            return True
+        if current.last_output is None:
+            return False
+        for buffer, value in zip(_tensors(step.state), _tensors(current)):
+            if buffer is None:
+                continue
+            if value is None or value.shape != buffer.shape:
+                return False
+            buffer.copy_(value)
+        stream.state = step.state
+        return True
+
+
+def _uses_stock(config) -> bool:
+    from .guidance import RULES
+
+    return RULES[config.cfg_type].uses_stock
+
+
+def _tensors(state) -> tuple:
+    return (state.latent_buffer, state.stock_noise, state.last_output)
+

@@ -1,0 +1,180 @@
+"""The whole-step graph's plumbing, on the CPU: StepGraphs with replay="eager" runs the captured
+body again at each replay, reading and writing the same static buffers a CUDA graph would, so the
+output must equal the plain stream's bit for bit through every run-time change; and everything a
+graph reads must keep its address through those changes (a CUDA graph reads fixed addresses).
+The CUDA replay itself runs on a GPU only: `bash bench/gpu_check.sh` checks it against eager."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import StreamConfig, StreamDiffusion
+from pipeline.step_graph import StepGraphs, graph_key
+
+SIZE = 64
+BASE = dict(width=SIZE, height=SIZE, device="cpu", dtype="float32", t_index_list=(20, 40), guidance_scale=1.5, seed=7)
+
+
+def _pair(components, **settings):
+    """A plain stream and the same stream replaying its step through StepGraphs(replay="eager")."""
+    config = StreamConfig(**{**BASE, **settings})
+    plain = StreamDiffusion(components, config)
+    graphed = StreamDiffusion(components, config)
+    graphed._graphs = StepGraphs(graphed, replay="eager")
+    graphed.warm_up()
+    for engine in (plain, graphed):
+        engine.set_prompt("a city at night", "blurry")
+    return plain, graphed
+
+
+def _frames(count, seed=3):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def _addresses(engine) -> list[int]:
+    """Where the per-frame tensors a graph reads live."""
+    tensors = [engine._noise, engine._guidance_scale, engine._delta, engine._caught, *engine._rows.as_tuple()]
+    return [tensor.data_ptr() for tensor in tensors]
+
+
+CHANGES = [
+    ("prompt", lambda e: e.set_prompt("a forest in the rain", "blurry")),
+    ("negative prompt", lambda e: e.set_prompt("a forest in the rain", "dark")),
+    ("guidance", lambda e: e.update(guidance_scale=3.0)),
+    ("delta", lambda e: e.update(delta=0.4)),
+    ("strength", lambda e: e.update(t_index_list=(10, 30))),
+    ("seed", lambda e: e.update(seed=99)),
+    ("guidance off", lambda e: e.update(guidance_scale=0.8)),
+    ("guidance on", lambda e: e.update(guidance_scale=2.0)),
+    ("prompt blend", lambda e: e.set_prompt_blend([("a city", 0.5), ("a forest", 0.5)])),
+]
+
+
+@pytest.mark.parametrize("cfg_type", ["none", "full", "self", "initialize"])
+def test_replayed_step_equals_the_plain_stream_through_every_runtime_change(tiny_components, cfg_type):
+    plain, graphed = _pair(tiny_components, cfg_type=cfg_type)
+    captured = graphed._graphs.captures
+    assert captured == (1 if cfg_type == "none" else 2)  # guidance on and off, before any frame
+    addresses = _addresses(graphed)
+    frames = iter(_frames(3 * (len(CHANGES) + 1)))
+    for name, change in [("start", lambda e: None), *CHANGES]:
+        change(plain)
+        change(graphed)
+        for _ in range(3):
+            frame = next(frames)
+            expected, got = plain(frame), graphed(frame)
+            assert np.array_equal(expected, got), f"{cfg_type}: after the {name} change"
+    assert graphed._graphs.captures == captured, "a change that keeps the step count captured a new graph"
+    assert _addresses(graphed) == addresses, "a buffer the graph reads was replaced instead of updated in place"
+    # every frame but the ones that refilled the stream (the first, and the first after the seed change)
+    assert graphed._graphs.replays == 3 * (len(CHANGES) + 1) - 2
+    assert graphed.stats == plain.stats
+
+
+def test_a_step_count_change_captures_its_graph_in_update_not_at_a_frame(tiny_components):
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    frames = _frames(8)
+    for frame in frames[:2]:
+        assert np.array_equal(plain(frame), graphed(frame))
+    captured = graphed._graphs.captures
+    for engine in (plain, graphed):
+        engine.update(t_index_list=(10, 25, 40))
+    assert graphed._graphs.captures == captured + 2 and graphed.config in graphed._graphs
+    replays = graphed._graphs.replays
+    for frame in frames[2:]:
+        assert np.array_equal(plain(frame), graphed(frame))
+    # a new step count refills the stream (as without graphs): that one frame runs without the graph
+    assert graphed._graphs.replays == replays + len(frames[2:]) - 1
+
+
+def test_similarity_filter_and_tensor_frames_work_with_the_graph(tiny_components):
+    plain, graphed = _pair(tiny_components, cfg_type="self", similarity_filter=True, similarity_threshold=0.99)
+    frame = _frames(1)[0]
+    for _ in range(6):  # the same frame again and again: skipped sometimes (probabilistic, same seed on both)
+        assert np.array_equal(plain(frame), graphed(frame))
+    assert graphed.stats.frames_skipped == plain.stats.frames_skipped > 0
+    tensor = torch.rand(3, SIZE, SIZE)
+    first, second = graphed(tensor), graphed(tensor * 0.5)
+    assert torch.equal(plain(tensor), first) and torch.equal(plain(tensor * 0.5), second)
+    assert first.data_ptr() != second.data_ptr()  # each frame its own tensor, not the graph's memory
+
+
+def test_graph_keys_tell_apart_what_changes_control_flow_and_nothing_else():
+    base = StreamConfig(**BASE, cfg_type="self")
+    assert graph_key(base) == graph_key(base.replace(seed=1, delta=0.2, guidance_scale=3.0, t_index_list=(5, 45)))
+    for change in (dict(guidance_scale=1.0), dict(cfg_type="full"), dict(t_index_list=(20,)),
+                   dict(use_denoising_batch=False), dict(width=128)):
+        assert graph_key(base) != graph_key(base.replace(**change)), change
+
+
+def test_cuda_replay_is_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the CUDA replay is exercised by bench/gpu_check.sh")
+    with pytest.raises((RuntimeError, AssertionError)):
+        StepGraphs(object(), replay="cuda")
+    with pytest.raises(ValueError, match="replay"):
+        StepGraphs(object(), replay="sometimes")
+
+
+def test_the_compiled_backend_gets_each_new_prompt_before_the_replay_and_never_recompiles(tiny_components):
+    """A CUDA graph runs no Python: the compiled backend must have copied a new prompt into the
+    buffers its graph reads *before* the replay (`prepare`), never inside it."""
+    import torch._dynamo
+
+    from test_compiled_backend import CountingBackend
+
+    torch._dynamo.reset()
+    counter = CountingBackend()
+    config = StreamConfig(**{**BASE, "width": 32, "height": 32}, cfg_type="initialize")
+    plain = StreamDiffusion(tiny_components, config)
+    graphed = StreamDiffusion(tiny_components, config, backend="compiled", backend_options={"compile_backend": counter})
+    graphed._graphs = StepGraphs(graphed, replay="eager")
+    graphed.warm_up()
+    copies_in_replay = []
+    static_conditioning = graphed.backend._static_conditioning
+
+    def watched(cond):
+        rows = cond.embeds.shape[0]
+        if graphed._graphs.replaying and graphed.backend._copied_from.get(rows) is not cond:
+            copies_in_replay.append(rows)
+        return static_conditioning(cond)
+
+    graphed.backend._static_conditioning = watched
+    warm = counter.count
+    rng = np.random.default_rng(0)
+    for k, (prompt, guidance) in enumerate([("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.5),
+                                             ("snow", 0.5), ("snow", 2.5), ("a harbour", 2.5)]):
+        for engine in (plain, graphed):
+            engine.set_prompt(prompt, "rain")
+            engine.update(guidance_scale=guidance)
+        for _ in range(2):
+            frame = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            assert np.abs(plain(frame).astype(int) - graphed(frame).astype(int)).max() <= 1, f"change {k}"
+    assert not copies_in_replay, f"prompt copied inside the replay for batches {copies_in_replay}"
+    assert counter.count == warm, f"compiled during the show: {counter.graphs[warm:]}"
+    assert graphed._graphs.replays == 11
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_modes_are_checked(tiny_components):
+    with pytest.raises(ValueError, match="cuda_graphs 'always' must be one of step, modules, off"):
+        StreamDiffusion(tiny_components, StreamConfig(**BASE), backend="compiled", backend_options={"cuda_graphs": "always"})
+
+
+def test_a_failed_capture_leaves_every_frame_running_without_the_graph(tiny_components, monkeypatch, caplog):
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    graphs = StepGraphs(graphed, replay="eager")
+
+    def broken(config):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphs, "_new_step", broken)
+    graphed._graphs = graphs
+    graphed.update(t_index_list=(10, 30, 45))  # a step count whose graph is captured in update
+    plain.update(t_index_list=(10, 30, 45))
+    assert graphs.failed == "RuntimeError: operation not permitted when stream is capturing"
+    assert "every frame runs without one" in caplog.text
+    for frame in _frames(3):
+        assert np.array_equal(plain(frame), graphed(frame))
+    assert graphs.replays == 0 and graphed.stats.frames_processed == 3
