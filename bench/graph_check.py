@@ -61,13 +61,16 @@ def main() -> int:
             settings = {k: v for k, v in change.items() if k != "prompt"}
             if settings:
                 engine.update(**settings)
-        worst = 0
+        worst, mean = 0, 0.0
         for _ in range(3):
             frame = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
             outs = {mode: engine(frame) for mode, engine in engines.items()}
-            worst = max(worst, int(np.abs(outs["off"].astype(int) - outs["step"].astype(int)).max()))
-        report["changes"].append({"after": name, "max_abs_diff_uint8": worst})
-        ok &= worst <= 2
+            diff = np.abs(outs["off"].astype(int) - outs["step"].astype(int))
+            worst, mean = max(worst, int(diff.max())), max(mean, float(diff.mean()))
+        report["changes"].append({"after": name, "max_abs_diff_uint8": worst, "mean_abs_diff_uint8": round(mean, 4)})
+        # fp16 kernels chosen separately for the two engines differ in the last bits (seen: up to 5/255);
+        # a graph reading a stale buffer (old prompt, old noise) differs everywhere
+        ok &= worst <= 8 and mean <= 0.5
     # a frame already on the GPU goes in and comes out on the GPU
     tensor = torch.rand(3, args.size, args.size, device="cuda", dtype=torch.float16)
     gpu_out = {mode: engine(tensor) for mode, engine in engines.items()}
