@@ -62,6 +62,11 @@ case "$PART" in
     bench 200 sd15_4step_self_compiled_step --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
       --frames 400 --warmup 30 --time-limit 30
     ;;
+  latency)
+    # issue 3: the runtime's overhead and latency (also at a steady 30 fps input) with sd-turbo, eager and step graph
+    bench 75 sd_turbo_1step_eager_runtime $TURBO --frames 150 --warmup 20 --time-limit 20 --runtime
+    bench 140 sd_turbo_1step_step_runtime $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 20 --runtime
+    ;;
   sd15)
     bench 240 sd15_4step_self_compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
       --frames 400 --warmup 30 --time-limit 30
@@ -76,7 +81,8 @@ from bridge.commands.bench import format_table
 results = []
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     try:
-        results += json.loads(path.read_text())
+        loaded = json.loads(path.read_text())
+        results += loaded if isinstance(loaded, list) else []  # graph_check.json is a verdict, printed above
     except ValueError as exc:
         print(f"{path.name}: unreadable ({exc})")
 print(format_table(results) if results else "no results")

@@ -211,11 +211,21 @@ def inference_loop(shared: Shared) -> None:
 
 class OutputLoop:
     """Sends to every sink: a new frame as soon as it comes, and a repeat whenever a frame period
-    passes without a send, so the sinks never wait longer than that. A token bucket (refilled at
-    fps, BURST deep) keeps the average rate at most fps without delaying frames that arrive on
-    time. After `stall_seconds` without a new frame, the repeats are the configured fallback."""
+    passes without a send (REPEAT_GRACE periods after a new frame), so the sinks never wait longer
+    than that. A token bucket (refilled at fps, BURST deep) keeps the rate of new frames at most
+    fps without delaying frames that arrive on time; a repeat follows a period without a send, so
+    it cannot raise the rate and takes no token. After `stall_seconds` without a new frame, the
+    repeats are the configured fallback.
+
+    Why repeats take no token and wait a grace: with the source at the output's own rate, the
+    bucket refills exactly as fast as new frames use it, so one token spent on a repeat (a late
+    frame, a pause) was never won back, and every later frame waited for it: capture-to-publish
+    latency stayed a period too long for the rest of the run (seen: 40 ms with a 5 ms engine at
+    30 fps, instead of 6). And a repeat due at exactly one period after a new frame would go out
+    just before each next one whenever the engine's time or jitter delays it."""
 
     BURST = 2.0  # sends allowed back to back (a repeat followed at once by a new frame)
+    REPEAT_GRACE = 1.25  # periods to wait for the next new frame before repeating the last one
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -224,6 +234,7 @@ class OutputLoop:
         self.last_frame: Frame | None = None
         self.last_fresh_time = time.monotonic()  # when the newest fresh frame was sent
         self.last_send_time = -1e9
+        self.last_send_fresh = False
         self._tokens = self.BURST
         self._tokens_time = time.monotonic()
         self._warn = _RateLimitedLog()
@@ -247,7 +258,7 @@ class OutputLoop:
     def _step(self) -> None:
         """Send the new frame when one comes within the frame period, else repeat one."""
         shared = self.shared
-        repeat_at = self.last_send_time + self.period
+        repeat_at = self.last_send_time + self.period * (self.REPEAT_GRACE if self.last_send_fresh else 1.0)
         frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - time.monotonic())))
         if frame is not None:
             self._wait_for_token()
@@ -255,8 +266,7 @@ class OutputLoop:
             if shared.telemetry.state in ("stalled", "updating"):
                 shared.telemetry.state = "running"
             self._publish(frame, fresh=True)
-        elif time.monotonic() >= repeat_at:
-            self._wait_for_token()
+        elif time.monotonic() >= repeat_at:  # a period or more without a send: no token needed
             self._publish(self._repeat_frame(), fresh=False)
 
     def _wait_for_token(self) -> None:
@@ -293,7 +303,7 @@ class OutputLoop:
 
     def _publish(self, frame: Frame, fresh: bool) -> None:
         now = time.monotonic()
-        self.last_send_time = now
+        self.last_send_time, self.last_send_fresh = now, fresh
         for index, sink in enumerate(self.shared.sinks):
             try:
                 sink.send(self._for_sink(index, frame))

@@ -63,8 +63,12 @@ def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
     engine = SleepingEngine(0.08)  # slower than the 30 fps source
     figures = measure_runtime_overhead(engine, frames=12, warmup=2, input_size=(32, 32), rounds=3, timeout=30)
     assert figures["rounds"] == 3 and len(figures["overhead_ms_rounds"]) == 3
-    # 2 warm-up calls, then per round: 4 alone + (2 warm-up + 4) through the runtime
-    assert engine.calls == 2 + 3 * (4 + 6)
+    # 2 warm-up calls, then per round: 4 alone + (2 warm-up + 4) through the runtime; then one
+    # round at a steady 30 fps (2 warm-up + 4) for the latency the issue asks about
+    assert engine.calls == 2 + 3 * (4 + 6) + 6
+    steady = figures["latency_steady"]
+    assert steady["source_fps"] == 30.0 and steady["latency_ms_median"] >= 80.0
+    assert steady["latency_budget_ms"] == pytest.approx(figures["engine_ms"] + 1000.0 / 30.0)
     assert figures["frames"] == 3 * 3  # intervals between the 4 measured frames of each round
     assert figures["engine_ms"] >= 80.0 and figures["runtime_frame_ms"] >= 80.0
     assert figures["latency_ms_median"] is not None and figures["runtime_inference_ms"] >= 80.0

@@ -60,6 +60,35 @@ def run_for(runtime, seconds):
     return runtime.snapshot()
 
 
+
+class HiccupEngine(StandInEngine):
+    """A fast engine that stalls once (a long frame: a repeat goes out meanwhile)."""
+
+    def __call__(self, pixels):
+        if self.calls == 10:
+            time.sleep(0.08)
+        return super().__call__(pixels)
+
+
+def test_a_repeat_never_leaves_later_frames_a_period_late():
+    """Source and output both at 30 fps: new frames refill the output's rate budget exactly as
+    fast as they use it, so a repeat sent during a one-off stall must not take from that budget;
+    when it did, every later frame waited a period for it (40 ms instead of ~6 ms)."""
+    engine, sink = HiccupEngine(size=64, cost=0.005), RecordingSink(FrameFormat(64, 64, "RGB"))
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[sink], config=RuntimeConfig(fps=30))
+    run_for(runtime, 2.0)
+    latencies, seen = [], set()
+    for sent_at, frame in sink.sent:
+        sequence, time_ms = framecode.decode(frame.pixels)
+        if frame.pixels.any() and sequence not in seen:
+            seen.add(sequence)
+            latencies.append(framecode.elapsed_ms(time_ms, sent_at))
+    after_stall = latencies[15:]
+    assert len(after_stall) > 20
+    print(f"\nafter a one-off stall: latency median {statistics.median(after_stall):.1f} ms (engine 5 ms, period 33 ms)")
+    assert statistics.median(after_stall) < 1000 / 30, "new frames are held back a period after a repeat"
+
 def test_latency_measured_from_the_frame_code_in_the_pixels():
     engine, sink = StandInEngine(size=256, cost=0.02), RecordingSink(FrameFormat(256, 256, "BGR"))
     runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=640, height=480, fps=30),

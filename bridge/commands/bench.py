@@ -135,6 +135,13 @@ def format_table(results: list[dict]) -> str:
                 f"{'':<9} latency capture to publish at {o['source_fps']:.0f} fps input: {latency} ms (median/p95), "
                 f"budget {o['latency_budget_ms']:.1f}/{o['latency_budget_p95_ms']:.1f} ms (engine time for the frame + one input period)"
             )
+            steady = o.get("latency_steady")
+            if steady and steady["latency_ms_median"] is not None:
+                lines.append(
+                    f"{'':<9} latency at a steady {steady['source_fps']:.0f} fps input: {steady['latency_ms_median']:.1f}/"
+                    f"{steady['latency_ms_p95']:.1f} ms (median/p95), budget {steady['latency_budget_ms']:.1f}/"
+                    f"{steady['latency_budget_p95_ms']:.1f} ms"
+                )
             if o.get("thread_cpu_ms_per_frame"):
                 cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in o["thread_cpu_ms_per_frame"].items())
                 lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
