@@ -64,8 +64,8 @@ case "$PART" in
     ;;
   latency)
     # issue 3: the runtime's overhead and latency (also at a steady 30 fps input) with sd-turbo, eager and step graph
-    bench 75 sd_turbo_1step_eager_runtime $TURBO --frames 150 --warmup 20 --time-limit 20 --runtime
-    bench 140 sd_turbo_1step_step_runtime $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 20 --runtime
+    bench 70 sd_turbo_1step_eager_runtime $TURBO --frames 150 --warmup 20 --time-limit 20 --runtime
+    bench 130 sd_turbo_1step_step_runtime $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 20 --runtime
     ;;
   sd15)
     bench 240 sd15_4step_self_compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
