@@ -32,6 +32,11 @@ def stream_config(settings: RunSettings):
     return StreamConfig(**values)
 
 
+def _options(settings: RunSettings) -> dict | None:
+    """The backend's keyword options from the settings (only the compiled backend has any here)."""
+    return {"cuda_graphs": settings.cuda_graphs} if settings.backend == "compiled" else None
+
+
 def build_engine(settings: RunSettings, config, progress: Callable[[str], None] = log.info):
     """Load or build the model named by `settings.model` and wrap it in a StreamDiffusion.
 
@@ -47,13 +52,14 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
             progress(f"building random-weight model {arch!r} on {config.device} ...")
             components = random_components(arch, dtype=config.dtype, device=config.device, seed=0)
             progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the stream ...")
-            engine = StreamDiffusion(components, config, backend=settings.backend)
+            engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=_options(settings))
         else:
             progress(f"loading model {model} on {config.device} (first use may take minutes) ...")
             options = {"allow_pickle": settings.allow_pickle, "lcm_lora": settings.lcm_lora}
             if settings.vae is not None:
                 options["vae"] = settings.vae
-            engine = StreamDiffusion.from_pretrained(model, config, backend=settings.backend, **options)
+            engine = StreamDiffusion.from_pretrained(model, config, backend=settings.backend,
+                                                     backend_options=_options(settings), **options)
     except ModelLoadError as exc:
         raise UserError(f"model: {exc}") from None
     except ValueError as exc:  # a bad arch, backend or a size the model cannot take

@@ -39,6 +39,7 @@ from .transports import parse_spec
 RANDOM_PREFIX = "random:"
 RANDOM_ARCHS = ("tiny", "sd15", "sd-turbo")  # pipeline.ARCHS (kept here: reading settings must not import torch)
 ENGINE_BACKENDS = ("compiled", "eager")  # pipeline.backends.BACKENDS, likewise
+CUDA_GRAPH_MODES = ("step", "modules", "off")  # pipeline.backends.compiled.CUDA_GRAPH_MODES, likewise
 PLANNED_BACKENDS = ("tensorrt",)  # pipeline.backends.PLANNED: designed, refused with the engine's reason
 MAX_SIZE = 4096  # width and height: far above what runs live; a typo's 1048576 is refused, not allocated
 MAX_FPS = 1000.0  # the runtime's limit
@@ -69,6 +70,7 @@ class RunSettings:
     similarity_threshold: float | None = None
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
+    cuda_graphs: str = "step"  # compiled backend on CUDA: step (one graph per frame), modules, off
     device: str = "auto"
     dtype: str = "auto"
     fps: float = 30.0  # output rate
@@ -133,6 +135,8 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: {value!r} must be a positive integer")
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         for count in self.compile_steps:
             if not 1 <= count <= 16:
                 raise ValueError(f"compile_steps: {count!r} must be a number of steps from 1 to 16")

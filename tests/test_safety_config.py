@@ -183,6 +183,19 @@ def test_backend_names_agree_with_the_engine():
     assert set(ENGINE_BACKENDS) == set(BACKENDS) and set(PLANNED_BACKENDS) == set(PLANNED)
 
 
+def test_cuda_graph_modes_agree_with_the_engine_and_a_wrong_one_is_one_line(tmp_path, capsys):
+    from pipeline.backends.compiled import CUDA_GRAPH_MODES as ENGINE_MODES
+
+    from bridge.settings import CUDA_GRAPH_MODES
+
+    assert CUDA_GRAPH_MODES == ENGINE_MODES
+    config = tmp_path / "show.toml"
+    config.write_text('sink = "null"\nbackend = "compiled"\ncuda_graphs = "sometimes"\n')
+    assert cli.main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cuda_graphs: 'sometimes' must be one of step, modules, off" in err, err
+
+
 def test_missing_config_file_and_a_folder_as_config(tmp_path, capsys):
     assert cli.main(["run", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "config: file not found" in capsys.readouterr().err

@@ -42,6 +42,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--compile-steps", dest="compile_steps",
         help="compiled backend: also compile these step counts at start, e.g. 1,2,4 (no compile mid-show "
              "when /sd/t_index_list changes length)")
+    add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
+        help="compiled backend on CUDA: the whole step in one CUDA graph (default), one per module, or none")
     add("--device", help="auto, cpu, cuda, cuda:1 ...")
     add("--dtype", help="auto, float32, float16, bfloat16")
     add("--fps", type=float, help="output frames per second (default 30)")
