@@ -33,8 +33,12 @@ def stream_config(settings: RunSettings):
 
 
 def _options(settings: RunSettings) -> dict | None:
-    """The backend's keyword options from the settings (only the compiled backend has any here)."""
-    return {"cuda_graphs": settings.cuda_graphs} if settings.backend == "compiled" else None
+    """The backend's keyword options from the settings."""
+    if settings.backend == "compiled":
+        return {"cuda_graphs": settings.cuda_graphs}
+    if settings.backend == "tensorrt":
+        return {"engines": settings.engines, "model": settings.model}
+    return None
 
 
 def build_engine(settings: RunSettings, config, progress: Callable[[str], None] = log.info):

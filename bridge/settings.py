@@ -38,9 +38,9 @@ from .transports import parse_spec
 
 RANDOM_PREFIX = "random:"
 RANDOM_ARCHS = ("tiny", "sd15", "sd-turbo")  # pipeline.ARCHS (kept here: reading settings must not import torch)
-ENGINE_BACKENDS = ("compiled", "eager")  # pipeline.backends.BACKENDS, likewise
+ENGINE_BACKENDS = ("compiled", "eager", "tensorrt")  # pipeline.backends.BACKENDS, likewise
 CUDA_GRAPH_MODES = ("step", "modules", "off")  # pipeline.backends.compiled.CUDA_GRAPH_MODES, likewise
-PLANNED_BACKENDS = ("tensorrt",)  # pipeline.backends.PLANNED: designed, refused with the engine's reason
+PLANNED_BACKENDS: tuple[str, ...] = ()  # pipeline.backends.PLANNED: designed, refused with the engine's reason
 MAX_SIZE = 4096  # width and height: far above what runs live; a typo's 1048576 is refused, not allocated
 MAX_FPS = 1000.0  # the runtime's limit
 
@@ -71,6 +71,7 @@ class RunSettings:
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
     cuda_graphs: str = "step"  # compiled backend on CUDA: step (one graph per frame), modules, off
+    engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     device: str = "auto"
     dtype: str = "auto"
     fps: float = 30.0  # output rate

@@ -6,7 +6,9 @@
   like modules or Python are refused or stay inert strings (a module that marks its import is
   on sys.path throughout), and nothing in bridge/ or pipeline/ imports, evaluates or unpickles by
   name except the fixed, reviewed places listed here.
-- TensorRT engines are not built yet: `--backend tensorrt` is one line, exit status 2.
+- TensorRT engines load only from the engine cache, verified (tests/test_engine_cache.py,
+  tests/test_tensorrt_backend.py); where TensorRT is missing, `--backend tensorrt` is one line,
+  exit status 2.
 """
 
 import ast
@@ -138,9 +140,12 @@ def test_nothing_imports_or_evaluates_by_name_outside_the_reviewed_places():
     assert found <= REVIEWED, sorted(found - REVIEWED)
 
 
-def test_tensorrt_backend_does_not_run_yet(capsys):
-    """No TensorRT engine is loaded by `run` yet (so none from outside the cache either)."""
+def test_tensorrt_backend_without_tensorrt_is_one_line(capsys, monkeypatch):
+    """Where TensorRT is not installed, `run --backend tensorrt` says so and stops, exit status 2."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, also where it is installed
     status = cli.main(["-q", "run", "--sink", "null", "--no-osc", *TINY, "--backend", "tensorrt"])
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1, err
-    assert "backend: 'tensorrt'" in err and "eager" in err
+    assert "backend: 'tensorrt' cannot run here: TensorRT is not installed" in err and "eager" in err

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
         "build-engines", help="export ONNX and build TensorRT engines ahead of the show",
         description="Export the UNet and the VAE to ONNX and build one TensorRT engine per resolution and batch "
         "the stream needs, into --cache (keyed by model, resolution, batch, precision, TensorRT version and GPU). "
-        "The tensorrt backend that runs them is not built yet; --onnx-only works anywhere.",
+        "`sdbridge run --backend tensorrt --engines FOLDER` runs them; --onnx-only works anywhere.",
     )
     parser.add_argument("--model", required=True, help="hub id, folder, .safetensors file or random:tiny|sd15|sd-turbo")
     parser.add_argument("--width", type=int, action="append", help="width(s) to build for (default 512)")

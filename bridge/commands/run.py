@@ -38,12 +38,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--similarity-filter", dest="similarity_filter", action=argparse.BooleanOptionalAction, default=None,
         help="skip nearly unchanged frames")
     add("--similarity-threshold", dest="similarity_threshold", type=float, help="similarity above which to skip")
-    add("--backend", help="engine backend: eager (default) or compiled (torch.compile, compiles at start)")
+    add("--backend", help="engine backend: eager (default), compiled (torch.compile, compiles at start) or "
+                          "tensorrt (engines from `sdbridge build-engines`, see --engines)")
     add("--compile-steps", dest="compile_steps",
         help="compiled backend: also compile these step counts at start, e.g. 1,2,4 (no compile mid-show "
              "when /sd/t_index_list changes length)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="compiled backend on CUDA: the whole step in one CUDA graph (default), one per module, or none")
+    add("--engines", help="tensorrt backend: the engine folder `sdbridge build-engines --cache` wrote (default ./engines)")
     add("--device", help="auto, cpu, cuda, cuda:1 ...")
     add("--dtype", help="auto, float32, float16, bfloat16")
     add("--fps", type=float, help="output frames per second (default 30)")

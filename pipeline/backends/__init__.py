@@ -11,12 +11,11 @@ import inspect
 from ..models import Components
 from .compiled import CompiledBackend
 from .eager import Conditioning, EagerBackend
+from .tensorrt import TensorRTBackend
 
-BACKENDS = {"eager": EagerBackend, "compiled": CompiledBackend}
+BACKENDS = {"eager": EagerBackend, "compiled": CompiledBackend, "tensorrt": TensorRTBackend}
 # Backends designed but not built yet, with what exists of them so far.
-PLANNED = {
-    "tensorrt": "engines can be built with `sdbridge build-engines`; running them is not implemented",
-}
+PLANNED: dict[str, str] = {}
 
 
 def make_backend(name: str, components: Components, *, kv_cache: bool, **options):
@@ -39,4 +38,4 @@ def make_backend(name: str, components: Components, *, kv_cache: bool, **options
     return backend_class(components, kv_cache=kv_cache, **options)
 
 
-__all__ = ["BACKENDS", "CompiledBackend", "Conditioning", "EagerBackend", "make_backend"]
+__all__ = ["BACKENDS", "CompiledBackend", "Conditioning", "EagerBackend", "TensorRTBackend", "make_backend"]

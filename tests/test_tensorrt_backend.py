@@ -1,0 +1,117 @@
+"""The tensorrt backend end to end on the CPU: `build_engines` exports the tiny model to ONNX and
+builds its engines through a stand-in with TensorRT 10's Python API (backed by onnxruntime:
+tests/tensorrt_standin.py), the backend loads them from the verified cache and runs a stream whose
+frames match the eager backend's. A missing, mismatched or tampered engine is one clear line at
+start that names the command which builds it. Where the real TensorRT imports (an NVIDIA
+machine), the same round trip runs against it in test_engine_cache.py."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import tensorrt_standin
+from pipeline import StreamConfig, StreamDiffusion
+from pipeline.backends import tensorrt_build
+from pipeline.backends.engine_cache import EngineCache, model_weights_hash
+
+SIZE = 64
+CONFIG = StreamConfig(width=SIZE, height=SIZE, device="cpu", dtype="float32", cfg_type="initialize",
+                      t_index_list=(20, 40), guidance_scale=1.5, seed=3)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    module = tensorrt_standin.install(monkeypatch)
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+    return module
+
+
+@pytest.fixture(scope="module")
+def built(tiny_components, tmp_path_factory):
+    """Engines for CONFIG (UNet batches 2 and 3: guidance off and on; the VAE), built once."""
+    folder = tmp_path_factory.mktemp("engines")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        module = tensorrt_standin.install(monkeypatch)
+        monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+        paths = tensorrt_build.build_engines(tiny_components, CONFIG, EngineCache(folder), work_folder=folder / "onnx",
+                                             precision="fp32")
+    return folder, paths
+
+
+def _frames(count):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def test_built_engines_run_a_stream_that_matches_eager(tiny_components, built, standin):
+    folder, paths = built
+    assert len(paths) == 4  # UNet batch 2 and 3, encoder, decoder
+    engine = StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
+    reference = StreamDiffusion(tiny_components, CONFIG)
+    loaded = len(engine.backend._engines)
+    assert loaded == 4  # every engine the stream can call, at start
+    for stream in (engine, reference):
+        stream.set_prompt("a lighthouse", "fog")
+    worst = 0
+    for k, frame in enumerate(_frames(6)):
+        if k == 3:
+            for stream in (engine, reference):
+                stream.update(guidance_scale=0.8)  # guidance off: the batch-2 UNet engine
+        worst = max(worst, int(np.abs(engine(frame).astype(int) - reference(frame).astype(int)).max()))
+    assert worst <= 1, f"TensorRT (stand-in) frames differ from eager by {worst}/255"
+    assert tensorrt_standin.EXECUTIONS["count"] == 6 * 3  # encoder, UNet, decoder per frame
+    assert len(engine.backend._engines) == loaded  # nothing loaded mid-show
+
+
+def test_a_resolution_without_engines_is_one_line_naming_the_build_command(tiny_components, built, standin):
+    folder, _ = built
+    other = CONFIG.replace(width=96)
+    with pytest.raises(ValueError) as refused:
+        StreamDiffusion(tiny_components, other, backend="tensorrt", backend_options={"engines": str(folder),
+                                                                                    "model": "random:tiny"})
+    message = str(refused.value)
+    assert "\n" not in message and "96x64" in message
+    assert f"sdbridge build-engines --model random:tiny --cache {folder}" in message
+
+
+def test_tampered_and_foreign_engines_are_refused(tiny_components, built, standin, tmp_path, monkeypatch):
+    folder, _ = built
+    copy = tmp_path / "engines"
+    copy.mkdir()
+    for path in folder.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    decoder = next(name for name in manifest if name.startswith("vae_decoder"))
+    (copy / decoder).write_bytes((copy / decoder).read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(copy)})
+    # the same engines under another TensorRT version are not looked at
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: ("11.0.0", "0.0"))
+    with pytest.raises(ValueError, match="no unet engine for 64x64 batch 2 fp32"):
+        StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
+
+
+def test_other_weights_find_no_engines(tiny_components, built, standin):
+    import copy
+
+    folder, _ = built
+    changed = dataclasses.replace(tiny_components, unet=copy.deepcopy(tiny_components.unet))
+    next(changed.unet.parameters()).data.add_(0.01)
+    assert model_weights_hash(changed.unet, changed.vae) != model_weights_hash(tiny_components.unet, tiny_components.vae)
+    with pytest.raises(ValueError, match="no unet engine"):
+        StreamDiffusion(changed, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
+
+
+def test_without_tensorrt_the_backend_says_so_in_one_line(tiny_components, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails, as where it is not installed
+    with pytest.raises(ValueError) as refused:
+        StreamDiffusion(tiny_components, CONFIG, backend="tensorrt")
+    assert str(refused.value) == (
+        "backend: 'tensorrt' cannot run here: TensorRT is not installed: pip install 'sdbridge[tensorrt]' "
+        "(NVIDIA GPUs only); use 'compiled' or 'eager'"
+    )
