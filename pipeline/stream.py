@@ -278,13 +278,13 @@ class StreamDiffusion:
             self.similarity.should_skip(images)  # records the reference
         # 3.-6. encode, denoise, decode, keep finite: one graph replay where there is one
         replayed = self._graphs.run(images) if self._graphs is not None else None
-        self._counts["frames_processed"] += 1
         if replayed is None:
             output, pixels = self._step(images), None
         else:
             output, pixels = replayed  # the graph's memory: copied out below, before the next replay
             if kind.library == "torch":
                 output, pixels = (output.clone(), None) if kind.layout == "CHW" else (output, pixels.clone())
+        self._counts["frames_processed"] += 1
         # 7. download in the caller's kind
         return from_model_output(output, kind, pixels=pixels, staging=self._staging)
 
@@ -298,8 +298,8 @@ class StreamDiffusion:
         """One generated frame as uint8 (H, W, 3) numpy RGB; (b, H, W, 3) when frame_buffer_size b > 1."""
         b = self.config.frame_buffer_size
         self._counts["frames_in"] += 1
-        self._counts["frames_processed"] += 1
         output = self._finish(self._denoise(latents=None), fallback=None)
+        self._counts["frames_processed"] += 1
         kind = FrameKind("numpy", "HWC", batched=b > 1, device=torch.device("cpu"), dtype=torch.uint8)
         return from_model_output(output, kind)
 
