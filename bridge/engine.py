@@ -32,13 +32,50 @@ def stream_config(settings: RunSettings):
     return StreamConfig(**values)
 
 
-def _options(settings: RunSettings) -> dict | None:
-    """The backend's keyword options from the settings."""
-    if settings.backend == "compiled":
+def _options(settings: RunSettings, backend: str) -> dict | None:
+    """The keyword options of `backend` from the settings."""
+    if backend == "compiled":
         return {"cuda_graphs": settings.cuda_graphs}
-    if settings.backend == "tensorrt":
+    if backend == "tensorrt":
         return {"engines": settings.engines, "model": settings.model}
     return None
+
+
+def _stream(components, config, settings: RunSettings, progress: Callable[[str], None]):
+    """The StreamDiffusion on the chosen backend; when that backend cannot start here and the
+    user named a --backend-fallback, on that one instead, said loudly (log and progress)."""
+    from pipeline import BackendUnavailable, StreamDiffusion
+
+    try:
+        return StreamDiffusion(components, config, backend=settings.backend,
+                               backend_options=_options(settings, settings.backend))
+    except BackendUnavailable as exc:
+        if not settings.backend_fallback:
+            raise
+        reason = str(exc)
+    warning = (f"BACKEND FALLBACK: {reason}; running on {settings.backend_fallback!r} instead, "
+               f"as --backend-fallback allows")
+    log.warning("%s", warning)
+    engine = StreamDiffusion(components, config, backend=settings.backend_fallback,
+                             backend_options=_options(settings, settings.backend_fallback))
+    engine.fallback_from = (settings.backend, reason)
+    return engine
+
+
+def backend_label(engine) -> str:
+    """What runs the frames, for the status: e.g. "compiled+step graph", "eager (fallback from tensorrt)"."""
+    backend = getattr(engine, "backend", None)
+    label = getattr(backend, "name", "")
+    graphs = getattr(backend, "cuda_graphs", None)
+    step_graphs = getattr(engine, "_graphs", None)
+    if graphs == "step":
+        label += "+step graph" if step_graphs is None or not step_graphs.failed else " (step graph failed)"
+    elif graphs == "modules":
+        label += "+module graphs"
+    fallback = getattr(engine, "fallback_from", None)
+    if fallback:
+        label += f" (fallback from {fallback[0]})"
+    return label
 
 
 def build_engine(settings: RunSettings, config, progress: Callable[[str], None] = log.info):
@@ -46,7 +83,7 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
 
     Raises UserError (one line) when the model cannot be loaded.
     """
-    from pipeline import ModelLoadError, StreamDiffusion, random_components
+    from pipeline import ModelLoadError, load_components, random_components
 
     started = time.perf_counter()
     model = settings.model
@@ -55,15 +92,14 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
             arch = model[len(RANDOM_PREFIX):]
             progress(f"building random-weight model {arch!r} on {config.device} ...")
             components = random_components(arch, dtype=config.dtype, device=config.device, seed=0)
-            progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the stream ...")
-            engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=_options(settings))
         else:
             progress(f"loading model {model} on {config.device} (first use may take minutes) ...")
             options = {"allow_pickle": settings.allow_pickle, "lcm_lora": settings.lcm_lora}
             if settings.vae is not None:
                 options["vae"] = settings.vae
-            engine = StreamDiffusion.from_pretrained(model, config, backend=settings.backend,
-                                                     backend_options=_options(settings), **options)
+            components = load_components(model, dtype=config.dtype, device=config.device, **options)
+        progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the {settings.backend} backend ...")
+        engine = _stream(components, config, settings, progress)
     except ModelLoadError as exc:
         raise UserError(f"model: {exc}") from None
     except ValueError as exc:  # a bad arch, backend or a size the model cannot take

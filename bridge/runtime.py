@@ -100,6 +100,9 @@ class Runtime:
         self.config = config
         self.params = params if params is not None else ParameterStore()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        from .engine import backend_label  # here: bridge.settings imports this module
+
+        self.telemetry.backend = backend_label(engine)
         self._open_source = open_source
         self._shared = Shared(
             engine=engine, engine_format=self.engine_format, sinks=list(sinks),

@@ -92,8 +92,8 @@ def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
         started = time.monotonic()
         try:
             runtime.start()
-            log.info("running: %s -> %s (%dx%d) -> %s; Ctrl+C stops", settings.source, settings.model,
-                     config.width, config.height, ", ".join(settings.sink))
+            log.info("running: %s -> %s (%dx%d, %s) -> %s; Ctrl+C stops", settings.source, settings.model,
+                     config.width, config.height, runtime.telemetry.backend, ", ".join(settings.sink))
             _watch(runtime, stream, settings.status)
         finally:
             runtime.stop()

@@ -72,6 +72,7 @@ class RunSettings:
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
     cuda_graphs: str = "step"  # compiled backend on CUDA: step (one graph per frame), modules, off
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
+    backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"
     dtype: str = "auto"
     fps: float = 30.0  # output rate
@@ -136,6 +137,10 @@ class RunSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}: {value!r} must be a positive integer")
+        if self.backend_fallback is not None and (self.backend_fallback not in ENGINE_BACKENDS
+                                                  or self.backend_fallback == self.backend):
+            raise ValueError(f"backend_fallback: {self.backend_fallback!r} must be another of "
+                             f"{', '.join(ENGINE_BACKENDS)} than backend {self.backend!r}")
         if self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         for count in self.compile_steps:

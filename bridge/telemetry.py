@@ -46,6 +46,7 @@ class Telemetry:
         self._last_error: str | None = None  # the latest fault, one line (status out sends it)
         self._last_error_time: float | None = None
         self.state = "starting"  # "starting", "running", "source lost", "stopping", "stopped"
+        self.backend = ""  # what runs the frames, e.g. "compiled+step graph" (bridge.engine.backend_label)
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -123,6 +124,7 @@ class Telemetry:
             **counters,
             "last_error": last_error,
             "last_error_age": None if last_error_time is None else now - last_error_time,
+            "backend": self.backend,
         }
 
 
@@ -138,4 +140,5 @@ def status_line(snapshot: dict) -> str:
         f" | latency {_ms(snapshot['latency_ms_median'])} ms"
         f" | skipped {snapshot['frames_skipped']} dropped {snapshot['frames_dropped']}"
         f" bad {snapshot['bad_frames']} lost {snapshot['source_lost']}"
+        + (f" | {snapshot['backend']}" if snapshot.get("backend") else "")
     )

@@ -7,7 +7,7 @@
 """
 
 from .config import CFG_TYPES, MODES, StreamConfig, t_index_list_from_strength
-from .errors import ModelLoadError, UnsafeWeightsError
+from .errors import BackendUnavailable, ModelLoadError, UnsafeWeightsError
 from .models import ARCHS, Components, random_components
 from .schedule import NoiseSchedule
 from .stream import RUNTIME_SETTINGS, StreamDiffusion, StreamStats
@@ -26,6 +26,7 @@ __all__ = [
     "MODES",
     "RUNTIME_SETTINGS",
     "Components",
+    "BackendUnavailable",
     "ModelLoadError",
     "NoiseSchedule",
     "StreamConfig",

@@ -78,6 +78,15 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
             return message.params[0] if message.address == "/sd/status/state_name" else None
 
         assert wait_until(lambda: state() == "running", 10)
+
+        def backend():
+            try:
+                message = OscMessage(status.recv(65536))
+            except socket.timeout:
+                return None
+            return message.params[0] if message.address == "/sd/status/backend" else None
+
+        assert wait_until(lambda: backend() == "eager", 10)
         send("/sd/pause")
         assert wait_until(lambda: state() == "paused", 10)
         send("/sd/resume")

@@ -115,3 +115,40 @@ def test_without_tensorrt_the_backend_says_so_in_one_line(tiny_components, monke
         "backend: 'tensorrt' cannot run here: TensorRT is not installed: pip install 'sdbridge[tensorrt]' "
         "(NVIDIA GPUs only); use 'compiled' or 'eager'"
     )
+
+
+def test_backend_fallback_runs_on_the_named_backend_and_says_so(monkeypatch, capsys, caplog):
+    """`--backend-fallback` is the user's opt-in: without it a backend that cannot start stops the
+    run (test_safety_trust.py); with it the run goes on, on that backend, loudly, and the status
+    says which backend runs; a problem no backend solves (a size the model cannot take) still stops."""
+    import sys
+
+    from bridge import cli
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    common = ["-q", "run", "--sink", "null", "--no-osc", "--model", "random:tiny", "--device", "cpu",
+              "--frames", "3", "--backend", "tensorrt", "--backend-fallback", "eager"]
+    assert cli.main([*common, "--width", "32", "--height", "32"]) == 0
+    said = caplog.text + capsys.readouterr().err
+    assert "BACKEND FALLBACK: backend: 'tensorrt' cannot run here: TensorRT is not installed" in said, said
+    assert "running on 'eager' instead" in said
+    caplog.clear()
+    assert cli.main([*common, "--width", "33", "--height", "32"]) == 2
+    said = caplog.text + capsys.readouterr().err
+    assert "BACKEND FALLBACK" not in said and "width: 33" in said, said
+
+
+def test_status_names_the_backend_that_runs(tiny_components):
+    from bridge.engine import backend_label
+    from bridge.runtime import Runtime
+    from bridge.transports.null import NullSink
+    from bridge.transports.testpattern import TestPatternSource
+    from bridge.telemetry import status_line
+
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=32, height=32, device="cpu", dtype="float32"))
+    assert backend_label(engine) == "eager"
+    engine.fallback_from = ("tensorrt", "TensorRT is not installed")
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=32, height=32), sinks=[NullSink()])
+    snapshot = runtime.snapshot()
+    assert snapshot["backend"] == "eager (fallback from tensorrt)"
+    assert status_line(snapshot).endswith("| eager (fallback from tensorrt)")

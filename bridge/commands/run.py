@@ -45,6 +45,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "when /sd/t_index_list changes length)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="compiled backend on CUDA: the whole step in one CUDA graph (default), one per module, or none")
+    add("--backend-fallback", dest="backend_fallback",
+        help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
+             "this backend instead, with a loud warning (default: stop with the reason)")
     add("--engines", help="tensorrt backend: the engine folder `sdbridge build-engines --cache` wrote (default ./engines)")
     add("--device", help="auto, cpu, cuda, cuda:1 ...")
     add("--dtype", help="auto, float32, float16, bfloat16")

@@ -11,8 +11,9 @@
     /sd/status/state_name     s  the same as text
     /sd/status/osc_refused    i  OSC messages refused so far (malformed, unknown, out of the allow-list ...)
     /sd/status/error          s  the latest error, when there is one
+    /sd/status/backend        s  what runs the frames, e.g. "compiled+step graph", "eager (fallback from tensorrt)"
 
-Numbers go one per address so TouchDesigner's OSC In CHOP shows each as a channel; the two
+Numbers go one per address so TouchDesigner's OSC In CHOP shows each as a channel; the
 strings are for an OSC In DAT. A figure that has no value yet (no frame processed) is not sent.
 """
 
@@ -61,6 +62,8 @@ def status_messages(snapshot: dict, *, prefix: str = "/sd", last_error: str | No
     state = str(snapshot.get("state", "unknown"))
     messages.append(encode_message(base + "/state", STATES.get(state, -1)))
     messages.append(encode_message(base + "/state_name", state[:64]))
+    if snapshot.get("backend"):
+        messages.append(encode_message(base + "/backend", str(snapshot["backend"])[:128]))
     error = snapshot.get("last_error") or last_error
     if error:
         messages.append(encode_message(base + "/error", str(error)[:512].replace("\x00", " ")))

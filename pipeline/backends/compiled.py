@@ -48,6 +48,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..attention import LayerKV
+from ..errors import BackendUnavailable
 from ..models import Components
 from .eager import Conditioning, EagerBackend
 
@@ -118,7 +119,7 @@ class CompiledBackend(EagerBackend):
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         reason = compile_unavailable_reason()
         if reason is not None:
-            raise ValueError(
+            raise BackendUnavailable(
                 f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
             )
         super().__init__(components, kv_cache=kv_cache)
@@ -219,7 +220,7 @@ class CompiledBackend(EagerBackend):
                 call()
         except Exception as exc:  # a compiler's error is long: one line for the user, all of it with -v
             log.debug("compiling %s failed", what, exc_info=exc)
-            raise ValueError(f"backend: 'compiled' could not compile {what}: {_one_line(exc)}") from exc
+            raise BackendUnavailable(f"backend: 'compiled' could not compile {what}: {_one_line(exc)}") from exc
         log.info("compiled %s in %.1f s", what, time.perf_counter() - started)
         self._warm[key] = call
 

@@ -29,6 +29,7 @@ import torch
 
 from ..models import Components
 from . import tensorrt_build
+from ..errors import BackendUnavailable
 from .eager import Conditioning
 from .engine_cache import EngineCache, EngineCacheError, EngineKey, model_weights_hash
 
@@ -95,7 +96,7 @@ class TensorRTBackend:
         try:
             self._version, self._capability = tensorrt_build.tensorrt_identity()
         except tensorrt_build.TensorRTUnavailable as exc:
-            raise ValueError(f"backend: 'tensorrt' cannot run here: {exc}; use 'compiled' or 'eager'") from None
+            raise BackendUnavailable(f"backend: 'tensorrt' cannot run here: {exc}; use 'compiled' or 'eager'") from None
         import tensorrt as trt
 
         parameter = next(components.unet.parameters())
@@ -160,6 +161,6 @@ class TensorRTBackend:
                 log.info("loading the %s ...", what)
                 engine = _Engine(self._runtime, self._cache.load(key), self.device, what, self.rebuild_hint)
             except EngineCacheError as exc:
-                raise ValueError(f"backend: 'tensorrt': {exc}") from None
+                raise BackendUnavailable(f"backend: 'tensorrt': {exc}") from None
             self._engines[key] = engine
         return engine
