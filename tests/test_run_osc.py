@@ -70,23 +70,18 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         subprocess.run(["oscsend", f"osc.tcp://127.0.0.1:{osc_port}", "/sd/preset", "i", "3"], check=True, timeout=5)
         assert wait_until(lambda: query(query_port, "/sd/prompt?VALUE")["VALUE"] == ["preset three"], 30)
 
-        def state():
+        def status_text(name="state_name"):
             try:
                 message = OscMessage(status.recv(65536))
             except socket.timeout:
                 return None
-            return message.params[0] if message.address == "/sd/status/state_name" else None
+            return message.params[0] if message.address == f"/sd/status/{name}" else None
+
+        def state():
+            return status_text()
 
         assert wait_until(lambda: state() == "running", 10)
-
-        def backend():
-            try:
-                message = OscMessage(status.recv(65536))
-            except socket.timeout:
-                return None
-            return message.params[0] if message.address == "/sd/status/backend" else None
-
-        assert wait_until(lambda: backend() == "eager", 10)
+        assert wait_until(lambda: status_text("backend") == "eager", 10)
         send("/sd/pause")
         assert wait_until(lambda: state() == "paused", 10)
         send("/sd/resume")

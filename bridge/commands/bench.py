@@ -121,7 +121,6 @@ def format_table(results: list[dict]) -> str:
         )
         if "runtime_overhead" in r:
             o = r["runtime_overhead"]
-            latency = "-" if o["latency_ms_median"] is None else f"{o['latency_ms_median']:.1f}/{o['latency_ms_p95']:.1f}"
             lines.append(
                 f"{'':<9} through the runtime: {o['runtime_frame_ms']:.2f} ms/frame vs {o['engine_ms']:.2f} alone "
                 f"(overhead {o['overhead_ms']:+.2f} ms over {o['rounds']} alternating rounds)"
@@ -131,17 +130,9 @@ def format_table(results: list[dict]) -> str:
                     f"{'':<9} engine call inside the runtime {o['runtime_inference_ms']:.2f} ms, "
                     f"the inference loop between calls {o['between_calls_ms']:+.2f} ms"
                 )
-            lines.append(
-                f"{'':<9} latency capture to publish at {o['source_fps']:.0f} fps input: {latency} ms (median/p95), "
-                f"budget {o['latency_budget_ms']:.1f}/{o['latency_budget_p95_ms']:.1f} ms (engine time for the frame + one input period)"
-            )
-            steady = o.get("latency_steady")
-            if steady and steady["latency_ms_median"] is not None:
-                lines.append(
-                    f"{'':<9} latency at a steady {steady['source_fps']:.0f} fps input: {steady['latency_ms_median']:.1f}/"
-                    f"{steady['latency_ms_p95']:.1f} ms (median/p95), budget {steady['latency_budget_ms']:.1f}/"
-                    f"{steady['latency_budget_p95_ms']:.1f} ms"
-                )
+            lines.append(_latency_line("capture to publish at", o) + " (engine time for the frame + one input period)")
+            if o.get("latency_steady"):
+                lines.append(_latency_line("at a steady", o["latency_steady"]))
             if o.get("thread_cpu_ms_per_frame"):
                 cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in o["thread_cpu_ms_per_frame"].items())
                 lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
@@ -158,3 +149,11 @@ def format_table(results: list[dict]) -> str:
     if results:
         lines.append(f"device: {results[0]['device']}  torch {results[0]['torch']}  commit {results[0]['commit']}")
     return "\n".join(lines)
+
+
+def _latency_line(label: str, figures: dict) -> str:
+    """`latency <label> N fps input: median/p95 ms, budget ...` from a runtime-bench dict."""
+    median, p95 = figures["latency_ms_median"], figures["latency_ms_p95"]
+    latency = "-" if median is None else f"{median:.1f}/{p95:.1f}"
+    return (f"{'':<9} latency {label} {figures['source_fps']:.0f} fps input: {latency} ms (median/p95), "
+            f"budget {figures['latency_budget_ms']:.1f}/{figures['latency_budget_p95_ms']:.1f} ms")
