@@ -126,10 +126,6 @@ class StepGraphs:
         stream.state = step.state
         return step.output, step.pixels
 
-    def clear(self) -> None:
-        """Forget every step graph (their memory goes back to the pool)."""
-        self._steps.clear()
-
     # ------------------------------------------------------------------ building
 
     def _new_step(self, config) -> _Step:
