@@ -204,6 +204,14 @@ class Runtime:
         self.params.close()
         self.telemetry.state = "stopped"
 
+    def stragglers(self, timeout: float) -> list[str]:
+        """After `stop`: wait up to `timeout` seconds more for threads still running (an engine
+        call that outlasted stop's wait); the names of those still alive then."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [thread.name for thread in self._threads if thread.is_alive()]
+
     def snapshot(self) -> dict:
         return self.telemetry.snapshot()
 

@@ -57,6 +57,11 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+# After stop() (which waits up to a second for the threads), how much longer a thread still inside
+# an engine call may take before the process exits without it: the whole stop stays within 3 s.
+STRAGGLER_SECONDS = 0.8
+
+
 def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
     """Run until the source ends, a limit is reached or a signal arrives; the final figures.
 
@@ -100,6 +105,7 @@ def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
             _close_all([], None, plane, store)
         summary = runtime.snapshot()
         summary["seconds"] = time.monotonic() - started
+        summary["stragglers"] = runtime.stragglers(STRAGGLER_SECONDS)
         return summary
 
 

@@ -141,4 +141,5 @@ def trial(*, moment: str, signum: int, port: int, workdir: Path, rng: random.Ran
     return {"moment": moment, "signal": signal.Signals(signum).name, "exit_code": code, "exit_seconds": seconds,
             "was_running": seen["running"].is_set(), "source_was_lost": seen["lost"].is_set(),
             "ports_free": all(rebind.values()), "rebind": rebind,
-            "stderr_tail": [line.rstrip() for line in lines[-3:]] if code != 0 else []}
+            "stderr_tail": [line.rstrip() for line in lines[-3:]] if code != 0 else [],
+            "warnings": [line.rstrip() for line in lines if "WARNING" in line]}
