@@ -62,13 +62,15 @@ class StopSignals:
 STRAGGLER_SECONDS = 0.8
 
 
-def run_session(settings: RunSettings, *, stream=sys.stderr) -> dict:
+def run_session(settings: RunSettings, *, stream=None) -> dict:
     """Run until the source ends, a limit is reached or a signal arrives; the final figures.
 
     Transports and the OSC ports open before the model loads, so a missing sender, a missing
     device or a port in use is reported at once; OSC values that arrive while the model loads
-    are applied on the first frame.
+    are applied on the first frame. `stream`: where the status line goes (sys.stderr as it is
+    when called, so a replaced stderr is followed).
     """
+    stream = sys.stderr if stream is None else stream
     with StopSignals() as signals:
         sinks, first_source, plane = [], None, None
         store = ParameterStore()
