@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,5 +77,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Set by a command after which the process should end without the interpreter's teardown (see entry).
+_skip_teardown = False
+
+
+def skip_teardown() -> None:
+    """Ask `entry` to end the process with os._exit once `main` returned (nothing else changes:
+    in-process callers of `main`, such as tests, just get the status back)."""
+    global _skip_teardown
+    _skip_teardown = True
+
+
+def entry() -> None:
+    """The `sdbridge` command. After `run` (everything already released: sinks, source, ports,
+    files) the process ends with os._exit, skipping the interpreter's teardown: native libraries
+    can crash in their destructors while a thread of theirs or of ours is still in their code
+    (seen in CI: exit status -11 after an NDI run, -6 with a thread still inside torch)."""
+    status = main()
+    if _skip_teardown:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -26,12 +26,14 @@ def register(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from ..cli import skip_teardown
     from ..session import format_summary, run_session
     from .run import settings_from_args
 
     args.sink = [f"file:{args.output}"] + list(args.sink or [])
     settings = settings_from_args(args, **DEFAULTS)
     summary = run_session(settings)
+    skip_teardown()  # everything is released: end without library destructors (see bridge.cli.entry)
     if summary.get("state") == "interrupted":
         return 0
     print(f"demo: {settings.source} -> {settings.model} {settings.width}x{settings.height} on {settings.device} "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
 from ..control import add_arguments as add_control_arguments
 from ..errors import UserError
@@ -111,6 +109,7 @@ def check_presets_against_engine(settings) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from ..cli import skip_teardown
     from ..session import format_summary, run_session
 
     settings = settings_from_args(args)
@@ -119,17 +118,6 @@ def handle(args: argparse.Namespace) -> int:
     if summary.get("state") != "interrupted":
         print(format_summary(summary))
     if summary.get("stragglers"):
-        exit_now(summary["stragglers"])
+        log.warning("%s still busy after the stop; exiting without waiting for it", ", ".join(summary["stragglers"]))
+    skip_teardown()  # everything is released: end without library destructors (see bridge.cli.entry)
     return 0
-
-
-def exit_now(stragglers: list[str]) -> None:
-    """Exit 0 at once, without the interpreter's teardown. Everything was released already (the
-    sinks, the source, the ports); a thread still inside the engine (a step that outlasted the
-    stop) would otherwise be torn down mid-call by library destructors, which can abort the
-    process (seen once: 'terminate called without an active exception', exit status -6)."""
-    log.warning("%s still busy after the stop; exiting without waiting for it", ", ".join(stragglers))
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
