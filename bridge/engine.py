@@ -41,9 +41,9 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
     return None
 
 
-def _stream(components, config, settings: RunSettings, progress: Callable[[str], None]):
+def _stream(components, config, settings: RunSettings):
     """The StreamDiffusion on the chosen backend; when that backend cannot start here and the
-    user named a --backend-fallback, on that one instead, said loudly (log and progress)."""
+    user named a --backend-fallback, on that one instead, said loudly (a warning naming why)."""
     from pipeline import BackendUnavailable, StreamDiffusion
 
     try:
@@ -99,7 +99,7 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
                 options["vae"] = settings.vae
             components = load_components(model, dtype=config.dtype, device=config.device, **options)
         progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the {settings.backend} backend ...")
-        engine = _stream(components, config, settings, progress)
+        engine = _stream(components, config, settings)
     except ModelLoadError as exc:
         raise UserError(f"model: {exc}") from None
     except ValueError as exc:  # a bad arch, backend or a size the model cannot take
