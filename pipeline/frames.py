@@ -88,7 +88,7 @@ class HostStaging:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._upload_done = None  # torch.cuda.Event of the last upload
+        self._upload_done = None  # torch.cuda.Event recorded after the last upload (one, reused)
 
     def _buffer(self, direction: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         key = (direction, tuple(shape), dtype)
@@ -99,11 +99,12 @@ class HostStaging:
     def upload(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
         """`array` (uint8) on `device`, through a pinned buffer."""
         host = self._buffer("up", array.shape, torch.uint8)
-        if self._upload_done is not None:
+        if self._upload_done is None:
+            self._upload_done = torch.cuda.Event()
+        else:
             self._upload_done.synchronize()  # the previous upload from this buffer has finished
         np.copyto(host.numpy(), array)
         tensor = host.to(device, non_blocking=True)
-        self._upload_done = torch.cuda.Event()
         self._upload_done.record(torch.cuda.current_stream(device))
         return tensor
 

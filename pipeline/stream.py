@@ -281,9 +281,9 @@ class StreamDiffusion:
         if replayed is None:
             output, pixels = self._step(images), None
         else:
-            output, pixels = replayed  # the graph's memory: copied out below, before the next replay
-            if kind.library == "torch":
-                output, pixels = (output.clone(), None) if kind.layout == "CHW" else (output, pixels.clone())
+            output, pixels = replayed  # the graph's memory, read below before the next replay
+            if kind.library == "torch" and kind.layout == "HWC":
+                pixels = pixels.clone()  # handed out as it is (a float frame is converted into a new tensor)
         self._counts["frames_processed"] += 1
         # 7. download in the caller's kind
         return from_model_output(output, kind, pixels=pixels, staging=self._staging)

@@ -21,11 +21,16 @@ CONFIG = StreamConfig(width=SIZE, height=SIZE, device="cpu", dtype="float32", cf
                       t_index_list=(20, 40), guidance_scale=1.5, seed=3)
 
 
-@pytest.fixture
-def standin(monkeypatch):
+def _use_standin(monkeypatch):
+    """The stand-in as `tensorrt`, and a machine identity for the cache keys (it has no GPU)."""
     module = tensorrt_standin.install(monkeypatch)
     monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
     return module
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    return _use_standin(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,7 @@ def built(tiny_components, tmp_path_factory):
     """Engines for CONFIG (UNet batches 2 and 3: guidance off and on; the VAE), built once."""
     folder = tmp_path_factory.mktemp("engines")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        module = tensorrt_standin.install(monkeypatch)
-        monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+        _use_standin(monkeypatch)
         paths = tensorrt_build.build_engines(tiny_components, CONFIG, EngineCache(folder), work_folder=folder / "onnx",
                                              precision="fp32")
     return folder, paths
