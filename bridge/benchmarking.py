@@ -32,7 +32,7 @@ class BenchSettings:
     frames: int = 300  # measured calls
     warmup: int = 20  # calls before measuring
     backend: str = "eager"  # engine backend
-    cuda_graphs: str = "step"  # the compiled backend on CUDA: "step" (one graph per frame), "modules" or "off"
+    cuda_graphs: str | None = None  # CUDA graphs: "step" (one per frame), "modules" (compiled), "off"; None: the backend's default
     device: str = "auto"  # torch device
     dtype: str = "auto"  # float16 on CUDA, float32 on CPU
     similarity_filter: bool = False  # the filter on (synthetic frames all differ, so it never skips)
@@ -129,7 +129,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
     results = []
     for batched in (True, False) if sequential else (True,):
         config = base.replace(use_denoising_batch=batched)
-        options = {"cuda_graphs": settings.cuda_graphs} if settings.backend == "compiled" else None
+        options = {"cuda_graphs": settings.cuda_graphs} if settings.cuda_graphs is not None else None
         engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
         engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
         if base.device.type == "cuda":
@@ -153,7 +153,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
             "peak_mem_gib": peak,
             "peak_mem_kind": peak_kind,
             "frames_skipped": engine.stats.frames_skipped,
-            "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # None: eager; "off" on a CPU
+            "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # "off" on a CPU
             "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
             "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work on the host
             "host_cpus": os.cpu_count(),

@@ -34,11 +34,11 @@ def stream_config(settings: RunSettings):
 
 def _options(settings: RunSettings, backend: str) -> dict | None:
     """The keyword options of `backend` from the settings."""
-    if backend == "compiled":
-        return {"cuda_graphs": settings.cuda_graphs}
+    if backend == "compiled" or (backend == "eager" and settings.cuda_graphs != "modules"):  # modules: compiled only
+        return None if settings.cuda_graphs is None else {"cuda_graphs": settings.cuda_graphs}
     if backend == "tensorrt":
         return {"engines": settings.engines, "model": settings.model}
-    return None
+    return None  # pragma: no cover (every engine backend is named above)
 
 
 def _stream(components, config, settings: RunSettings):

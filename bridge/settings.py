@@ -70,7 +70,7 @@ class RunSettings:
     similarity_threshold: float | None = None
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
-    cuda_graphs: str = "step"  # compiled backend on CUDA: step (one graph per frame), modules, off
+    cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"
@@ -141,8 +141,11 @@ class RunSettings:
                                                   or self.backend_fallback == self.backend):
             raise ValueError(f"backend_fallback: {self.backend_fallback!r} must be another of "
                              f"{', '.join(ENGINE_BACKENDS)} than backend {self.backend!r}")
-        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+        if self.cuda_graphs is not None and self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
+        if self.cuda_graphs == "modules" and self.backend != "compiled":
+            raise ValueError(f"cuda_graphs: 'modules' needs backend 'compiled' (backend is {self.backend!r}); "
+                             "'step' captures any backend's whole step")
         for count in self.compile_steps:
             if not 1 <= count <= 16:
                 raise ValueError(f"compile_steps: {count!r} must be a number of steps from 1 to 16")

@@ -194,6 +194,20 @@ def test_cuda_graph_modes_agree_with_the_engine_and_a_wrong_one_is_one_line(tmp_
     assert cli.main(["run", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cuda_graphs: 'sometimes' must be one of step, modules, off" in err, err
+    config.write_text('sink = "null"\ncuda_graphs = "modules"\n')  # the default backend: eager
+    assert cli.main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cuda_graphs: 'modules' needs backend 'compiled'" in err, err
+
+
+def test_the_cuda_graph_option_reaches_eager_and_compiled_and_a_fallback_gets_what_it_takes():
+    from bridge.engine import _options
+    from bridge.settings import RunSettings
+
+    assert _options(RunSettings(sink=("null",)), "eager") is None  # each backend's own default
+    assert _options(RunSettings(sink=("null",), cuda_graphs="step"), "eager") == {"cuda_graphs": "step"}
+    assert _options(RunSettings(sink=("null",), backend="compiled", cuda_graphs="modules"), "compiled") == {"cuda_graphs": "modules"}
+    assert _options(RunSettings(sink=("null",), backend="compiled", cuda_graphs="modules"), "eager") is None
 
 
 def test_missing_config_file_and_a_folder_as_config(tmp_path, capsys):

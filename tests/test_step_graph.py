@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import StreamConfig, StreamDiffusion
+from pipeline.backends.eager import conditioning_tensors
 from pipeline.step_graph import StepGraphs, graph_key
 
 SIZE = 64
@@ -178,3 +179,50 @@ def test_a_failed_capture_leaves_every_frame_running_without_the_graph(tiny_comp
     for frame in _frames(3):
         assert np.array_equal(plain(frame), graphed(frame))
     assert graphs.replays == 0 and graphed.stats.frames_processed == 3
+
+
+def test_eager_step_graphs_read_the_prompt_from_buffers_refreshed_before_the_replay(tiny_components):
+    """With `cuda_graphs="step"` the eager backend's UNet reads the prompt from static buffers,
+    as the compiled one does: each new prompt is copied in by `prepare`, never inside the replay,
+    and the buffers keep their addresses (a CUDA graph of the eager kernels reads them there)."""
+    config = StreamConfig(**BASE, cfg_type="full")
+    plain = StreamDiffusion(tiny_components, config)
+    graphed = StreamDiffusion(tiny_components, config)
+    graphed.backend.step_graphs = "eager"  # what cuda_graphs="step" sets on CUDA, with the CPU replay
+    graphed._graphs = StepGraphs(graphed, replay="eager")
+    graphed.warm_up()
+    backend = graphed.backend
+    copies_in_replay = []
+    static_conditioning = backend._static_conditioning
+
+    def watched(cond):
+        if graphed._graphs.replaying and backend._copied_from.get(cond.embeds.shape[0]) is not cond:
+            copies_in_replay.append(cond.embeds.shape[0])
+        return static_conditioning(cond)
+
+    backend._static_conditioning = watched
+    frames = iter(_frames(12))
+    addresses = None
+    for prompt, guidance in [("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.8), ("snow", 0.8), ("snow", 2.5),
+                             ("a harbour", 2.5)]:
+        for engine in (plain, graphed):
+            engine.set_prompt(prompt, "rain")
+            engine.update(guidance_scale=guidance)
+        for _ in range(2):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), (prompt, guidance)
+        now = {rows: [t.data_ptr() for t in conditioning_tensors(static)] for rows, static in backend._static.items()}
+        addresses = addresses or now
+        assert {rows: now[rows] for rows in addresses} == addresses, "a prompt buffer was replaced, not refilled"
+    assert not copies_in_replay, f"prompt copied inside the replay for batches {copies_in_replay}"
+    assert sorted(backend._static) == [2, 4]  # guidance off (1 step x 2 frames) and on (plus the uncond rows)
+    assert graphed._graphs.replays == 11
+
+
+def test_eager_cuda_graph_modes(tiny_components):
+    from pipeline.backends import EagerBackend
+
+    backend = EagerBackend(tiny_components, cuda_graphs="step")  # on this CPU: no CUDA graph, nothing static
+    assert (backend.cuda_graphs, backend.step_graphs, backend._static_prompt) == ("off", None, False)
+    with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the eager backend"):
+        EagerBackend(tiny_components, cuda_graphs="modules")

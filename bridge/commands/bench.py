@@ -48,8 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
     parser.add_argument("--backend", default="eager",
                         help="engine backend: eager (default) or compiled (torch.compile; compiled before the warm-up frames)")
-    parser.add_argument("--cuda-graphs", default="step", choices=["step", "modules", "off"],
-                        help="compiled backend on CUDA: the whole step in one graph (default), a graph per module, or none")
+    parser.add_argument("--cuda-graphs", choices=["step", "modules", "off"],
+                        help="on CUDA: the whole step in one graph (the compiled backend's default; eager takes it "
+                             "too), a graph per compiled module, or none (eager's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")

@@ -47,7 +47,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="compiled backend: also compile these step counts at start, e.g. 1,2,4 (no compile mid-show "
              "when /sd/t_index_list changes length)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
-        help="compiled backend on CUDA: the whole step in one CUDA graph (default), one per module, or none")
+        help="on CUDA: the whole step in one CUDA graph (compiled's default; with eager: no compile wait, "
+             "one launch per frame), one graph per compiled module, or none (eager's default)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")

@@ -47,10 +47,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..attention import LayerKV
 from ..errors import BackendUnavailable
 from ..models import Components
-from .eager import Conditioning, EagerBackend
+from .eager import Conditioning, EagerBackend, conditioning_tensors
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +140,10 @@ class CompiledBackend(EagerBackend):
         self._compiled_unet = compile_call(super()._unet_forward)
         self._compiled_encode = compile_call(super()._vae_encode)
         self._compiled_decode = compile_call(super()._vae_decode)
-        self._static: dict[int, Conditioning] = {}  # UNet batch size -> the buffers its graph reads
-        self._copied_from: dict[int, Conditioning] = {}  # UNet batch size -> the Conditioning copied in last
         self._warm: dict[tuple, Callable[[], object]] = {}  # graphs compiled by `warmup`, with the call that did it
         self._recorded_in = threading.current_thread()  # the thread whose cudagraph trees hold the recordings
 
     # ------------------------------------------------------------------ the interface
-
-    @torch.inference_mode()
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The UNet's prediction, read through this batch size's static prompt buffers."""
-        return super().denoise(x_t, t, self._static_conditioning(cond))
 
     def warmup(
         self, unet_batches: Iterable[int], *, latents: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor | None
@@ -174,10 +166,9 @@ class CompiledBackend(EagerBackend):
             self._warm_up(("encode", tuple(images.shape)), f"the VAE encoder for batch {images.shape[0]}",
                           functools.partial(self.encode, images))
 
-    def prepare(self, cond: Conditioning) -> None:
-        """Copy `cond` into its batch size's static buffers now (outside a step graph, which reads them)."""
-        with torch.inference_mode():
-            self._static_conditioning(cond)
+    @property
+    def _static_prompt(self) -> bool:
+        return True  # the compiled UNet reads the prompt where it is, with or without a step graph
 
     # ------------------------------------------------------------------ the compiled calls
 
@@ -226,27 +217,10 @@ class CompiledBackend(EagerBackend):
 
     # ------------------------------------------------------------------ static prompt buffers
 
-    def _static_conditioning(self, cond: Conditioning) -> Conditioning:
-        """This batch size's static buffers holding `cond`'s values (copied only when `cond` is new)."""
-        rows = cond.embeds.shape[0]
-        if self._copied_from.get(rows) is cond:  # every frame but the first after a prompt change
-            return self._static[rows]
-        static = self._static.get(rows)
-        if static is not None and _shapes(static) == _shapes(cond):
-            static.embeds.copy_(cond.embeds)
-            for buffer, source in zip(static.kv or (), cond.kv or ()):
-                buffer.key.copy_(source.key)
-                buffer.value.copy_(source.value)
-        else:  # the first Conditioning of this batch size: its copies become the buffers
-            static = self._static[rows] = self._new_buffers(cond)
-        self._copied_from[rows] = cond  # held, so its identity cannot be reused by another object
-        return static
-
     def _new_buffers(self, cond: Conditioning) -> Conditioning:
-        kv = None if cond.kv is None else [LayerKV(layer.key.clone(), layer.value.clone()) for layer in cond.kv]
-        static = Conditioning(cond.embeds.clone(), kv)
+        static = super()._new_buffers(cond)
         if self._cuda_graphs:  # the graph reads them in place instead of copying them into its inputs
-            for tensor in _tensors(static):
+            for tensor in conditioning_tensors(static):
                 torch._dynamo.mark_static_address(tensor, guard=True)
         return static
 
@@ -258,10 +232,3 @@ def _graph_input(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone(memory_format=torch.contiguous_format)  # called in inference mode: one
     return tensor.contiguous()
 
-
-def _tensors(cond: Conditioning) -> list[torch.Tensor]:
-    return [cond.embeds, *(tensor for layer in cond.kv or () for tensor in (layer.key, layer.value))]
-
-
-def _shapes(cond: Conditioning) -> list[tuple]:
-    return [(tensor.shape, tensor.dtype, tensor.device) for tensor in _tensors(cond)]

@@ -1,4 +1,12 @@
-"""The eager backend: the diffusers modules called as they are, in inference mode."""
+"""The eager backend: the diffusers modules called as they are, in inference mode.
+
+On CUDA, `cuda_graphs="step"` captures the stream's whole per-frame step, these same eager
+kernels, in one CUDA graph (pipeline/step_graph.py): no compilation, a capture of a fraction of a
+second at start, and one launch per frame instead of a thousand or so (the eager step is bound by
+the CPU launching them). What a graph reads must stay where it is, so the prompt then goes through
+static conditioning buffers that `prepare` refreshes in place (the compiled backend always uses
+them: its compiled graphs read them too).
+"""
 
 from __future__ import annotations
 
@@ -18,18 +26,31 @@ class Conditioning:
     kv: list[LayerKV] | None  # per cross-attention layer, or None without the cache
 
 
+EAGER_CUDA_GRAPH_MODES = ("off", "step")
+
+
 class EagerBackend:
     """`denoise(x_t, t, cond) -> model output`, `encode(images) -> latents`, `decode(latents) -> images`."""
 
     name = "eager"
     step_graphs: str | None = None  # "cuda" when the stream should capture its whole step in one CUDA graph
 
-    def __init__(self, components: Components, *, kv_cache: bool = True) -> None:
+    def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str = "off") -> None:
+        """`cuda_graphs`: "off" (the default: the modules as they are) or "step" (CUDA only: the
+        stream captures its whole step in one CUDA graph; see the module docstring)."""
+        if cuda_graphs not in EAGER_CUDA_GRAPH_MODES:
+            raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
+                             f"{', '.join(EAGER_CUDA_GRAPH_MODES)} for the eager backend ('modules' needs 'compiled')")
         self.unet = components.unet
         self.vae = components.vae
         self.cache = CrossAttentionCache.install(self.unet) if kv_cache else None
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
         self._vae_is_tiny = hasattr(self.vae.config, "encoder_block_out_channels")
+        on_cuda = next(self.unet.parameters()).device.type == "cuda"
+        self.cuda_graphs = cuda_graphs if on_cuda else "off"  # what runs: CUDA graphs need CUDA
+        self.step_graphs = "cuda" if self.cuda_graphs == "step" else None
+        self._static: dict[int, Conditioning] = {}  # UNet batch size -> the buffers a graph reads
+        self._copied_from: dict[int, Conditioning] = {}  # UNet batch size -> the Conditioning copied in last
 
     def condition(self, embeds: torch.Tensor) -> Conditioning:
         """Precompute what the UNet needs of these embeddings (once per prompt and layout)."""
@@ -37,12 +58,22 @@ class EagerBackend:
         return Conditioning(embeds, kv)
 
     def prepare(self, cond: Conditioning) -> None:
-        """Called with the Conditioning of every UNet batch layout before a step graph's replay
-        (a compiled backend copies a new prompt into the buffers its graph reads); nothing here."""
+        """Called with the Conditioning of every UNet batch layout before a step graph's replay:
+        copies a new prompt into the static buffers the graph reads (outside the graph)."""
+        if self._static_prompt:
+            with torch.inference_mode():
+                self._static_conditioning(cond)
+
+    @property
+    def _static_prompt(self) -> bool:
+        """Whether the UNet reads the prompt through the static buffers (a graph reads them)."""
+        return self.step_graphs is not None
 
     @torch.inference_mode()
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's prediction for latents x_t (B, 4, h, w) at timesteps t (B,)."""
+        if self._static_prompt:
+            cond = self._static_conditioning(cond)
         if self.cache is not None:
             self.cache.active = cond.kv
         try:
@@ -78,3 +109,32 @@ class EagerBackend:
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.latent_scale, return_dict=False)[0]  # (B, 3, 8h, 8w)
+
+    # ------------------------------------------------------------------ static prompt buffers
+
+    def _static_conditioning(self, cond: Conditioning) -> Conditioning:
+        """This batch size's static buffers holding `cond`'s values (copied only when `cond` is new)."""
+        rows = cond.embeds.shape[0]
+        if self._copied_from.get(rows) is cond:  # every frame but the first after a prompt change
+            return self._static[rows]
+        static = self._static.get(rows)
+        if static is not None and _shapes(static) == _shapes(cond):
+            for buffer, source in zip(conditioning_tensors(static), conditioning_tensors(cond)):
+                buffer.copy_(source)
+        else:  # the first Conditioning of this batch size: its copies become the buffers
+            static = self._static[rows] = self._new_buffers(cond)
+        self._copied_from[rows] = cond  # held, so its identity cannot be reused by another object
+        return static
+
+    def _new_buffers(self, cond: Conditioning) -> Conditioning:
+        kv = None if cond.kv is None else [LayerKV(layer.key.clone(), layer.value.clone()) for layer in cond.kv]
+        return Conditioning(cond.embeds.clone(), kv)
+
+
+def conditioning_tensors(cond: Conditioning) -> list[torch.Tensor]:
+    """The embeddings, then each layer's key and value."""
+    return [cond.embeds, *(tensor for layer in cond.kv or () for tensor in (layer.key, layer.value))]
+
+
+def _shapes(cond: Conditioning) -> list[tuple]:
+    return [(tensor.shape, tensor.dtype, tensor.device) for tensor in conditioning_tensors(cond)]
