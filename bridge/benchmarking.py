@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import platform
@@ -38,6 +39,7 @@ class BenchSettings:
     similarity_filter: bool = False  # the filter on (synthetic frames all differ, so it never skips)
     kv_cache: bool = True  # cross-attention K/V precomputed per prompt
     time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
+    pipelined: bool = False  # submit each frame before taking the previous one's result (one frame in flight)
 
 
 def _load_average() -> float | None:
@@ -73,11 +75,17 @@ def synthetic_frames(settings: BenchSettings, count: int = 8) -> list[np.ndarray
     return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
 
 
-def time_calls(call, frames: list, *, count: int, warmup: int, device: torch.device, time_limit: float = 0.0) -> list[float]:
-    """Per-call wall times in ms for `count` calls after `warmup` calls (the device synchronised)."""
+def time_calls(call, frames: list, *, count: int, warmup: int, device: torch.device, time_limit: float = 0.0,
+               submit=None) -> list[float]:
+    """Per-call wall times in ms for `count` calls after `warmup` calls (the device synchronised).
+
+    `submit` (the engine's `submit`): pipelined instead, each frame submitted before the previous
+    one's result is taken (one frame in flight); the times are then those between results."""
     for k in range(warmup):
         call(frames[k % len(frames)])
     _synchronize(device)
+    if submit is not None:
+        return _time_pipelined(submit, frames, count=count, time_limit=time_limit)
     times = []
     started = time.perf_counter()
     for k in range(count):
@@ -88,6 +96,23 @@ def time_calls(call, frames: list, *, count: int, warmup: int, device: torch.dev
         if time_limit and time.perf_counter() - started > time_limit:
             log.warning("time limit of %.0f s reached after %d of %d frames", time_limit, k + 1, count)
             break
+    return times
+
+
+def _time_pipelined(submit, frames: list, *, count: int, time_limit: float) -> list[float]:
+    times = []
+    started = last = time.perf_counter()
+    pending = submit(frames[0])
+    for k in range(1, count + 1):
+        following = submit(frames[k % len(frames)])
+        pending.result()
+        now = time.perf_counter()
+        times.append((now - last) * 1000.0)
+        last, pending = now, following
+        if time_limit and now - started > time_limit:
+            log.warning("time limit of %.0f s reached after %d of %d frames", time_limit, k, count)
+            break
+    pending.result()
     return times
 
 
@@ -138,8 +163,11 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
                  "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
                  settings.warmup, settings.frames)
         load_before = _load_average()
+        gc.collect()
+        gc.freeze()  # as `sdbridge run` does: the models' objects are never collected, pauses stay short
         times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
-                           time_limit=settings.time_limit)
+                           time_limit=settings.time_limit, submit=engine.submit if settings.pipelined else None)
+        gc.unfreeze()
         peak, peak_kind = _peak_memory_gib(base.device)
         results.append({
             **asdict(settings),

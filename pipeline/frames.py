@@ -79,41 +79,104 @@ def frame_kind(frame, frame_buffer_size: int) -> FrameKind:
     return FrameKind(library, layout, batched, device, dtype)
 
 
+class PendingFrame:
+    """A frame on its way out of the engine: `result()` gives it (waiting for the device if its
+    copy to the host is still running). Returned by `StreamDiffusion.submit`."""
+
+    def __init__(self, value=None, wait=None) -> None:
+        self._value, self._wait = value, wait  # the frame, or the call that waits for it and gives it
+
+    def result(self):
+        """The frame, in the caller's kind; the same object on every call."""
+        if self._wait is not None:
+            self._value, self._wait = self._wait(), None
+        return self._value
+
+    @property
+    def ready(self) -> bool:
+        """True once `result()` no longer waits."""
+        return self._wait is None
+
+
 class HostStaging:
-    """Pinned host buffers (one per shape and direction) for numpy frames to and from a CUDA
-    device: the upload is a memcpy into page-locked memory and an asynchronous copy, the
-    download an asynchronous copy and the frame's one host synchronisation. A buffer is
-    written again only after its last copy finished (an event), and a download is copied out
-    of its buffer before it is returned, so no caller ever holds memory that is reused."""
+    """Pinned host buffers for numpy frames to and from a CUDA device, with the copies on side
+    streams so that they overlap the frames computing on the current stream.
+
+    Upload: the frame is copied (a memcpy) into a free pinned buffer, then to the device on the
+    upload stream; the current stream waits for that copy only, so a frame can be uploaded while
+    the previous one still computes. Download: the download stream waits for the current
+    stream's work so far, then copies to a pinned buffer; `result()` waits for that copy (the
+    frame's one host synchronisation) and copies the frame out of the buffer, which is then
+    free again. A pinned buffer is reused only once its copy finished, and device memory that
+    crosses streams is kept until both are done with it (`record_stream`). Several frames may be
+    in flight at once; each holds its own buffers."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._upload_done = None  # torch.cuda.Event recorded after the last upload (one, reused)
+        self._free: dict[tuple, list] = {}  # (direction, shape, dtype) -> [(pinned buffer, its last copy's event)]
+        self._streams: dict[torch.device, tuple] = {}  # device -> (upload stream, download stream)
 
-    def _buffer(self, direction: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        key = (direction, tuple(shape), dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype, pin_memory=True)
-        return self._buffers[key]
+    def _side_streams(self, device: torch.device) -> tuple:
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _take(self, key: tuple):
+        """A pinned buffer whose last copy has finished (a new one when none is)."""
+        pool = self._free.setdefault(key, [])
+        for index, (buffer, event) in enumerate(pool):
+            if event is None or event.query():
+                del pool[index]
+                return buffer
+        _, shape, dtype = key
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def _give_back(self, key: tuple, buffer: torch.Tensor, event) -> None:
+        self._free.setdefault(key, []).append((buffer, event))
 
     def upload(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
-        """`array` (uint8) on `device`, through a pinned buffer."""
-        host = self._buffer("up", array.shape, torch.uint8)
-        if self._upload_done is None:
-            self._upload_done = torch.cuda.Event()
-        else:
-            self._upload_done.synchronize()  # the previous upload from this buffer has finished
+        """`array` (uint8) on `device`, copied on the upload stream; ready for the current stream."""
+        key = ("up", tuple(array.shape), torch.uint8)
+        host = self._take(key)
         np.copyto(host.numpy(), array)
-        tensor = host.to(device, non_blocking=True)
-        self._upload_done.record(torch.cuda.current_stream(device))
+        current = torch.cuda.current_stream(device)
+        upload, _ = self._side_streams(device)
+        with torch.cuda.stream(upload):
+            tensor = host.to(device, non_blocking=True)  # allocated for the upload stream
+            copied = torch.cuda.Event()
+            copied.record(upload)
+        current.wait_event(copied)
+        tensor.record_stream(current)  # freed only once the current stream is done with it too
+        self._give_back(key, host, copied)
         return tensor
+
+    def download_async(self, tensor: torch.Tensor, *, owned: bool = True) -> PendingFrame:
+        """A host copy of device `tensor`, made on the download stream once the current stream's
+        work so far is done. `owned=False`: `tensor` is memory the current stream writes again
+        soon (a graph's output), so it is first copied on the device (a few microseconds)."""
+        current = torch.cuda.current_stream(tensor.device)
+        if not owned:
+            tensor = tensor.clone()
+        key = ("down", tuple(tensor.shape), tensor.dtype)
+        host = self._take(key)
+        _, download = self._side_streams(tensor.device)
+        download.wait_stream(current)
+        with torch.cuda.stream(download):
+            host.copy_(tensor, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(download)
+        tensor.record_stream(download)
+
+        def wait() -> np.ndarray:
+            copied.synchronize()
+            frame = host.numpy().copy()
+            self._give_back(key, host, None)
+            return frame
+
+        return PendingFrame(wait=wait)
 
     def download(self, tensor: torch.Tensor) -> np.ndarray:
         """A host copy of device `tensor` (waits for the device: the frame's one synchronisation)."""
-        host = self._buffer("down", tensor.shape, tensor.dtype)
-        host.copy_(tensor, non_blocking=True)
-        torch.cuda.current_stream(tensor.device).synchronize()
-        return host.numpy().copy()
+        return self.download_async(tensor).result()
 
 
 def to_model_input(
@@ -129,6 +192,8 @@ def to_model_input(
     if not kind.batched:
         tensor = tensor.unsqueeze(0)
     tensor = tensor.to(device, non_blocking=True)
+    if kind.layout == "HWC" and tensor.shape[-3:] == (height, width, 3):  # the common case, as a step graph does it
+        return pixels_to_images(tensor, dtype)
     if kind.layout == "HWC":
         tensor = tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, C, H, W) in [0, 1]
     else:
@@ -145,25 +210,51 @@ def to_model_input(
     return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
 
 
+def takes_pixels(frame, kind: FrameKind, *, width: int, height: int) -> bool:
+    """Whether `frame` is 8-bit RGB at exactly width x height (what `pixels_to_images` takes)."""
+    return kind.layout == "HWC" and tuple(frame.shape[-3:]) == (height, width, 3)
+
+
+def pixels_to_images(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], `dtype`, on the same device (the same
+    arithmetic as `to_model_input`, so a step graph that takes pixels gives the same frames)."""
+    images = pixels.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, 3, H, W) in [0, 1]
+    return images.mul(2.0).sub_(1.0).contiguous()
+
+
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the same device."""
     images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
     return images.to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def from_model_output(images: torch.Tensor, kind: FrameKind, *, pixels: torch.Tensor | None = None,
-                      staging: HostStaging | None = None):
-    """(B, 3, H, W) in [-1, 1] back to the caller's kind, device and layout (one download).
-    `pixels`: `to_pixels(images)` when already made (the step graph makes it); `staging`: pinned
-    buffers for the download of a numpy frame from a CUDA device."""
+def deliver(images: torch.Tensor, kind: FrameKind, *, pixels: torch.Tensor | None = None,
+            staging: HostStaging | None = None, owned: bool = True) -> PendingFrame:
+    """(B, 3, H, W) in [-1, 1] on its way back to the caller's kind, device and layout (one
+    download). `pixels`: `to_pixels(images)` when already made (the step graph makes it);
+    `staging`: pinned buffers and a side stream for the download of a numpy frame from a CUDA
+    device, which then runs while the caller goes on; `owned=False`: `images` and `pixels` are
+    memory that later work on the device overwrites (a graph's), copied before they are handed out."""
     if kind.layout == "HWC":
         images = to_pixels(images) if pixels is None else pixels  # (B, H, W, 3)
+        owned = owned or pixels is None
     else:
-        images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0).to(kind.dtype)  # (B, 3, H, W) in [0, 1]
+        images = images.add(1.0).mul_(0.5).clamp_(0.0, 1.0).to(kind.dtype)  # (B, 3, H, W) in [0, 1]: a new tensor
+        owned = True
     if not kind.batched:
         images = images[0]
     if kind.library == "numpy":
         if staging is not None and images.device.type == "cuda":
-            return staging.download(images.contiguous())
-        return np.ascontiguousarray(images.cpu().numpy())
-    return images.to(kind.device).contiguous()
+            return staging.download_async(images.contiguous(), owned=owned)
+        array = images.cpu().numpy()
+        return PendingFrame(np.ascontiguousarray(array) if owned else array.copy())
+    out = images.to(kind.device)
+    if out.data_ptr() == images.data_ptr() and not owned:
+        out = out.clone()  # the caller keeps it; the graph's memory is written again at the next replay
+    return PendingFrame(out.contiguous())
+
+
+def from_model_output(images: torch.Tensor, kind: FrameKind, *, pixels: torch.Tensor | None = None,
+                      staging: HostStaging | None = None):
+    """`deliver`, waited for: the frame in the caller's kind."""
+    return deliver(images, kind, pixels=pixels, staging=staging).result()

@@ -9,7 +9,8 @@ per-module graphs on an H100, about 60 % of it launch gaps). One graph removes a
 
 What a graph reads, it reads from fixed addresses, so everything that may change during a show
 is a buffer updated in place before the replay, never a value baked into the graph:
-- the input picture (copied into `images`), the frames in flight and their RCFG stock noise,
+- the input frame (copied into `inputs`: 8-bit RGB at the engine's size, which the graph converts
+  itself, or any other frame converted beforehand), the frames in flight and their RCFG stock noise,
   the last good output (the `state` buffers: the stream's state *is* these tensors between
   replays), the bad-output counters;
 - the prompt: the backend's static conditioning buffers (`prepare` copies a new prompt's
@@ -38,16 +39,19 @@ from typing import Callable
 
 import torch
 
-from .frames import to_pixels
+from .frames import pixels_to_images, to_pixels
 
 log = logging.getLogger(__name__)
+
+
+SOURCES = ("pixels", "images")  # what a step graph takes: 8-bit RGB at the engine's size, or model input
 
 
 @dataclass
 class _Step:
     """One captured step: its static input, state buffers and outputs, and the graph."""
 
-    images: torch.Tensor  # (b, 3, H, W) the input picture in [-1, 1], model dtype
+    inputs: torch.Tensor  # "pixels": (b, H, W, 3) uint8 RGB; "images": (b, 3, H, W) in [-1, 1], model dtype
     state: object  # StreamState whose tensors are the graph's state buffers
     output: torch.Tensor  # (b, 3, H, W) in [-1, 1]: the frame out (the graph's own memory)
     pixels: torch.Tensor  # (b, H, W, 3) uint8: the same as 8-bit RGB
@@ -76,12 +80,12 @@ class StepGraphs:
         self.failed: str | None = None  # why capturing failed: every frame then runs without a graph
 
     def __contains__(self, config) -> bool:
-        return graph_key(config) in self._steps
+        return (graph_key(config), SOURCES[0]) in self._steps
 
     def capture(self, config) -> None:
         """Capture the step of `config` (no frames needed: the buffers are filled at the first replay)."""
         key = graph_key(config)
-        if key in self._steps or config.mode != "img2img" or self.failed:
+        if (key, SOURCES[0]) in self._steps or config.mode != "img2img" or self.failed:
             return
         stream = self._stream
         started = time.perf_counter()
@@ -91,7 +95,9 @@ class StepGraphs:
             stream.config = config  # only control flow differs (guidance on or off); buffers are shared
             with torch.inference_mode():
                 stream._prepare_conditions()
-                self._steps[key] = self._new_step(config)
+                state = self._new_state(config)  # one set of state buffers for both sources
+                for source in SOURCES:
+                    self._steps[key, source] = self._new_step(config, source, state)
         except Exception as exc:  # never stop the show for it: the same work runs without the graph
             self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             self._steps.clear()
@@ -107,16 +113,17 @@ class StepGraphs:
         log.info("captured the %s step graph (%s, %d step(s), guidance %s) in %.2f s", self._replay, config.cfg_type,
                  config.denoising_steps, "on" if config.guidance_active else "off", time.perf_counter() - started)
 
-    def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Replay the current settings' step on `images` (b, 3, H, W): (output, pixels), views of
-        the graph's memory valid until the next replay; None when this frame must run without
-        the graph (nothing in flight yet, or no graph for these settings)."""
+    def run(self, inputs: torch.Tensor, *, source: str = "images") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the current settings' step on `inputs`, "images" (b, 3, H, W) in [-1, 1] or
+        "pixels" (b, H, W, 3) uint8 at the engine's size: (output, pixels), the graph's memory,
+        valid until the next replay; None when this frame must run without the graph (nothing
+        in flight yet, or no graph for these settings)."""
         stream = self._stream
-        step = None if self.failed else self._steps.get(graph_key(stream.config))
+        step = None if self.failed else self._steps.get((graph_key(stream.config), source))
         if step is None or not self._load_state(step):
             return None
         stream._prepare_conditions()
-        step.images.copy_(images)
+        step.inputs.copy_(inputs)
         self.replaying = True
         try:
             step.replay()
@@ -128,21 +135,31 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ building
 
-    def _new_step(self, config) -> _Step:
+    def _new_state(self, config):
+        """Zeroed state buffers of `config`'s shapes (a StreamState)."""
         stream = self._stream
         device, dtype = stream._noise.device, stream._noise.dtype
         b, n = config.frame_buffer_size, config.denoising_steps
         latent = stream._noise.shape[1:]  # (4, h, w)
         later = (n - 1) * b
-        images = torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype)
-        state = type(stream.state)(
+        return type(stream.state)(
             torch.zeros(later, *latent, device=device, dtype=dtype) if n > 1 else None,
             torch.zeros(later, *latent, device=device, dtype=dtype) if n > 1 and _uses_stock(config) else None,
             torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype),
         )
 
+    def _new_step(self, config, source: str, state) -> _Step:
+        stream = self._stream
+        device, dtype = stream._noise.device, stream._noise.dtype
+        b = config.frame_buffer_size
+        if source == "pixels":
+            inputs = torch.zeros(b, config.height, config.width, 3, device=device, dtype=torch.uint8)
+        else:
+            inputs = torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype)
+
         def body() -> tuple[torch.Tensor, torch.Tensor]:
             stream.state = state
+            images = pixels_to_images(inputs, dtype) if source == "pixels" else inputs
             output = stream._step(images)  # replaces stream.state with the step's new tensors
             for buffer, new in zip(_tensors(state), _tensors(stream.state)):
                 if buffer is not None and new is not None and new is not buffer:
@@ -157,7 +174,7 @@ class StepGraphs:
                 output.copy_(new_output)
                 pixels.copy_(new_pixels)
 
-            return _Step(images, state, output, pixels, replay)
+            return _Step(inputs, state, output, pixels, replay)
 
         side = torch.cuda.Stream(device)  # warm up outside the capture, as torch's CUDA graph recipe asks
         side.wait_stream(torch.cuda.current_stream(device))
@@ -168,7 +185,7 @@ class StepGraphs:
         # thread_local: the prompt worker may run the text encoder on another thread meanwhile
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output, pixels = body()
-        return _Step(images, state, output, pixels, graph.replay)
+        return _Step(inputs, state, output, pixels, graph.replay)
 
     def _load_state(self, step: _Step) -> bool:
         """Make the stream's state the step's buffers (copied in when it lives elsewhere); False

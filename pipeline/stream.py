@@ -8,13 +8,15 @@ lags n-1 calls. Rows are step-major: rows [i*b, (i+1)*b) hold the frames at step
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .backends import make_backend
 from .config import StreamConfig, t_index_list_from_strength
-from .frames import FrameKind, HostStaging, as_tensor, frame_kind, from_model_output, to_model_input
+from .frames import (
+    FrameKind, HostStaging, PendingFrame, as_tensor, deliver, frame_kind, from_model_output, takes_pixels, to_model_input,
+)
 from .guidance import RULES, combine, next_stock_noise
 from .models import Components
 from .prompts import PromptEncoder, blend_embeddings
@@ -258,35 +260,64 @@ class StreamDiffusion:
 
     # ------------------------------------------------------------------ per frame
 
-    @torch.inference_mode()
     def __call__(self, frame):
         """img2img: one frame (or a batch of frame_buffer_size frames) in, the same kind out."""
+        return self.submit(frame).result()
+
+    @torch.inference_mode()
+    def submit(self, frame) -> PendingFrame:
+        """`__call__` without waiting for the result: the frame's work is queued on the device
+        and `result()` of what this returns gives the output. On a CUDA device this lets the
+        next frame be submitted (its upload overlapping this one's compute) before this one's
+        download is waited for; elsewhere everything has run by the time it returns. Frames
+        come out in the order they went in; every frame submitted must be resolved or dropped
+        before the engine is changed from another thread (`update`, `set_prompt` are safe
+        between submits on the same thread)."""
         if self.config.mode != "img2img":
             raise ValueError("mode: this stream is 'txt2img'; call txt2img() (it takes no input frame)")
         frame = as_tensor(frame)
         kind = frame_kind(frame, self.config.frame_buffer_size)
         config = self.config
-        # 1. upload, resize and normalise on the device
-        images = to_model_input(frame, kind, width=config.width, height=config.height, device=config.device,
-                                dtype=config.dtype, staging=self._staging)
         self._counts["frames_in"] += 1
+        graphs, in_kind = self._graphs, kind  # in_kind: the frame as it is now (the output goes back as `kind`)
+        if graphs is not None and not config.similarity_filter and takes_pixels(
+            frame, kind, width=config.width, height=config.height
+        ):  # 8-bit RGB at the engine's size: the graph converts it too
+            frame = self._pixels_on_device(frame, kind)  # (b, H, W, 3) uint8
+            replayed = graphs.run(frame, source="pixels")
+            if replayed is not None:
+                self._counts["frames_processed"] += 1
+                output, pixels = replayed  # the graph's memory: copied before the next replay
+                return deliver(output, kind, pixels=pixels, staging=self._staging, owned=False)
+            in_kind = replace(kind, library="torch", batched=True, device=frame.device)
+            graphs = None  # no graph for this frame (the images graph would say the same)
+        # 1. upload, resize and normalise on the device
+        images = to_model_input(frame, in_kind, width=config.width, height=config.height, device=config.device,
+                                dtype=config.dtype, staging=self._staging)
         # 2. similarity filter: a near-identical frame gets the previous output, no VAE, no UNet
         if config.similarity_filter and self.state.last_output is not None and self.similarity.should_skip(images):
             self._counts["frames_skipped"] += 1
-            return from_model_output(self.state.last_output, kind, staging=self._staging)
+            return deliver(self.state.last_output, kind, staging=self._staging, owned=self._graphs is None)
         if config.similarity_filter and self.state.last_output is None:
             self.similarity.should_skip(images)  # records the reference
         # 3.-6. encode, denoise, decode, keep finite: one graph replay where there is one
-        replayed = self._graphs.run(images) if self._graphs is not None else None
-        if replayed is None:
-            output, pixels = self._step(images), None
-        else:
-            output, pixels = replayed  # the graph's memory, read below before the next replay
-            if kind.library == "torch" and kind.layout == "HWC":
-                pixels = pixels.clone()  # handed out as it is (a float frame is converted into a new tensor)
+        replayed = graphs.run(images, source="images") if graphs is not None else None
         self._counts["frames_processed"] += 1
-        # 7. download in the caller's kind
-        return from_model_output(output, kind, pixels=pixels, staging=self._staging)
+        if replayed is None:
+            return deliver(self._step(images), kind, staging=self._staging)
+        # 7. download in the caller's kind (the graph's memory: copied before the next replay)
+        output, pixels = replayed
+        return deliver(output, kind, pixels=pixels, staging=self._staging, owned=False)
+
+    def _pixels_on_device(self, frame, kind: FrameKind) -> torch.Tensor:
+        """An 8-bit RGB frame as (b, H, W, 3) uint8 on the engine's device (no conversion)."""
+        device = torch.device(self.config.device)
+        if kind.library == "numpy" and device.type == "cuda":
+            tensor = self._staging.upload(frame, device)
+        else:
+            tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
+            tensor = tensor.to(device, non_blocking=True)
+        return tensor if kind.batched else tensor.unsqueeze(0)
 
     def _step(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, denoise, decode, keep finite: (b, 3, H, W) in [-1, 1] in and out (what a step graph holds)."""

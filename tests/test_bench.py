@@ -93,3 +93,38 @@ def test_runtime_floor_script_writes_both_step_counts(tmp_path):
     for steps, r in zip((1, 2), record["results"]):
         assert r["engine_ms"] >= 40.0 and r["frames"] >= 2
         assert r["latency_budget_ms"] == pytest.approx(steps * r["engine_ms"] + 1000.0 / 30.0)
+
+
+def test_pipelined_timing_submits_each_frame_before_taking_the_previous_result():
+    import torch
+
+    from bridge.benchmarking import time_calls
+
+    events = []
+
+    class Pending:
+        def __init__(self, k):
+            self.k = k
+
+        def result(self):
+            events.append(("result", self.k))
+
+    def submit(frame):
+        events.append(("submit", frame))
+        return Pending(frame)
+
+    times = time_calls(lambda frame: events.append(("call", frame)), list(range(10)), count=5, warmup=2,
+                       device=torch.device("cpu"), submit=submit)
+    assert len(times) == 5 and all(t >= 0 for t in times)
+    assert events[:2] == [("call", 0), ("call", 1)]  # the warm-up frames, called as usual
+    measured = events[2:]
+    assert measured == [("submit", 0)] + [e for k in range(1, 6) for e in (("submit", k), ("result", k - 1))] + [
+        ("result", 5)]
+
+
+def test_bench_pipelined_runs_the_engine_through_submit(tiny_components):
+    from bridge.benchmarking import BenchSettings, run_benchmark
+
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=6, warmup=2, device="cpu", pipelined=True)
+    (result,) = run_benchmark(settings, components=tiny_components)
+    assert result["pipelined"] is True and result["frames_measured"] == 6 and result["fps"] > 0

@@ -165,3 +165,27 @@ def test_dlpack_frames_go_in_without_a_copy_and_come_back_as_tensors(engine):
     assert isinstance(out, torch.Tensor) and out.shape == (SIZE, SIZE, 3) and out.device == pixels.device
     assert torch.equal(out, engine(pixels))  # the same frame as the tensor itself gives
     assert torch.from_dlpack(_ForeignTensor(pixels)).data_ptr() == pixels.data_ptr()  # shared, not copied
+
+
+def test_pixels_to_images_is_the_conversion_to_model_input_makes():
+    from pipeline.frames import pixels_to_images
+
+    rng = np.random.default_rng(1)
+    pixels = torch.from_numpy(rng.integers(0, 256, (2, 24, 16, 3), dtype=np.uint8))
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = pixels.permute(0, 3, 1, 2).to(dtype).div(255.0).mul(2.0).sub(1.0)
+        got = pixels_to_images(pixels, dtype)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, expected)
+    assert torch.equal(pixels_to_images(pixels[:, :1, :1], torch.float32).flatten()[:3],
+                       pixels[0, 0, 0].float() / 255.0 * 2.0 - 1.0)
+
+
+def test_submit_returns_a_pending_frame_that_is_ready_on_the_cpu(engine):
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(3)]
+    reference = StreamDiffusion(engine.components, engine.config)
+    engine.reset()
+    pending = [engine.submit(frame) for frame in frames]
+    assert all(p.ready for p in pending)  # nothing runs asynchronously on a CPU
+    for p, frame in zip(pending, frames):
+        assert np.array_equal(p.result(), reference(frame)) and p.result() is p.result()

@@ -74,3 +74,4 @@ def test_slot_take_waits_at_most_its_timeout_and_wakes_on_put_or_close():
     started = time.monotonic()
     assert slot.take(2.0) is None
     assert time.monotonic() - started < 1.0
+

@@ -167,7 +167,7 @@ def test_a_failed_capture_leaves_every_frame_running_without_the_graph(tiny_comp
     plain, graphed = _pair(tiny_components, cfg_type="self")
     graphs = StepGraphs(graphed, replay="eager")
 
-    def broken(config):
+    def broken(config, source, state):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(graphs, "_new_step", broken)
@@ -226,3 +226,48 @@ def test_eager_cuda_graph_modes(tiny_components):
     assert (backend.cuda_graphs, backend.step_graphs, backend._static_prompt) == ("off", None, False)
     with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the eager backend"):
         EagerBackend(tiny_components, cuda_graphs="modules")
+
+
+def test_submitted_frames_come_out_in_order_and_a_held_output_is_never_overwritten(tiny_components):
+    """`submit` queues a frame and returns at once (on a GPU its download runs while the next
+    frame is submitted): several frames in flight, resolved in any order, give what `__call__`
+    gives; a resolved output is the caller's own, not the graph's memory that the next replay writes."""
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    frames = _frames(9)
+    expected = [plain(frame) for frame in frames]
+    pending = [graphed.submit(frame) for frame in frames[:3]]
+    outputs = [pending[2].result(), pending[0].result(), pending[1].result()]  # out of order
+    assert all(np.array_equal(out, want) for out, want in zip([outputs[1], outputs[2], outputs[0]], expected[:3]))
+    held = graphed(frames[3])
+    for frame, want in zip(frames[4:], expected[4:]):
+        assert np.array_equal(graphed.submit(frame).result(), want)
+    assert np.array_equal(held, expected[3]), "an output handed out was overwritten by a later replay"
+    assert graphed._graphs.replays == len(frames) - 1
+
+
+def test_frames_at_the_engine_size_go_in_as_pixels_and_others_as_images(tiny_components):
+    """8-bit RGB at the engine's size is converted inside the graph; a frame that needs a resize,
+    other channels or a float layout is converted before it; both give the plain stream's frames."""
+    plain, graphed = _pair(tiny_components, cfg_type="none")
+    sources = []
+    run = graphed._graphs.run
+
+    def spy(inputs, *, source="images"):
+        sources.append((source, inputs.dtype, tuple(inputs.shape)))
+        return run(inputs, source=source)
+
+    graphed._graphs.run = spy
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),  # first frame: fills the stream, no replay
+              rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+              rng.integers(0, 256, (SIZE + 16, SIZE, 3), dtype=np.uint8),  # resized
+              rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8),  # RGBA
+              torch.from_numpy(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)),  # a torch uint8 frame
+              torch.rand(3, SIZE, SIZE)]  # float CHW
+    for frame in frames:
+        want, got = plain(frame), graphed(frame)
+        assert (torch.equal if isinstance(want, torch.Tensor) else np.array_equal)(want, got)
+        assert type(got) is type(want) and got.shape == want.shape
+    pixels, images = ("pixels", torch.uint8, (1, SIZE, SIZE, 3)), ("images", torch.float32, (1, 3, SIZE, SIZE))
+    assert sources == [pixels, pixels, images, images, pixels, images]
+    assert graphed._graphs.replays == len(frames) - 1

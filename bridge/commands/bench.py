@@ -14,7 +14,6 @@ import logging
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -51,6 +50,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cuda-graphs", choices=["step", "modules", "off"],
                         help="on CUDA: the whole step in one graph (the compiled backend's default; eager takes it "
                              "too), a graph per compiled module, or none (eager's default)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="submit each frame before taking the previous one's result (engine.submit): on a GPU the "
+                             "copies and the Python between frames overlap the previous frame's compute")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
+            pipelined=args.pipelined,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -115,6 +118,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         mode = "yes" if r["use_denoising_batch"] else "seq"
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
+        backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
             f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
