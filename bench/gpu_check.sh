@@ -16,7 +16,10 @@
 #   step:  bench/graph_check.py (the whole-step CUDA graph equals the same modules without it), then
 #          sd-turbo 1 step and sd15 4 steps RCFG self through the step graph, with prompt changes
 #          and the runtime's overhead (issue 5: >= 170 fps, >= 100 fps; issue 3)
-#   sd15:  sd15 4 steps RCFG self 512x512, compiled (issue 5: >= 100 fps)
+#   sd15:  sd15 4 steps RCFG self 512x512, compiled, synchronous and pipelined (issue 5: >= 100 fps)
+#   next:  graph_check (now also 8-bit GPU frames, frames in flight, eager's step graph), then sd-turbo
+#          eager, eager with --cuda-graphs step, compiled step graph, each also --pipelined (issue 5)
+#   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 set -u
 PART="${1:-turbo}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -69,9 +72,32 @@ case "$PART" in
     ;;
   sd15)
     bench 240 sd15_4step_self_compiled --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
-      --frames 400 --warmup 30 --time-limit 30
+      --frames 400 --warmup 30 --time-limit 15 --pipelined
     ;;
-  *) echo "unknown part $PART (turbo, step, sd15)"; exit 2 ;;
+  next)
+    # session 4's work, about 6 min on a fresh machine: the checks first, then sd-turbo plain eager against
+    # eager in one CUDA graph (no compile), then compiled with the step graph; each synchronous and pipelined
+    echo "== graph_check (limit 200s)"
+    timeout -k 5 200 python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
+    rc=$?
+    echo "   exit $rc"
+    tail -n 3 "$OUT/graph_check.log"
+    if [ $rc -ne 0 ]; then echo "graph check failed: the benchmarks are skipped"; exit 1; fi
+    bench 90 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 12 --pipelined
+    bench 60 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 10 --pipelined
+    bench 180 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
+      --pipelined --prompt-changes 8
+    ;;
+  inductor)
+    # inductor options, one compilation each (about 1.5 min each on a fresh machine): against part next's compiled row
+    bench 150 sd_turbo_1step_compiled_1x1mm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
+      --pipelined --inductor conv_1x1_as_mm=true
+    bench 150 sd_turbo_1step_compiled_no_epilogue $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
+      --pipelined --inductor epilogue_fusion=false
+    bench 280 sd_turbo_1step_compiled_coordinate_descent $TURBO --backend compiled --frames 600 --warmup 30 \
+      --time-limit 10 --pipelined --inductor coordinate_descent_tuning=true
+    ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, inductor)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

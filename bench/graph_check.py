@@ -1,7 +1,9 @@
 """On a CUDA device: the compiled backend's whole-step CUDA graph gives the same frames as the same
 compiled modules run without a graph, through the run-time changes a show makes (prompt, guidance
-crossing 1, delta, strength, seed), for numpy frames and for frames already on the GPU (which
-must come back on the GPU). Writes a JSON verdict; exits 1 when a check fails.
+crossing 1, delta, strength, seed), for numpy frames and for frames already on the GPU (float and
+8-bit, which must come back on the GPU), with several frames in flight (`submit`: side-stream
+copies, pinned buffers); and the eager backend's step graph gives the eager modules' frames.
+Writes a JSON verdict; exits 1 when a check fails.
 
     python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256]
 """
@@ -77,10 +79,35 @@ def main() -> int:
     gpu_diff = float((gpu_out["off"].float() - gpu_out["step"].float()).abs().max())
     report["gpu_frame"] = {"device": str(gpu_out["step"].device), "max_abs_diff": gpu_diff}
     ok &= gpu_out["step"].is_cuda and gpu_diff <= 0.02
+    # 8-bit RGB already on the GPU: the step graph converts it itself, and it stays on the GPU
+    pixels = torch.randint(0, 256, (args.size, args.size, 3), dtype=torch.uint8, device="cuda")
+    pixel_out = {mode: engine(pixels) for mode, engine in engines.items()}
+    pixel_diff = int((pixel_out["off"].int() - pixel_out["step"].int()).abs().max())
+    report["gpu_pixels"] = {"device": str(pixel_out["step"].device), "max_abs_diff_uint8": pixel_diff}
+    ok &= pixel_out["step"].is_cuda and pixel_out["step"].dtype == torch.uint8 and pixel_diff <= 8
+    # several frames in flight (submit, then results): the side-stream copies and pinned buffers
+    frames = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(6)]
+    expected = [engines["off"](frame) for frame in frames]
+    pending = [engines["step"].submit(frame) for frame in frames[:3]]
+    pending += [engines["step"].submit(frame) for frame in frames[3:]]
+    got = [p.result() for p in pending]
+    in_flight = max(int(np.abs(e.astype(int) - g.astype(int)).max()) for e, g in zip(expected, got))
+    report["in_flight"] = {"frames": len(frames), "max_abs_diff_uint8": in_flight}
+    ok &= in_flight <= 8
+    # the eager kernels in one CUDA graph (no compile) against the same eager modules without it
+    eager = {mode: StreamDiffusion(components, config, backend="eager", backend_options={"cuda_graphs": mode})
+             for mode in ("off", "step")}
+    eager_worst = 0
+    for frame in frames:
+        outs = {mode: engine(frame) for mode, engine in eager.items()}
+        eager_worst = max(eager_worst, int(np.abs(outs["off"].astype(int) - outs["step"].astype(int)).max()))
+    report["eager_step_graph"] = {"max_abs_diff_uint8": eager_worst, "replays": eager["step"]._graphs.replays,
+                                  "capture_failed": eager["step"]._graphs.failed}
+    ok &= eager_worst <= 2 and eager["step"]._graphs.replays == len(frames) - 1
     graphs = engines["step"]._graphs
     report.update(replays=graphs.replays, captures=graphs.captures, capture_failed=graphs.failed,
                   frames=3 * len(CHANGES) + 1, seconds=round(time.perf_counter() - started, 1))
-    ok &= graphs.replays >= 3 * len(CHANGES) - 2
+    ok &= graphs.replays >= 3 * len(CHANGES) - 2 + 1 + len(frames)
     report["ok"] = bool(ok)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

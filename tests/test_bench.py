@@ -126,5 +126,6 @@ def test_bench_pipelined_runs_the_engine_through_submit(tiny_components):
     from bridge.benchmarking import BenchSettings, run_benchmark
 
     settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=6, warmup=2, device="cpu", pipelined=True)
-    (result,) = run_benchmark(settings, components=tiny_components)
-    assert result["pipelined"] is True and result["frames_measured"] == 6 and result["fps"] > 0
+    synchronous, pipelined = run_benchmark(settings, components=tiny_components)
+    assert (synchronous["pipelined"], pipelined["pipelined"]) == (False, True)
+    assert pipelined["frames_measured"] == synchronous["frames_measured"] == 6 and pipelined["fps"] > 0

@@ -252,7 +252,7 @@ def test_cuda_graph_bookkeeping_on_the_cpu(tiny_components, monkeypatch):
 def test_options_and_errors_are_one_line(tiny_components, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"backend_options: 'eager' has no option 'compile_backend' \(its options: cuda_graphs\)"):
         make_backend("eager", tiny_components, kv_cache=True, compile_backend="inductor")
-    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fullgraph\)"):
+    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fullgraph, inductor_options\)"):
         make_backend("compiled", tiny_components, kv_cache=True, mode="max-autotune")
 
     from torch._dynamo import eval_frame
@@ -345,3 +345,17 @@ def test_run_with_the_compiled_backend(inductor_cache, capsys):
         print(f"\nsdbridge run --backend compiled: {seconds:.1f} s")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiling the UNet for batch 1" in result.stderr
+
+
+def test_inductor_options_are_checked_at_construction_and_reach_torch_compile(tiny_components):
+    from bridge.commands.bench import _inductor_option
+
+    with pytest.raises(ValueError, match=r"inductor_options: RuntimeError: Unexpected optimization option no_such_flag"):
+        make_backend("compiled", tiny_components, kv_cache=True, inductor_options={"no_such_flag": True})
+    with pytest.raises(ValueError, match="inductor_options need compile_backend 'inductor'"):
+        make_backend("compiled", tiny_components, kv_cache=True, compile_backend=CountingBackend(),
+                     inductor_options={"epilogue_fusion": False})
+    backend = make_backend("compiled", tiny_components, kv_cache=True, inductor_options={"epilogue_fusion": False})
+    assert backend.inductor_options == {"epilogue_fusion": False}
+    assert [_inductor_option(text) for text in ("conv_1x1_as_mm=true", "a=False", "n=3", "x=0.5", "s=text")] == [
+        ("conv_1x1_as_mm", True), ("a", False), ("n", 3), ("x", 0.5), ("s", "text")]

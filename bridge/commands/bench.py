@@ -50,14 +50,34 @@ def register(subparsers) -> None:
     parser.add_argument("--cuda-graphs", choices=["step", "modules", "off"],
                         help="on CUDA: the whole step in one graph (the compiled backend's default; eager takes it "
                              "too), a graph per compiled module, or none (eager's default)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE", type=_inductor_option,
+                        help="compiled backend: an inductor option for its compilations, e.g. conv_1x1_as_mm=true "
+                             "(repeatable; true/false, numbers and text are understood)")
     parser.add_argument("--pipelined", action="store_true",
-                        help="submit each frame before taking the previous one's result (engine.submit): on a GPU the "
-                             "copies and the Python between frames overlap the previous frame's compute")
+                        help="also time the same engine pipelined, each frame submitted (engine.submit) before the "
+                             "previous one's result is taken: on a GPU the copies and the Python between frames "
+                             "overlap the previous frame's compute (a second row)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
     parser.add_argument("--json", type=Path, help="write the results here (a JSON list of objects)")
     parser.set_defaults(handler=run)
+
+
+def _inductor_option(text: str) -> tuple[str, object]:
+    """NAME=VALUE -> (name, value) with true/false as booleans and numbers as numbers."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return name.strip(), lowered == "true"
+    for kind in (int, float):
+        try:
+            return name.strip(), kind(value)
+        except ValueError:
+            pass
+    return name.strip(), value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
-            pipelined=args.pipelined,
+            pipelined=args.pipelined, inductor=tuple(args.inductor),
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,

@@ -110,10 +110,13 @@ class CompiledBackend(EagerBackend):
         compile_backend: str | Callable = "inductor",
         fullgraph: bool = True,
         cuda_graphs: str = "step",
+        inductor_options: dict | None = None,
     ) -> None:
         """`compile_backend`: torch.compile's backend ("inductor", or a callable such as a
         compilation counter in tests); `fullgraph`: refuse graph breaks; `cuda_graphs`: "step",
-        "modules" or "off" (CUDA only; see the module docstring)."""
+        "modules" or "off" (CUDA only; see the module docstring); `inductor_options`: inductor
+        settings for these compilations (torch.compile's `options`, e.g. {"conv_1x1_as_mm": True}),
+        part of the compile cache's key."""
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         reason = compile_unavailable_reason()
@@ -130,12 +133,24 @@ class CompiledBackend(EagerBackend):
         self.cuda_graphs = graphs
         options = {"backend": compile_backend, "dynamic": False, "fullgraph": fullgraph}
         self.cache_dir = inductor_cache_dir() if self._inductor else None  # inductor's FX graph cache
-        if device.type == "cuda":  # GPU only (not run yet by this project; see the module docstring)
+        inductor_options = dict(inductor_options or {})
+        if inductor_options and not self._inductor:
+            raise ValueError("backend_options: inductor_options need compile_backend 'inductor'")
+        if device.type == "cuda":
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-            if self._cuda_graphs:
+            if self._cuda_graphs and inductor_options:  # what mode="reduce-overhead" sets (torch.compile takes one)
+                inductor_options["triton.cudagraphs"] = True
+            elif self._cuda_graphs:
                 options["mode"] = "reduce-overhead"  # CUDA graphs through cudagraph trees
-        compile_call = functools.partial(torch.compile, **options)
+        if inductor_options:
+            options["options"] = inductor_options
+        self.inductor_options = inductor_options
+        try:
+            compile_call = functools.partial(torch.compile, **options)
+            compile_call(_identity)  # torch.compile checks the options here, before any model is traced
+        except RuntimeError as exc:
+            raise ValueError(f"backend_options: inductor_options: {_one_line(exc, 160)}") from None
         # the eager backend's own calls, compiled (the methods below route through them)
         self._compiled_unet = compile_call(super()._unet_forward)
         self._compiled_encode = compile_call(super()._vae_encode)
@@ -223,6 +238,10 @@ class CompiledBackend(EagerBackend):
             for tensor in conditioning_tensors(static):
                 torch._dynamo.mark_static_address(tensor, guard=True)
         return static
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _graph_input(tensor: torch.Tensor) -> torch.Tensor:
