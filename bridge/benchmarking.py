@@ -40,6 +40,7 @@ class BenchSettings:
     kv_cache: bool = True  # cross-attention K/V precomputed per prompt
     time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
     inductor: tuple[tuple[str, object], ...] = ()  # compiled backend: inductor options as (name, value) pairs
+    fp8: bool = False  # the UNet's transformer layers in fp8 (and the output's change against fp16 measured)
     pipelined: bool = False  # also time the same engine pipelined: each frame submitted before the previous result is taken
 
 
@@ -117,6 +118,31 @@ def _time_pipelined(submit, frames: list, *, count: int, time_limit: float) -> l
     return times
 
 
+FP8_FRAMES = 24
+
+
+def measure_fp8_change(components, config: StreamConfig, frames: list, count: int = FP8_FRAMES) -> dict:
+    """How much fp8 changes the output frames: two fresh eager engines, with and without fp8, on
+    the same frames (eager for both, so the difference is fp8's alone, not two compilations')."""
+    engines = [StreamDiffusion(components, config, backend="eager", backend_options={"fp8": fp8}) for fp8 in (False, True)]
+    for engine in engines:
+        engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
+    worst, total, squared = 0, 0.0, 0.0
+    for k in range(count):
+        reference, fp8 = (engine(frames[k % len(frames)]).astype(np.int16) for engine in engines)
+        diff = np.abs(reference - fp8)
+        worst, total, squared = max(worst, int(diff.max())), total + float(diff.mean()), squared + float((diff ** 2).mean())
+    mse = squared / count
+    return {
+        "frames": count,
+        "backend": "eager",
+        "fp8_layers": engines[1].backend.fp8_layers,
+        "max_abs_diff_uint8": worst,
+        "mean_abs_diff_uint8": round(total / count, 4),
+        "psnr_db": round(10.0 * np.log10(255.0 ** 2 / mse), 2) if mse > 0 else None,  # None: identical
+    }
+
+
 def summarize(times_ms: list[float], frames_per_call: int) -> dict:
     values = np.asarray(times_ms)
     return {
@@ -158,6 +184,8 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         options = {"cuda_graphs": settings.cuda_graphs} if settings.cuda_graphs is not None else {}
         if settings.inductor:
             options["inductor_options"] = dict(settings.inductor)
+        if settings.fp8:
+            options["fp8"] = True
         engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
         engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
         if base.device.type == "cuda":
@@ -189,6 +217,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
                 "frames_skipped": engine.stats.frames_skipped,
                 "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # "off" on a CPU
                 "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
+                "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
                 "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
                 "host_cpus": os.cpu_count(),
             })
@@ -209,6 +238,9 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
                 engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
                 timeout=max(30.0, prompt_changes * 0.5 + 30.0),
             )
+        if settings.fp8 and batched:
+            log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
+            synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames)
         del engine
     if sequential:
         rows = [r for r in results if not r["pipelined"]]

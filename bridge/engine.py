@@ -34,8 +34,11 @@ def stream_config(settings: RunSettings):
 
 def _options(settings: RunSettings, backend: str) -> dict | None:
     """The keyword options of `backend` from the settings."""
-    if backend == "compiled" or (backend == "eager" and settings.cuda_graphs != "modules"):  # modules: compiled only
-        return None if settings.cuda_graphs is None else {"cuda_graphs": settings.cuda_graphs}
+    if backend in ("eager", "compiled"):
+        options = {"fp8": True} if settings.fp8 else {}
+        if settings.cuda_graphs is not None and (backend == "compiled" or settings.cuda_graphs != "modules"):
+            options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
+        return options or None
     if backend == "tensorrt":
         return {"engines": settings.engines, "model": settings.model}
     return None  # pragma: no cover (every engine backend is named above)

@@ -71,6 +71,7 @@ class RunSettings:
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
+    fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"
@@ -143,6 +144,8 @@ class RunSettings:
                              f"{', '.join(ENGINE_BACKENDS)} than backend {self.backend!r}")
         if self.cuda_graphs is not None and self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
+        if self.fp8 and self.backend == "tensorrt":
+            raise ValueError("fp8: the tensorrt backend runs its engines' own precision; fp8 is for eager and compiled")
         if self.cuda_graphs == "modules" and self.backend != "compiled":
             raise ValueError(f"cuda_graphs: 'modules' needs backend 'compiled' (backend is {self.backend!r}); "
                              "'step' captures any backend's whole step")

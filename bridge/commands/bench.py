@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE", type=_inductor_option,
                         help="compiled backend: an inductor option for its compilations, e.g. conv_1x1_as_mm=true "
                              "(repeatable; true/false, numbers and text are understood)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="the UNet's transformer layers in fp8 (Ada/Hopper GPUs; the CPU for tests), and the output's "
+                             "change against the same model without fp8 (max, mean, PSNR over 24 frames)")
     parser.add_argument("--pipelined", action="store_true",
                         help="also time the same engine pipelined, each frame submitted (engine.submit) before the "
                              "previous one's result is taken: on a GPU the copies and the Python between frames "
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
-            pipelined=args.pipelined, inductor=tuple(args.inductor),
+            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -138,6 +141,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         mode = "yes" if r["use_denoising_batch"] else "seq"
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
+        backend += "/fp8" if r.get("fp8") else ""
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
             f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "

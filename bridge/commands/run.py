@@ -49,6 +49,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="on CUDA: the whole step in one CUDA graph (compiled's default; with eager: no compile wait, "
              "one launch per frame), one graph per compiled module, or none (eager's default)")
+    add("--fp8", action="store_const", const=True,
+        help="eager/compiled on an Ada or Hopper GPU: the UNet's transformer layers multiply in fp8 (faster, "
+             "slightly different pictures; `sdbridge bench --fp8` measures both)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")

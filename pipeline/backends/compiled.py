@@ -111,12 +111,13 @@ class CompiledBackend(EagerBackend):
         fullgraph: bool = True,
         cuda_graphs: str = "step",
         inductor_options: dict | None = None,
+        fp8: bool = False,
     ) -> None:
         """`compile_backend`: torch.compile's backend ("inductor", or a callable such as a
         compilation counter in tests); `fullgraph`: refuse graph breaks; `cuda_graphs`: "step",
         "modules" or "off" (CUDA only; see the module docstring); `inductor_options`: inductor
         settings for these compilations (torch.compile's `options`, e.g. {"conv_1x1_as_mm": True}),
-        part of the compile cache's key."""
+        part of the compile cache's key; `fp8`: as for the eager backend."""
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         reason = compile_unavailable_reason()
@@ -124,7 +125,7 @@ class CompiledBackend(EagerBackend):
             raise BackendUnavailable(
                 f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
             )
-        super().__init__(components, kv_cache=kv_cache)
+        super().__init__(components, kv_cache=kv_cache, fp8=fp8)
         device = next(self.unet.parameters()).device
         self._inductor = compile_backend == "inductor"
         graphs = cuda_graphs if device.type == "cuda" and self._inductor else "off"  # CUDA graphs need both

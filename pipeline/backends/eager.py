@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import CrossAttentionCache, LayerKV
+from ..errors import BackendUnavailable
+from ..fp8 import fp8_unet, fp8_unavailable_reason
 from ..models import Components
 
 
@@ -35,13 +37,21 @@ class EagerBackend:
     name = "eager"
     step_graphs: str | None = None  # "cuda" when the stream should capture its whole step in one CUDA graph
 
-    def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str = "off") -> None:
+    def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str = "off",
+                 fp8: bool = False) -> None:
         """`cuda_graphs`: "off" (the default: the modules as they are) or "step" (CUDA only: the
-        stream captures its whole step in one CUDA graph; see the module docstring)."""
+        stream captures its whole step in one CUDA graph; see the module docstring). `fp8`: the
+        UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py)."""
         if cuda_graphs not in EAGER_CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
                              f"{', '.join(EAGER_CUDA_GRAPH_MODES)} for the eager backend ('modules' needs 'compiled')")
         self.unet = components.unet
+        self.fp8_layers = 0  # UNet linear layers in fp8
+        if fp8:
+            reason = fp8_unavailable_reason(next(self.unet.parameters()).device)
+            if reason is not None:
+                raise BackendUnavailable(f"fp8: {reason}; run without --fp8")
+            self.unet, self.fp8_layers = fp8_unet(self.unet)
         self.vae = components.vae
         self.cache = CrossAttentionCache.install(self.unet) if kv_cache else None
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 1.0))

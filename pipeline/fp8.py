@@ -1,0 +1,108 @@
+"""fp8 (e4m3) matrix multiplications for the UNet's transformer layers (Hopper and Ada GPUs).
+
+At 512x512 the linear layers of the UNet's transformer blocks (attention projections, the
+feed-forward GEGLU, proj_in/proj_out in SD 2.x) are a large share of the arithmetic, and
+`torch._scaled_mm` runs them at twice the fp16 matrix rate on compute capability 8.9 and up.
+Each such nn.Linear becomes an `Fp8Linear`: the weight quantized once, per tensor, to e4m3
+with its scale; the input quantized at each call the same way (a reduction, fused into the
+neighbouring kernels when compiled); the product in fp8 with fp32 accumulation, scaled back
+and returned in the input's dtype.
+
+What is not converted: the cross-attention to_k/to_v (the K/V cache runs them once per
+prompt, not per frame), everything outside the transformer blocks (convolutions, the time
+embedding, whose few rows gain nothing), and a layer whose sizes are not multiples of 16
+(what fp8 matrix kernels need). A call whose number of rows is not a multiple of 16 runs the
+dequantized weight in the input's dtype instead.
+
+Quality: fp8 keeps about two significant digits, so outputs change; `sdbridge bench --fp8`
+measures the change of the output frames against the same model without fp8.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+ALIGN = 16  # fp8 matrix kernels want every size a multiple of this
+MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores
+SKIPPED = ("attn2.to_k", "attn2.to_v")  # cross-attention K/V: once per prompt (pipeline/attention.py)
+
+
+def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, float32 0-d scale) with tensor ~= e4m3 * scale (per-tensor scaling)."""
+    scale = tensor.detach().abs().amax().float().clamp(min=1e-12) / FP8_MAX
+    return (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(torch.nn.Module):
+    """An nn.Linear whose weight is stored in e4m3 and multiplied with `torch._scaled_mm`."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize(linear.weight.data)
+        self.register_buffer("weight", weight)  # (out, in) e4m3; .t() is the column-major operand _scaled_mm takes
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows % ALIGN:  # fp8 kernels need aligned sizes: the dequantized weight, in x's dtype
+            weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+            return F.linear(x, weight, self.bias)
+        x_q, x_scale = quantize(x.reshape(rows, self.in_features))
+        out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
+
+
+def fp8_unavailable_reason(device: torch.device) -> str | None:
+    """Why fp8 matrix multiplications cannot run on `device`, or None. On a CPU they run (torch's
+    reference kernels: slow, for tests); on CUDA they need compute capability 8.9 or newer."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    device = torch.device(device)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
+                    f"fp8 needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ada, Hopper)")
+        return None
+    if device.type != "cpu":
+        return f"fp8 runs on CUDA (and on the CPU for tests), not on {device.type}"
+    return None
+
+
+def convertible(name: str, module: torch.nn.Module) -> bool:
+    """Whether the UNet's module `name` becomes an Fp8Linear (see the module docstring)."""
+    return (
+        type(module) is torch.nn.Linear
+        and ".attentions." in f".{name}"
+        and not name.endswith(SKIPPED)
+        and module.in_features % ALIGN == 0
+        and module.out_features % ALIGN == 0
+    )
+
+
+def fp8_unet(unet: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """A copy of `unet` with every convertible linear layer in fp8, and how many were converted
+    (the original is left as it is: other engines may share it)."""
+    names = [name for name, module in unet.named_modules() if convertible(name, module)]
+    converted = copy.deepcopy(unet)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = converted.get_submodule(parent_name)
+        setattr(parent, child, Fp8Linear(getattr(parent, child)))
+    log.info("fp8: %d linear layers of the UNet in e4m3", len(names))
+    return converted, len(names)

@@ -1,0 +1,97 @@
+"""fp8 linear layers (pipeline/fp8.py) on the CPU, where torch's reference _scaled_mm runs: the
+arithmetic against fp32, which layers convert, that the shared UNet is left alone, the engine
+end to end, and the clear refusal where a GPU has no fp8."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import BackendUnavailable, StreamConfig, StreamDiffusion
+from pipeline.fp8 import FP8, Fp8Linear, convertible, fp8_unavailable_reason, fp8_unet, quantize
+
+from test_cli import sdbridge
+
+
+def test_quantize_keeps_two_significant_digits_and_the_range():
+    tensor = torch.randn(64, 48) * 3.0
+    quantized, scale = quantize(tensor)
+    assert quantized.dtype == FP8 and scale.dtype == torch.float32 and scale.ndim == 0
+    restored = quantized.float() * scale
+    assert restored.abs().max() == pytest.approx(tensor.abs().max(), rel=1e-6)  # the largest value maps to 448
+    assert ((restored - tensor).abs() <= 0.0625 * tensor.abs() + 1e-3 * scale * 448).all()  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("rows", [32, 77])  # aligned rows use _scaled_mm; 77 runs the dequantized weight
+def test_fp8_linear_is_close_to_the_linear_it_replaces(rows, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    layer = Fp8Linear(linear)
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or scaled_mm(*a, **k))
+    x = torch.randn(1, rows, 64)
+    expected, got = linear(x), layer(x)
+    assert got.shape == expected.shape == (1, rows, 96) and got.dtype == x.dtype
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error < 0.05, f"relative error {error:.4f}"
+    assert calls == ([(rows, 64)] if rows % 16 == 0 else [])
+    assert layer.weight.dtype == FP8 and torch.equal(layer.bias, linear.bias)
+
+
+def test_only_the_transformer_layers_convert_and_the_shared_unet_is_untouched(tiny_components):
+    unet = tiny_components.unet
+    before = {name: type(module) for name, module in unet.named_modules()}
+    weights = {name: p.clone() for name, p in unet.named_parameters()}
+    converted, count = fp8_unet(unet)
+    assert {name: type(module) for name, module in unet.named_modules()} == before
+    assert all(torch.equal(weights[name], p) for name, p in unet.named_parameters())
+    fp8_names = {name for name, module in converted.named_modules() if isinstance(module, Fp8Linear)}
+    assert len(fp8_names) == count > 0
+    assert all(".attentions." in f".{name}" for name in fp8_names)
+    assert not any(name.endswith(("attn2.to_k", "attn2.to_v")) for name in fp8_names)  # the K/V cache's, once per prompt
+    assert any(name.endswith("attn1.to_q") for name in fp8_names) and any(name.endswith("ff.net.2") for name in fp8_names)
+    assert not convertible("time_embedding.linear_1", torch.nn.Linear(32, 32))
+    assert not convertible("down_blocks.0.attentions.0.proj_in", torch.nn.Linear(40, 32))  # not a multiple of 16
+
+
+def test_an_fp8_engine_runs_end_to_end_close_to_the_fp32_one(tiny_components):
+    config = StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40), cfg_type="self", guidance_scale=1.4)
+    plain = StreamDiffusion(tiny_components, config)
+    fp8 = StreamDiffusion(tiny_components, config, backend_options={"fp8": True})
+    assert fp8.backend.fp8_layers > 0 and plain.backend.fp8_layers == 0
+    rng = np.random.default_rng(0)
+    diffs = []
+    for prompt in ("a city at night", "a forest"):
+        for engine in (plain, fp8):
+            engine.set_prompt(prompt)
+        for _ in range(3):
+            frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            diffs.append(np.abs(plain(frame).astype(int) - fp8(frame).astype(int)))
+    assert np.mean([d.mean() for d in diffs]) < 4.0  # measured about 1/255 on this random model
+    assert max(d.max() for d in diffs) < 64
+
+
+def test_a_gpu_without_fp8_is_refused_with_the_reason(tiny_components, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    reason = fp8_unavailable_reason(torch.device("cuda"))
+    assert reason == "NVIDIA GeForce RTX 3090 has compute capability 8.6; fp8 needs 8.9 or newer (Ada, Hopper)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_unavailable_reason(torch.device("cuda")) is None
+    assert fp8_unavailable_reason(torch.device("cpu")) is None
+    assert "not on mps" in fp8_unavailable_reason(torch.device("mps"))
+    monkeypatch.setattr("pipeline.backends.eager.fp8_unavailable_reason", lambda device: "no fp8 here")
+    with pytest.raises(BackendUnavailable, match="fp8: no fp8 here; run without --fp8"):
+        StreamDiffusion(tiny_components, StreamConfig(width=64, height=64, device="cpu"), backend_options={"fp8": True})
+
+
+def test_run_fp8_flag_reaches_the_engine_and_is_refused_for_tensorrt(tmp_path):
+    from bridge.engine import _options
+    from bridge.settings import RunSettings
+
+    assert _options(RunSettings(sink=("null",), fp8=True), "eager") == {"fp8": True}
+    assert _options(RunSettings(sink=("null",), fp8=True, backend="compiled", cuda_graphs="off"), "compiled") == {
+        "fp8": True, "cuda_graphs": "off"}
+    result = sdbridge("run", "--sink", "null", "--backend", "tensorrt", "--fp8", timeout=60)
+    assert result.returncode == 2
+    assert "fp8: the tensorrt backend runs its engines' own precision" in result.stderr
