@@ -20,6 +20,7 @@
 #   next:  graph_check (now also 8-bit GPU frames, frames in flight, eager's step graph), then sd-turbo
 #          eager, eager with --cuda-graphs step, compiled step graph, each also --pipelined (issue 5)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
+#   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
 set -u
 PART="${1:-turbo}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -97,7 +98,14 @@ case "$PART" in
     bench 280 sd_turbo_1step_compiled_coordinate_descent $TURBO --backend compiled --frames 600 --warmup 30 \
       --time-limit 10 --pipelined --inductor coordinate_descent_tuning=true
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, inductor)"; exit 2 ;;
+  fp8)
+    # fp8 transformer layers (Hopper): speed against part next's and sd15's rows, and the output's change against fp16
+    bench 200 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
+      --pipelined --fp8
+    bench 260 sd15_4step_self_compiled_fp8 --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
+      --frames 400 --warmup 30 --time-limit 10 --pipelined --fp8
+    ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, inductor, fp8)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'
