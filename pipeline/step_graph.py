@@ -89,11 +89,10 @@ class StepGraphs:
             return
         stream = self._stream
         started = time.perf_counter()
-        saved_config, saved_state = stream.config, stream.state
+        saved_state = stream.state
         saved_counts, saved_caught = dict(stream._counts), stream._caught.clone()
-        try:
-            stream.config = config  # only control flow differs (guidance on or off); buffers are shared
-            with torch.inference_mode():
+        try:  # only control flow differs (guidance on or off); buffers are shared
+            with torch.inference_mode(), stream.capturing(config):
                 stream._prepare_conditions()
                 state = self._new_state(config)  # one set of state buffers for both sources
                 for source in SOURCES:
@@ -105,7 +104,7 @@ class StepGraphs:
             log.debug("capture failure", exc_info=exc)
             return
         finally:
-            stream.config, stream.state = saved_config, saved_state
+            stream.state = saved_state
             stream._counts.clear()
             stream._counts.update(saved_counts)
             stream._caught.copy_(saved_caught)

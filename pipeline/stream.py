@@ -7,7 +7,9 @@ lags n-1 calls. Rows are step-major: rows [i*b, (i+1)*b) hold the frames at step
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -71,8 +73,32 @@ class _PromptState:
     conditions: dict = field(default_factory=dict)  # (uncond rows, cond rows) -> backend Conditioning
 
 
+class _Capturing(threading.local):
+    config: StreamConfig | None = None  # the settings a step graph is being captured for, in this thread
+
+
 class StreamDiffusion:
     """One stream: frames in, frames out. See the README for the API and its guarantees."""
+
+    @property
+    def config(self) -> StreamConfig:
+        """The current settings (while a step graph is captured, the capturing thread alone sees
+        the settings being captured: a status reader elsewhere never sees them)."""
+        captured = self._capturing.config
+        return self._config if captured is None else captured
+
+    @config.setter
+    def config(self, value: StreamConfig) -> None:
+        self._config = value
+
+    @contextlib.contextmanager
+    def capturing(self, config: StreamConfig):
+        """Within: `config` is this thread's view of the settings (for a step graph's capture)."""
+        self._capturing.config = config
+        try:
+            yield
+        finally:
+            self._capturing.config = None
 
     def __init__(
         self, components: Components, config: StreamConfig, *, backend: str = "eager", backend_options: dict | None = None
@@ -80,6 +106,7 @@ class StreamDiffusion:
         """`backend`: "eager" or "compiled"; `backend_options`: keyword options of that backend (e.g. the
         compiled backend's `compile_backend`). A compiled backend compiles here (see `warm_up`)."""
         _check_model_fits(components, config)
+        self._capturing = _Capturing()
         self.components = components.to(config.device, config.dtype)
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
         self.prompts = PromptEncoder(

@@ -271,3 +271,29 @@ def test_frames_at_the_engine_size_go_in_as_pixels_and_others_as_images(tiny_com
     pixels, images = ("pixels", torch.uint8, (1, SIZE, SIZE, 3)), ("images", torch.float32, (1, 3, SIZE, SIZE))
     assert sources == [pixels, pixels, images, images, pixels, images]
     assert graphed._graphs.replays == len(frames) - 1
+
+
+def test_a_capture_shows_its_settings_to_the_capturing_thread_only(tiny_components):
+    """Capturing the other side of guidance runs the step with guidance flipped; a status reader
+    on another thread must keep seeing the stream's real settings meanwhile."""
+    import threading
+
+    config = StreamConfig(**BASE, cfg_type="self")
+    engine = StreamDiffusion(tiny_components, config)
+    graphs = StepGraphs(engine, replay="eager")
+    seen = []
+    new_step = graphs._new_step
+
+    def watched(captured, source, state):
+        elsewhere = []
+        reader = threading.Thread(target=lambda: elsewhere.append(engine.config.guidance_scale))
+        reader.start()
+        reader.join()
+        seen.append((captured.guidance_scale, engine.config.guidance_scale, elsewhere[0]))
+        return new_step(captured, source, state)
+
+    graphs._new_step = watched
+    engine._graphs = graphs
+    engine.warm_up()  # captures guidance on (1.5) and, flipped, off (1.0)
+    assert {(1.0, 1.0, 1.5), (1.5, 1.5, 1.5)} == set(seen)
+    assert engine.config.guidance_scale == 1.5
