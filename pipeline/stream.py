@@ -121,6 +121,7 @@ class StreamDiffusion:
         # guidance scale and delta as 0-d tensors, updated in place: a step graph reads them
         self._guidance_scale = torch.zeros((), dtype=torch.float32, device=config.device)
         self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
+        self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
         replay = getattr(self.backend, "step_graphs", None)
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
@@ -169,11 +170,9 @@ class StreamDiffusion:
                 self.components.schedule, config.t_index_list, config.num_inference_steps,
                 config.lcm_original_steps, config.device, config.dtype,
             )
-            self._rows: StepCoefficients = _in_place(
-                getattr(self, "_rows", None), coefficients.repeat_per_frame(b)
-            )  # (n*b,) step-major
+            self._rows: StepCoefficients = self._kept_tensors("rows", coefficients.repeat_per_frame(b))  # (n*b,) step-major
         if previous is None or previous.seed != config.seed or previous.denoising_steps != n:
-            self._noise = _in_place(getattr(self, "_noise", None), self._make_noise(config))  # (n*b, 4, h, w)
+            self._noise = self._kept_tensors("noise", self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
             self.similarity.reseed(config.seed)
             self.state = StreamState(last_output=self.state.last_output)  # refill from the next frame
@@ -185,6 +184,14 @@ class StreamDiffusion:
         self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
         if previous is not None and config.similarity_filter and not previous.similarity_filter:
             self.similarity.reset()
+
+    def _kept_tensors(self, name: str, values):
+        """`values` (a tensor or StepCoefficients) in the tensors this stream has kept for that
+        name and shape since it began, so that each shape always lives at the same addresses: a
+        step graph captured for 2 steps reads the 2-step tensors again after a 4-step spell."""
+        key = (name, *(tuple(t.shape) for t in (values.as_tuple() if isinstance(values, StepCoefficients) else [values])))
+        kept = self._kept[key] = _in_place(self._kept.get(key), values)
+        return kept
 
     def _make_noise(self, config: StreamConfig) -> torch.Tensor:
         scale = self.components.vae_scale_factor

@@ -297,3 +297,24 @@ def test_a_capture_shows_its_settings_to_the_capturing_thread_only(tiny_componen
     engine.warm_up()  # captures guidance on (1.5) and, flipped, off (1.0)
     assert {(1.0, 1.0, 1.5), (1.5, 1.5, 1.5)} == set(seen)
     assert engine.config.guidance_scale == 1.5
+
+
+def test_going_back_to_a_step_count_reads_the_tensors_its_graph_was_captured_with(tiny_components):
+    """A CUDA graph reads the addresses it was captured with: after 2 -> 3 -> 2 steps, the
+    2-step graph (not captured again) must find the step coefficients and noise where they
+    were, holding the current values (the CPU replay re-runs Python, so the addresses are checked)."""
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    frames = iter(_frames(12))
+    for _ in range(2):
+        frame = next(frames)
+        assert np.array_equal(plain(frame), graphed(frame))
+    two_steps = _addresses(graphed)
+    captured = graphed._graphs.captures
+    for t_index_list, seed in [((10, 25, 40), 7), ((15, 35), 8)]:  # 3 steps, then 2 steps with another seed
+        for engine in (plain, graphed):
+            engine.update(t_index_list=t_index_list, seed=seed)
+        for _ in range(3):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), t_index_list
+    assert graphed._graphs.captures == captured + 2  # the 3-step graphs only; the 2-step ones are reused
+    assert _addresses(graphed) == two_steps, "the 2-step graph would read tensors that are gone"
