@@ -304,9 +304,8 @@ class StreamDiffusion:
         and `result()` of what this returns gives the output. On a CUDA device this lets the
         next frame be submitted (its upload overlapping this one's compute) before this one's
         download is waited for; elsewhere everything has run by the time it returns. Frames
-        come out in the order they went in; every frame submitted must be resolved or dropped
-        before the engine is changed from another thread (`update`, `set_prompt` are safe
-        between submits on the same thread)."""
+        come out in the order they went in, each the caller's own memory; settings changed
+        between two submits (`update`, `set_prompt`) apply from the second one on."""
         if self.config.mode != "img2img":
             raise ValueError("mode: this stream is 'txt2img'; call txt2img() (it takes no input frame)")
         frame = as_tensor(frame)
@@ -336,12 +335,10 @@ class StreamDiffusion:
             self.similarity.should_skip(images)  # records the reference
         # 3.-6. encode, denoise, decode, keep finite: one graph replay where there is one
         replayed = graphs.run(images, source="images") if graphs is not None else None
+        output, pixels = replayed if replayed is not None else (self._step(images), None)
         self._counts["frames_processed"] += 1
-        if replayed is None:
-            return deliver(self._step(images), kind, staging=self._staging)
-        # 7. download in the caller's kind (the graph's memory: copied before the next replay)
-        output, pixels = replayed
-        return deliver(output, kind, pixels=pixels, staging=self._staging, owned=False)
+        # 7. download in the caller's kind (a graph's memory is copied before the next replay)
+        return deliver(output, kind, pixels=pixels, staging=self._staging, owned=replayed is None)
 
     def _pixels_on_device(self, frame, kind: FrameKind) -> torch.Tensor:
         """An 8-bit RGB frame as (b, H, W, 3) uint8 on the engine's device (no conversion)."""
