@@ -40,7 +40,10 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
             options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
         return options or None
     if backend == "tensorrt":
-        return {"engines": settings.engines, "model": settings.model}
+        options = {"engines": settings.engines, "model": settings.model}
+        if settings.cuda_graphs in ("step", "off"):  # modules: compiled only (tensorrt as a fallback ignores it)
+            options["cuda_graphs"] = settings.cuda_graphs
+        return options
     return None  # pragma: no cover (every engine backend is named above)
 
 

@@ -156,3 +156,40 @@ def test_status_names_the_backend_that_runs(tiny_components):
     snapshot = runtime.snapshot()
     assert snapshot["backend"] == "eager (fallback from tensorrt)"
     assert status_line(snapshot).endswith("| eager (fallback from tensorrt)")
+
+
+def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_components, built, standin):
+    """`cuda_graphs="step"`: the stream's whole step (the engines' enqueues included) in one graph,
+    the prompt embeddings in static buffers refreshed before each replay. The CPU replay re-runs the
+    captured body against the stand-in: the frames equal the same engines without a graph."""
+    from pipeline.step_graph import StepGraphs
+
+    folder, _ = built
+    options = {"engines": str(folder), "cuda_graphs": "step"}
+    plain = StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
+    graphed = StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options=options)
+    assert (graphed.backend.cuda_graphs, graphed._graphs) == ("off", None)  # no CUDA here: no graph
+    graphed.backend.step_graphs = "eager"  # what "step" sets on CUDA, with the CPU replay
+    graphed._graphs = StepGraphs(graphed, replay="eager")
+    graphed.warm_up()
+    copies_in_replay = []
+    static_conditioning = graphed.backend._static_conditioning
+
+    def watched(cond):
+        if graphed._graphs.replaying and graphed.backend._copied_from.get(cond.embeds.shape[0]) is not cond:
+            copies_in_replay.append(cond.embeds.shape[0])
+        return static_conditioning(cond)
+
+    graphed.backend._static_conditioning = watched
+    frames = iter(_frames(9))
+    for prompt, guidance in [("a lighthouse", 1.5), ("a harbour", 1.5), ("a harbour", 0.8)]:
+        for stream in (plain, graphed):
+            stream.set_prompt(prompt, "fog")
+            stream.update(guidance_scale=guidance)
+        for _ in range(3):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), (prompt, guidance)
+    assert not copies_in_replay and graphed._graphs.replays == 8
+    assert sorted(graphed.backend._static) == [2, 3]  # guidance off and on (initialize: one negative row)
+    with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the tensorrt backend"):
+        StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={**options, "cuda_graphs": "modules"})

@@ -48,7 +48,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "when /sd/t_index_list changes length)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="on CUDA: the whole step in one CUDA graph (compiled's default; with eager: no compile wait, "
-             "one launch per frame), one graph per compiled module, or none (eager's default)")
+             "one launch per frame; with tensorrt: untried on a real TensorRT yet), one graph per compiled "
+             "module, or none (eager's and tensorrt's default)")
     add("--fp8", action="store_const", const=True,
         help="eager/compiled on an Ada or Hopper GPU: the UNet's transformer layers multiply in fp8 (faster, "
              "slightly different pictures; `sdbridge bench --fp8` measures both)")

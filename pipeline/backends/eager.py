@@ -31,11 +31,49 @@ class Conditioning:
 EAGER_CUDA_GRAPH_MODES = ("off", "step")
 
 
-class EagerBackend:
+class StaticPrompt:
+    """Static prompt buffers, one set per UNet batch size, for a backend whose UNet a CUDA graph
+    runs: a graph reads the prompt where it was at capture, so a new prompt is copied into these
+    buffers (`prepare`, before a replay) instead of arriving as new tensors. A backend sets
+    `step_graphs` and fills `_static` and `_copied_from` with empty dicts."""
+
+    step_graphs: str | None = None  # "cuda" when the stream should capture its whole step in one CUDA graph
+
+    def prepare(self, cond: Conditioning) -> None:
+        """Called with the Conditioning of every UNet batch layout before a step graph's replay:
+        copies a new prompt into the static buffers the graph reads (outside the graph)."""
+        if self._static_prompt:
+            with torch.inference_mode():
+                self._static_conditioning(cond)
+
+    @property
+    def _static_prompt(self) -> bool:
+        """Whether the UNet reads the prompt through the static buffers (a graph reads them)."""
+        return self.step_graphs is not None
+
+    def _static_conditioning(self, cond: Conditioning) -> Conditioning:
+        """This batch size's static buffers holding `cond`'s values (copied only when `cond` is new)."""
+        rows = cond.embeds.shape[0]
+        if self._copied_from.get(rows) is cond:  # every frame but the first after a prompt change
+            return self._static[rows]
+        static = self._static.get(rows)
+        if static is not None and _shapes(static) == _shapes(cond):
+            for buffer, source in zip(conditioning_tensors(static), conditioning_tensors(cond)):
+                buffer.copy_(source)
+        else:  # the first Conditioning of this batch size: its copies become the buffers
+            static = self._static[rows] = self._new_buffers(cond)
+        self._copied_from[rows] = cond  # held, so its identity cannot be reused by another object
+        return static
+
+    def _new_buffers(self, cond: Conditioning) -> Conditioning:
+        kv = None if cond.kv is None else [LayerKV(layer.key.clone(), layer.value.clone()) for layer in cond.kv]
+        return Conditioning(cond.embeds.clone(), kv)
+
+
+class EagerBackend(StaticPrompt):
     """`denoise(x_t, t, cond) -> model output`, `encode(images) -> latents`, `decode(latents) -> images`."""
 
     name = "eager"
-    step_graphs: str | None = None  # "cuda" when the stream should capture its whole step in one CUDA graph
 
     def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str = "off",
                  fp8: bool = False) -> None:
@@ -66,18 +104,6 @@ class EagerBackend:
         """Precompute what the UNet needs of these embeddings (once per prompt and layout)."""
         kv = self.cache.compute(embeds) if self.cache is not None else None
         return Conditioning(embeds, kv)
-
-    def prepare(self, cond: Conditioning) -> None:
-        """Called with the Conditioning of every UNet batch layout before a step graph's replay:
-        copies a new prompt into the static buffers the graph reads (outside the graph)."""
-        if self._static_prompt:
-            with torch.inference_mode():
-                self._static_conditioning(cond)
-
-    @property
-    def _static_prompt(self) -> bool:
-        """Whether the UNet reads the prompt through the static buffers (a graph reads them)."""
-        return self.step_graphs is not None
 
     @torch.inference_mode()
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -119,26 +145,6 @@ class EagerBackend:
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.latent_scale, return_dict=False)[0]  # (B, 3, 8h, 8w)
-
-    # ------------------------------------------------------------------ static prompt buffers
-
-    def _static_conditioning(self, cond: Conditioning) -> Conditioning:
-        """This batch size's static buffers holding `cond`'s values (copied only when `cond` is new)."""
-        rows = cond.embeds.shape[0]
-        if self._copied_from.get(rows) is cond:  # every frame but the first after a prompt change
-            return self._static[rows]
-        static = self._static.get(rows)
-        if static is not None and _shapes(static) == _shapes(cond):
-            for buffer, source in zip(conditioning_tensors(static), conditioning_tensors(cond)):
-                buffer.copy_(source)
-        else:  # the first Conditioning of this batch size: its copies become the buffers
-            static = self._static[rows] = self._new_buffers(cond)
-        self._copied_from[rows] = cond  # held, so its identity cannot be reused by another object
-        return static
-
-    def _new_buffers(self, cond: Conditioning) -> Conditioning:
-        kv = None if cond.kv is None else [LayerKV(layer.key.clone(), layer.value.clone()) for layer in cond.kv]
-        return Conditioning(cond.embeds.clone(), kv)
 
 
 def conditioning_tensors(cond: Conditioning) -> list[torch.Tensor]:

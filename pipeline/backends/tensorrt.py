@@ -13,9 +13,13 @@ their addresses set on the execution context before `execute_async_v3` on the cu
 stream; outputs are fresh tensors. The UNet engine takes the prompt embeddings (TensorRT fuses
 the cross-attention projections itself), so the K/V cache is not used here.
 
-Not yet done: CUDA graph capture of the engines' enqueue (the step graph of the compiled
-backend; TensorRT allows capturing enqueueV3 once shapes are fixed), and running on a GPU at
-all: this project has had no TensorRT installation to run it on. The CPU tests run this code
+`cuda_graphs="step"` (opt-in) captures the stream's whole step, the engines' enqueues and the
+arithmetic between them, in one CUDA graph (pipeline/step_graph.py; TensorRT documents capturing
+enqueueV3 once shapes are fixed and the engine has run once, which the capture's warm-up run
+does). The prompt embeddings then go through static buffers refreshed in place (StaticPrompt).
+
+Not yet done: running on a GPU at all: this project has had no TensorRT installation to run it
+on, so the step graph with TensorRT is opt-in until it has been. The CPU tests run this code
 against a stand-in with the TensorRT API backed by onnxruntime (tests/tensorrt_standin.py).
 """
 
@@ -30,7 +34,7 @@ import torch
 from ..models import Components
 from . import tensorrt_build
 from ..errors import BackendUnavailable
-from .eager import Conditioning
+from .eager import EAGER_CUDA_GRAPH_MODES, Conditioning, StaticPrompt
 from .engine_cache import EngineCache, EngineCacheError, EngineKey, model_weights_hash
 
 log = logging.getLogger(__name__)
@@ -77,22 +81,25 @@ class _Engine:
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         if not self._context.execute_async_v3(stream):
             raise RuntimeError(f"tensorrt: the {self.what} failed to run (see TensorRT's log above)")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             for tensor in held:  # the caching allocator must not reuse them before the engine read them
                 tensor.record_stream(torch.cuda.current_stream(self.device))
         return output
 
 
-class TensorRTBackend:
+class TensorRTBackend(StaticPrompt):
     """`denoise`, `encode`, `decode` through prebuilt TensorRT engines; see the module docstring."""
 
     name = "tensorrt"
-    step_graphs: str | None = None  # no whole-step CUDA graph yet (see the module docstring)
 
     def __init__(self, components: Components, *, kv_cache: bool = True, engines: str | Path = "engines",
-                 model: str = "MODEL") -> None:
+                 model: str = "MODEL", cuda_graphs: str = "off") -> None:
         """`engines`: the engine cache folder `sdbridge build-engines --cache` wrote; `model`: how the
-        user named the model, for the rebuild command in messages. `kv_cache` is ignored."""
+        user named the model, for the rebuild command in messages; `cuda_graphs`: "off" or "step"
+        (CUDA only, see the module docstring). `kv_cache` is ignored."""
+        if cuda_graphs not in EAGER_CUDA_GRAPH_MODES:
+            raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
+                             f"{', '.join(EAGER_CUDA_GRAPH_MODES)} for the tensorrt backend")
         try:
             self._version, self._capability = tensorrt_build.tensorrt_identity()
         except tensorrt_build.TensorRTUnavailable as exc:
@@ -114,16 +121,19 @@ class TensorRTBackend:
         log.info("hashed in %.1f s", time.perf_counter() - started)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines: dict[EngineKey, _Engine] = {}
+        self.cuda_graphs = cuda_graphs if self.device.type == "cuda" else "off"
+        self.step_graphs = "cuda" if self.cuda_graphs == "step" else None
+        self._static: dict[int, Conditioning] = {}  # UNet batch size -> the embeddings a graph reads
+        self._copied_from: dict[int, Conditioning] = {}
 
     # ------------------------------------------------------------------ the interface
 
     def condition(self, embeds: torch.Tensor) -> Conditioning:
         return Conditioning(embeds, None)
 
-    def prepare(self, cond: Conditioning) -> None:
-        """Nothing to copy: the embeddings are an engine input each call."""
-
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self._static_prompt:
+            cond = self._static_conditioning(cond)
         engine = self._engine("unet", x_t.shape[0], *self._pixels(x_t))
         return engine(sample=x_t, timestep=t, encoder_hidden_states=cond.embeds)
 
