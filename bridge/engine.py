@@ -69,7 +69,7 @@ def _stream(components, config, settings: RunSettings):
 
 
 def backend_label(engine) -> str:
-    """What runs the frames, for the status: e.g. "compiled+step graph", "eager (fallback from tensorrt)"."""
+    """What runs the frames, for the status: e.g. "compiled+step graph+fp8", "eager (fallback from tensorrt)"."""
     backend = getattr(engine, "backend", None)
     label = getattr(backend, "name", "")
     graphs = getattr(backend, "cuda_graphs", None)
@@ -78,6 +78,8 @@ def backend_label(engine) -> str:
         label += "+step graph" if step_graphs is None or not step_graphs.failed else " (step graph failed)"
     elif graphs == "modules":
         label += "+module graphs"
+    if getattr(backend, "fp8_layers", 0):
+        label += "+fp8"
     fallback = getattr(engine, "fallback_from", None)
     if fallback:
         label += f" (fallback from {fallback[0]})"

@@ -71,6 +71,13 @@ def test_an_fp8_engine_runs_end_to_end_close_to_the_fp32_one(tiny_components):
     assert max(d.max() for d in diffs) < 64
 
 
+def test_status_says_fp8(tiny_components):
+    from bridge.engine import backend_label
+
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=32, height=32, device="cpu"), backend_options={"fp8": True})
+    assert backend_label(engine) == "eager+fp8"
+
+
 def test_a_gpu_without_fp8_is_refused_with_the_reason(tiny_components, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
