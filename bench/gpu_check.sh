@@ -46,6 +46,15 @@ bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SEC
   [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
 }
 
+graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECONDS; the script stops when it fails
+  echo "== graph_check (limit ${1}s)"
+  timeout -k 5 "$1" python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
+  local rc=$?
+  echo "   exit $rc"
+  tail -n 3 "$OUT/graph_check.log"
+  if [ $rc -ne 0 ]; then echo "graph check failed: the benchmarks after it are skipped"; exit 1; fi
+}
+
 TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
 case "$PART" in
   turbo)
@@ -55,12 +64,7 @@ case "$PART" in
     ;;
   step)
     # the whole step in one CUDA graph: first its correctness against the same modules without a graph
-    echo "== graph_check (limit 150s)"
-    timeout -k 5 150 python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
-    rc=$?
-    echo "   exit $rc"
-    tail -n 3 "$OUT/graph_check.log"
-    if [ $rc -ne 0 ]; then echo "graph check failed: the step benchmarks are skipped"; exit 1; fi
+    graph_check 150
     bench 200 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 30 \
       --prompt-changes 8 --runtime
     bench 200 sd15_4step_self_compiled_step --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
@@ -78,12 +82,7 @@ case "$PART" in
   next)
     # session 4's work, about 6 min on a fresh machine: the checks first, then sd-turbo plain eager against
     # eager in one CUDA graph (no compile), then compiled with the step graph; each synchronous and pipelined
-    echo "== graph_check (limit 200s)"
-    timeout -k 5 200 python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
-    rc=$?
-    echo "   exit $rc"
-    tail -n 3 "$OUT/graph_check.log"
-    if [ $rc -ne 0 ]; then echo "graph check failed: the benchmarks are skipped"; exit 1; fi
+    graph_check 200
     bench 90 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 12 --pipelined
     bench 60 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 10 --pipelined
     bench 180 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \

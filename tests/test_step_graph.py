@@ -39,6 +39,23 @@ def _addresses(engine) -> list[int]:
     return [tensor.data_ptr() for tensor in tensors]
 
 
+def watch_prompt_copies(engine) -> list[int]:
+    """The UNet batch sizes whose prompt the backend copied *inside* a replay (a CUDA graph runs
+    no Python: a new prompt must be in the static buffers before it), filled as frames run."""
+    backend = engine.backend
+    copies_in_replay = []
+    static_conditioning = backend._static_conditioning
+
+    def watched(cond):
+        rows = cond.embeds.shape[0]
+        if engine._graphs.replaying and backend._copied_from.get(rows) is not cond:
+            copies_in_replay.append(rows)
+        return static_conditioning(cond)
+
+    backend._static_conditioning = watched
+    return copies_in_replay
+
+
 CHANGES = [
     ("prompt", lambda e: e.set_prompt("a forest in the rain", "blurry")),
     ("negative prompt", lambda e: e.set_prompt("a forest in the rain", "dark")),
@@ -132,16 +149,7 @@ def test_the_compiled_backend_gets_each_new_prompt_before_the_replay_and_never_r
     graphed = StreamDiffusion(tiny_components, config, backend="compiled", backend_options={"compile_backend": counter})
     graphed._graphs = StepGraphs(graphed, replay="eager")
     graphed.warm_up()
-    copies_in_replay = []
-    static_conditioning = graphed.backend._static_conditioning
-
-    def watched(cond):
-        rows = cond.embeds.shape[0]
-        if graphed._graphs.replaying and graphed.backend._copied_from.get(rows) is not cond:
-            copies_in_replay.append(rows)
-        return static_conditioning(cond)
-
-    graphed.backend._static_conditioning = watched
+    copies_in_replay = watch_prompt_copies(graphed)
     warm = counter.count
     rng = np.random.default_rng(0)
     for k, (prompt, guidance) in enumerate([("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.5),
@@ -192,15 +200,7 @@ def test_eager_step_graphs_read_the_prompt_from_buffers_refreshed_before_the_rep
     graphed._graphs = StepGraphs(graphed, replay="eager")
     graphed.warm_up()
     backend = graphed.backend
-    copies_in_replay = []
-    static_conditioning = backend._static_conditioning
-
-    def watched(cond):
-        if graphed._graphs.replaying and backend._copied_from.get(cond.embeds.shape[0]) is not cond:
-            copies_in_replay.append(cond.embeds.shape[0])
-        return static_conditioning(cond)
-
-    backend._static_conditioning = watched
+    copies_in_replay = watch_prompt_copies(graphed)
     frames = iter(_frames(12))
     addresses = None
     for prompt, guidance in [("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.8), ("snow", 0.8), ("snow", 2.5),

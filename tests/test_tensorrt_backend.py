@@ -163,6 +163,7 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     the prompt embeddings in static buffers refreshed before each replay. The CPU replay re-runs the
     captured body against the stand-in: the frames equal the same engines without a graph."""
     from pipeline.step_graph import StepGraphs
+    from test_step_graph import watch_prompt_copies
 
     folder, _ = built
     options = {"engines": str(folder), "cuda_graphs": "step"}
@@ -172,15 +173,7 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     graphed.backend.step_graphs = "eager"  # what "step" sets on CUDA, with the CPU replay
     graphed._graphs = StepGraphs(graphed, replay="eager")
     graphed.warm_up()
-    copies_in_replay = []
-    static_conditioning = graphed.backend._static_conditioning
-
-    def watched(cond):
-        if graphed._graphs.replaying and graphed.backend._copied_from.get(cond.embeds.shape[0]) is not cond:
-            copies_in_replay.append(cond.embeds.shape[0])
-        return static_conditioning(cond)
-
-    graphed.backend._static_conditioning = watched
+    copies_in_replay = watch_prompt_copies(graphed)
     frames = iter(_frames(9))
     for prompt, guidance in [("a lighthouse", 1.5), ("a harbour", 1.5), ("a harbour", 0.8)]:
         for stream in (plain, graphed):
