@@ -262,7 +262,8 @@ class StreamDiffusion:
         nothing to do). Called by __init__ and by `update` when those batches change.
 
         `step_counts`: other numbers of denoising steps to ready now as well, so that a later
-        t_index_list of that length (an operator's change during a show) compiles nothing."""
+        t_index_list of that length (an operator's change during a show) compiles nothing and,
+        with step graphs, captures nothing."""
         config, b = self.config, self.config.frame_buffer_size
         batches = set(unet_batches(config))
         for count in step_counts:
@@ -277,10 +278,32 @@ class StreamDiffusion:
             sorted(batches), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
         )  # latents (b, 4, h, w), embeds (1, 77, D), images (b, 3, H, W)
         if self._graphs is not None:  # the current settings' step graphs, guidance on and off
-            self._graphs.capture(config)
-            if config.cfg_type != "none":
-                flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
-                self._graphs.capture(config.replace(guidance_scale=flipped))
+            self._capture_both_sides(config)
+            for count in sorted(set(step_counts) - {config.denoising_steps}):
+                self._capture_other_step_count(config.replace(t_index_list=tuple(range(count))))
+
+    def _capture_both_sides(self, config: StreamConfig) -> None:
+        """The step graphs of `config` with guidance on and off (one when cfg_type is none)."""
+        self._graphs.capture(config)
+        if config.cfg_type != "none":
+            flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
+            self._graphs.capture(config.replace(guidance_scale=flipped))
+
+    def _capture_other_step_count(self, other: StreamConfig) -> None:
+        """Capture `other`'s step graphs (another step count) now, reading the step coefficients
+        and noise this stream will keep for that count (`_kept_tensors`): when an update later
+        switches to it, `_configure` fills those same tensors with the real values."""
+        if other in self._graphs:
+            return
+        current = self._rows, self._noise
+        try:
+            coefficients = step_coefficients(self.components.schedule, other.t_index_list, other.num_inference_steps,
+                                              other.lcm_original_steps, other.device, other.dtype)
+            self._rows = self._kept_tensors("rows", coefficients.repeat_per_frame(other.frame_buffer_size))
+            self._noise = self._kept_tensors("noise", self._make_noise(other))
+            self._capture_both_sides(other)
+        finally:
+            self._rows, self._noise = current
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""

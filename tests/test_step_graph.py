@@ -318,3 +318,26 @@ def test_going_back_to_a_step_count_reads_the_tensors_its_graph_was_captured_wit
             assert np.array_equal(plain(frame), graphed(frame)), t_index_list
     assert graphed._graphs.captures == captured + 2  # the 3-step graphs only; the 2-step ones are reused
     assert _addresses(graphed) == two_steps, "the 2-step graph would read tensors that are gone"
+
+
+def test_step_counts_readied_at_start_are_captured_then_and_switch_without_a_capture(tiny_components):
+    """`warm_up(step_counts=...)` (`--compile-steps`) captures those step counts' graphs before
+    frames flow, reading the tensors the stream keeps for them; switching to one captures nothing
+    and then reads exactly those tensors, filled with the real values."""
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    graphed.warm_up(step_counts=(1, 2, 3))
+    assert graphed._graphs.captures == 3 * 2  # 1, 2 (the current count) and 3 steps, guidance on and off
+    three = [t.data_ptr() for key, kept in graphed._kept.items() if key[0] == "rows" and key[1] == (3,)
+             for t in kept.as_tuple()]
+    assert three, "the 3-step coefficients were not kept"
+    frames = iter(_frames(8))
+    for _ in range(2):
+        frame = next(frames)
+        assert np.array_equal(plain(frame), graphed(frame))
+    for engine in (plain, graphed):
+        engine.update(t_index_list=(10, 25, 40))
+    assert graphed._graphs.captures == 6, "a step count readied at start was captured again"
+    assert [t.data_ptr() for t in graphed._rows.as_tuple()] == three
+    for frame in frames:
+        assert np.array_equal(plain(frame), graphed(frame))
+    assert graphed._graphs.replays == 1 + 5  # all but the first frame and the refill after the switch
