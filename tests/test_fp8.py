@@ -2,6 +2,9 @@
 arithmetic against fp32, which layers convert, that the shared UNet is left alone, the engine
 end to end, and the clear refusal where a GPU has no fp8."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,9 +90,13 @@ def test_a_gpu_without_fp8_is_refused_with_the_reason(tiny_components, monkeypat
     assert fp8_unavailable_reason(torch.device("cuda")) is None
     assert fp8_unavailable_reason(torch.device("cpu")) is None
     assert "not on mps" in fp8_unavailable_reason(torch.device("mps"))
-    monkeypatch.setattr("pipeline.backends.eager.fp8_unavailable_reason", lambda device: "no fp8 here")
-    with pytest.raises(BackendUnavailable, match="fp8: no fp8 here; run without --fp8"):
-        StreamDiffusion(tiny_components, StreamConfig(width=64, height=64, device="cpu"), backend_options={"fp8": True})
+    # the engine's own check, on a device fp8 does not run on (a UNet on the meta device: no memory, no GPU)
+    from pipeline.backends import EagerBackend
+
+    on_meta = dataclasses.replace(tiny_components, unet=copy.deepcopy(tiny_components.unet).to("meta"))
+    with pytest.raises(BackendUnavailable, match=r"fp8: fp8 runs on CUDA \(and on the CPU for tests\), not on meta; "
+                                                 r"run without --fp8"):
+        EagerBackend(on_meta, fp8=True)
 
 
 def test_run_fp8_flag_reaches_the_engine_and_is_refused_for_tensorrt(tmp_path):
