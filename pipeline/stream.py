@@ -35,7 +35,7 @@ BLACK_LEVEL = -1.0 + 2.0 / 255.0
 RUNTIME_SETTINGS = frozenset(
     {
         "guidance_scale", "delta", "seed", "t_index_list", "num_inference_steps", "cfg_type",
-        "similarity_filter", "similarity_threshold", "similarity_max_skip",
+        "similarity_filter", "similarity_threshold", "similarity_max_skip", "width", "height",
     }
 )
 
@@ -171,18 +171,20 @@ class StreamDiffusion:
                 config.lcm_original_steps, config.device, config.dtype,
             )
             self._rows: StepCoefficients = self._kept_tensors("rows", coefficients.repeat_per_frame(b))  # (n*b,) step-major
-        if previous is None or previous.seed != config.seed or previous.denoising_steps != n:
+        resized = previous is not None and _size(previous) != _size(config)
+        if previous is None or previous.seed != config.seed or previous.denoising_steps != n or resized:
             self._noise = self._kept_tensors("noise", self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
             self.similarity.reseed(config.seed)
-            self.state = StreamState(last_output=self.state.last_output)  # refill from the next frame
+            # refill from the next frame (a new size also drops the last output: it is the old size)
+            self.state = StreamState(last_output=None if resized else self.state.last_output)
         if previous is not None and RULES[config.cfg_type].uses_stock and self.state.latent_buffer is not None:
             if self.state.stock_noise is None:  # switched to RCFG: start from the re-noising noise
                 self.state = StreamState(self.state.latent_buffer, self._noise[b:], self.state.last_output)
         self._guidance_scale.fill_(config.guidance_scale)
         self._delta.fill_(config.delta)
         self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
-        if previous is not None and config.similarity_filter and not previous.similarity_filter:
+        if previous is not None and (resized or config.similarity_filter and not previous.similarity_filter):
             self.similarity.reset()
 
     def _kept_tensors(self, name: str, values):
@@ -230,7 +232,17 @@ class StreamDiffusion:
         self.prompts.encode(prompt)
 
     def update(self, **params) -> None:
-        """Change run-time settings (see RUNTIME_SETTINGS, plus `strength`) from the next frame on."""
+        """Change run-time settings (see RUNTIME_SETTINGS, plus `strength` and `resolution`) from
+        the next frame on.
+
+        `resolution=(width, height)` (or width and height) changes the size frames are processed
+        and returned at: the frames in flight restart at the new size, and the backend readies it
+        (the compiled backend compiles and captures it unless `warm_up(sizes=...)` did at start;
+        the tensorrt backend loads its prebuilt engines, or refuses a size that has none)."""
+        if "resolution" in params:
+            if "width" in params or "height" in params:
+                raise ValueError("update: give resolution or width and height, not both")
+            params["width"], params["height"] = parse_resolution(params.pop("resolution"))
         if "strength" in params:
             if "t_index_list" in params:
                 raise ValueError("update: give strength or t_index_list, not both")
@@ -245,42 +257,64 @@ class StreamDiffusion:
                 "strength); build a new StreamDiffusion for it"
             )
         new_config = self.config.replace(**params)
+        _check_model_fits(self.components, new_config)
         previous, self.config = self.config, new_config
         try:
             self._configure(new_config, previous)
             missing_graph = self._graphs is not None and new_config not in self._graphs
-            if unet_batches(new_config) != unet_batches(previous) or missing_graph:  # steps, cfg type
+            resized = _size(new_config) != _size(previous)
+            if unet_batches(new_config) != unet_batches(previous) or missing_graph or resized:  # steps, cfg, size
                 self.warm_up()
         except BaseException:  # all or nothing: derive everything from the previous settings again
             self.config = previous
             self._configure(previous, new_config)
             raise
 
-    def warm_up(self, step_counts=()) -> None:
+    def warm_up(self, step_counts=(), sizes=()) -> None:
         """Ready the backend for every UNet batch the current cfg type and step count can reach,
         guidance on or off, so that no frame waits (the compiled backend compiles here; eager has
-        nothing to do). Called by __init__ and by `update` when those batches change.
+        nothing to do). Called by __init__ and by `update` when those batches or the size change.
 
         `step_counts`: other numbers of denoising steps to ready now as well, so that a later
         t_index_list of that length (an operator's change during a show) compiles nothing and,
-        with step graphs, captures nothing."""
+        with step graphs, captures nothing. `sizes`: other (width, height) to ready the same way
+        (the tensorrt backend loads their engines now: a size without engines is refused here)."""
         config, b = self.config, self.config.frame_buffer_size
-        batches = set(unet_batches(config))
+        limit = min(16, config.num_inference_steps)
         for count in step_counts:
-            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= min(16, config.num_inference_steps):
-                raise ValueError(f"step_counts: {count!r} must be a whole number of steps from 1 to "
-                                 f"{min(16, config.num_inference_steps)}")
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
+                raise ValueError(f"step_counts: {count!r} must be a whole number of steps from 1 to {limit}")
+        counts = sorted(set(step_counts) - {config.denoising_steps})
+        resized = []
+        for size in sizes:
+            width, height = parse_resolution(size, name="sizes")
+            other = config.replace(width=width, height=height)
+            _check_model_fits(self.components, other)
+            if _size(other) != _size(config) and other not in resized:
+                resized.append(other)
+        batches = set(unet_batches(config))
+        for count in counts:
             batches |= set(unet_batches(config.replace(t_index_list=tuple(range(count)))))
+        for sized in [config, *resized]:
+            self._warm_up_backend(sized, sorted(batches))
+        if self._graphs is None:
+            return
+        self._capture_both_sides(config)  # the current settings' step graphs, guidance on and off
+        for sized in [config, *resized]:
+            for count in [sized.denoising_steps, *counts]:
+                other = sized.replace(t_index_list=tuple(range(count))) if count != sized.denoising_steps else sized
+                if other != config:
+                    self._capture_other(other)
+
+    def _warm_up_backend(self, config: StreamConfig, batches: list[int]) -> None:
+        """The backend's warm-up for `config`'s size: latents (b, 4, h, w), embeds (1, 77, D),
+        images (b, 3, H, W) for img2img."""
+        b = config.frame_buffer_size
+        latents = self._noise[:b] if _size(config) == _size(self.config) else self._make_noise(config)[:b]
         images = None
         if config.mode == "img2img":
             images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
-        self.backend.warmup(
-            sorted(batches), latents=self._noise[:b], embeds=self._prompt_state.cond, images=images
-        )  # latents (b, 4, h, w), embeds (1, 77, D), images (b, 3, H, W)
-        if self._graphs is not None:  # the current settings' step graphs, guidance on and off
-            self._capture_both_sides(config)
-            for count in sorted(set(step_counts) - {config.denoising_steps}):
-                self._capture_other_step_count(config.replace(t_index_list=tuple(range(count))))
+        self.backend.warmup(batches, latents=latents, embeds=self._prompt_state.cond, images=images)
 
     def _capture_both_sides(self, config: StreamConfig) -> None:
         """The step graphs of `config` with guidance on and off (one when cfg_type is none)."""
@@ -289,17 +323,19 @@ class StreamDiffusion:
             flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
             self._graphs.capture(config.replace(guidance_scale=flipped))
 
-    def _capture_other_step_count(self, other: StreamConfig) -> None:
-        """Capture `other`'s step graphs (another step count) now, reading the step coefficients
-        and noise this stream will keep for that count (`_kept_tensors`): when an update later
-        switches to it, `_configure` fills those same tensors with the real values."""
+    def _capture_other(self, other: StreamConfig) -> None:
+        """Capture `other`'s step graphs (another step count or size) now, reading the step
+        coefficients and noise this stream will keep for it (`_kept_tensors`): when an update
+        later switches to it, `_configure` fills those same tensors with the real values."""
         if other in self._graphs:
             return
         current = self._rows, self._noise
         try:
-            coefficients = step_coefficients(self.components.schedule, other.t_index_list, other.num_inference_steps,
-                                              other.lcm_original_steps, other.device, other.dtype)
-            self._rows = self._kept_tensors("rows", coefficients.repeat_per_frame(other.frame_buffer_size))
+            if other.t_index_list != self.config.t_index_list:  # else the current rows, as they are
+                coefficients = step_coefficients(self.components.schedule, other.t_index_list,
+                                                 other.num_inference_steps, other.lcm_original_steps, other.device,
+                                                 other.dtype)
+                self._rows = self._kept_tensors("rows", coefficients.repeat_per_frame(other.frame_buffer_size))
             self._noise = self._kept_tensors("noise", self._make_noise(other))
             self._capture_both_sides(other)
         finally:
@@ -548,6 +584,28 @@ def output_faults(output: torch.Tensor, source: torch.Tensor | None) -> torch.Te
     if source is not None and (output.device.type != "cpu" or bool(black)):
         black = black & (source.amax() > BLACK_LEVEL)
     return torch.stack([~finite, black]).to(torch.int64)
+
+
+def _size(config: StreamConfig) -> tuple[int, int]:
+    return config.width, config.height
+
+
+def parse_resolution(value, *, name: str = "resolution") -> tuple[int, int]:
+    """(width, height) from a pair of whole numbers or text such as "768x432"; ValueError naming
+    `name` otherwise (the sizes themselves are checked by StreamConfig and the model)."""
+    if isinstance(value, str):
+        parts = value.lower().replace("x", " ").replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = []
+    try:
+        width, height = (int(part) if isinstance(part, str) else part for part in parts)
+    except ValueError:
+        width = height = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)):
+        raise ValueError(f"{name}: {value!r} must be a width and a height in pixels, e.g. (768, 432) or '768x432'")
+    return width, height
 
 
 def _check_model_fits(components: Components, config: StreamConfig) -> None:

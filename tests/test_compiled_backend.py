@@ -158,6 +158,26 @@ def test_step_counts_compiled_at_start_need_no_compilation_mid_show(tiny_compone
             engine.warm_up(step_counts=[bad])
 
 
+def test_sizes_compiled_at_start_need_no_compilation_mid_show(tiny_components):
+    """`warm_up(sizes=...)` (`--sizes`): switching to a readied size compiles nothing; another
+    size compiles in `update` (the runtime holds the output meanwhile), never at a frame."""
+    counter = CountingBackend()
+    engine = _compiled(tiny_components, _config(cfg_type="self"), counter)
+    start = counter.count
+    engine.warm_up(sizes=[(96, 64)])
+    assert counter.count == 2 * start  # every graph again, at 96x64
+    warm = counter.count
+    for size in ((96, 64), (SIZE, SIZE), (96, 64)):
+        engine.update(resolution=size)
+        outputs = [engine(frame) for frame in _frames(2)]
+        assert all(out.shape == (3, size[1], size[0]) and torch.isfinite(out).all() for out in outputs)
+    assert counter.count == warm, f"compiled during the show: {counter.graphs[warm:]}"
+    engine.update(resolution=(64, 96))
+    assert counter.count == warm + start  # compiled in the update, for the new size
+    engine(_frames(1)[0])
+    assert counter.count == warm + start
+
+
 def test_compile_steps_setting_is_read_and_checked():
     from bridge.settings import RunSettings
 

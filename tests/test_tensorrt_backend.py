@@ -80,6 +80,43 @@ def test_a_resolution_without_engines_is_one_line_naming_the_build_command(tiny_
     assert f"sdbridge build-engines --model random:tiny --cache {folder}" in message
 
 
+def test_prebuilt_sizes_switch_at_run_time_and_one_without_engines_is_refused(tiny_components, built, standin,
+                                                                              tmp_path):
+    """Several sizes built ahead: the stream loads a size's engines at start (`warm_up(sizes=)`)
+    or at the switch and matches eager there; a size without engines is refused in one line
+    naming the build command, and the stream goes on at its size."""
+    folder, _ = built
+    wide = CONFIG.replace(width=96)
+    tensorrt_build.build_engines(tiny_components, wide, EngineCache(folder), work_folder=tmp_path / "onnx",
+                                 precision="fp32")
+    engine = StreamDiffusion(tiny_components, CONFIG, backend="tensorrt",
+                             backend_options={"engines": str(folder), "model": "random:tiny"})
+    engine.warm_up(sizes=[(96, 64)])
+    assert len(engine.backend._engines) == 2 * 4  # both sizes' UNet batches, encoder and decoder
+    reference = StreamDiffusion(tiny_components, CONFIG)
+    for stream in (engine, reference):
+        stream.set_prompt("a lighthouse", "fog")
+    rng = np.random.default_rng(1)
+    worst = 0
+    for size in ((96, 64), (64, 64), (96, 64)):
+        for stream in (engine, reference):
+            stream.update(resolution=size)
+        for _ in range(3):
+            frame = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+            out = engine(frame)
+            assert out.shape == (64, size[0], 3)
+            worst = max(worst, int(np.abs(out.astype(int) - reference(frame).astype(int)).max()))
+    assert worst <= 1, f"TensorRT (stand-in) frames differ from eager by {worst}/255"
+    assert len(engine.backend._engines) == 8  # nothing loaded at a switch
+    with pytest.raises(ValueError) as refused:
+        engine.update(resolution=(128, 64))
+    message = str(refused.value)
+    assert "\n" not in message and "128x64" in message
+    assert f"sdbridge build-engines --model random:tiny --cache {folder}" in message
+    assert (engine.config.width, engine.config.height) == (96, 64)
+    assert engine(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).shape == (64, 96, 3)
+
+
 def test_tampered_and_foreign_engines_are_refused(tiny_components, built, standin, tmp_path, monkeypatch):
     folder, _ = built
     copy = tmp_path / "engines"

@@ -89,7 +89,9 @@ def test_bad_updates_name_the_setting_and_change_nothing(tiny_components):
     with pytest.raises(ValueError, match="t_index_list"):
         engine.update(t_index_list=(40, 20))
     with pytest.raises(ValueError, match="width"):
-        engine.update(width=128)
+        engine.update(width=100)
+    with pytest.raises(ValueError, match="frame_buffer_size.*cannot change"):
+        engine.update(frame_buffer_size=2)
     with pytest.raises(ValueError, match="unknown|cannot change"):
         engine.update(colour="red")
     assert engine.config == before

@@ -1,0 +1,132 @@
+"""The processing size changes while frames flow: `update(resolution=(w, h))` restarts the frames
+in flight at the new size and readies the backend for it (compiled: compile and capture; tensorrt:
+load that size's prebuilt engines, or refuse a size without them), so that one engine can switch
+between several prepared sizes during a show. `warm_up(sizes=...)` readies sizes at start."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import StreamConfig, StreamDiffusion
+from pipeline.step_graph import StepGraphs
+from pipeline.stream import parse_resolution
+
+BASE = dict(width=64, height=64, device="cpu", dtype="float32", t_index_list=(20, 40), guidance_scale=1.5, seed=7)
+WIDE = (96, 64)
+
+
+def _engine(components, **settings):
+    engine = StreamDiffusion(components, StreamConfig(**{**BASE, **settings}))
+    engine.set_prompt("a harbour at dawn", "blurry")
+    return engine
+
+
+def _frames(count, size=(80, 60), seed=4):
+    """uint8 RGB frames of a size neither engine has: every engine resizes them the same way."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(count)]
+
+
+@pytest.mark.parametrize("cfg_type", ["none", "self", "full"])
+def test_a_new_size_restarts_the_stream_as_a_fresh_engine_of_that_size_would(tiny_components, cfg_type):
+    live = _engine(tiny_components, cfg_type=cfg_type)
+    frames = iter(_frames(12))
+    for _ in range(3):
+        assert live(next(frames)).shape == (64, 64, 3)
+    live.update(resolution=WIDE)
+    assert (live.config.width, live.config.height) == WIDE
+    fresh = _engine(tiny_components, cfg_type=cfg_type, width=WIDE[0], height=WIDE[1])
+    for _ in range(4):  # from the first frame on: the frames in flight restarted at the new size
+        frame = next(frames)
+        out = live(frame)
+        assert out.shape == (64, 96, 3)
+        assert np.array_equal(out, fresh(frame))
+    live.update(width=64, height=64)  # and back, given as width and height
+    back = _engine(tiny_components, cfg_type=cfg_type)
+    for frame in frames:
+        assert np.array_equal(live(frame), back(frame))
+
+
+def test_the_last_output_of_the_old_size_never_comes_back(tiny_components):
+    """A bad output is replaced by the last good one; after a switch that must be of the new size."""
+    engine = _engine(tiny_components, cfg_type="none")
+    engine(_frames(1)[0])
+    engine.update(resolution="96x64")
+    assert engine.state.last_output is None
+    engine.backend.decode = lambda latents: torch.full((1, 3, 64, 96), float("nan"))
+    out = engine(_frames(1)[0])
+    assert out.shape == (64, 96, 3) and engine.stats.nonfinite_caught == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ((100, 64), "width: 100 must be a positive multiple of 8"),
+    ((64, 72), "height: 72 must be a multiple of 16 for this model"),
+    ((64,), "resolution: "),
+    ("big", "resolution: 'big' must be a width and a height"),
+    ((64.0, 64), "resolution: "),
+    (None, "resolution: "),
+])
+def test_a_bad_size_names_what_is_wrong_and_changes_nothing(tiny_components, value, message):
+    engine = _engine(tiny_components)
+    engine(_frames(1)[0])
+    before, state = engine.config, engine.state
+    with pytest.raises(ValueError) as refused:
+        engine.update(resolution=value)
+    assert message in str(refused.value)
+    assert engine.config == before and engine.state is state
+    assert engine(_frames(1)[0]).shape == (64, 64, 3)
+
+
+def test_resolution_is_one_way_to_give_the_size():
+    assert parse_resolution("768x432") == (768, 432)
+    assert parse_resolution("768, 432") == (768, 432)
+    assert parse_resolution([512, 512]) == (512, 512)
+    with pytest.raises(ValueError, match="^sizes: "):
+        parse_resolution("512", name="sizes")
+
+
+def test_resolution_and_width_together_are_refused(tiny_components):
+    engine = _engine(tiny_components)
+    with pytest.raises(ValueError, match="resolution or width and height, not both"):
+        engine.update(resolution=WIDE, width=64)
+
+
+def _graphed(components, **settings):
+    config = StreamConfig(**{**BASE, **settings})
+    plain, graphed = StreamDiffusion(components, config), StreamDiffusion(components, config)
+    graphed._graphs = StepGraphs(graphed, replay="eager")
+    graphed.warm_up()
+    for engine in (plain, graphed):
+        engine.set_prompt("a harbour at dawn", "blurry")
+    return plain, graphed
+
+
+def test_a_size_change_captures_its_step_graph_and_going_back_reuses_the_first(tiny_components):
+    plain, graphed = _graphed(tiny_components, cfg_type="self")
+    first_noise = graphed._noise.data_ptr()
+    captured = graphed._graphs.captures
+    frames = iter(_frames(12))
+    for size in (WIDE, (64, 64), WIDE):
+        for engine in (plain, graphed):
+            engine.update(resolution=size)
+        for _ in range(3):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), size
+    assert graphed._graphs.captures == captured + 2  # 96x64, guidance on and off; 64x64 reused
+    graphed.update(resolution=(64, 64))
+    assert graphed._noise.data_ptr() == first_noise, "the 64x64 graph would read noise that is gone"
+    assert graphed._graphs.replays == 3 * 2  # the first frame after each switch fills the frames in flight
+
+
+def test_sizes_readied_at_start_switch_without_a_capture(tiny_components):
+    plain, graphed = _graphed(tiny_components, cfg_type="self")
+    graphed.warm_up(step_counts=(1,), sizes=[WIDE, "64x64"])
+    assert graphed._graphs.captures == 2 * 2 * 2  # (64x64, 96x64) x (1, 2 steps) x guidance on and off
+    for engine in (plain, graphed):
+        engine.update(resolution=WIDE, t_index_list=(30,))
+    assert graphed._graphs.captures == 8, "a size readied at start was captured again"
+    for frame in _frames(4):
+        assert np.array_equal(plain(frame), graphed(frame))
+    assert graphed._graphs.replays == 3  # all but the first at the new size (no last output yet)
+    with pytest.raises(ValueError, match="^sizes: "):
+        graphed.warm_up(sizes=["wide"])
