@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from .errors import UserError
-from .settings import RunSettings
+from .settings import RunSettings, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -123,5 +123,12 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
                 engine.warm_up(step_counts=settings.compile_steps)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+    if settings.sizes:
+        sizes = [parse_size(size) for size in settings.sizes]
+        progress(f"readying {', '.join(settings.sizes)} as well (for /sd/resolution) ...")
+        try:
+            engine.warm_up(step_counts=settings.compile_steps if settings.backend == "compiled" else (), sizes=sizes)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     progress(f"engine ready in {time.perf_counter() - started:.1f} s")
     return engine

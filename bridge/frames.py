@@ -95,10 +95,27 @@ def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return pixels[rows[:, None], cols[None, :]]
 
 
-def convert(frame: Frame, target: FrameFormat) -> Frame:
-    """The same frame in `target`'s size and pixel format (timestamp and sequence kept)."""
+def letterbox(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, C) pixels scaled (nearest) to fit inside width x height with their aspect ratio
+    kept, centred on black: a wide picture in a square sink gets bars above and below."""
+    in_height, in_width = pixels.shape[:2]
+    scale = min(width / in_width, height / in_height)
+    fitted_width = min(width, max(1, round(in_width * scale)))
+    fitted_height = min(height, max(1, round(in_height * scale)))
+    if (fitted_width, fitted_height) == (width, height):
+        return resize_nearest(pixels, width, height)
+    out = np.zeros((height, width, *pixels.shape[2:]), pixels.dtype)
+    top, left = (height - fitted_height) // 2, (width - fitted_width) // 2
+    out[top:top + fitted_height, left:left + fitted_width] = resize_nearest(pixels, fitted_width, fitted_height)
+    return out
+
+
+def convert(frame: Frame, target: FrameFormat, *, keep_aspect: bool = False) -> Frame:
+    """The same frame in `target`'s size and pixel format (timestamp and sequence kept);
+    `keep_aspect`: letterboxed (see `letterbox`) instead of stretched."""
     if frame.format == target:
         return frame
-    pixels = resize_nearest(frame.pixels, target.width, target.height)
+    resize = letterbox if keep_aspect else resize_nearest
+    pixels = resize(frame.pixels, target.width, target.height)
     pixels = swizzle(pixels, frame.pixel_format, target.pixel_format)
     return Frame(np.ascontiguousarray(pixels), target.pixel_format, frame.timestamp, frame.sequence)

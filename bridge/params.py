@@ -79,6 +79,12 @@ def _int_list(param, value: Any) -> tuple[int, ...]:
     return tuple(_whole(v) for v in items)
 
 
+def _size(param, value: Any) -> tuple[int, int]:
+    items = value.lower().replace("x", " ").replace(",", " ").split() if isinstance(value, str) else value
+    width, height = (_whole(v) for v in items)
+    return width, height
+
+
 def _blend(param, value: Any) -> tuple[tuple[str, float], ...]:
     pairs = tuple((str(prompt), float(weight)) for prompt, weight in value)
     if not pairs or not all(isinstance(p, str) for p, _ in value):
@@ -94,7 +100,7 @@ def _choice(param, value: Any) -> str:
 
 _COERCE = {
     "string": _string, "float": _number, "int": lambda p, v: _whole(v), "bool": _boolean,
-    "int_list": _int_list, "prompt_blend": _blend, "choice": _choice,
+    "int_list": _int_list, "size": _size, "prompt_blend": _blend, "choice": _choice,
 }
 
 

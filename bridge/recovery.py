@@ -52,6 +52,16 @@ def restore_config(engine, target) -> dict[str, Any]:
     return changes
 
 
+def _as_parameters(values: dict[str, Any], config) -> dict[str, Any]:
+    """Restored engine settings under the control parameters' names: a restored width or height
+    is reported as `resolution`, the pair the engine runs at now (`config`)."""
+    sizes = {"width", "height"}
+    renamed = {name: value for name, value in values.items() if name not in sizes}
+    if sizes & values.keys():
+        renamed["resolution"] = (config.width, config.height)
+    return renamed
+
+
 def describe(exc: BaseException) -> str:
     """`Type: message` on one line."""
     text = " ".join(str(exc).split())
@@ -116,7 +126,8 @@ class EngineGuard:
             self.telemetry.error(text)
             log.error("%s", text)
             if self.params is not None:
-                self.params.report_restored(restored, "frames failed with this value; the last working one is restored")
+                self.params.report_restored(_as_parameters(restored, self.engine.config),
+                                            "frames failed with this value; the last working one is restored")
         elif hasattr(self.engine, "reset"):
             try:
                 self.engine.reset()

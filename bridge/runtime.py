@@ -82,6 +82,17 @@ def agree_formats(engine_format: FrameFormat, sinks: Sequence[Sink]) -> list[Fra
     return formats
 
 
+def engine_values(config) -> dict:
+    """The engine's settings under their control parameters' names (width and height as
+    `resolution`), for the parameter store's applied values."""
+    from .params import PARAMETERS
+
+    values = {name: getattr(config, name) for name in PARAMETERS if hasattr(config, name)}
+    if hasattr(config, "width") and hasattr(config, "height"):
+        values["resolution"] = (config.width, config.height)
+    return values
+
+
 class Runtime:
     """Owns the source it opens and the sinks it is given: `stop()` closes them all."""
 
@@ -110,6 +121,7 @@ class Runtime:
             telemetry=self.telemetry, config=config,
         )
         self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
+        self.params.report_applied(engine_values(engine_config))  # what OSCQuery and status report at first
         self.params.add_listener(self._heard)
         self._threads: list[threading.Thread] = []
         self._started_at: float | None = None

@@ -70,6 +70,7 @@ class RunSettings:
     similarity_threshold: float | None = None
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
+    sizes: tuple[str, ...] = ()  # other sizes ("768x432") /sd/resolution may switch to: readied at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
@@ -104,6 +105,8 @@ class RunSettings:
         for name in ("t_index_list", "compile_steps"):
             if isinstance(getattr(self, name), (list, str)):
                 object.__setattr__(self, name, _int_list(getattr(self, name), name))
+        if isinstance(self.sizes, str):
+            object.__setattr__(self, "sizes", tuple(item for item in self.sizes.replace(",", " ").split()))
         self._validate()
 
     def _validate(self) -> None:
@@ -149,6 +152,8 @@ class RunSettings:
         if self.cuda_graphs == "modules" and self.backend != "compiled":
             raise ValueError(f"cuda_graphs: 'modules' needs backend 'compiled' (backend is {self.backend!r}); "
                              "'step' captures any backend's whole step")
+        for size in self.sizes:
+            parse_size(size)
         for count in self.compile_steps:
             if not 1 <= count <= 16:
                 raise ValueError(f"compile_steps: {count!r} must be a number of steps from 1 to 16")
@@ -162,6 +167,17 @@ class RunSettings:
             osc_aliases=self.osc_aliases, status_target=self.status_target, oscquery=self.oscquery,
             oscquery_port=self.oscquery_port,
         )
+
+
+def parse_size(text: str, name: str = "sizes") -> tuple[int, int]:
+    """'768x432' -> (768, 432), each a multiple of 8 up to MAX_SIZE; ValueError naming `name`."""
+    width, separator, height = str(text).lower().partition("x")
+    if not separator or not width.strip().isdigit() or not height.strip().isdigit():
+        raise ValueError(f"{name}: {text!r} must be WIDTHxHEIGHT in pixels, as in 768x432")
+    size = int(width), int(height)
+    if not all(0 < side <= MAX_SIZE and side % 8 == 0 for side in size):
+        raise ValueError(f"{name}: {text!r}: width and height must be positive multiples of 8 up to {MAX_SIZE}")
+    return size
 
 
 def _int_list(value, name: str) -> tuple[int, ...]:
@@ -209,6 +225,8 @@ def check_presets_fit(presets: dict | None, config) -> None:
 
     for cue, values in (presets or {}).items():
         changes = {name: value for name, value in values.items() if name not in PROMPT_NAMES}
+        if "resolution" in changes:
+            changes["width"], changes["height"] = changes.pop("resolution")
         try:
             if "strength" in changes:
                 changes["t_index_list"] = t_index_list_from_strength(

@@ -31,7 +31,7 @@ class Shared:
     """What the three threads share; every field is either immutable or thread-safe."""
 
     engine: object
-    engine_format: FrameFormat  # what the engine returns: its size, RGB
+    engine_format: FrameFormat  # what the engine returned at start: its size, RGB (see `current_format`)
     sinks: list[Sink]
     sink_formats: list[FrameFormat | None]  # what each sink accepts (None: anything)
     params: ParameterStore
@@ -48,6 +48,15 @@ class Shared:
     source_ended: threading.Event = field(default_factory=threading.Event)
     inference_done: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+
+
+def current_format(shared: Shared) -> FrameFormat:
+    """What the engine returns now: its size may change while it runs (/sd/resolution)."""
+    config = getattr(shared.engine, "config", None)
+    width, height = getattr(config, "width", None), getattr(config, "height", None)
+    if (width, height) == (shared.engine_format.width, shared.engine_format.height) or not width or not height:
+        return shared.engine_format
+    return FrameFormat(width, height, "RGB")
 
 
 class _RateLimitedLog:
@@ -154,7 +163,6 @@ def inference_loop(shared: Shared) -> None:
     engine, telemetry, config = shared.engine, shared.telemetry, shared.config
     guard = EngineGuard(engine=engine, telemetry=telemetry, params=shared.params)
     txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
-    expected_shape = (shared.engine_format.height, shared.engine_format.width, 3)
     origins = Origins(engine)
     processed = skipped_so_far = 0
     while not shared.stop.is_set():
@@ -175,6 +183,8 @@ def inference_loop(shared: Shared) -> None:
             continue
         if telemetry.state == "paused":
             telemetry.state = "running"
+        size = current_format(shared)  # after the parameters: a new size applies from this frame
+        expected_shape = (size.height, size.width, 3)
         if txt2img:  # 2. the input frame (txt2img has none)
             frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), processed)
         else:
@@ -230,7 +240,7 @@ class OutputLoop:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.period = 1.0 / shared.config.fps
-        self.black = Frame(np.zeros((shared.engine_format.height, shared.engine_format.width, 3), np.uint8))
+        self._black = Frame(np.zeros((shared.engine_format.height, shared.engine_format.width, 3), np.uint8))
         self.last_frame: Frame | None = None
         self.last_fresh_time = time.monotonic()  # when the newest fresh frame was sent
         self.last_send_time = -1e9
@@ -296,10 +306,18 @@ class OutputLoop:
         if mode == "raw":
             raw = self.shared.input_slot.peek()
             if raw is not None:
-                return convert(raw, self.shared.engine_format)
+                return convert(raw, current_format(self.shared))
         if mode == "last" and self.last_frame is not None:
             return self.last_frame
         return self.black
+
+    @property
+    def black(self) -> Frame:
+        """A black frame of the engine's current size."""
+        size = current_format(self.shared)
+        if self._black.format != size:
+            self._black = Frame(np.zeros((size.height, size.width, 3), np.uint8))
+        return self._black
 
     def _publish(self, frame: Frame, fresh: bool) -> None:
         now = time.monotonic()
@@ -324,6 +342,6 @@ class OutputLoop:
         cached = self._converted[index]
         if cached is not None and cached[0] is frame:
             return cached[1]
-        converted = convert(frame, target)
+        converted = convert(frame, target, keep_aspect=True)  # a size changed mid-run is not stretched
         self._converted[index] = (frame, converted)
         return converted

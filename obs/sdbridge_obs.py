@@ -131,6 +131,17 @@ def value_arguments(row, value):
             return [int(item) for item in items]
         except ValueError:
             raise ValueError("%s: %r must be whole numbers, e.g. 32,45" % (row["name"], value)) from None
+    if kind == "size":
+        items = str(value).lower().replace("x", " ").replace(",", " ").split()
+        if not items:
+            return None
+        try:
+            numbers = [int(item) for item in items]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 2:
+            raise ValueError("%s: %r must be a width and a height, e.g. 768x432" % (row["name"], value))
+        return numbers
     if kind == "prompt_blend":
         arguments = []
         for part in [p.strip() for p in str(value).split("|") if p.strip()]:
@@ -231,7 +242,7 @@ def send_all():
     """Every stored parameter that has a value worth restoring (not actions, not empty texts)."""
     for row in _stored_rows():
         value = _setting(row)
-        if row["kind"] in ("string", "int_list", "prompt_blend") and not str(value).strip():
+        if row["kind"] in ("string", "int_list", "size", "prompt_blend") and not str(value).strip():
             continue
         if row["kind"] not in ("string", "prompt_blend") and row.get("default") is None:
             continue  # e.g. strength: sent when moved, never forced over the configured steps
@@ -447,7 +458,7 @@ def _add_property(props, row):
             obs.obs_property_list_add_string(prop, choice, choice)
     elif kind == "trigger":
         prop = obs.obs_properties_add_button(props, key, label, _trigger_callback(row))
-    else:  # string, int_list, prompt_blend
+    else:  # string, int_list, size, prompt_blend
         text_type = obs.OBS_TEXT_MULTILINE if row["name"] in ("prompt", "negative_prompt") else obs.OBS_TEXT_DEFAULT
         prop = obs.obs_properties_add_text(props, key, label, text_type)
     obs.obs_property_set_long_description(prop, "%s (%s)" % (row.get("description", ""), row["address"]))

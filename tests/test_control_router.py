@@ -52,8 +52,11 @@ def test_ranges_and_defaults_agree_with_stream_config(param):
 def test_every_engine_parameter_is_a_runtime_setting_or_a_prompt():
     for param in PARAMETERS:
         if param.target == "engine":
-            assert param.name in RUNTIME_SETTINGS | {"strength", "prompt", "negative_prompt", "prompt_blend",
-                                                     "prompt_blend_method"}, param.name
+            assert param.name in RUNTIME_SETTINGS | {"strength", "resolution", "prompt", "negative_prompt",
+                                                     "prompt_blend", "prompt_blend_method"}, param.name
+    assert {"width", "height"} <= RUNTIME_SETTINGS  # what resolution sets
+    size = BY_NAME["resolution"]
+    StreamConfig(device="cpu", width=size.minimum, height=size.maximum)
     assert StreamConfig(device="cpu").t_index_list == BY_NAME["t_index_list"].default
     assert StreamConfig(device="cpu", t_index_list=(0, 999), num_inference_steps=1000, lcm_original_steps=1000)
 
@@ -91,6 +94,9 @@ def test_addresses_include_norm_forms_and_aliases():
     ("t_index_list", (10, 20.0, "30"), False, (10, 20, 30)),
     ("t_index_list", ("32, 45",), False, (32, 45)),
     ("t_index_list", (5, 5000), False, (5, 999)),
+    ("resolution", (768, 432), False, (768, 432)),
+    ("resolution", (768.0, "432"), False, (768, 432)),
+    ("resolution", ("1024x576",), False, (1024, 576)),
     ("prompt_blend", ("a", 2.0, "b", 0.5), False, (("a", 1.0), ("b", 0.5))),
     ("prompt_blend_method", ("SLERP",), False, "slerp"),
     ("pause", (), False, True),
@@ -112,6 +118,11 @@ def test_convert(name, args, normalized, expected):
     ("prompt", ("x" * 3000,), "exceed"),
     ("t_index_list", (45, 32), "increasing"),
     ("t_index_list", tuple(range(17)), "1 to 16"),
+    ("resolution", (768,), "a width and a height, got 1"),
+    ("resolution", ("768xwide",), "not a number"),
+    ("resolution", (768, 8), "height 8 is outside 64..2048"),
+    ("resolution", (4096, 512), "width 4096 is outside"),
+    ("resolution", ("9" * 30,), "too long"),
     ("prompt_blend", ("a",), "pairs"),
     ("prompt_blend", ("a", 0.0), "above 0"),
     ("prompt_blend_method", ("cubic",), "linear, slerp"),

@@ -101,7 +101,7 @@ def loaded(fake_sdbridge):
 def test_properties_cover_every_parameter_of_the_table(loaded):
     script, settings, receiver = loaded
     props = script.script_properties()
-    kinds = {"string": "text", "float": "float_slider", "int": "int", "bool": "bool", "int_list": "text",
+    kinds = {"string": "text", "float": "float_slider", "int": "int", "bool": "bool", "int_list": "text", "size": "text",
              "prompt_blend": "text", "choice": "list", "trigger": "button", "cue": "int"}
     for param in PARAMETERS:
         prop = props.items.get("p_" + param.name)
@@ -129,6 +129,9 @@ def test_changes_send_exactly_what_changed(loaded):
                                                    ("/sd/similarity/enable", [True]), ("/sd/t_index_list", [20, 35])])
     script.script_update(settings)  # nothing changed
     assert receiver.messages(quiet=0.2) == []
+    obs.obs_data_set_string(settings, "p_resolution", "768x432")
+    script.script_update(settings)
+    assert receiver.messages() == [("/sd/resolution", [768, 432])]
 
 
 def test_buttons_triggers_presets_and_scenes(loaded):

@@ -130,3 +130,39 @@ def test_sizes_readied_at_start_switch_without_a_capture(tiny_components):
     assert graphed._graphs.replays == 3  # all but the first at the new size (no last output yet)
     with pytest.raises(ValueError, match="^sizes: "):
         graphed.warm_up(sizes=["wide"])
+
+
+def test_sizes_setting_is_read_and_checked(tmp_path):
+    from bridge.settings import RunSettings, check_presets_fit, merge, read_config_file
+
+    assert RunSettings(sink=("null",), sizes="768x432, 1024x576").sizes == ("768x432", "1024x576")
+    config = tmp_path / "show.toml"
+    config.write_text('sink = "null"\nsizes = ["768x432"]\n[presets.2]\nresolution = "1024x576"\n')
+    settings = merge(read_config_file(str(config)), {})
+    assert settings.sizes == ("768x432",) and settings.presets[2] == {"resolution": (1024, 576)}
+    for bad, message in (("768", "must be WIDTHxHEIGHT"), ("768x433", "multiples of 8"), ("0x64", "multiples of 8"),
+                         ("8192x64", "up to 4096")):
+        with pytest.raises(ValueError, match=f"^sizes: .*{message}"):
+            RunSettings(sink=("null",), sizes=(bad,))
+    with pytest.raises(ValueError, match="^presets.2.width: 100 must be a positive multiple of 8"):
+        check_presets_fit({2: {"resolution": (100, 64)}}, StreamConfig(device="cpu"))
+
+
+def test_run_readies_its_sizes_at_start_or_says_in_one_line_which_cannot_be(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import REPO, TINY, child_env
+
+    def run(*extra):
+        command = [sys.executable, "-m", "bridge.cli", "run", "--source", "testpattern", "--sink", "null", *TINY,
+                   "--frames", "3", "--no-osc", *extra]
+        return subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+
+    done = run("--sizes", "128x64,64x128")
+    assert done.returncode == 0, done.stderr
+    assert "readying 128x64, 64x128 as well (for /sd/resolution)" in done.stderr
+    refused = run("--sizes", "72x64")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "sdbridge run: error: width: 72 must be a multiple of 16 for this model (VAE x8, UNet x2)")

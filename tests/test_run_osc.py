@@ -101,6 +101,56 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         tcp.bind(("127.0.0.1", osc_port))
 
 
+def test_resolution_changes_while_running_and_a_fixed_size_sink_gets_it_letterboxed(tmp_path):
+    """/sd/resolution from oscsend: the engine switches size between frames, OSCQuery reports it,
+    a size the model cannot take is refused with the run going on, and the PNG sink (opened at
+    the start size) gets the wider picture with black bars above and below, not stretched."""
+    import av
+    import numpy as np
+
+    osc_port, query_port = free_port(), free_port()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    command = [sys.executable, "-m", "bridge.cli", "run", "--source", "testpattern", "--sink",
+               f"file:{frames}/%05d.png", *TINY, "--fps", "10", "--osc-port", str(osc_port),
+               "--oscquery-port", str(query_port)]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: query(query_port, "/?HOST_INFO"), 60), "OSCQuery never answered"
+        assert wait_until(lambda: len(list(frames.iterdir())) >= 3, 30), "no frames before the switch"
+        before = len(list(frames.iterdir()))
+
+        def send(*args):
+            subprocess.run(["oscsend", "127.0.0.1", str(osc_port), *args], check=True, timeout=5)
+
+        assert query(query_port, "/sd/resolution?VALUE")["VALUE"] == [64, 64]  # as started
+        send("/sd/resolution", "ii", "128", "64")
+        assert wait_until(lambda: query(query_port, "/sd/resolution?VALUE")["VALUE"] == [128, 64], 30)
+        switched = len(list(frames.iterdir()))
+        send("/sd/resolution", "s", "72x64")  # 72 is not a multiple of 16 for this model: refused
+        send("/sd/seed", "i", "5")
+        assert wait_until(lambda: query(query_port, "/sd/seed?VALUE")["VALUE"] == [5], 30)
+        assert wait_until(lambda: len(list(frames.iterdir())) >= switched + 5, 30), "no frames after the switch"
+        assert query(query_port, "/sd/resolution?VALUE")["VALUE"] == [128, 64]
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err
+    assert "width: 72 must be a multiple of 16" in err, err
+
+    def pixels(path):
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0)).to_ndarray(format="rgb24")
+
+    paths = sorted(frames.iterdir())
+    first, last = pixels(paths[before - 1]), pixels(paths[-1])
+    assert first.shape == last.shape == (64, 64, 3)  # the sink keeps the size it was opened with
+    assert first[:8].any(), "the frames before the switch fill the sink"
+    assert not last[:16].any() and not last[-16:].any(), "128x64 in 64x64: 16 black rows above and below"
+    assert last[16:48].any()
+
+
 def test_port_in_use_is_one_line_before_the_model_loads():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))

@@ -30,9 +30,10 @@ class FaultyUNet(torch.nn.Module):
     """Wraps the UNet: call numbers in `raise_on` raise the given exception; any call with more
     than `max_rows` latent rows runs out of memory (as more denoising steps would on a full GPU)."""
 
-    def __init__(self, unet, raise_on=None, max_rows=None):
+    def __init__(self, unet, raise_on=None, max_rows=None, max_latent_width=None):
         super().__init__()
         self.unet, self.raise_on, self.max_rows, self.calls = unet, dict(raise_on or {}), max_rows, 0
+        self.max_latent_width = max_latent_width
         self.config = unet.config
 
     def forward(self, sample, *args, **kwargs):
@@ -41,6 +42,8 @@ class FaultyUNet(torch.nn.Module):
             raise self.raise_on[self.calls]
         if self.max_rows is not None and sample.shape[0] > self.max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({sample.shape[0]} rows)")
+        if self.max_latent_width is not None and sample.shape[-1] > self.max_latent_width:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 3.00 GiB (width {sample.shape[-1]})")
         return self.unet(sample, *args, **kwargs)
 
 
@@ -149,6 +152,22 @@ def test_a_change_after_which_every_step_runs_out_of_memory_is_rolled_back(show)
     assert runtime.params.applied["t_index_list"] == (20, 40)
     assert snapshot["bad_frames"] == 3  # ROLLBACK_AFTER frames, then none
     assert any("t_index_list" in text for text in errors)
+    assert_output_held(sink)
+
+
+def test_a_size_after_which_every_step_runs_out_of_memory_is_rolled_back(show):
+    runtime, engine, sink, listener = show()
+    engine.backend.unet = FaultyUNet(engine.backend.unet, max_latent_width=SIZE // 8)  # 64 fits, 128 does not
+    assert runtime.params.applied["resolution"] == (SIZE, SIZE)
+    assert wait_for(lambda: processed(runtime) > 10)
+    runtime.params.set("resolution", (2 * SIZE, SIZE))
+    assert wait_for(lambda: runtime.snapshot()["rollbacks"] == 1)
+    after = processed(runtime)
+    assert wait_for(lambda: processed(runtime) > after + 20)  # frames flow again, at the old size
+    assert (engine.config.width, engine.config.height) == (SIZE, SIZE)
+    assert runtime.params.rejected["resolution"][0] == (2 * SIZE, SIZE)
+    assert runtime.params.applied["resolution"] == (SIZE, SIZE)
+    assert any("resolution" in text or "width" in text for text in listener.errors())
     assert_output_held(sink)
 
 

@@ -53,7 +53,7 @@ def sample_value(spec):
     if spec.kind in ("float", "int"):
         middle = spec.minimum + (min(spec.maximum, 1000) - spec.minimum) / 3
         return round(middle) if spec.kind == "int" else middle
-    return {"string": "a watercolor city", "bool": True, "int_list": "10, 20", "prompt_blend": "a castle:0.7 | a forest:0.3",
+    return {"string": "a watercolor city", "bool": True, "int_list": "10, 20", "size": "768x432", "prompt_blend": "a castle:0.7 | a forest:0.3",
             "choice": spec.choices[-1] if spec.choices else "", "trigger": 1, "cue": 7}.get(spec.kind)
 
 
@@ -127,6 +127,11 @@ def test_texts_parse_or_say_what_is_wrong(td_table):
     assert table.parse_prompt_blend(blend, "") is None
     with pytest.raises(ValueError, match="prompt:weight"):
         table.parse_prompt_blend(blend, "a castle")
+    size = td_table.by_name("resolution")
+    assert table.parse_size(size, "768 x 432") == [768, 432]
+    assert table.parse_size(size, " ") is None
+    with pytest.raises(ValueError, match="resolution: '768' must be a width and a height"):
+        table.parse_size(size, "768")
 
 
 def test_snapshot_restores_stored_values_not_actions(td_table):

@@ -46,6 +46,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--compile-steps", dest="compile_steps",
         help="compiled backend: also compile these step counts at start, e.g. 1,2,4 (no compile mid-show "
              "when /sd/t_index_list changes length)")
+    add("--sizes", help="other sizes /sd/resolution may switch to during the show, readied at start, e.g. "
+                        "768x432,1024x576 (compiled: compiled and captured now; tensorrt: their engines loaded "
+                        "now, so a size never built is refused at start)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="on CUDA: the whole step in one CUDA graph (compiled's default; with eager: no compile wait, "
              "one launch per frame; with tensorrt: untried on a real TensorRT yet), one graph per compiled "

@@ -55,7 +55,7 @@ def leaf(param: Param, normalized: bool, full_path: str, value: Any) -> dict:
 def _as_list(param: Param, value: Any) -> list | None:
     if value is None:
         return None
-    if param.kind == "int_list":
+    if param.kind in ("int_list", "size"):
         return [int(v) for v in value]
     if param.kind == "prompt_blend":
         return [item for pair in value for item in pair]
@@ -76,6 +76,8 @@ def _ranges(param: Param, count: int | None) -> list | None:
         return [numeric]
     if param.kind == "int_list":
         return [numeric] * (count or len(param.default or (0,)))
+    if param.kind == "size":
+        return [numeric, numeric]
     if param.kind == "prompt_blend":
         return [{}, numeric] * max(1, (count or 2) // 2)
     if param.kind == "choice":

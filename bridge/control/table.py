@@ -11,7 +11,7 @@ Targets:
 
 Conversion (`convert`) is a pure function of the OSC arguments: it accepts what TouchDesigner
 and lighting desks send (int, float, double, T/F, numeric strings), refuses NaN/inf, and clamps
-numbers to the range. Every refusal is a ValueError that names the parameter.
+numbers to the range (a size is refused out of range instead). Every refusal is a ValueError that names the parameter.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from .osc import IMPULSE
 
-KINDS = ("string", "float", "int", "bool", "int_list", "prompt_blend", "choice", "trigger", "cue")
+KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "choice", "trigger", "cue")
 INT32_MAX = 2**31 - 1
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 
@@ -59,7 +59,7 @@ class Param:
         """The OSC type tag string advertised (OSCQuery TYPE) for the plain address."""
         if self.kind == "int_list":
             return "i" * len(self.default or (0,))
-        return {"string": "s", "float": "f", "int": "i", "bool": "T", "prompt_blend": "sf",
+        return {"string": "s", "float": "f", "int": "i", "bool": "T", "size": "ii", "prompt_blend": "sf",
                 "choice": "s", "trigger": "I", "cue": "i"}[self.kind]
 
 
@@ -84,6 +84,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("t_index_list", "/t_index_list", "int_list",
           "timestep indices, one per denoising step, strictly increasing",
           minimum=0, maximum=999, default=(32, 45), unit="index", aliases=("/t_list",), max_items=16),
+    Param("resolution", "/resolution", "size",
+          "processing and output size, width then height (or one string '768x432'); the frames in flight "
+          "restart at the new size. tensorrt: sizes built with build-engines; compiled: sizes in --sizes "
+          "switch at once, others compile first", minimum=64, maximum=2048, unit="px"),
     Param("similarity_filter", "/similarity/enable", "bool",
           "skip frames nearly equal to the last processed one", default=False),
     Param("similarity_threshold", "/similarity/threshold", "float",
@@ -150,6 +154,8 @@ def convert(param: Param, args: tuple, *, normalized: bool = False) -> Any:
         return _boolean(param, _single(param, args))
     if param.kind == "int_list":
         return _int_list(param, args)
+    if param.kind == "size":
+        return _size(param, args)
     if param.kind == "prompt_blend":
         return _prompt_blend(param, args)
     if param.kind == "choice":
@@ -242,6 +248,22 @@ def _int_list(param: Param, args: tuple) -> tuple[int, ...]:
     values = tuple(min(max(_whole(param, _number(param, item)), low), high) for item in args)
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"{param.name}: {list(values)} must be strictly increasing")
+    return values
+
+
+def _size(param: Param, args: tuple) -> tuple[int, int]:
+    """Width and height as two numbers, or one string "768x432" / "768 432"; whole numbers in
+    range, never clamped (a size other than the one asked for is a different picture)."""
+    if len(args) == 1 and isinstance(args[0], str):
+        if len(args[0]) > 24:
+            raise ValueError(f"{param.name}: string too long for a size")
+        args = tuple(args[0].lower().replace("x", " ").replace(",", " ").split())
+    if len(args) != 2:
+        raise ValueError(f"{param.name}: expects a width and a height, got {len(args)} value(s)")
+    values = tuple(_whole(param, _number(param, item)) for item in args)
+    for side, value in zip(("width", "height"), values):
+        if not param.minimum <= value <= param.maximum:
+            raise ValueError(f"{param.name}: {side} {value} is outside {param.minimum:g}..{param.maximum:g}")
     return values
 
 

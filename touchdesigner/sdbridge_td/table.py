@@ -25,7 +25,7 @@ class Spec:
 
     name: str  # the bridge's parameter name, e.g. guidance_scale
     address: str  # full OSC address, e.g. /sd/guidance
-    kind: str  # string, float, int, bool, int_list, prompt_blend, choice, trigger, cue
+    kind: str  # string, float, int, bool, int_list, size, prompt_blend, choice, trigger, cue
     description: str = ""
     norm_address: str | None = None  # the 0..1 fader form, when there is one
     minimum: float | None = None
@@ -103,10 +103,12 @@ def parameter_page(table: Table) -> list[TDPar]:
     page: list[TDPar] = []
     for spec in table.specs:
         name, label = td_name(spec.name), _label(spec.name)
-        if spec.kind in ("string", "int_list", "prompt_blend"):
+        if spec.kind in ("string", "int_list", "size", "prompt_blend"):
             default = ",".join(str(v) for v in spec.default) if isinstance(spec.default, tuple) else (spec.default or "")
-            help_text = spec.description + (f" (as text: 'prompt:weight {BLEND_SEPARATOR} prompt:weight')"
-                                             if spec.kind == "prompt_blend" else "")
+            help_text = spec.description + {
+                "prompt_blend": f" (as text: 'prompt:weight {BLEND_SEPARATOR} prompt:weight')",
+                "size": " (as text: '768x432'; empty: the size the bridge started with)",
+            }.get(spec.kind, "")
             page.append(TDPar(name, label, "Str", spec.name, default=default, help=help_text))
         elif spec.kind in ("float", "int"):
             style = "Float" if spec.kind == "float" else "Int"
@@ -164,6 +166,8 @@ def _arguments(spec: Spec, value: Any) -> list | None:
         return [1]
     if spec.kind == "int_list":
         return parse_int_list(spec, value)
+    if spec.kind == "size":
+        return parse_size(spec, value)
     if spec.kind == "prompt_blend":
         return parse_prompt_blend(spec, value)
     raise ValueError(f"{spec.name}: kind {spec.kind!r} is not handled")
@@ -178,6 +182,20 @@ def parse_int_list(spec: Spec, text: Any) -> list[int]:
         raise ValueError(f"{spec.name}: {str(text)[:40]!r} must be whole numbers separated by commas, e.g. 32,45") from None
     if not 1 <= len(values) <= spec.max_items:
         raise ValueError(f"{spec.name}: expects 1 to {spec.max_items} numbers, got {len(values)}")
+    return values
+
+
+def parse_size(spec: Spec, text: Any) -> list[int] | None:
+    """'768x432' (or '768,432', '768 432') -> [768, 432]; '' -> None (nothing sent)."""
+    items = str(text).lower().replace("x", " ").replace(",", " ").split()
+    if not items:
+        return None
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise ValueError(f"{spec.name}: {str(text)[:40]!r} must be a width and a height, e.g. 768x432")
     return values
 
 
@@ -211,7 +229,7 @@ def snapshot_messages(table: Table, values: dict[str, Any], *, page: list[TDPar]
         spec = table.by_name(par.spec)
         if spec.target != "engine":
             continue
-        if spec.kind in ("string", "prompt_blend", "int_list") and not str(values[par.name]).strip():
+        if spec.kind in ("string", "prompt_blend", "int_list", "size") and not str(values[par.name]).strip():
             continue
         if spec.kind not in ("string", "prompt_blend") and spec.default is None:
             continue  # e.g. strength: sent when changed, never forced over the configured steps
