@@ -17,8 +17,9 @@
 #          sd-turbo 1 step and sd15 4 steps RCFG self through the step graph, with prompt changes
 #          and the runtime's overhead (issue 5: >= 170 fps, >= 100 fps; issue 3)
 #   sd15:  sd15 4 steps RCFG self 512x512, compiled, synchronous and pipelined (issue 5: >= 100 fps)
-#   next:  graph_check (now also 8-bit GPU frames, frames in flight, eager's step graph), then sd-turbo
-#          eager, eager with --cuda-graphs step, compiled step graph, each also --pipelined (issue 5)
+#   next:  graph_check (now also 8-bit GPU frames, frames in flight, eager's step graph, a size change
+#          and back), then sd-turbo eager, eager with --cuda-graphs step (with 6 size changes at 60 fps),
+#          compiled step graph, each also --pipelined (issue 5)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
 set -u
@@ -84,7 +85,8 @@ case "$PART" in
     # eager in one CUDA graph (no compile), then compiled with the step graph; each synchronous and pipelined
     graph_check 200
     bench 90 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 12 --pipelined
-    bench 60 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 10 --pipelined
+    bench 75 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 10 --pipelined \
+      --size-changes 6
     bench 180 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
       --pipelined --prompt-changes 8
     ;;

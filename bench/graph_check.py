@@ -35,7 +35,12 @@ CHANGES = [
     ("3 steps", {"t_index_list": (10, 25, 40)}),  # a graph of its own, captured in update
     ("2 steps again", {"t_index_list": (15, 35)}),  # the 2-step graph again: it must read current tensors
 ]
-REFILLS = 4  # frames that run without a graph: the first, and the first after the seed and each step-count change
+REFILLS = 6  # frames without a graph: the first, the first after the seed, each step-count and each size change
+
+
+def size_changes(size: int) -> list[tuple[str, dict]]:
+    """A wider size (its own graph, captured in update) and back (the first graph again)."""
+    return [("wider", {"resolution": (size + 128, size)}), ("size back", {"resolution": (size, size)})]
 
 
 def main() -> int:
@@ -59,7 +64,8 @@ def main() -> int:
     report = {"arch": args.arch, "size": args.size, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "changes": []}
     ok = True
-    for name, change in CHANGES:
+    changes = CHANGES + size_changes(args.size)
+    for name, change in changes:
         for engine in engines.values():
             if "prompt" in change:
                 engine.set_prompt(change["prompt"], "blurry")
@@ -111,8 +117,8 @@ def main() -> int:
     ok &= eager_worst <= 2 and eager_replays == len(frames) - 1
     graphs = engines["step"]._graphs
     report.update(replays=graphs.replays, captures=graphs.captures, capture_failed=graphs.failed,
-                  frames=3 * len(CHANGES) + 1, seconds=round(time.perf_counter() - started, 1))
-    ok &= graphs.replays >= 3 * len(CHANGES) - REFILLS + 1 + len(frames)
+                  frames=3 * len(changes) + 1, seconds=round(time.perf_counter() - started, 1))
+    ok &= graphs.replays >= 3 * len(changes) - REFILLS + 1 + len(frames)
     report["ok"] = bool(ok)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

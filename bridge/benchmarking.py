@@ -157,13 +157,16 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
 
 
 def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False,
-                  prompt_changes: int = 0, components=None) -> list[dict]:
+                  prompt_changes: int = 0, size_changes: int = 0, other_size: tuple[int, int] | None = None,
+                  components=None) -> list[dict]:
     """Time the stream-batch path (and the sequential path too, when asked); one dict per run.
 
     `runtime`: also run the same engine through the bridge runtime (testpattern -> engine -> null)
     and report what the threads and slots add per frame, under "runtime_overhead".
     `prompt_changes`: also change the prompt that many times through the runtime at 60 fps and
     report the gaps between frames, under "prompt_changes".
+    `size_changes`: likewise switch the size that many times between the configured one and
+    `other_size` (readied at start with warm_up(sizes=...)), under "size_changes".
     """
     base = StreamConfig(
         width=settings.width, height=settings.height, device=settings.device, dtype=settings.dtype,
@@ -237,6 +240,17 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
             synchronous["prompt_changes"] = measure_prompt_changes(
                 engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
                 timeout=max(30.0, prompt_changes * 0.5 + 30.0),
+            )
+        if size_changes and batched:
+            from .runtime_bench import measure_size_changes
+
+            own = (settings.width, settings.height)
+            other = other_size or (settings.width + 128, settings.height)
+            log.info("readying %dx%d, then %d size changes through the runtime at 60 fps ...", *other, size_changes)
+            engine.warm_up(sizes=[other])
+            synchronous["size_changes"] = measure_size_changes(
+                engine, [other if k % 2 == 0 else own for k in range(size_changes)], warmup=settings.warmup,
+                input_size=own, timeout=max(30.0, size_changes * 0.5 + 30.0),
             )
         if settings.fp8 and batched:
             log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)

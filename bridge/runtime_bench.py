@@ -202,9 +202,31 @@ def measure_prompt_changes(engine, *, changes: int = 10, output_fps: float = 60.
                            timeout: float = 120.0) -> dict:
     """Change the prompt `changes` times, `interval` seconds apart, the way an operator does: a new
     text into the runtime's parameter store, encoded by its prompt worker off the frame loop and
-    swapped in between frames. The source runs at `output_fps`; the figures are the gaps between
-    frames leaving the engine (ms): the largest in the second after any change and anywhere, and
-    how many exceed two output periods (the target: none). `graphs_compiled` counts torch.compile
+    swapped in between frames. See `measure_changes` for the figures."""
+    texts = [f"a watercolour of a lighthouse in a storm, variant {k}" for k in range(changes)]
+    result = measure_changes(engine, [("prompt", text) for text in texts], output_fps=output_fps, warmup=warmup,
+                             interval=interval, input_size=input_size, timeout=timeout)
+    result["last_prompt_applied"] = result.pop("last_applied")
+    return result
+
+
+def measure_size_changes(engine, sizes: list[tuple[int, int]], *, output_fps: float = 60.0, warmup: int = 30,
+                         interval: float = 0.5, input_size: tuple[int, int] = (640, 480),
+                         timeout: float = 120.0) -> dict:
+    """Switch the processing size to each of `sizes` in turn through /sd/resolution's path (the
+    parameter store, applied between frames). See `measure_changes` for the figures."""
+    result = measure_changes(engine, [("resolution", tuple(size)) for size in sizes], output_fps=output_fps,
+                             warmup=warmup, interval=interval, input_size=input_size, timeout=timeout)
+    result["sizes"] = [f"{width}x{height}" for width, height in sizes]
+    return result
+
+
+def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: float = 60.0, warmup: int = 30,
+                    interval: float = 0.5, input_size: tuple[int, int] = (640, 480), timeout: float = 120.0) -> dict:
+    """Set each (parameter, value) of `changes` in the runtime's parameter store, `interval`
+    seconds apart, while a source runs at `output_fps`; the figures are the gaps between frames
+    leaving the engine (ms): the largest in the second after any change and anywhere, and how
+    many exceed two output periods (the target: none). `graphs_compiled` counts torch.compile
     graphs made during the changes (the target: 0; None where torch._dynamo is not loaded)."""
     from .params import ParameterStore
 
@@ -216,20 +238,19 @@ def measure_prompt_changes(engine, *, changes: int = 10, output_fps: float = 60.
                       sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
     deadline = time.monotonic() + timeout
     changed_at: list[float] = []
-    texts = [f"a watercolour of a lighthouse in a storm, variant {k}" for k in range(changes)]
     graphs_before = _graphs_compiled()
     try:
         with runtime:
             while len(timed.finished) < warmup and time.monotonic() < deadline:
                 time.sleep(0.01)
             measured_from = len(timed.finished)
-            for text in texts:
+            for name, value in changes:
                 if time.monotonic() + interval >= deadline:
                     break
-                store.set("prompt", text)
+                store.set(name, value)
                 changed_at.append(time.perf_counter())
                 time.sleep(interval)
-            applied = store.applied.get("prompt")
+            applied = store.applied
             snapshot = runtime.snapshot()
     finally:
         store.close()
@@ -240,9 +261,10 @@ def measure_prompt_changes(engine, *, changes: int = 10, output_fps: float = 60.
     after_change = np.zeros(gaps.size, dtype=bool)
     for moment in changed_at:
         after_change |= (finished[1:] >= moment) & (finished[1:] < moment + 1.0)
+    last_name, last_value = changes[len(changed_at) - 1] if changed_at else (None, None)
     return {
         "changes": len(changed_at),
-        "last_prompt_applied": applied == texts[len(changed_at) - 1] if changed_at else False,
+        "last_applied": bool(changed_at) and applied.get(last_name) == last_value,
         "output_fps": output_fps,
         "frames": int(finished.size),
         "gap_ms_median": float(np.median(gaps)) if gaps.size else None,

@@ -129,3 +129,20 @@ def test_bench_pipelined_runs_the_engine_through_submit(tiny_components):
     synchronous, pipelined = run_benchmark(settings, components=tiny_components)
     assert (synchronous["pipelined"], pipelined["pipelined"]) == (False, True)
     assert pipelined["frames_measured"] == synchronous["frames_measured"] == 6 and pipelined["fps"] > 0
+
+
+def test_prompt_and_size_changes_through_the_runtime_report_the_gaps(tiny_components):
+    """--prompt-changes and --size-changes: each change reaches the engine through the parameter
+    store while frames flow, and the gaps between frames are reported (no timing is asserted)."""
+    from bridge.benchmarking import BenchSettings, run_benchmark
+
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=4, warmup=3, device="cpu")
+    (result,) = run_benchmark(settings, components=tiny_components, prompt_changes=2, size_changes=3,
+                              other_size=(64, 32))
+    prompts, sizes = result["prompt_changes"], result["size_changes"]
+    assert prompts["changes"] == 2 and prompts["last_prompt_applied"] is True
+    assert sizes["changes"] == 3 and sizes["sizes"] == ["64x32", "32x32", "64x32"]
+    assert sizes["last_applied"] is True
+    for figures in (prompts, sizes):
+        assert figures["frames"] > 3 and figures["gap_ms_max"] >= figures["gap_ms_median"] > 0
+        assert figures["gap_ms_max_after_change"] is not None

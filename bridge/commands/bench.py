@@ -43,6 +43,11 @@ def register(subparsers) -> None:
                         help="also run the engine through the runtime's threads (testpattern -> null): the overhead per frame")
     parser.add_argument("--prompt-changes", type=int, default=0, metavar="N",
                         help="also change the prompt N times through the runtime at 60 fps: the largest gap between frames")
+    parser.add_argument("--size-changes", type=int, default=0, metavar="N",
+                        help="also switch the size N times through the runtime at 60 fps (/sd/resolution's path), "
+                             "between --width x --height and --other-size, readied at start: the largest gap")
+    parser.add_argument("--other-size", metavar="WxH",
+                        help="the size --size-changes switches to (default: 128 pixels wider)")
     parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
     parser.add_argument("--backend", default="eager",
@@ -86,9 +91,15 @@ def _inductor_option(text: str) -> tuple[str, object]:
 def run(args: argparse.Namespace) -> int:
     from ..benchmarking import BenchSettings, run_benchmark
 
-    if args.frames < 1 or args.warmup < 0 or args.prompt_changes < 0:
-        raise UserError(f"--frames must be >= 1, --warmup and --prompt-changes >= 0 "
-                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes})")
+    from ..settings import parse_size
+
+    if args.frames < 1 or args.warmup < 0 or args.prompt_changes < 0 or args.size_changes < 0:
+        raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes and --size-changes >= 0 "
+                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes})")
+    try:
+        other_size = parse_size(args.other_size, "--other-size") if args.other_size else (args.width + 128, args.height)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     command = "sdbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sdbridge bench"
     results = []
     for arch, steps, cfg_type in itertools.product(args.arch, args.steps, args.cfg):
@@ -101,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
-                                 prompt_changes=args.prompt_changes)
+                                 prompt_changes=args.prompt_changes, size_changes=args.size_changes,
+                                 other_size=other_size)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for result in runs:
@@ -172,6 +184,15 @@ def format_table(results: list[dict]) -> str:
                 f"{'':<9} {c['changes']} prompt changes at {c['output_fps']:.0f} fps: largest gap after a change {after} ms, "
                 f"anywhere {c['gap_ms_max']:.1f} ms; {c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; "
                 f"last prompt applied: {'yes' if c['last_prompt_applied'] else 'NO'}; graphs compiled: {c['graphs_compiled']}"
+            )
+        if "size_changes" in r:
+            c = r["size_changes"]
+            after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
+            lines.append(
+                f"{'':<9} {c['changes']} size changes ({' <-> '.join(c['sizes'][:2])}) at {c['output_fps']:.0f} fps: "
+                f"largest gap after a change {after} ms, anywhere {c['gap_ms_max']:.1f} ms; "
+                f"{c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; last size applied: "
+                f"{'yes' if c['last_applied'] else 'NO'}; graphs compiled: {c['graphs_compiled']}"
             )
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
