@@ -7,6 +7,7 @@ handlers import what they need when they run, so `sdbridge --help` stays instant
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
@@ -93,6 +94,7 @@ def entry() -> None:
     files) the process ends with os._exit, skipping the interpreter's teardown: native libraries
     can crash in their destructors while a thread of theirs or of ours is still in their code
     (seen in CI: exit status -11 after an NDI run, -6 with a thread still inside torch)."""
+    faulthandler.enable()  # a crash in native code (a driver, NDI, torch) prints every thread's Python stack
     status = main()
     if _skip_teardown:
         logging.shutdown()

@@ -184,7 +184,7 @@ class StreamDiffusion:
         self._guidance_scale.fill_(config.guidance_scale)
         self._delta.fill_(config.delta)
         self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
-        if previous is not None and (resized or config.similarity_filter and not previous.similarity_filter):
+        if previous is not None and (resized or (config.similarity_filter and not previous.similarity_filter)):
             self.similarity.reset()
 
     def _kept_tensors(self, name: str, values):
@@ -279,7 +279,7 @@ class StreamDiffusion:
         t_index_list of that length (an operator's change during a show) compiles nothing and,
         with step graphs, captures nothing. `sizes`: other (width, height) to ready the same way
         (the tensorrt backend loads their engines now: a size without engines is refused here)."""
-        config, b = self.config, self.config.frame_buffer_size
+        config = self.config
         limit = min(16, config.num_inference_steps)
         for count in step_counts:
             if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:

@@ -11,7 +11,8 @@ Targets:
 
 Conversion (`convert`) is a pure function of the OSC arguments: it accepts what TouchDesigner
 and lighting desks send (int, float, double, T/F, numeric strings), refuses NaN/inf, and clamps
-numbers to the range (a size is refused out of range instead). Every refusal is a ValueError that names the parameter.
+numbers to the range (a size out of range is refused instead). Every refusal is a ValueError
+that names the parameter.
 """
 
 from __future__ import annotations
