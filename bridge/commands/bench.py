@@ -179,26 +179,23 @@ def format_table(results: list[dict]) -> str:
                 lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
         if "prompt_changes" in r:
             c = r["prompt_changes"]
-            after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
-            lines.append(
-                f"{'':<9} {c['changes']} prompt changes at {c['output_fps']:.0f} fps: largest gap after a change {after} ms, "
-                f"anywhere {c['gap_ms_max']:.1f} ms; {c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; "
-                f"last prompt applied: {'yes' if c['last_prompt_applied'] else 'NO'}; graphs compiled: {c['graphs_compiled']}"
-            )
+            lines.append(_changes_line(c, "prompt changes", "prompt", c["last_prompt_applied"]))
         if "size_changes" in r:
             c = r["size_changes"]
-            after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
-            lines.append(
-                f"{'':<9} {c['changes']} size changes ({' <-> '.join(c['sizes'][:2])}) at {c['output_fps']:.0f} fps: "
-                f"largest gap after a change {after} ms, anywhere {c['gap_ms_max']:.1f} ms; "
-                f"{c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; last size applied: "
-                f"{'yes' if c['last_applied'] else 'NO'}; graphs compiled: {c['graphs_compiled']}"
-            )
+            lines.append(_changes_line(c, f"size changes ({' <-> '.join(c['sizes'][:2])})", "size", c["last_applied"]))
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
     if results:
         lines.append(f"device: {results[0]['device']}  torch {results[0]['torch']}  commit {results[0]['commit']}")
     return "\n".join(lines)
+
+
+def _changes_line(c: dict, what: str, value: str, applied: bool) -> str:
+    """One line for measure_changes' figures: `c['changes']` `what` ..., the last `value` applied."""
+    after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
+    return (f"{'':<9} {c['changes']} {what} at {c['output_fps']:.0f} fps: largest gap after a change {after} ms, "
+            f"anywhere {c['gap_ms_max']:.1f} ms; {c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; "
+            f"last {value} applied: {'yes' if applied else 'NO'}; graphs compiled: {c['graphs_compiled']}")
 
 
 def _latency_line(label: str, figures: dict) -> str:
