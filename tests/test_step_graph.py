@@ -56,6 +56,19 @@ def watch_prompt_copies(engine) -> list[int]:
     return copies_in_replay
 
 
+def equal_through_prompt_changes(plain, graphed, changes, frames, *, negative: str, frames_each: int):
+    """For each (prompt, guidance) of `changes`: set it on both streams, then assert that the next
+    `frames_each` frames are equal; yields after each change's frames (for the caller's checks)."""
+    for prompt, guidance in changes:
+        for engine in (plain, graphed):
+            engine.set_prompt(prompt, negative)
+            engine.update(guidance_scale=guidance)
+        for _ in range(frames_each):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), (prompt, guidance)
+        yield prompt, guidance
+
+
 CHANGES = [
     ("prompt", lambda e: e.set_prompt("a forest in the rain", "blurry")),
     ("negative prompt", lambda e: e.set_prompt("a forest in the rain", "dark")),
@@ -203,14 +216,8 @@ def test_eager_step_graphs_read_the_prompt_from_buffers_refreshed_before_the_rep
     copies_in_replay = watch_prompt_copies(graphed)
     frames = iter(_frames(12))
     addresses = None
-    for prompt, guidance in [("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.8), ("snow", 0.8), ("snow", 2.5),
-                             ("a harbour", 2.5)]:
-        for engine in (plain, graphed):
-            engine.set_prompt(prompt, "rain")
-            engine.update(guidance_scale=guidance)
-        for _ in range(2):
-            frame = next(frames)
-            assert np.array_equal(plain(frame), graphed(frame)), (prompt, guidance)
+    changes = [("a harbour", 1.5), ("a desert", 1.5), ("a desert", 0.8), ("snow", 0.8), ("snow", 2.5), ("a harbour", 2.5)]
+    for _ in equal_through_prompt_changes(plain, graphed, changes, frames, negative="rain", frames_each=2):
         now = {rows: [t.data_ptr() for t in conditioning_tensors(static)] for rows, static in backend._static.items()}
         addresses = addresses or now
         assert {rows: now[rows] for rows in addresses} == addresses, "a prompt buffer was replaced, not refilled"

@@ -200,7 +200,7 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     the prompt embeddings in static buffers refreshed before each replay. The CPU replay re-runs the
     captured body against the stand-in: the frames equal the same engines without a graph."""
     from pipeline.step_graph import StepGraphs
-    from test_step_graph import watch_prompt_copies
+    from test_step_graph import equal_through_prompt_changes, watch_prompt_copies
 
     folder, _ = built
     options = {"engines": str(folder), "cuda_graphs": "step"}
@@ -212,13 +212,8 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     graphed.warm_up()
     copies_in_replay = watch_prompt_copies(graphed)
     frames = iter(_frames(9))
-    for prompt, guidance in [("a lighthouse", 1.5), ("a harbour", 1.5), ("a harbour", 0.8)]:
-        for stream in (plain, graphed):
-            stream.set_prompt(prompt, "fog")
-            stream.update(guidance_scale=guidance)
-        for _ in range(3):
-            frame = next(frames)
-            assert np.array_equal(plain(frame), graphed(frame)), (prompt, guidance)
+    changes = [("a lighthouse", 1.5), ("a harbour", 1.5), ("a harbour", 0.8)]
+    assert len(list(equal_through_prompt_changes(plain, graphed, changes, frames, negative="fog", frames_each=3))) == 3
     assert not copies_in_replay and graphed._graphs.replays == 8
     assert sorted(graphed.backend._static) == [2, 3]  # guidance off and on (initialize: one negative row)
     with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the tensorrt backend"):
