@@ -105,4 +105,10 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m bridge.cli` runs this file as __main__, a second copy of the module: the commands
+    # call bridge.cli.skip_teardown(), so entry must be that module's, or the flag is never seen
+    # and the interpreter's teardown runs the native destructors os._exit is there to skip
+    # (seen: exit -11 after an NDI run, -6 "terminate called without an active exception")
+    import bridge.cli
+
+    bridge.cli.entry()

@@ -174,3 +174,21 @@ def test_sigterm_while_the_model_loads_exits_0_quickly(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_run_ends_without_the_interpreters_teardown_also_as_python_m(tmp_path):
+    """After `run`, the process ends with os._exit: native libraries' destructors (NDI, torch's
+    threads) must not run while threads of theirs are still alive (seen: exit -11 after an NDI
+    run, -6 after a long step). `python -m bridge.cli` must take that path too, not only the
+    `sdbridge` script: an atexit hook (from a sitecustomize) shows whether the teardown ran."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit\natexit.register(lambda: print('INTERPRETER TEARDOWN', flush=True))\n")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    command = ["run", "--source", "testpattern", "--sink", "null", *TINY, "--frames", "2", "--no-osc"]
+    probe = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True, env=env, timeout=30)
+    assert "INTERPRETER TEARDOWN" in probe.stdout  # the hook works: a normal exit runs it
+    for launcher in ([sys.executable, "-m", "bridge.cli"], [sys.executable, "-c", "from bridge.cli import entry; entry()"]):
+        done = subprocess.run([*launcher, *command], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        assert "ran " in done.stdout and "INTERPRETER TEARDOWN" not in done.stdout, (launcher, done.stdout)
