@@ -48,11 +48,13 @@ class _Timed:
     def __init__(self, engine, start: int, end: int) -> None:
         self._engine = engine
         self._start, self._end = start, end
+        self.started: list[float] = []
         self.finished: list[float] = []
         self.cpu_at_start: dict[str, float] | None = None
         self.cpu_at_end: dict[str, float] | None = None
 
     def __call__(self, pixels):
+        self.started.append(time.perf_counter())
         out = self._engine(pixels)
         self.finished.append(time.perf_counter())
         if len(self.finished) == self._start:
@@ -232,7 +234,14 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
 
     width, height = input_size
     store = ParameterStore()
-    store.attach_prompt_encoder(engine.prepare_prompt)
+    encodes_ms: list[float] = []
+
+    def prepare_prompt(text: str) -> None:  # the prompt worker's call, timed
+        started = time.perf_counter()
+        engine.prepare_prompt(text)
+        encodes_ms.append((time.perf_counter() - started) * 1000.0)
+
+    store.attach_prompt_encoder(prepare_prompt)
     timed = _Timed(engine, start=0, end=0)  # 0: no CPU-time readings (a call count never equals 0)
     runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
                       sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
@@ -256,6 +265,7 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
         store.close()
     graphs_after = _graphs_compiled()
     finished = np.asarray(timed.finished[measured_from:])
+    started = np.asarray(timed.started[measured_from:len(timed.finished)])
     gaps = np.diff(finished) * 1000.0  # gap k ends at finished[k + 1]
     period_ms = 1000.0 / output_fps
     after_change = np.zeros(gaps.size, dtype=bool)
@@ -274,6 +284,25 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
         "two_periods_ms": 2 * period_ms,
         "graphs_compiled": None if graphs_before is None else graphs_after - graphs_before,
         "inference_ms_median": snapshot.get("inference_ms_median"),
+        "largest_gap": _gap_parts(started, finished, changed_at),
+        "encode_ms_max": max(encodes_ms) if encodes_ms else None,
+    }
+
+
+def _gap_parts(started: np.ndarray, finished: np.ndarray, changed_at: list[float]) -> dict | None:
+    """Where the largest gap between two finished frames went (ms): `call_ms`, the engine call
+    that ended it; `before_call_ms`, from the previous call's end to that call's start (waiting
+    for a frame, applying changes, or waiting for the GIL); `since_change_ms`, from the latest
+    change before its end (None when none came before)."""
+    if finished.size < 2:
+        return None
+    k = int(np.argmax(np.diff(finished))) + 1  # the call that ended the largest gap
+    earlier = [moment for moment in changed_at if moment <= finished[k]]
+    return {
+        "ms": float(finished[k] - finished[k - 1]) * 1000.0,
+        "call_ms": float(finished[k] - started[k]) * 1000.0,
+        "before_call_ms": float(started[k] - finished[k - 1]) * 1000.0,
+        "since_change_ms": float(finished[k] - earlier[-1]) * 1000.0 if earlier else None,
     }
 
 

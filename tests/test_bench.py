@@ -146,3 +146,25 @@ def test_prompt_and_size_changes_through_the_runtime_report_the_gaps(tiny_compon
     for figures in (prompts, sizes):
         assert figures["frames"] > 3 and figures["gap_ms_max"] >= figures["gap_ms_median"] > 0
         assert figures["gap_ms_max_after_change"] is not None
+        largest = figures["largest_gap"]  # the largest gap, split into the call and the wait before it
+        assert abs(largest["ms"] - figures["gap_ms_max"]) < 1e-6
+        assert abs(largest["call_ms"] + largest["before_call_ms"] - largest["ms"]) < 1e-6
+        assert largest["call_ms"] > 0 and largest["before_call_ms"] >= 0
+    assert prompts["encode_ms_max"] > 0  # the prompt worker encoded each new text
+    assert sizes["encode_ms_max"] is None  # no text to encode
+
+
+def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():
+    import numpy as np
+
+    from bridge.commands.bench import _gap_parts_text
+    from bridge.runtime_bench import _gap_parts
+
+    started = np.array([0.000, 0.020, 0.045, 0.061])
+    finished = np.array([0.010, 0.030, 0.060, 0.070])  # the largest gap ends the third call: 30 ms
+    parts = _gap_parts(started, finished, changed_at=[0.005, 0.040, 0.065])
+    assert parts == pytest.approx({"ms": 30.0, "call_ms": 15.0, "before_call_ms": 15.0, "since_change_ms": 20.0})
+    assert _gap_parts(started, finished, changed_at=[])["since_change_ms"] is None
+    assert _gap_parts(started[:1], finished[:1], changed_at=[]) is None
+    text = _gap_parts_text(parts, 12.34)
+    assert text == "; largest: call 15.0 + before it 15.0 ms, 20 ms after a change; prompt encode up to 12.3 ms"

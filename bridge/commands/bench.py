@@ -195,7 +195,20 @@ def _changes_line(c: dict, what: str, value: str, applied: bool) -> str:
     after = "-" if c["gap_ms_max_after_change"] is None else f"{c['gap_ms_max_after_change']:.1f}"
     return (f"{'':<9} {c['changes']} {what} at {c['output_fps']:.0f} fps: largest gap after a change {after} ms, "
             f"anywhere {c['gap_ms_max']:.1f} ms; {c['gaps_over_two_periods']} over {c['two_periods_ms']:.1f} ms; "
-            f"last {value} applied: {'yes' if applied else 'NO'}; graphs compiled: {c['graphs_compiled']}")
+            f"last {value} applied: {'yes' if applied else 'NO'}; graphs compiled: {c['graphs_compiled']}"
+            + _gap_parts_text(c.get("largest_gap"), c.get("encode_ms_max")))
+
+
+def _gap_parts_text(parts: dict | None, encode_ms: float | None) -> str:
+    """`; largest: call X + before it Y ms, Z ms after a change; encode up to W ms` (what is known)."""
+    text = ""
+    if parts:
+        text = f"; largest: call {parts['call_ms']:.1f} + before it {parts['before_call_ms']:.1f} ms"
+        if parts["since_change_ms"] is not None:
+            text += f", {parts['since_change_ms']:.0f} ms after a change"
+    if encode_ms is not None:
+        text += f"; prompt encode up to {encode_ms:.1f} ms"
+    return text
 
 
 def _latency_line(label: str, figures: dict) -> str:
