@@ -3,7 +3,8 @@ compiled modules run without a graph, through the run-time changes a show makes 
 crossing 1, delta, strength, seed, a step count and back), for numpy frames and for frames
 already on the GPU (float and 8-bit, which must come back on the GPU), with several frames in
 flight (`submit`: side-stream copies, pinned buffers); and the eager backend's step graph gives
-the eager modules' frames. Writes a JSON verdict; exits 1 when a check fails.
+the eager modules' frames; and the text encoder's CUDA graph gives the embeddings of the encoder
+run without it. Writes a JSON verdict; exits 1 when a check fails.
 
     python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256]
 """
@@ -115,6 +116,14 @@ def main() -> int:
     report["eager_step_graph"] = {"max_abs_diff_uint8": eager_worst, "replays": eager_replays,
                                   "capture_failed": eager_graphs.failed if eager_graphs is not None else "no graph"}
     ok &= eager_worst <= 2 and eager_replays == len(frames) - 1
+    # the text encoder in its CUDA graph (with the step graph) against the same encoder without one
+    text_graph = engines["step"].prompts.graph
+    texts = ["a lighthouse in a storm", "", "neon city at night, rain, cinematic"]
+    text_diff = max(float((engines["step"].prompts.encode(text).float()
+                           - engines["off"].prompts.encode(text).float()).abs().max()) for text in texts)
+    report["text_encoder_graph"] = {"captured": text_graph is not None, "max_abs_diff": text_diff,
+                                    "replays": text_graph.replays if text_graph is not None else 0}
+    ok &= text_graph is not None and text_diff <= 1e-2
     graphs = engines["step"]._graphs
     report.update(replays=graphs.replays, captures=graphs.captures, capture_failed=graphs.failed,
                   frames=3 * len(changes) + 1, seconds=round(time.perf_counter() - started, 1))

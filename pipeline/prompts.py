@@ -7,6 +7,8 @@ from collections import OrderedDict
 
 import torch
 
+from .text_graph import encoder_graph
+
 
 class PromptEncoder:
     """Tokenize and encode prompts to (1, 77, D) embeddings on the engine's device.
@@ -16,12 +18,17 @@ class PromptEncoder:
     `encode` while the inference thread runs.
     """
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, *, cache_size: int) -> None:
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, *, cache_size: int, graph: str | None = None) -> None:
+        """`graph`: "cuda" to run the encoder as one CUDA graph on a stream of its own
+        (pipeline/text_graph.py; encoded without one, logged, where it cannot be captured), or
+        "eager" (the same plumbing without a graph, for tests), or None."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self.max_length = min(int(getattr(tokenizer, "model_max_length", 77)), 77)
+        self.graph = encoder_graph(text_encoder, self.max_length, replay=graph) if graph else None
 
     def cached(self, prompt: str) -> bool:
         with self._lock:
@@ -45,10 +52,11 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def _run_encoder(self, prompt: str) -> torch.Tensor:
-        max_length = min(int(getattr(self.tokenizer, "model_max_length", 77)), 77)
         token_ids = self.tokenizer(
-            prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            prompt, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids  # (1, 77)
+        if self.graph is not None:
+            return self.graph(token_ids)
         parameter = next(self.text_encoder.parameters())
         hidden = self.text_encoder(token_ids.to(parameter.device))[0]  # (1, 77, D)
         return hidden.to(parameter.dtype)

@@ -109,8 +109,9 @@ class StreamDiffusion:
         self._capturing = _Capturing()
         self.components = components.to(config.device, config.dtype)
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
+        replay = getattr(self.backend, "step_graphs", None)  # "cuda": the step, and the text encoder, as CUDA graphs
         self.prompts = PromptEncoder(
-            self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size
+            self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size, graph=replay
         )
         self.similarity = SimilarityFilter(
             threshold=config.similarity_threshold, max_skip=config.similarity_max_skip, seed=config.seed
@@ -123,7 +124,6 @@ class StreamDiffusion:
         self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
-        replay = getattr(self.backend, "step_graphs", None)
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
         self.config = config
         self._configure(config, previous=None)
