@@ -22,9 +22,11 @@ cfg type, guidance on or off, steps, frames per call, stream batch or sequential
 `capture` makes the graphs of the current settings before frames flow (both sides of guidance
 crossing 1), so a change between them captures nothing during a show.
 
-The first frame after a start, a reset or a seed change runs without the graph (it fills the
-frames in flight); every later one replays. The similarity filter's decision happens before the
-replay (it reads the input picture), so the filter works with graphs too.
+Every frame replays, the first after a start, a reset, a seed, step-count or size change too:
+the frames in flight are then first filled from that frame outside the graph (its VAE encode
+and the noising to each later step, as the step itself would), and then it replays. The
+similarity filter's decision happens before the replay (it reads the input picture), so the
+filter works with graphs too.
 
 `replay="eager"` runs the same body again at every replay instead of a CUDA graph: the same
 buffers and in-place updates, on any device, which is how the CPU tests check this plumbing.
@@ -115,11 +117,11 @@ class StepGraphs:
     def run(self, inputs: torch.Tensor, *, source: str = "images") -> tuple[torch.Tensor, torch.Tensor] | None:
         """Replay the current settings' step on `inputs`, "images" (b, 3, H, W) in [-1, 1] or
         "pixels" (b, H, W, 3) uint8 at the engine's size: (output, pixels), the graph's memory,
-        valid until the next replay; None when this frame must run without the graph (nothing
-        in flight yet, or no graph for these settings)."""
+        valid until the next replay; None when this frame must run without the graph (no graph
+        for these settings, or a state that does not fit it)."""
         stream = self._stream
         step = None if self.failed else self._steps.get((graph_key(stream.config), source))
-        if step is None or not self._load_state(step):
+        if step is None or not self._load_state(step, inputs, source):
             return None
         stream._prepare_conditions()
         step.inputs.copy_(inputs)
@@ -186,15 +188,19 @@ class StepGraphs:
             output, pixels = body()
         return _Step(inputs, state, output, pixels, graph.replay)
 
-    def _load_state(self, step: _Step) -> bool:
-        """Make the stream's state the step's buffers (copied in when it lives elsewhere); False
-        when the stream has nothing in flight yet (the frame then runs without the graph)."""
+    def _load_state(self, step: _Step, inputs: torch.Tensor, source: str) -> bool:
+        """Make the stream's state the step's buffers (copied in when it lives elsewhere). A
+        stream with nothing in flight yet (after a start, a reset, a seed, step-count or size
+        change) is filled first, outside the graph, from this frame, as the step itself would
+        fill it: the frames in flight from its latents noised to each later step, the last
+        output from the frame itself. False when the state does not fit the step (the frame then
+        runs without the graph)."""
         stream = self._stream
         current = stream.state
         if current is step.state:
             return True
-        if current.last_output is None:
-            return False
+        if current.last_output is None or (step.state.latent_buffer is not None and current.latent_buffer is None):
+            current = self._filled(current, inputs, source)
         for buffer, value in zip(_tensors(step.state), _tensors(current)):
             if buffer is None:
                 continue
@@ -203,6 +209,19 @@ class StepGraphs:
             buffer.copy_(value)
         stream.state = step.state
         return True
+
+    def _filled(self, current, inputs: torch.Tensor, source: str):
+        """`current` with what is missing made from this frame, the way the stream's step makes it:
+        the frames in flight (`_primed_state`, from the frame's latents) and the last output (the
+        frame itself: a bad first output falls back to the input)."""
+        stream = self._stream
+        images = pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
+        if current.latent_buffer is None and stream.config.denoising_steps > 1 and stream.config.use_denoising_batch:
+            primed = stream._primed_state(stream.backend.encode(images))
+            current = type(current)(primed.latent_buffer, primed.stock_noise, current.last_output)
+        if current.last_output is None:
+            current = type(current)(current.latent_buffer, current.stock_noise, images)
+        return current
 
 
 def _uses_stock(config) -> bool:

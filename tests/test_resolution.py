@@ -116,7 +116,7 @@ def test_a_size_change_captures_its_step_graph_and_going_back_reuses_the_first(t
     assert graphed._graphs.captures == captured + 2  # 96x64, guidance on and off; 64x64 reused
     graphed.update(resolution=(64, 64))
     assert graphed._noise.data_ptr() == first_noise, "the 64x64 graph would read noise that is gone"
-    assert graphed._graphs.replays == 3 * 2  # the first frame after each switch fills the frames in flight
+    assert graphed._graphs.replays == 3 * 3  # the first frame after a switch fills the frames in flight, then replays
 
 
 def test_sizes_readied_at_start_switch_without_a_capture(tiny_components):
@@ -128,7 +128,7 @@ def test_sizes_readied_at_start_switch_without_a_capture(tiny_components):
     assert graphed._graphs.captures == 8, "a size readied at start was captured again"
     for frame in _frames(4):
         assert np.array_equal(plain(frame), graphed(frame))
-    assert graphed._graphs.replays == 3  # all but the first at the new size (no last output yet)
+    assert graphed._graphs.replays == 4  # the first at the new size too (filled from the frame itself)
     with pytest.raises(ValueError, match="^sizes: "):
         graphed.warm_up(sizes=["wide"])
 

@@ -98,8 +98,8 @@ def test_replayed_step_equals_the_plain_stream_through_every_runtime_change(tiny
             assert np.array_equal(expected, got), f"{cfg_type}: after the {name} change"
     assert graphed._graphs.captures == captured, "a change that keeps the step count captured a new graph"
     assert _addresses(graphed) == addresses, "a buffer the graph reads was replaced instead of updated in place"
-    # every frame but the ones that refilled the stream (the first, and the first after the seed change)
-    assert graphed._graphs.replays == 3 * (len(CHANGES) + 1) - 2
+    # every frame, the ones that refilled the stream too (the first, and the first after the seed change)
+    assert graphed._graphs.replays == 3 * (len(CHANGES) + 1)
     assert graphed.stats == plain.stats
 
 
@@ -115,8 +115,8 @@ def test_a_step_count_change_captures_its_graph_in_update_not_at_a_frame(tiny_co
     replays = graphed._graphs.replays
     for frame in frames[2:]:
         assert np.array_equal(plain(frame), graphed(frame))
-    # a new step count refills the stream (as without graphs): that one frame runs without the graph
-    assert graphed._graphs.replays == replays + len(frames[2:]) - 1
+    # a new step count refills the stream (as without graphs), from the frame itself, then replays
+    assert graphed._graphs.replays == replays + len(frames[2:])
 
 
 def test_similarity_filter_and_tensor_frames_work_with_the_graph(tiny_components):
@@ -175,7 +175,7 @@ def test_the_compiled_backend_gets_each_new_prompt_before_the_replay_and_never_r
             assert np.abs(plain(frame).astype(int) - graphed(frame).astype(int)).max() <= 1, f"change {k}"
     assert not copies_in_replay, f"prompt copied inside the replay for batches {copies_in_replay}"
     assert counter.count == warm, f"compiled during the show: {counter.graphs[warm:]}"
-    assert graphed._graphs.replays == 11
+    assert graphed._graphs.replays == 12
     torch._dynamo.reset()
 
 
@@ -223,7 +223,7 @@ def test_eager_step_graphs_read_the_prompt_from_buffers_refreshed_before_the_rep
         assert {rows: now[rows] for rows in addresses} == addresses, "a prompt buffer was replaced, not refilled"
     assert not copies_in_replay, f"prompt copied inside the replay for batches {copies_in_replay}"
     assert sorted(backend._static) == [2, 4]  # guidance off (1 step x 2 frames) and on (plus the uncond rows)
-    assert graphed._graphs.replays == 11
+    assert graphed._graphs.replays == 12
 
 
 def test_eager_cuda_graph_modes(tiny_components):
@@ -249,7 +249,7 @@ def test_submitted_frames_come_out_in_order_and_a_held_output_is_never_overwritt
     for frame, want in zip(frames[4:], expected[4:]):
         assert np.array_equal(graphed.submit(frame).result(), want)
     assert np.array_equal(held, expected[3]), "an output handed out was overwritten by a later replay"
-    assert graphed._graphs.replays == len(frames) - 1
+    assert graphed._graphs.replays == len(frames)
 
 
 def test_frames_at_the_engine_size_go_in_as_pixels_and_others_as_images(tiny_components):
@@ -277,7 +277,7 @@ def test_frames_at_the_engine_size_go_in_as_pixels_and_others_as_images(tiny_com
         assert type(got) is type(want) and got.shape == want.shape
     pixels, images = ("pixels", torch.uint8, (1, SIZE, SIZE, 3)), ("images", torch.float32, (1, 3, SIZE, SIZE))
     assert sources == [pixels, pixels, images, images, pixels, images]
-    assert graphed._graphs.replays == len(frames) - 1
+    assert graphed._graphs.replays == len(frames)
 
 
 def test_a_capture_shows_its_settings_to_the_capturing_thread_only(tiny_components):
@@ -347,4 +347,33 @@ def test_step_counts_readied_at_start_are_captured_then_and_switch_without_a_cap
     assert [t.data_ptr() for t in graphed._rows.as_tuple()] == three
     for frame in frames:
         assert np.array_equal(plain(frame), graphed(frame))
-    assert graphed._graphs.replays == 1 + 5  # all but the first frame and the refill after the switch
+    assert graphed._graphs.replays == 2 + 6  # every frame, the first and the refill after the switch too
+
+
+def test_a_refilled_frame_replays_and_a_bad_output_then_falls_back_to_the_input(tiny_components):
+    """The first frame after a start and after a seed change fills the frames in flight from itself
+    outside the graph, then replays; with nothing good out yet, a bad output gives the input back
+    (as the plain stream does), and later bad outputs give the last good one."""
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    calls = {id(plain): 0, id(graphed): 0}
+    for engine in (plain, graphed):  # the 1st and 4th decodes of each stream come out NaN
+        decode = engine.backend.decode
+
+        def poisoned(latents, decode=decode, key=id(engine)):
+            calls[key] += 1
+            out = decode(latents)
+            return torch.full_like(out, float("nan")) if calls[key] in (1, 4) else out
+
+        engine.backend.decode = poisoned
+    frames = _frames(6)
+    outputs = []
+    for k, frame in enumerate(frames):
+        if k == 3:
+            for engine in (plain, graphed):
+                engine.update(seed=11)  # refills the frames in flight at the next frame
+        expected, got = plain(frame), graphed(frame)
+        assert np.array_equal(expected, got), f"frame {k}"
+        outputs.append(got)
+    assert np.abs(outputs[0].astype(int) - frames[0].astype(int)).max() <= 1  # the input, back through 8 bits
+    assert np.array_equal(outputs[3], outputs[2])  # after the seed change: the last good output
+    assert graphed._graphs.replays == len(frames) and graphed.stats.nonfinite_caught == 2

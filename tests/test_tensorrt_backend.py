@@ -214,7 +214,7 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     frames = iter(_frames(9))
     changes = [("a lighthouse", 1.5), ("a harbour", 1.5), ("a harbour", 0.8)]
     assert len(list(equal_through_prompt_changes(plain, graphed, changes, frames, negative="fog", frames_each=3))) == 3
-    assert not copies_in_replay and graphed._graphs.replays == 8
+    assert not copies_in_replay and graphed._graphs.replays == 9  # the first frame too (filled, then replayed)
     assert sorted(graphed.backend._static) == [2, 3]  # guidance off and on (initialize: one negative row)
     with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the tensorrt backend"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={**options, "cuda_graphs": "modules"})
