@@ -203,7 +203,6 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
             gc.freeze()  # as `sdbridge run` does: the models' objects are never collected, pauses stay short
             times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
                                time_limit=settings.time_limit, submit=engine.submit if pipelined else None)
-            gc.unfreeze()
             peak, peak_kind = _peak_memory_gib(base.device)
             results.append({
                 **asdict(settings),
@@ -220,6 +219,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
                 "frames_skipped": engine.stats.frames_skipped,
                 "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # "off" on a CPU
                 "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
+                "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
                 "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
                 "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
                 "host_cpus": os.cpu_count(),
@@ -255,6 +255,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         if settings.fp8 and batched:
             log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
             synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames)
+        gc.unfreeze()  # the runtime figures above ran frozen too, as in `sdbridge run`
         del engine
     if sequential:
         rows = [r for r in results if not r["pipelined"]]

@@ -30,6 +30,7 @@ def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_ove
         assert (run["width"], run["height"]) == (64, 64) and run["fps"] > 0
         assert run["ms_median"] <= run["ms_p95"] <= run["ms_p99"]
         assert "bench" in run["command"]
+        assert run["text_encoder_graph"] is False and run["cuda_graphs_used"] == "off"  # no CUDA here
     assert batched["use_denoising_batch"] and not sequential["use_denoising_batch"]
     assert batched["speedup_vs_sequential"] == pytest.approx(batched["fps"] / sequential["fps"])
     overhead = batched["runtime_overhead"]
