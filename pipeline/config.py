@@ -150,6 +150,11 @@ class StreamConfig:
         """True when the cfg type combines a negative prediction (guidance_scale > 1)."""
         return self.cfg_type != "none" and self.guidance_scale > 1.0
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width, self.height
+
     def replace(self, **changes) -> "StreamConfig":
         """A validated copy with `changes` applied; unknown names raise ValueError."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -173,3 +178,21 @@ def t_index_list_from_strength(strength: float, steps: int, num_inference_steps:
     start = min(start, num_inference_steps - steps)
     span = num_inference_steps - start
     return tuple(start + (k * span) // steps for k in range(steps))
+
+
+def parse_resolution(value, *, name: str = "resolution") -> tuple[int, int]:
+    """(width, height) from a pair of whole numbers or text such as "768x432"; ValueError naming
+    `name` otherwise (the sizes themselves are checked by StreamConfig and the model)."""
+    if isinstance(value, str):
+        parts = value.lower().replace("x", " ").replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = []
+    try:
+        width, height = (int(part) if isinstance(part, str) else part for part in parts)
+    except ValueError:
+        width = height = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)):
+        raise ValueError(f"{name}: {value!r} must be a width and a height in pixels, e.g. (768, 432) or '768x432'")
+    return width, height

@@ -10,10 +10,14 @@ costs no extra UNet rows and `initialize` costs one row per frame, at its first 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .schedule import lcm_denoise
+
+if TYPE_CHECKING:
+    from .config import StreamConfig
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,19 @@ def next_stock_noise(
     delta_x = lcm_denoise(eps, beta * stock, alpha_sqrt, beta_sqrt, c_skip, c_out)  # (rows, 4, h, w)
     scale = (alpha_sqrt_next / beta_sqrt_next).view(-1, 1, 1, 1)
     return next_noise + scale * delta_x
+
+
+def unet_calls(config: StreamConfig) -> list[tuple[int, int]]:
+    """(rows, first-step rows) of each UNet call of one frame, before guidance rows are added."""
+    b, n = config.frame_buffer_size, config.denoising_steps
+    return [(n * b, b)] if config.use_denoising_batch else [(b, b)] + [(b, 0)] * (n - 1)
+
+
+def unet_batches(config: StreamConfig) -> tuple[int, ...]:
+    """Every UNet batch size these settings can reach, guidance on or off (as `_guided_step` builds them)."""
+    rule = RULES[config.cfg_type]
+    calls = unet_calls(config)
+    sizes = {rows for rows, _ in calls}  # guidance off
+    if config.cfg_type != "none":
+        sizes |= {rows + rule.uncond_rows(rows, first) for rows, first in calls}
+    return tuple(sorted(sizes))

@@ -47,6 +47,23 @@ class Components:
             module.requires_grad_(False)
         return self
 
+    def check_fits(self, config) -> None:
+        """ValueError naming what is wrong when these models cannot run `config` (a StreamConfig):
+        a size that is not a multiple of what the VAE and UNet halve it by, or latent channels
+        that differ between the UNet and the VAE."""
+        multiple = self.vae_scale_factor * self.unet_downsampling
+        for name in ("width", "height"):
+            value = getattr(config, name)
+            if value % multiple:
+                raise ValueError(
+                    f"{name}: {value} must be a multiple of {multiple} for this model "
+                    f"(VAE x{self.vae_scale_factor}, UNet x{self.unet_downsampling})"
+                )
+        unet_channels = self.unet.config.in_channels
+        vae_channels = self.vae.config.latent_channels
+        if unet_channels != vae_channels:
+            raise ValueError(f"model: the UNet takes {unet_channels} latent channels, the VAE makes {vae_channels}")
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell (8 for SD's VAEs and TAESD)."""

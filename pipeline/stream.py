@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .backends import make_backend
-from .config import StreamConfig, t_index_list_from_strength
+from .config import StreamConfig, parse_resolution, t_index_list_from_strength
 from .frames import (
     FrameKind, HostStaging, PendingFrame, as_tensor, deliver, frame_kind, from_model_output, takes_pixels, to_model_input,
 )
-from .guidance import RULES, combine, next_stock_noise
+from .faults import output_faults
+from .guidance import RULES, combine, next_stock_noise, unet_batches, unet_calls
 from .models import Components
 from .prompts import PromptEncoder, blend_embeddings
 from .schedule import StepCoefficients, add_noise, lcm_denoise, step_coefficients, to_epsilon
@@ -27,9 +28,6 @@ from .similarity import SimilarityFilter
 from .step_graph import StepGraphs
 
 log = logging.getLogger(__name__)
-
-# Outputs at or below this in every channel are black once converted to 8 bits ([-1, 1] scale).
-BLACK_LEVEL = -1.0 + 2.0 / 255.0
 
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
@@ -105,7 +103,7 @@ class StreamDiffusion:
     ) -> None:
         """`backend`: "eager" or "compiled"; `backend_options`: keyword options of that backend (e.g. the
         compiled backend's `compile_backend`). A compiled backend compiles here (see `warm_up`)."""
-        _check_model_fits(components, config)
+        components.check_fits(config)
         self._capturing = _Capturing()
         self.components = components.to(config.device, config.dtype)
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
@@ -171,7 +169,7 @@ class StreamDiffusion:
                 config.lcm_original_steps, config.device, config.dtype,
             )
             self._rows: StepCoefficients = self._kept_tensors("rows", coefficients.repeat_per_frame(b))  # (n*b,) step-major
-        resized = previous is not None and _size(previous) != _size(config)
+        resized = previous is not None and previous.size != config.size
         if previous is None or previous.seed != config.seed or previous.denoising_steps != n or resized:
             self._noise = self._kept_tensors("noise", self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
@@ -257,12 +255,12 @@ class StreamDiffusion:
                 "strength); build a new StreamDiffusion for it"
             )
         new_config = self.config.replace(**params)
-        _check_model_fits(self.components, new_config)
+        self.components.check_fits(new_config)
         previous, self.config = self.config, new_config
         try:
             self._configure(new_config, previous)
             missing_graph = self._graphs is not None and new_config not in self._graphs
-            resized = _size(new_config) != _size(previous)
+            resized = new_config.size != previous.size
             if unet_batches(new_config) != unet_batches(previous) or missing_graph or resized:  # steps, cfg, size
                 self.warm_up()
         except BaseException:  # all or nothing: derive everything from the previous settings again
@@ -289,8 +287,8 @@ class StreamDiffusion:
         for size in sizes:
             width, height = parse_resolution(size, name="sizes")
             other = config.replace(width=width, height=height)
-            _check_model_fits(self.components, other)
-            if _size(other) != _size(config) and other not in resized:
+            self.components.check_fits(other)
+            if other.size != config.size and other not in resized:
                 resized.append(other)
         batches = set(unet_batches(config))
         for count in counts:
@@ -310,7 +308,7 @@ class StreamDiffusion:
         """The backend's warm-up for `config`'s size: latents (b, 4, h, w), embeds (1, 77, D),
         images (b, 3, H, W) for img2img."""
         b = config.frame_buffer_size
-        latents = self._noise[:b] if _size(config) == _size(self.config) else self._make_noise(config)[:b]
+        latents = self._noise[:b] if config.size == self.config.size else self._make_noise(config)[:b]
         images = None
         if config.mode == "img2img":
             images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
@@ -544,12 +542,6 @@ class StreamDiffusion:
         return output
 
 
-def unet_calls(config: StreamConfig) -> list[tuple[int, int]]:
-    """(rows, first-step rows) of each UNet call of one frame, before guidance rows are added."""
-    b, n = config.frame_buffer_size, config.denoising_steps
-    return [(n * b, b)] if config.use_denoising_batch else [(b, b)] + [(b, 0)] * (n - 1)
-
-
 def _in_place(old, new):
     """`new`'s values in `old`'s tensors when the shapes match (a step graph keeps reading
     them), else `new`. Works on a tensor or on StepCoefficients."""
@@ -561,63 +553,3 @@ def _in_place(old, new):
     for a, b in pairs:
         a.copy_(b)
     return old
-
-
-def unet_batches(config: StreamConfig) -> tuple[int, ...]:
-    """Every UNet batch size these settings can reach, guidance on or off (as `_guided_step` builds them)."""
-    rule = RULES[config.cfg_type]
-    calls = unet_calls(config)
-    sizes = {rows for rows, _ in calls}  # guidance off
-    if config.cfg_type != "none":
-        sizes |= {rows + rule.uncond_rows(rows, first) for rows, first in calls}
-    return tuple(sorted(sizes))
-
-
-def output_faults(output: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-    """(non-finite, black) flags of an output in [-1, 1] as a (2,) int64 tensor, from one reduction:
-    NaN and +-inf show in the minimum or maximum; "black" means every value is black in 8 bits
-    while the source (when given) is not, since a black scene may stay black."""
-    low, high = torch.aminmax(output)
-    finite = torch.isfinite(low) & torch.isfinite(high)
-    black = finite & (high <= BLACK_LEVEL)
-    # on the CPU, look at the source only when the output is black; on a GPU, don't branch (no sync)
-    if source is not None and (output.device.type != "cpu" or bool(black)):
-        black = black & (source.amax() > BLACK_LEVEL)
-    return torch.stack([~finite, black]).to(torch.int64)
-
-
-def _size(config: StreamConfig) -> tuple[int, int]:
-    return config.width, config.height
-
-
-def parse_resolution(value, *, name: str = "resolution") -> tuple[int, int]:
-    """(width, height) from a pair of whole numbers or text such as "768x432"; ValueError naming
-    `name` otherwise (the sizes themselves are checked by StreamConfig and the model)."""
-    if isinstance(value, str):
-        parts = value.lower().replace("x", " ").replace(",", " ").split()
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = []
-    try:
-        width, height = (int(part) if isinstance(part, str) else part for part in parts)
-    except ValueError:
-        width = height = None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)):
-        raise ValueError(f"{name}: {value!r} must be a width and a height in pixels, e.g. (768, 432) or '768x432'")
-    return width, height
-
-
-def _check_model_fits(components: Components, config: StreamConfig) -> None:
-    multiple = components.vae_scale_factor * components.unet_downsampling
-    for name in ("width", "height"):
-        value = getattr(config, name)
-        if value % multiple:
-            raise ValueError(
-                f"{name}: {value} must be a multiple of {multiple} for this model "
-                f"(VAE x{components.vae_scale_factor}, UNet x{components.unet_downsampling})"
-            )
-    unet_channels = components.unet.config.in_channels
-    vae_channels = components.vae.config.latent_channels
-    if unet_channels != vae_channels:
-        raise ValueError(f"model: the UNet takes {unet_channels} latent channels, the VAE makes {vae_channels}")

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import StreamConfig, StreamDiffusion
 from pipeline.backends import BACKENDS, CompiledBackend, EagerBackend, make_backend
-from pipeline.stream import unet_batches
+from pipeline.guidance import unet_batches
 from test_cli import REPO, child_env
 
 SIZE = 32  # the tiny model's smallest comfortable size (latents 4x4)

@@ -98,15 +98,19 @@ def test_onnx_export_matches_torch(tiny_components, tmp_path):
 
 
 def test_unet_batches_cover_guidance_on_and_off():
+    """The UNet batches engines are built for (build-engines) are the ones the stream calls with."""
     from pipeline import StreamConfig
-    from pipeline.backends.tensorrt_build import unet_batches
+    from pipeline.guidance import unet_batches
 
-    def batches(cfg_type, frames=1):
-        return unet_batches(StreamConfig(device="cpu", cfg_type=cfg_type, t_index_list=(20, 40), frame_buffer_size=frames))
+    def batches(cfg_type, frames=1, batched=True):
+        return unet_batches(StreamConfig(device="cpu", cfg_type=cfg_type, t_index_list=(20, 40), frame_buffer_size=frames,
+                                         use_denoising_batch=batched))
 
-    assert batches("self") == [2] and batches("none") == [2]
-    assert batches("full") == [2, 4] and batches("initialize") == [2, 3]
-    assert batches("initialize", frames=2) == [4, 6]
+    assert batches("self") == (2,) and batches("none") == (2,)
+    assert batches("full") == (2, 4) and batches("initialize") == (2, 3)
+    assert batches("initialize", frames=2) == (4, 6)
+    # sequential: one call per step of b frames, the negative rows with the first (initialize) or every (full)
+    assert batches("full", batched=False) == (1, 2) and batches("initialize", batched=False) == (1, 2)
 
 
 def test_build_engines_cli(tmp_path):

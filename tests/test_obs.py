@@ -18,7 +18,6 @@ from pythonosc.osc_message import OscMessage
 
 import obspython_standin
 from bridge.cli import build_parser
-from bridge.commands.params import as_json
 from bridge.control.status import status_messages
 from bridge.control.table import PARAMETERS
 from test_touchdesigner import check_guide

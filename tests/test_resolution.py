@@ -5,11 +5,10 @@ between several prepared sizes during a show. `warm_up(sizes=...)` readies sizes
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import StreamConfig, StreamDiffusion
 from pipeline.step_graph import StepGraphs
-from pipeline.stream import parse_resolution
+from pipeline.config import parse_resolution
 
 BASE = dict(width=64, height=64, device="cpu", dtype="float32", t_index_list=(20, 40), guidance_scale=1.5, seed=7)
 WIDE = (96, 64)

@@ -106,7 +106,6 @@ def test_resolution_changes_while_running_and_a_fixed_size_sink_gets_it_letterbo
     a size the model cannot take is refused with the run going on, and the PNG sink (opened at
     the start size) gets the wider picture with black bars above and below, not stretched."""
     import av
-    import numpy as np
 
     osc_port, query_port = free_port(), free_port()
     frames = tmp_path / "frames"

@@ -15,7 +15,7 @@ from bridge.transports.base import Sink
 from bridge.transports.testpattern import TestPatternSource
 from pipeline import StreamConfig, StreamDiffusion
 from pipeline.frames import frame_kind, from_model_output
-from pipeline.stream import output_faults
+from pipeline.faults import output_faults
 
 SIZE, FRAMES = 64, 400
 KINDS = ("nan-pixel", "inf-patch", "nan-all", "black")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import StreamConfig
-from ..guidance import RULES
+from ..guidance import unet_batches
 from ..models import Components
 from .engine_cache import EngineCache, EngineKey, model_weights_hash
 from .onnx_export import ExportShapes, export_onnx
@@ -24,14 +24,6 @@ log = logging.getLogger(__name__)
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message is one line a user can act on."""
-
-
-def unet_batches(config: StreamConfig) -> list[int]:
-    """Every UNet batch size the stream can call with: guidance off, and on when the cfg type adds rows."""
-    rows = config.denoising_steps * config.frame_buffer_size
-    rule = RULES[config.cfg_type]
-    batches = {rows, rows + rule.uncond_rows(rows, config.frame_buffer_size)}
-    return sorted(batches)
 
 
 def tensorrt_identity() -> tuple[str, str]:
