@@ -20,6 +20,7 @@
 #   next:  graph_check (now also 8-bit GPU frames, frames in flight, eager's step graph, a size change
 #          and back), then sd-turbo eager, eager with --cuda-graphs step (with 6 size changes at 60 fps),
 #          compiled step graph, each also --pipelined (issue 5)
+#   prompt: prompt changes with the text encoder run without its CUDA graph (part next runs them with it)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
 set -u
@@ -90,6 +91,12 @@ case "$PART" in
     bench 180 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
       --pipelined --prompt-changes 8
     ;;
+  prompt)
+    # prompt changes at 60 fps with the compiled step graph, the text encoder without its CUDA graph: against
+    # part next's compiled row (with it); about 1 min when part next ran before on the same machine (compile cache)
+    bench 150 sd_turbo_1step_compiled_step_no_text_graph $TURBO --backend compiled --frames 100 --warmup 20 \
+      --time-limit 5 --prompt-changes 8 --no-text-encoder-graph
+    ;;
   inductor)
     # inductor options, one compilation each (about 1.5 min each on a fresh machine): against part next's compiled row
     bench 150 sd_turbo_1step_compiled_1x1mm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
@@ -106,7 +113,7 @@ case "$PART" in
     bench 260 sd15_4step_self_compiled_fp8 --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
       --frames 400 --warmup 30 --time-limit 10 --pipelined --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, inductor, fp8)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

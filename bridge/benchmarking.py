@@ -38,6 +38,7 @@ class BenchSettings:
     dtype: str = "auto"  # float16 on CUDA, float32 on CPU
     similarity_filter: bool = False  # the filter on (synthetic frames all differ, so it never skips)
     kv_cache: bool = True  # cross-attention K/V precomputed per prompt
+    text_encoder_graph: bool = True  # the text encoder as a CUDA graph, with the step graph
     time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
     inductor: tuple[tuple[str, object], ...] = ()  # compiled backend: inductor options as (name, value) pairs
     fp8: bool = False  # the UNet's transformer layers in fp8 (and the output's change against fp16 measured)
@@ -173,7 +174,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         cfg_type=settings.cfg_type, guidance_scale=settings.guidance_scale,
         t_index_list=t_index_list_from_strength(settings.strength, settings.steps, 50),
         frame_buffer_size=settings.frame_buffer_size, similarity_filter=settings.similarity_filter,
-        kv_cache=settings.kv_cache,
+        kv_cache=settings.kv_cache, text_encoder_graph=settings.text_encoder_graph,
     )
     if components is None:
         started = time.perf_counter()

@@ -76,6 +76,7 @@ class StreamConfig:
     dtype: torch.dtype | str = "auto"  # "auto": float16 on CUDA, float32 on CPU
     device: torch.device | str = "auto"  # "auto": CUDA when available, else CPU
     kv_cache: bool = True  # precompute the prompt's cross-attention keys and values once per prompt
+    text_encoder_graph: bool = True  # with a CUDA step graph: the text encoder as a CUDA graph too
     prompt_cache_size: int = 8  # recent prompt embeddings kept on the device, for instant switching back
     lcm_original_steps: int = 50  # LCM's original_inference_steps (the distillation schedule length)
 

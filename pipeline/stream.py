@@ -109,7 +109,8 @@ class StreamDiffusion:
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
         replay = getattr(self.backend, "step_graphs", None)  # "cuda": the step, and the text encoder, as CUDA graphs
         self.prompts = PromptEncoder(
-            self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size, graph=replay
+            self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size,
+            graph=replay if config.text_encoder_graph else None,
         )
         self.similarity = SimilarityFilter(
             threshold=config.similarity_threshold, max_skip=config.similarity_max_skip, seed=config.seed

@@ -87,3 +87,41 @@ def test_a_failed_capture_is_logged_and_prompts_are_encoded_without_a_graph(tiny
     assert graphed.graph is None
     assert "could not capture the text encoder in a CUDA graph (ValueError: replay: 'cuda' needs" in caplog.text
     assert torch.equal(graphed.encode("a lighthouse"), plain.encode("a lighthouse"))
+
+
+def _eager_replay_backend(monkeypatch):
+    """Backends made with the stream's step graphs in the CPU replay mode ("eager"), as on CUDA
+    they would be made with "cuda": the stream then sets up both graphs itself."""
+    import pipeline.stream
+
+    make = pipeline.stream.make_backend
+
+    def make_with_graphs(*args, **kwargs):
+        backend = make(*args, **kwargs)
+        backend.step_graphs = "eager"
+        return backend
+
+    monkeypatch.setattr(pipeline.stream, "make_backend", make_with_graphs)
+
+
+def test_a_stream_with_step_graphs_encodes_its_prompts_through_the_graph(tiny_components, monkeypatch):
+    import numpy as np
+
+    from pipeline import StreamConfig, StreamDiffusion
+
+    config = StreamConfig(width=64, height=64, device="cpu", dtype="float32", t_index_list=(20, 40), seed=7)
+    plain = StreamDiffusion(tiny_components, config)
+    _eager_replay_backend(monkeypatch)
+    graphed = StreamDiffusion(tiny_components, config)
+    without = StreamDiffusion(tiny_components, config.replace(text_encoder_graph=False))
+    assert plain.prompts.graph is None and without.prompts.graph is None
+    assert isinstance(graphed.prompts.graph, EncoderGraph) and graphed._graphs is not None
+    rng = np.random.default_rng(0)
+    for prompt in ("a lighthouse", "a harbour at dawn", "a lighthouse"):
+        for engine in (plain, graphed):
+            engine.set_prompt(prompt, "fog")
+        for _ in range(2):
+            frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            assert np.array_equal(plain(frame), graphed(frame)), prompt
+    assert graphed.prompts.graph.replays == 4  # "", "fog" and the two prompts; the repeat came from the cache
+    assert graphed._graphs.replays == 6

@@ -50,6 +50,8 @@ def register(subparsers) -> None:
                         help="the size --size-changes switches to (default: 128 pixels wider)")
     parser.add_argument("--similarity-filter", action="store_true", help="enable the similarity filter (frames differ)")
     parser.add_argument("--no-kv-cache", action="store_true", help="compute cross-attention K/V every frame")
+    parser.add_argument("--no-text-encoder-graph", action="store_true",
+                        help="with the step graph: run the text encoder without its CUDA graph (to compare prompt changes)")
     parser.add_argument("--backend", default="eager",
                         help="engine backend: eager (default) or compiled (torch.compile; compiled before the warm-up frames)")
     parser.add_argument("--cuda-graphs", choices=["step", "modules", "off"],
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             arch=arch, steps=steps, cfg_type=cfg_type, guidance_scale=args.guidance, strength=args.strength,
             width=args.width, height=args.height, frame_buffer_size=args.frame_buffer_size, frames=args.frames,
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
-            similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache, time_limit=args.time_limit,
+            similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
+            text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8,
         )
         try:
