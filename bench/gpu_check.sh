@@ -48,13 +48,14 @@ bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SEC
   [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
 }
 
-graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECONDS; the script stops when it fails
+graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECONDS; a failure is said loudly, and
+  # the benchmarks still run (device time is scarce; their JSON is then read knowing the graphs differ)
   echo "== graph_check (limit ${1}s)"
   timeout -k 5 "$1" python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
   local rc=$?
   echo "   exit $rc"
   tail -n 3 "$OUT/graph_check.log"
-  if [ $rc -ne 0 ]; then echo "graph check failed: the benchmarks after it are skipped"; exit 1; fi
+  if [ $rc -ne 0 ]; then echo "GRAPH CHECK FAILED (exit $rc): the step-graph figures below come from graphs that differ"; fi
 }
 
 TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
