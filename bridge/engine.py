@@ -130,5 +130,21 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
             engine.warm_up(step_counts=settings.compile_steps if settings.backend == "compiled" else (), sizes=sizes)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    hint = speed_hint(engine)
+    if hint:
+        log.info(hint)
     progress(f"engine ready in {time.perf_counter() - started:.1f} s")
     return engine
+
+
+def speed_hint(engine) -> str | None:
+    """A line for a user of plain eager on a CUDA GPU, where every frame waits on the CPU
+    launching the model's kernels one by one; None elsewhere."""
+    backend = getattr(engine, "backend", None)
+    device = getattr(getattr(engine, "config", None), "device", None)
+    if getattr(backend, "name", None) != "eager" or getattr(backend, "cuda_graphs", "off") != "off":
+        return None
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return ("eager on a GPU waits on the CPU launching the model's kernels one by one; --cuda-graphs step "
+            "(one graph per frame, no compile) or --backend compiled run the same model faster")

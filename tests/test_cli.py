@@ -192,3 +192,21 @@ def test_run_ends_without_the_interpreters_teardown_also_as_python_m(tmp_path):
         done = subprocess.run([*launcher, *command], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
         assert done.returncode == 0, done.stderr
         assert "ran " in done.stdout and "INTERPRETER TEARDOWN" not in done.stdout, (launcher, done.stdout)
+
+
+def test_plain_eager_on_a_gpu_gets_a_hint_and_nothing_else_does(tiny_components):
+    """The hint names the faster choices for the one case that is launch-bound: eager, no CUDA
+    graphs, on a CUDA device (the real engine's backend and config, its device set to CUDA)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bridge.engine import speed_hint
+    from pipeline import StreamConfig, StreamDiffusion
+
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=32, height=32, device="cpu", dtype="float32"))
+    assert speed_hint(engine) is None  # on the CPU: compute-bound, no hint
+    on_gpu = SimpleNamespace(backend=engine.backend, config=SimpleNamespace(device=torch.device("cuda")))
+    assert "--cuda-graphs step" in speed_hint(on_gpu) and "--backend compiled" in speed_hint(on_gpu)
+    engine.backend.cuda_graphs = "step"  # what --cuda-graphs step sets on CUDA
+    assert speed_hint(on_gpu) is None
