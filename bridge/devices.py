@@ -18,7 +18,8 @@ def check_gpu() -> tuple[str, bool, str]:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return "GPU", True, f"CUDA {torch.version.cuda}: {', '.join(names)}"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "GPU", True, "Apple MPS"
+        return "GPU", True, ("Apple MPS; the engine uses the CPU unless told --device mps "
+                             "(not tested on MPS: sdbridge's tests and benchmarks run on CPUs and NVIDIA GPUs)")
     reason = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
     return "GPU", False, f"{reason}; the engine runs on the CPU (slow, fine for the demo)"
 

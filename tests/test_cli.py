@@ -210,3 +210,16 @@ def test_plain_eager_on_a_gpu_gets_a_hint_and_nothing_else_does(tiny_components)
     assert "--cuda-graphs step" in speed_hint(on_gpu) and "--backend compiled" in speed_hint(on_gpu)
     engine.backend.cuda_graphs = "step"  # what --cuda-graphs step sets on CUDA
     assert speed_hint(on_gpu) is None
+
+
+def test_devices_says_an_apple_gpu_is_not_used_unless_asked(monkeypatch):
+    """No Mac here: torch's own MPS check is made to say yes, as on Apple silicon."""
+    import torch
+
+    from bridge.devices import check_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    name, available, detail = check_gpu()
+    assert (name, available) == ("GPU", True)
+    assert "the engine uses the CPU unless told --device mps" in detail
