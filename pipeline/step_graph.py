@@ -216,7 +216,7 @@ class StepGraphs:
         frame itself: a bad first output falls back to the input)."""
         stream = self._stream
         images = pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
-        if current.latent_buffer is None and stream.config.denoising_steps > 1 and stream.config.use_denoising_batch:
+        if stream._needs_priming():  # (current is the stream's state)
             primed = stream._primed_state(stream.backend.encode(images))
             current = type(current)(primed.latent_buffer, primed.stock_noise, current.last_output)
         if current.last_output is None:

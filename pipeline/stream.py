@@ -435,9 +435,14 @@ class StreamDiffusion:
             x_t = add_noise(latents, self._noise[:b], first.alpha_sqrt, first.beta_sqrt)  # (b, 4, h, w)
         if not self.config.use_denoising_batch:
             return self._sequential(x_t)
-        if self.config.denoising_steps > 1 and self.state.latent_buffer is None:
+        if self._needs_priming():
             self.state = self._primed_state(latents)
         return self._stream_batch(x_t)
+
+    def _needs_priming(self) -> bool:
+        """Whether the next frame must fill the frames in flight (stream batch, several steps, none in flight)."""
+        config = self.config
+        return config.use_denoising_batch and config.denoising_steps > 1 and self.state.latent_buffer is None
 
     def _primed_state(self, latents: torch.Tensor) -> StreamState:
         """Fill the frames in flight with the first frame noised to each later step."""
