@@ -23,6 +23,9 @@
 #   prompt: prompt changes with the text encoder run without its CUDA graph (part next runs them with it)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
+#   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
+#          of BUDGET seconds (default 540): graph_check, sd-turbo compiled step graph with prompt changes, sd15
+#          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
 set -u
 PART="${1:-turbo}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -37,9 +40,23 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 
+BUDGET="${BUDGET:-0}"  # seconds for the whole part, 0: none; a step gets at most what is left of it
+
+cut_to_budget() {  # cut_to_budget SECONDS: SECONDS, or what is left of BUDGET (less a margin) if that is less; 0: skip
+  local seconds=$1
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS - 15))
+    [ $left -lt 30 ] && left=0
+    [ $left -lt "$seconds" ] && seconds=$left
+  fi
+  echo "$seconds"
+}
+
 bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SECONDS
-  local seconds=$1 name=$2
+  local seconds name=$2
+  seconds=$(cut_to_budget "$1")
   shift 2
+  if [ "$seconds" -eq 0 ]; then echo "== $name: skipped, the budget is spent"; return; fi
   echo "== $name (limit ${seconds}s): sdbridge bench $*"
   local started=$SECONDS
   timeout -k 5 "$seconds" python3 -m bridge.cli bench --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
@@ -50,8 +67,10 @@ bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SEC
 
 graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECONDS; a failure is said loudly, and
   # the benchmarks still run (device time is scarce; their JSON is then read knowing the graphs differ)
-  echo "== graph_check (limit ${1}s)"
-  timeout -k 5 "$1" python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
+  local seconds
+  seconds=$(cut_to_budget "$1")
+  echo "== graph_check (limit ${seconds}s)"
+  timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
   local rc=$?
   echo "   exit $rc"
   tail -n 3 "$OUT/graph_check.log"
@@ -59,6 +78,7 @@ graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECON
 }
 
 TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
+SD15="${GPU_CHECK_SD15:---arch sd15 --steps 4 --cfg self --width 512 --height 512}"
 case "$PART" in
   turbo)
     bench 150 sd_turbo_1step_eager $TURBO --frames 300 --warmup 30 --time-limit 30 --runtime
@@ -114,7 +134,20 @@ case "$PART" in
     bench 260 sd15_4step_self_compiled_fp8 --arch sd15 --steps 4 --cfg self --width 512 --height 512 --backend compiled \
       --frames 400 --warmup 30 --time-limit 10 --pipelined --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8)"; exit 2 ;;
+  all)
+    graph_check 90
+    bench 170 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
+      --pipelined --prompt-changes 8
+    bench 170 sd15_4step_self_compiled_step $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 10 --pipelined
+    bench 60 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 8 --pipelined
+    bench 70 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 8 --pipelined \
+      --size-changes 6
+    bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --fp8
+    bench 90 sd_turbo_1step_compiled_step_no_text_graph $TURBO --backend compiled --frames 100 --warmup 20 \
+      --time-limit 5 --prompt-changes 8 --no-text-encoder-graph
+    ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'
