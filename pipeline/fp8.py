@@ -57,7 +57,7 @@ class Fp8Linear(torch.nn.Module):
         if rows % ALIGN:  # fp8 kernels need aligned sizes: the dequantized weight, in x's dtype
             weight = (self.weight.float() * self.weight_scale).to(x.dtype)
             return F.linear(x, weight, self.bias)
-        x_q, x_scale = quantize(x.reshape(rows, self.in_features))
+        x_q, x_scale = quantize(x.reshape(rows, self.in_features).contiguous())  # _scaled_mm: row-major A
         out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         if self.bias is not None:
             out = out + self.bias
