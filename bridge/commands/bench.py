@@ -55,8 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", default="eager",
                         help="engine backend: eager (default) or compiled (torch.compile; compiled before the warm-up frames)")
     parser.add_argument("--cuda-graphs", choices=["step", "modules", "off"],
-                        help="on CUDA: the whole step in one graph (the compiled backend's default; eager and "
-                             "tensorrt take it too), a graph per compiled module, or none (their default)")
+                        help="on CUDA: the whole step in one graph (the eager and compiled backends' default; "
+                             "tensorrt takes it too), a graph per compiled module, or none (tensorrt's default)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE", type=_inductor_option,
                         help="compiled backend: an inductor option for its compilations, e.g. conv_1x1_as_mm=true "
                              "(repeatable; true/false, numbers and text are understood)")

@@ -50,9 +50,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         "768x432,1024x576 (compiled: compiled and captured now; tensorrt: their engines loaded "
                         "now, so a size never built is refused at start)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
-        help="on CUDA: the whole step in one CUDA graph (compiled's default; with eager: no compile wait, "
-             "one launch per frame; with tensorrt: untried on a real TensorRT yet), one graph per compiled "
-             "module, or none (eager's and tensorrt's default)")
+        help="on CUDA: the whole step in one CUDA graph (eager's and compiled's default; with eager: no "
+             "compile wait, one launch per frame; with tensorrt: untried on a real TensorRT yet), one graph "
+             "per compiled module, or none (tensorrt's default; with eager: every kernel launched from "
+             "Python, 2.5x slower on an H200)")
     add("--fp8", action="store_const", const=True,
         help="eager/compiled on an Ada or Hopper GPU: the UNet's transformer layers multiply in fp8 (faster, "
              "slightly different pictures; `sdbridge bench --fp8` measures both)")

@@ -125,7 +125,7 @@ class CompiledBackend(EagerBackend):
             raise BackendUnavailable(
                 f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
             )
-        super().__init__(components, kv_cache=kv_cache, fp8=fp8)
+        super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8)  # its own graphs below
         device = next(self.unet.parameters()).device
         self._inductor = compile_backend == "inductor"
         graphs = cuda_graphs if device.type == "cuda" and self._inductor else "off"  # CUDA graphs need both
