@@ -43,6 +43,8 @@ class BenchSettings:
     inductor: tuple[tuple[str, object], ...] = ()  # compiled backend: inductor options as (name, value) pairs
     fp8: bool = False  # the UNet's transformer layers in fp8 (and the output's change against fp16 measured)
     pipelined: bool = False  # also time the same engine pipelined: each frame submitted before the previous result is taken
+    profile_frames: int = 0  # also run this many frames under torch.profiler: where the time goes, by kind of kernel
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
 
 
 def _load_average() -> float | None:
@@ -183,82 +185,97 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         log.info("models ready in %.1f s", time.perf_counter() - started)
     frames = synthetic_frames(settings)
     results = []
-    for batched in (True, False) if sequential else (True,):
-        config = base.replace(use_denoising_batch=batched)
-        options = {"cuda_graphs": settings.cuda_graphs} if settings.cuda_graphs is not None else {}
-        if settings.inductor:
-            options["inductor_options"] = dict(settings.inductor)
-        if settings.fp8:
-            options["fp8"] = True
-        engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
-        engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
-        if base.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(base.device)
-        log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
-                 "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
-                 settings.warmup, settings.frames)
-        synchronous = None
-        for pipelined in (False, True) if settings.pipelined and batched else (False,):
-            load_before = _load_average()
-            gc.collect()
-            gc.freeze()  # as `sdbridge run` does: the models' objects are never collected, pauses stay short
-            times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
-                               time_limit=settings.time_limit, submit=engine.submit if pipelined else None)
-            peak, peak_kind = _peak_memory_gib(base.device)
-            results.append({
-                **asdict(settings),
-                "pipelined": pipelined,
-                "use_denoising_batch": batched,
-                "t_index_list": list(config.t_index_list),
-                "dtype": str(config.dtype).replace("torch.", ""),
-                "device": device_name(base.device),
-                "device_type": base.device.type,
-                "torch": torch.__version__,
-                **summarize(times, settings.frame_buffer_size),
-                "peak_mem_gib": peak,
-                "peak_mem_kind": peak_kind,
-                "frames_skipped": engine.stats.frames_skipped,
-                "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # "off" on a CPU
-                "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
-                "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
-                "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
-                "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
-                "host_cpus": os.cpu_count(),
-            })
-            synchronous = synchronous or results[-1]
-        if runtime and batched:
-            from .runtime_bench import measure_runtime_overhead
-
-            log.info("the same engine through the runtime (testpattern -> engine -> null) ...")
-            synchronous["runtime_overhead"] = measure_runtime_overhead(
-                engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
-                timeout=settings.time_limit or 300.0,
-            )
-        if prompt_changes and batched:
-            from .runtime_bench import measure_prompt_changes
-
-            log.info("%d prompt changes through the runtime at 60 fps ...", prompt_changes)
-            synchronous["prompt_changes"] = measure_prompt_changes(
-                engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
-                timeout=max(30.0, prompt_changes * 0.5 + 30.0),
-            )
-        if size_changes and batched:
-            from .runtime_bench import measure_size_changes
-
-            own = (settings.width, settings.height)
-            other = other_size or (settings.width + 128, settings.height)
-            log.info("readying %dx%d, then %d size changes through the runtime at 60 fps ...", *other, size_changes)
-            engine.warm_up(sizes=[other])
-            synchronous["size_changes"] = measure_size_changes(
-                engine, [other if k % 2 == 0 else own for k in range(size_changes)], warmup=settings.warmup,
-                input_size=own, timeout=max(30.0, size_changes * 0.5 + 30.0),
-            )
-        if settings.fp8 and batched:
-            log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
-            synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames)
-        gc.unfreeze()  # the runtime figures above ran frozen too, as in `sdbridge run`
-        del engine
+    benchmark_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark or benchmark_before  # process-wide: restored below
+    try:
+        for batched in (True, False) if sequential else (True,):
+            _run_one(settings, base, components, frames, results, batched=batched, runtime=runtime,
+                     prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
     if sequential:
         rows = [r for r in results if not r["pipelined"]]
         rows[0]["speedup_vs_sequential"] = rows[0]["fps"] / rows[1]["fps"]
     return results
+
+
+def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: list, results: list, *, batched: bool,
+             runtime: bool, prompt_changes: int, size_changes: int, other_size: tuple[int, int] | None) -> None:
+    """One engine of `settings` (stream batch or sequential): its rows appended to `results`."""
+    config = base.replace(use_denoising_batch=batched)
+    options = {"cuda_graphs": settings.cuda_graphs} if settings.cuda_graphs is not None else {}
+    if settings.inductor:
+        options["inductor_options"] = dict(settings.inductor)
+    if settings.fp8:
+        options["fp8"] = True
+    engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
+    engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(base.device)
+    log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
+             "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
+             settings.warmup, settings.frames)
+    synchronous = None
+    for pipelined in (False, True) if settings.pipelined and batched else (False,):
+        load_before = _load_average()
+        gc.collect()
+        gc.freeze()  # as `sdbridge run` does: the models' objects are never collected, pauses stay short
+        times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
+                           time_limit=settings.time_limit, submit=engine.submit if pipelined else None)
+        peak, peak_kind = _peak_memory_gib(base.device)
+        results.append({
+            **asdict(settings),
+            "pipelined": pipelined,
+            "use_denoising_batch": batched,
+            "t_index_list": list(config.t_index_list),
+            "dtype": str(config.dtype).replace("torch.", ""),
+            "device": device_name(base.device),
+            "device_type": base.device.type,
+            "torch": torch.__version__,
+            **summarize(times, settings.frame_buffer_size),
+            "peak_mem_gib": peak,
+            "peak_mem_kind": peak_kind,
+            "frames_skipped": engine.stats.frames_skipped,
+            "cuda_graphs_used": getattr(engine.backend, "cuda_graphs", None),  # "off" on a CPU
+            "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
+            "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
+            "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
+            "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
+            "host_cpus": os.cpu_count(),
+        })
+        synchronous = synchronous or results[-1]
+    if settings.profile_frames and batched:
+        from .profiling import profile_frames
+
+        synchronous["profile"] = profile_frames(engine, frames, count=settings.profile_frames, device=base.device)
+    if runtime and batched:
+        from .runtime_bench import measure_runtime_overhead
+
+        log.info("the same engine through the runtime (testpattern -> engine -> null) ...")
+        synchronous["runtime_overhead"] = measure_runtime_overhead(
+            engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
+            timeout=settings.time_limit or 300.0,
+        )
+    if prompt_changes and batched:
+        from .runtime_bench import measure_prompt_changes
+
+        log.info("%d prompt changes through the runtime at 60 fps ...", prompt_changes)
+        synchronous["prompt_changes"] = measure_prompt_changes(
+            engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
+            timeout=max(30.0, prompt_changes * 0.5 + 30.0),
+        )
+    if size_changes and batched:
+        from .runtime_bench import measure_size_changes
+
+        own = (settings.width, settings.height)
+        other = other_size or (settings.width + 128, settings.height)
+        log.info("readying %dx%d, then %d size changes through the runtime at 60 fps ...", *other, size_changes)
+        engine.warm_up(sizes=[other])
+        synchronous["size_changes"] = measure_size_changes(
+            engine, [other if k % 2 == 0 else own for k in range(size_changes)], warmup=settings.warmup,
+            input_size=own, timeout=max(30.0, size_changes * 0.5 + 30.0),
+        )
+    if settings.fp8 and batched:
+        log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
+        synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames)
+    gc.unfreeze()  # the runtime figures above ran frozen too, as in `sdbridge run`

@@ -169,3 +169,22 @@ def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():
     assert _gap_parts(started[:1], finished[:1], changed_at=[]) is None
     text = _gap_parts_text(parts, 12.34)
     assert text == "; largest: call 15.0 + before it 15.0 ms, 20 ms after a change; prompt encode up to 12.3 ms"
+
+
+def test_cudnn_benchmark_is_on_while_the_engine_runs_and_restored_after(tiny_components, monkeypatch):
+    """`--cudnn-benchmark` sets torch's process-wide flag for the configuration's frames (the
+    warm-up, where cuDNN would time its algorithms, included) and puts it back afterwards."""
+    import torch
+
+    from bridge import benchmarking
+
+    seen = []
+    time_calls = benchmarking.time_calls
+    monkeypatch.setattr(benchmarking, "time_calls",
+                        lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or time_calls(*a, **k))
+    assert torch.backends.cudnn.benchmark is False
+    settings = benchmarking.BenchSettings(arch="tiny", steps=1, width=32, height=32, frames=2, warmup=1, device="cpu",
+                                          cudnn_benchmark=True)
+    (result,) = benchmarking.run_benchmark(settings, components=tiny_components)
+    assert seen == [True] and result["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark is False

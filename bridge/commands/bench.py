@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..profiling import profile_line
 
 log = logging.getLogger("sdbridge.bench")
 
@@ -67,6 +68,12 @@ def register(subparsers) -> None:
                         help="also time the same engine pipelined, each frame submitted (engine.submit) before the "
                              "previous one's result is taken: on a GPU the copies and the Python between frames "
                              "overlap the previous frame's compute (a second row)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also run N frames under torch.profiler: the time of the GPU kernels (CPU operators on "
+                             "a CPU) per frame, by kind (convolution, matrix product, attention, ...) and the largest")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="on CUDA: cuDNN times its algorithms for each convolution shape at the warm-up and keeps "
+                             "the fastest (torch.backends.cudnn.benchmark), to compare with its heuristics' choice")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
@@ -95,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..settings import parse_size
 
-    if args.frames < 1 or args.warmup < 0 or args.prompt_changes < 0 or args.size_changes < 0:
-        raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes and --size-changes >= 0 "
-                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes})")
+    if args.frames < 1 or min(args.warmup, args.prompt_changes, args.size_changes, args.profile) < 0:
+        raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes, --size-changes and --profile >= 0 "
+                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes}, "
+                        f"{args.profile})")
     try:
         other_size = parse_size(args.other_size, "--other-size") if args.other_size else (args.width + 128, args.height)
     except ValueError as exc:
@@ -111,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
-            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8,
+            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
+            cudnn_benchmark=args.cudnn_benchmark,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -157,6 +166,7 @@ def format_table(results: list[dict]) -> str:
         mode = "yes" if r["use_denoising_batch"] else "seq"
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
         backend += "/fp8" if r.get("fp8") else ""
+        backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
             f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
@@ -186,6 +196,8 @@ def format_table(results: list[dict]) -> str:
         if "size_changes" in r:
             c = r["size_changes"]
             lines.append(_changes_line(c, f"size changes ({' <-> '.join(c['sizes'][:2])})", "size", c["last_applied"]))
+        if "profile" in r:
+            lines.append(profile_line(r["profile"]))
         if "speedup_vs_sequential" in r:
             lines.append(f"{'':<9} stream batch / sequential throughput: {r['speedup_vs_sequential']:.2f}x")
     if results:

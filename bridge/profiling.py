@@ -1,0 +1,104 @@
+"""Where a frame's time goes: frames run under torch.profiler, the time of each GPU kernel (on
+CUDA) or of each operator's own work (on a CPU) summed, per frame, and grouped by kind
+(convolution, matrix product, attention, normalisation, fused elementwise, copies, ...).
+
+What `sdbridge bench --profile N` reports, to say which part of the step a change should aim at.
+A CUDA graph's replay may hide its kernels from the profiler on some drivers: the result then
+says so, and `--cuda-graphs off` profiles the same kernels launched one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("sdbridge.bench")
+
+# (kind, name fragments), the first match wins. Inductor names its generated kernels after the
+# operators they fuse ("triton_poi_fused_convolution_silu_3": a conv's bias and activation), so
+# those come first; cuDNN's convolution kernels are implicit GEMMs ("..._fprop_implicit_gemm_..."),
+# so convolution is looked for before matrix products
+KINDS = (
+    ("fused (inductor)", ("triton_poi", "triton_per", "triton_red", "cpp_fused", "compiledfxgraph")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "winograd", "dgrad", "wgrad")),
+    ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
+                        "aten::baddbmm", "aten::linear", "aten::matmul", "scaled_mm")),
+    ("normalisation", ("norm",)),
+    ("copy", ("memcpy", "memset", "copy", "aten::cat", "aten::to", "contiguous")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "aten::add", "aten::sub", "aten::mul", "aten::div",
+                     "aten::silu", "aten::gelu", "aten::where", "aten::clamp", "aten::pow", "aten::sqrt")),
+)
+TOP = 15  # the most costly names reported one by one
+
+
+def kind_of(name: str) -> str:
+    """The kind of kernel or operator `name` (see KINDS), "other" when none matches."""
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
+
+
+def summarize_times(entries: list[tuple[str, float, int]], frames: int) -> dict:
+    """`entries`: (name, total µs, calls) over `frames` frames -> per-frame figures by kind and
+    the TOP names, largest first."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1 (got {frames})")
+    total_us = sum(us for _, us, _ in entries)
+    by_kind: dict[str, float] = {}
+    for name, us, _ in entries:
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+    share = (lambda us: us / total_us) if total_us > 0 else (lambda us: 0.0)
+    top = sorted(entries, key=lambda entry: entry[1], reverse=True)[:TOP]
+    return {
+        "ms_per_frame": total_us / 1000.0 / frames,
+        "by_kind": [{"kind": kind, "ms_per_frame": us / 1000.0 / frames, "share": share(us)}
+                    for kind, us in sorted(by_kind.items(), key=lambda item: item[1], reverse=True)],
+        "top": [{"name": name[:160], "kind": kind_of(name), "ms_per_frame": us / 1000.0 / frames,
+                 "calls_per_frame": calls / frames} for name, us, calls in top],
+    }
+
+
+def profile_frames(call, frames: list, *, count: int, device: torch.device) -> dict:
+    """Run `call` on `count` frames under torch.profiler (after the caller's warm-up) and
+    summarize where their time went: GPU kernels on CUDA, operators' own CPU time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    log.info("profiling %d frames ...", count)
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for k in range(count):
+            call(frames[k % len(frames)])
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - started) * 1000.0 / count
+    averages = profiler.key_averages()
+    if on_cuda:
+        entries = [(a.key, a.self_device_time_total, a.count) for a in averages
+                   if a.device_type == torch.autograd.DeviceType.CUDA and a.self_device_time_total > 0]
+        source = "cuda kernels"
+    else:
+        entries = [(a.key, a.self_cpu_time_total, a.count) for a in averages if a.self_cpu_time_total > 0]
+        source = "cpu operators (own time)"
+    result = {"frames": count, "source": source, "wall_ms_per_frame": wall_ms, **summarize_times(entries, count)}
+    if on_cuda and not entries:
+        result["note"] = ("no kernels recorded: CUDA graph replays can hide them from the profiler; "
+                          "--cuda-graphs off profiles the same kernels launched one by one")
+    return result
+
+
+def profile_line(profile: dict, kinds: int = 6) -> str:
+    """One table line: `profile (cuda kernels, 5.61 ms/frame): convolution 41%, ...`."""
+    parts = ", ".join(f"{k['kind']} {100 * k['share']:.0f}%" for k in profile["by_kind"][:kinds])
+    line = f"{'':<9} profile ({profile['source']}, {profile['ms_per_frame']:.2f} ms/frame"
+    line += f" of {profile['wall_ms_per_frame']:.2f} wall): {parts or 'nothing recorded'}"
+    if profile["top"]:
+        first = profile["top"][0]
+        line += f"; largest {first['name'][:60]} {first['ms_per_frame']:.2f} ms"
+    return line

@@ -1,0 +1,80 @@
+"""`sdbridge bench --profile N`: the kinds given to kernel and operator names (real names, as
+torch's profiler reports them on an H100/H200 and on this CPU), the per-frame arithmetic, and a
+real profile of the tiny engine on this CPU through run_benchmark and the CLI."""
+
+import json
+
+import pytest
+
+from bridge.profiling import TOP, kind_of, summarize_times
+
+from test_cli import sdbridge
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "matrix product"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matrix product"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>, false>(Flash_fwd_params)",
+     "attention"),
+    ("triton_poi_fused_add_convolution_silu_3", "fused (inductor)"),  # a conv's bias and activation, not a conv
+    ("triton_red_fused_native_group_norm_0", "fused (inductor)"),
+    ("triton_tem_fused_mm_7", "matrix product"),  # a template matmul (max-autotune)
+    ("## Call CompiledFxGraph fdn7ixvxl7nxgfkzwv2nuqhmbe3ug35xpet35zpds7y4d3ngvn52 ##", "fused (inductor)"),  # CPU
+    ("Memcpy HtoD (Pinned -> Device)", "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "other"),
+    ("aten::mkldnn_convolution", "convolution"),
+    ("aten::addmm", "matrix product"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::native_group_norm", "normalisation"),
+    ("aten::copy_", "copy"),
+    ("aten::empty", "other"),
+])
+def test_kernel_and_operator_names_get_their_kind(name, kind):
+    assert kind_of(name) == kind
+
+
+def test_times_are_per_frame_by_kind_and_largest_first():
+    entries = [("aten::addmm", 3000.0, 40), ("aten::mkldnn_convolution", 5000.0, 20), ("aten::mm", 1000.0, 20),
+               ("aten::empty", 1000.0, 200)]
+    summary = summarize_times(entries, frames=10)
+    assert summary["ms_per_frame"] == pytest.approx(1.0)
+    assert [(k["kind"], k["ms_per_frame"]) for k in summary["by_kind"]] == [
+        ("convolution", pytest.approx(0.5)), ("matrix product", pytest.approx(0.4)), ("other", pytest.approx(0.1))]
+    assert sum(k["share"] for k in summary["by_kind"]) == pytest.approx(1.0)
+    assert [t["name"] for t in summary["top"]] == ["aten::mkldnn_convolution", "aten::addmm", "aten::mm", "aten::empty"]
+    assert summary["top"][1]["calls_per_frame"] == 4.0
+    many = summarize_times([(f"k{n}", float(n), 1) for n in range(TOP + 5)], frames=1)
+    assert len(many["top"]) == TOP and many["top"][0]["name"] == f"k{TOP + 4}"
+    assert summarize_times([], frames=3)["by_kind"] == []
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        summarize_times(entries, frames=0)
+
+
+def test_bench_profiles_the_engine_it_timed(tiny_components):
+    from bridge.benchmarking import BenchSettings, run_benchmark
+
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=4, warmup=2, device="cpu", profile_frames=3)
+    (result,) = run_benchmark(settings, components=tiny_components)
+    profile = result["profile"]
+    assert profile["frames"] == 3 and profile["source"] == "cpu operators (own time)"
+    kinds = {k["kind"]: k["ms_per_frame"] for k in profile["by_kind"]}
+    assert kinds["convolution"] > 0 and kinds["matrix product"] > 0 and kinds["attention"] > 0  # the UNet and VAE ran
+    assert 0 < profile["ms_per_frame"] == pytest.approx(sum(kinds.values()))
+    times = [t["ms_per_frame"] for t in profile["top"]]
+    assert times == sorted(times, reverse=True) and all(t["name"].startswith("aten::") for t in profile["top"])
+    assert profile["wall_ms_per_frame"] > 0
+
+
+@pytest.mark.slow
+def test_bench_profile_flag_writes_and_prints_it(tmp_path):
+    out = tmp_path / "bench.json"
+    result = sdbridge("bench", "--arch", "tiny", "--steps", "1", "--width", "32", "--height", "32", "--frames", "3",
+                      "--warmup", "1", "--device", "cpu", "--profile", "2", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(out.read_text())
+    assert run["profile"]["frames"] == 2 and run["profile"]["by_kind"]
+    assert "profile (cpu operators (own time)" in result.stdout and "convolution" in result.stdout
+    refused = sdbridge("bench", "--arch", "tiny", "--profile", "-1", timeout=60)
+    assert refused.returncode == 2 and "--profile >= 0" in refused.stderr and "Traceback" not in refused.stderr
