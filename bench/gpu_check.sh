@@ -25,7 +25,7 @@
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
 #   profile: sd15 4 steps and sd-turbo compiled with --profile (kernel time by kind), each against --cudnn-benchmark,
-#          then sd15's kernels without graphs and sd15 with fp8 (16,384 rows per transformer layer)
+#          sd15's kernels without graphs, then sd15 with cuDNN's attention and with fp8 (16,384 rows per layer)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (default 540): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -150,18 +150,21 @@ case "$PART" in
     bench 90 sd_turbo_1step_compiled_step_no_text_graph $TURBO --backend compiled --frames 100 --warmup 20 \
       --time-limit 5 --prompt-changes 8 --no-text-encoder-graph
     ;;
-  profile)  # where the time goes, and two leads against a baseline of the same run (about 9 min on a fresh machine)
+  profile)  # where the time goes, and leads against a baseline of the same run (about 11 min on a fresh machine;
+    # BUDGET cuts the last): the profile first, then what reuses its compilation, then what compiles anew
     bench 170 sd15_4step_self_compiled_step_profile $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --profile 20
     bench 80 sd15_4step_self_compiled_step_cudnn_bm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark
+    # the same compiled modules launched one by one: their kernels, should the graph's replays hide them
+    bench 70 sd15_4step_self_compiled_nographs_profile $SD15 --backend compiled --cuda-graphs off --frames 50 --warmup 10 \
+      --time-limit 5 --profile 10
     bench 150 sd_turbo_1step_compiled_step_profile $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --profile 20
     bench 80 sd_turbo_1step_compiled_step_cudnn_bm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark
-    # the same compiled modules launched one by one: their kernels, should the graph's replays hide them
-    bench 70 sd15_4step_self_compiled_nographs_profile $SD15 --backend compiled --cuda-graphs off --frames 50 --warmup 10 \
-      --time-limit 5 --profile 10
+    bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --sdpa cudnn --profile 10
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --fp8
     ;;

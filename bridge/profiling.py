@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 log = logging.getLogger("sdbridge.bench")
 
 # (kind, name fragments), the first match wins. Inductor names its generated kernels after the
@@ -63,9 +61,10 @@ def summarize_times(entries: list[tuple[str, float, int]], frames: int) -> dict:
     }
 
 
-def profile_frames(call, frames: list, *, count: int, device: torch.device) -> dict:
+def profile_frames(call, frames: list, *, count: int, device) -> dict:
     """Run `call` on `count` frames under torch.profiler (after the caller's warm-up) and
     summarize where their time went: GPU kernels on CUDA, operators' own CPU time elsewhere."""
+    import torch  # here: the CLI imports this module for profile_line, and must start without torch
     from torch.profiler import ProfilerActivity, profile
 
     on_cuda = device.type == "cuda"

@@ -78,3 +78,25 @@ def test_bench_profile_flag_writes_and_prints_it(tmp_path):
     assert "profile (cpu operators (own time)" in result.stdout and "convolution" in result.stdout
     refused = sdbridge("bench", "--arch", "tiny", "--profile", "-1", timeout=60)
     assert refused.returncode == 2 and "--profile >= 0" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_sdpa_choice_reaches_the_attention_kernels_and_is_undone(tiny_components):
+    """`--sdpa math` keeps the fused attention kernels out (the profile shows which ran); torch's
+    own choice on this CPU is its flash kernel; the flags are as before afterwards."""
+    import torch
+
+    from bridge.benchmarking import BenchSettings, run_benchmark
+    from bridge.sdpa import sdpa_choice
+
+    def attention_ops(sdpa: str) -> set[str]:
+        settings = BenchSettings(arch="tiny", steps=1, width=32, height=32, frames=2, warmup=1, device="cpu",
+                                 profile_frames=2, sdpa=sdpa)
+        (result,) = run_benchmark(settings, components=tiny_components)
+        assert result["sdpa"] == sdpa
+        return {t["name"] for t in result["profile"]["top"] if "attention" in t["name"]}
+
+    assert any("flash" in name for name in attention_ops("auto"))
+    assert not any("flash" in name for name in attention_ops("math"))
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    with pytest.raises(ValueError, match="sdpa: 'fast' must be one of auto, flash, efficient, cudnn, math"):
+        sdpa_choice("fast")

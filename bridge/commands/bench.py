@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..profiling import profile_line
+from ..sdpa import SDPA_KERNELS
 
 log = logging.getLogger("sdbridge.bench")
 
@@ -74,6 +75,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="on CUDA: cuDNN times its algorithms for each convolution shape at the warm-up and keeps "
                              "the fastest (torch.backends.cudnn.benchmark), to compare with its heuristics' choice")
+    parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
+                        help="the attention kernels: torch's choice (auto), or one family only, with the math "
+                             "fallback for shapes it does not take (compiled graphs are compiled with it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop measuring a configuration after this many seconds")
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
-            cudnn_benchmark=args.cudnn_benchmark,
+            cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -167,6 +171,7 @@ def format_table(results: list[dict]) -> str:
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
         backend += "/fp8" if r.get("fp8") else ""
         backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
+        backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
             f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
