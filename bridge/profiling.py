@@ -24,7 +24,7 @@ KINDS = (
     ("convolution", ("conv", "fprop", "implicit_gemm", "winograd", "dgrad", "wgrad")),
     ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
                         "aten::baddbmm", "aten::linear", "aten::matmul", "scaled_mm")),
-    ("normalisation", ("norm",)),
+    ("normalisation", ("norm", "moments")),  # group norm's CUDA kernels: RowwiseMomentsCUDAKernel, ...
     ("copy", ("memcpy", "memset", "copy", "aten::cat", "aten::to", "contiguous")),
     ("elementwise", ("elementwise", "vectorized", "reduce", "aten::add", "aten::sub", "aten::mul", "aten::div",
                      "aten::silu", "aten::gelu", "aten::where", "aten::clamp", "aten::pow", "aten::sqrt")),

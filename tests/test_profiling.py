@@ -23,7 +23,8 @@ from test_cli import sdbridge
     ("## Call CompiledFxGraph fdn7ixvxl7nxgfkzwv2nuqhmbe3ug35xpet35zpds7y4d3ngvn52 ##", "fused (inductor)"),  # CPU
     ("Memcpy HtoD (Pinned -> Device)", "copy"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise"),
-    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "other"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "normalisation"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, c10::Half, float>", "attention"),
     ("aten::mkldnn_convolution", "convolution"),
     ("aten::addmm", "matrix product"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
