@@ -84,7 +84,7 @@ TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --hei
 SD15="${GPU_CHECK_SD15:---arch sd15 --steps 4 --cfg self --width 512 --height 512}"
 case "$PART" in
   turbo)
-    bench 150 sd_turbo_1step_eager $TURBO --frames 300 --warmup 30 --time-limit 30 --runtime
+    bench 150 sd_turbo_1step_eager $TURBO --cuda-graphs off --frames 300 --warmup 30 --time-limit 30 --runtime
     bench 240 sd_turbo_1step_compiled_modules $TURBO --backend compiled --cuda-graphs modules --frames 600 --warmup 30 \
       --time-limit 30 --prompt-changes 8
     ;;
@@ -98,7 +98,7 @@ case "$PART" in
     ;;
   latency)
     # issue 3: the runtime's overhead and latency (also at a steady 30 fps input) with sd-turbo, eager and step graph
-    bench 70 sd_turbo_1step_eager_runtime $TURBO --frames 150 --warmup 20 --time-limit 20 --runtime
+    bench 70 sd_turbo_1step_eager_runtime $TURBO --cuda-graphs off --frames 150 --warmup 20 --time-limit 20 --runtime
     bench 130 sd_turbo_1step_step_runtime $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 20 --runtime
     ;;
   sd15)
@@ -109,7 +109,7 @@ case "$PART" in
     # session 4's work, about 6 min on a fresh machine: the checks first, then sd-turbo plain eager against
     # eager in one CUDA graph (no compile), then compiled with the step graph; each synchronous and pipelined
     graph_check 200
-    bench 90 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 12 --pipelined
+    bench 90 sd_turbo_1step_eager $TURBO --cuda-graphs off --frames 200 --warmup 20 --time-limit 12 --pipelined
     bench 75 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 10 --pipelined \
       --size-changes 6
     bench 180 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
@@ -142,7 +142,7 @@ case "$PART" in
     bench 170 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 10 \
       --pipelined --prompt-changes 8
     bench 170 sd15_4step_self_compiled_step $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 10 --pipelined
-    bench 60 sd_turbo_1step_eager $TURBO --frames 200 --warmup 20 --time-limit 8 --pipelined
+    bench 60 sd_turbo_1step_eager $TURBO --cuda-graphs off --frames 200 --warmup 20 --time-limit 8 --pipelined
     bench 70 sd_turbo_1step_eager_step $TURBO --cuda-graphs step --frames 600 --warmup 30 --time-limit 8 --pipelined \
       --size-changes 6
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
