@@ -15,7 +15,7 @@ import torch
 
 from pipeline import StreamConfig, StreamDiffusion, random_components, t_index_list_from_strength
 
-from .sdpa import sdpa_choice
+from .kernels import kernel_choices
 
 log = logging.getLogger("sdbridge.bench")
 
@@ -47,7 +47,7 @@ class BenchSettings:
     pipelined: bool = False  # also time the same engine pipelined: each frame submitted before the previous result is taken
     profile_frames: int = 0  # also run this many frames under torch.profiler: where the time goes, by kind of kernel
     cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
-    sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (see SDPA_KERNELS)
+    sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (bridge/kernels.py)
 
 
 def _load_average() -> float | None:
@@ -188,15 +188,10 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         log.info("models ready in %.1f s", time.perf_counter() - started)
     frames = synthetic_frames(settings)
     results = []
-    benchmark_before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = settings.cudnn_benchmark or benchmark_before  # process-wide: restored below
-    try:
-        with sdpa_choice(settings.sdpa):
-            for batched in (True, False) if sequential else (True,):
-                _run_one(settings, base, components, frames, results, batched=batched, runtime=runtime,
-                         prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark_before
+    with kernel_choices(cudnn_benchmark=settings.cudnn_benchmark, sdpa=settings.sdpa):
+        for batched in (True, False) if sequential else (True,):
+            _run_one(settings, base, components, frames, results, batched=batched, runtime=runtime,
+                     prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size)
     if sequential:
         rows = [r for r in results if not r["pipelined"]]
         rows[0]["speedup_vs_sequential"] = rows[0]["fps"] / rows[1]["fps"]

@@ -21,7 +21,8 @@ REQUIRED = {"arch", "backend", "steps", "cfg_type", "width", "height", "frame_bu
 def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_overhead(tmp_path):
     out = tmp_path / "bench.json"
     result = sdbridge("bench", "--arch", "tiny", "--steps", "2", "--width", "64", "--height", "64", "--frames", "8",
-                      "--warmup", "2", "--device", "cpu", "--sequential", "--runtime", "--json", str(out), timeout=300)
+                      "--warmup", "2", "--device", "cpu", "--sequential", "--runtime", "--profile", "2", "--json", str(out),
+                      timeout=300)
     assert result.returncode == 0, result.stderr
     batched, sequential = json.loads(out.read_text())
     for run in (batched, sequential):
@@ -41,6 +42,8 @@ def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_ove
     assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
     assert overhead["thread_cpu_ms_per_frame"]["inference"] > 0
     assert "through the runtime" in result.stdout and "alternating rounds" in result.stdout
+    assert batched["profile"]["frames"] == 2 and batched["profile"]["by_kind"] and "profile" not in sequential
+    assert "profile (cpu operators (own time)" in result.stdout
     # two steps: the frame leaves one call after it went in
     assert overhead["latency_budget_ms"] == pytest.approx(2 * overhead["engine_ms"] + 1000.0 / overhead["source_fps"])
     print("\n" + result.stdout)
@@ -170,21 +173,3 @@ def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():
     text = _gap_parts_text(parts, 12.34)
     assert text == "; largest: call 15.0 + before it 15.0 ms, 20 ms after a change; prompt encode up to 12.3 ms"
 
-
-def test_cudnn_benchmark_is_on_while_the_engine_runs_and_restored_after(tiny_components, monkeypatch):
-    """`--cudnn-benchmark` sets torch's process-wide flag for the configuration's frames (the
-    warm-up, where cuDNN would time its algorithms, included) and puts it back afterwards."""
-    import torch
-
-    from bridge import benchmarking
-
-    seen = []
-    time_calls = benchmarking.time_calls
-    monkeypatch.setattr(benchmarking, "time_calls",
-                        lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or time_calls(*a, **k))
-    assert torch.backends.cudnn.benchmark is False
-    settings = benchmarking.BenchSettings(arch="tiny", steps=1, width=32, height=32, frames=2, warmup=1, device="cpu",
-                                          cudnn_benchmark=True)
-    (result,) = benchmarking.run_benchmark(settings, components=tiny_components)
-    assert seen == [True] and result["cudnn_benchmark"] is True
-    assert torch.backends.cudnn.benchmark is False

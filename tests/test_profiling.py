@@ -1,8 +1,7 @@
-"""`sdbridge bench --profile N`: the kinds given to kernel and operator names (real names, as
-torch's profiler reports them on an H100/H200 and on this CPU), the per-frame arithmetic, and a
-real profile of the tiny engine on this CPU through run_benchmark and the CLI."""
-
-import json
+"""`sdbridge bench --profile N`: the kinds given to kernel and operator names (GPU names of the
+forms cuDNN, cuBLAS, flash attention and inductor give their kernels; operator names as this
+CPU's profile shows them), the per-frame arithmetic, and a real profile of the tiny engine on
+this CPU (the CLI's is in test_bench). And the kernel choices (`--sdpa`, `--cudnn-benchmark`)."""
 
 import pytest
 
@@ -68,15 +67,7 @@ def test_bench_profiles_the_engine_it_timed(tiny_components):
     assert profile["wall_ms_per_frame"] > 0
 
 
-@pytest.mark.slow
-def test_bench_profile_flag_writes_and_prints_it(tmp_path):
-    out = tmp_path / "bench.json"
-    result = sdbridge("bench", "--arch", "tiny", "--steps", "1", "--width", "32", "--height", "32", "--frames", "3",
-                      "--warmup", "1", "--device", "cpu", "--profile", "2", "--json", str(out), timeout=300)
-    assert result.returncode == 0, result.stderr
-    (run,) = json.loads(out.read_text())
-    assert run["profile"]["frames"] == 2 and run["profile"]["by_kind"]
-    assert "profile (cpu operators (own time)" in result.stdout and "convolution" in result.stdout
+def test_a_negative_profile_count_is_refused_before_anything_runs():
     refused = sdbridge("bench", "--arch", "tiny", "--profile", "-1", timeout=60)
     assert refused.returncode == 2 and "--profile >= 0" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -87,7 +78,6 @@ def test_the_sdpa_choice_reaches_the_attention_kernels_and_is_undone(tiny_compon
     import torch
 
     from bridge.benchmarking import BenchSettings, run_benchmark
-    from bridge.sdpa import sdpa_choice
 
     def attention_ops(sdpa: str) -> set[str]:
         settings = BenchSettings(arch="tiny", steps=1, width=32, height=32, frames=2, warmup=1, device="cpu",
@@ -99,5 +89,21 @@ def test_the_sdpa_choice_reaches_the_attention_kernels_and_is_undone(tiny_compon
     assert any("flash" in name for name in attention_ops("auto"))
     assert not any("flash" in name for name in attention_ops("math"))
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+def test_kernel_choices_hold_inside_and_are_put_back():
+    import torch
+
+    from bridge.kernels import kernel_choices
+
+    assert not torch.backends.cudnn.benchmark and torch.backends.cuda.flash_sdp_enabled()
+    with kernel_choices(cudnn_benchmark=True, sdpa="cudnn"):
+        assert torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cuda.flash_sdp_enabled()
+    with kernel_choices():  # the defaults change nothing
+        assert not torch.backends.cudnn.benchmark and torch.backends.cuda.flash_sdp_enabled()
     with pytest.raises(ValueError, match="sdpa: 'fast' must be one of auto, flash, efficient, cudnn, math"):
-        sdpa_choice("fast")
+        with kernel_choices(sdpa="fast"):
+            pass

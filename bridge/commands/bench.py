@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..profiling import profile_line
-from ..sdpa import SDPA_KERNELS
+from ..kernels import SDPA_KERNELS
 
 log = logging.getLogger("sdbridge.bench")
 
