@@ -27,7 +27,7 @@
 #   profile: sd15 4 steps and sd-turbo compiled with --profile (kernel time by kind), each against --cudnn-benchmark,
 #          sd15's kernels without graphs, then sd15 with cuDNN's attention and with fp8 (16,384 rows per layer)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
-#          of BUDGET seconds (default 540): graph_check, sd-turbo compiled step graph with prompt changes, sd15
+#          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
 set -u
 PART="${1:-turbo}"
