@@ -25,7 +25,8 @@
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
 #   profile: sd15 4 steps and sd-turbo compiled with --profile (kernel time by kind), each against --cudnn-benchmark,
-#          sd15's kernels without graphs, then sd15 with cuDNN's attention and with fp8 (16,384 rows per layer)
+#          eager's step graph against it with --channels-last, sd15's kernels without graphs, then sd15 with
+#          cuDNN's attention and with fp8 (16,384 rows per layer); BUDGET=550 cuts the last one or two
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -156,13 +157,16 @@ case "$PART" in
       --pipelined --profile 20
     bench 80 sd15_4step_self_compiled_step_cudnn_bm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark
-    # the same compiled modules launched one by one: their kernels, should the graph's replays hide them
-    bench 70 sd15_4step_self_compiled_nographs_profile $SD15 --backend compiled --cuda-graphs off --frames 50 --warmup 10 \
-      --time-limit 5 --profile 10
     bench 150 sd_turbo_1step_compiled_step_profile $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --profile 20
     bench 80 sd_turbo_1step_compiled_step_cudnn_bm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark
+    # eager's step graph with its weights in channels_last, against the same without (no compilation)
+    bench 60 sd_turbo_1step_eager_step $TURBO --frames 400 --warmup 20 --time-limit 5 --pipelined
+    bench 60 sd_turbo_1step_eager_step_nhwc $TURBO --frames 400 --warmup 20 --time-limit 5 --pipelined --channels-last
+    # the same compiled modules launched one by one: their kernels, should the graph's replays hide them
+    bench 70 sd15_4step_self_compiled_nographs_profile $SD15 --backend compiled --cuda-graphs off --frames 50 --warmup 10 \
+      --time-limit 5 --profile 10
     bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --sdpa cudnn --profile 10
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \

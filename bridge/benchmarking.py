@@ -47,6 +47,7 @@ class BenchSettings:
     pipelined: bool = False  # also time the same engine pipelined: each frame submitted before the previous result is taken
     profile_frames: int = 0  # also run this many frames under torch.profiler: where the time goes, by kind of kernel
     cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
+    channels_last: bool = False  # eager: the modules' weights in channels_last (compiled does it on CUDA always)
     sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (bridge/kernels.py)
 
 
@@ -207,6 +208,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["inductor_options"] = dict(settings.inductor)
     if settings.fp8:
         options["fp8"] = True
+    if settings.channels_last:
+        options["channels_last"] = True
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     if base.device.type == "cuda":

@@ -107,3 +107,25 @@ def test_kernel_choices_hold_inside_and_are_put_back():
     with pytest.raises(ValueError, match="sdpa: 'fast' must be one of auto, flash, efficient, cudnn, math"):
         with kernel_choices(sdpa="fast"):
             pass
+
+
+def test_channels_last_eager_gives_the_same_frames_with_its_weights_in_nhwc():
+    """`--channels-last` (eager): the convolutions' weights in channels_last, the frames those of
+    the same weights in the usual layout (fresh models: the option changes the shared modules)."""
+    import numpy as np
+    import torch
+
+    from pipeline import StreamConfig, StreamDiffusion, random_components
+
+    config = StreamConfig(width=32, height=32, device="cpu", dtype="float32", t_index_list=(20, 35))
+    frames = [np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8) for k in range(4)]
+    outputs = {}
+    for layout in (False, True):
+        components = random_components("tiny", dtype=torch.float32, device="cpu", seed=0)
+        engine = StreamDiffusion(components, config, backend_options={"channels_last": layout})
+        convs = [m.weight for module in (components.unet, components.vae) for m in module.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1]  # 1x1: both
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == layout for w in convs)
+        outputs[layout] = [engine(frame).astype(int) for frame in frames]
+    for plain, nhwc in zip(outputs[False], outputs[True]):
+        assert np.abs(plain - nhwc).max() <= 1

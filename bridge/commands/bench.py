@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="on CUDA: cuDNN times its algorithms for each convolution shape at the warm-up and keeps "
                              "the fastest (torch.backends.cudnn.benchmark), to compare with its heuristics' choice")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="eager backend: the UNet's and VAE's weights in channels_last (NHWC), as the compiled "
+                             "backend has them on CUDA")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
-            cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa,
+            cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -171,6 +174,7 @@ def format_table(results: list[dict]) -> str:
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
         backend += "/fp8" if r.get("fp8") else ""
         backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
+        backend += "/nhwc" if r.get("channels_last") else ""
         backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(

@@ -89,10 +89,13 @@ class EagerBackend(StaticPrompt):
     name = "eager"
 
     def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str | None = None,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, channels_last: bool = False) -> None:
         """`cuda_graphs`: "step" (CUDA's default: the stream captures its whole step in one CUDA
         graph; see the module docstring) or "off" (the modules as they are; always on a CPU).
-        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py)."""
+        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py).
+        `channels_last`: the UNet's and the VAE's weights in channels_last (NHWC), the layout
+        tensor-core convolutions want; the compiled backend does this on CUDA always. Opt-in here
+        until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules."""
         on_cuda = next(components.unet.parameters()).device.type == "cuda"
         self.cuda_graphs = eager_cuda_graphs(cuda_graphs, on_cuda=on_cuda)  # what runs
         self.unet = components.unet
@@ -103,6 +106,9 @@ class EagerBackend(StaticPrompt):
                 raise BackendUnavailable(f"fp8: {reason}; run without --fp8")
             self.unet, self.fp8_layers = fp8_unet(self.unet)
         self.vae = components.vae
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         self.cache = CrossAttentionCache.install(self.unet) if kv_cache else None
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
         self._vae_is_tiny = hasattr(self.vae.config, "encoder_block_out_channels")
