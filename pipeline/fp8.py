@@ -57,11 +57,16 @@ class Fp8Linear(torch.nn.Module):
         if rows % ALIGN:  # fp8 kernels need aligned sizes: the dequantized weight, in x's dtype
             weight = (self.weight.float() * self.weight_scale).to(x.dtype)
             return F.linear(x, weight, self.bias)
-        x_q, x_scale = quantize(x.reshape(rows, self.in_features).contiguous())  # _scaled_mm: row-major A
+        x_q, x_scale = self.quantized_rows(x)
         out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def quantized_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x as (rows, in_features) in e4m3, row-major whatever x's layout (CUDA's _scaled_mm
+        refuses another: the channels_last UNet hands this layer transposed views), and its scale."""
+        return quantize(x.reshape(-1, self.in_features).contiguous())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"

@@ -41,21 +41,18 @@ def test_fp8_linear_is_close_to_the_linear_it_replaces(rows, monkeypatch):
     assert layer.weight.dtype == FP8 and torch.equal(layer.bias, linear.bias)
 
 
-def test_a_transposed_input_reaches_scaled_mm_row_major(monkeypatch):
+def test_a_transposed_input_is_quantized_row_major():
     """On CUDA torch._scaled_mm refuses a first operand that is not row-major ("self must be
     row_major"), which the channels_last UNet's transformer blocks hand the layer (seen on an
-    H200). The CPU's kernel takes any layout, so the layout is checked where it is passed."""
+    H200). The CPU's kernel takes any layout, so the operand the layer makes is checked."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96)
-    layer = Fp8Linear(linear)
-    layouts = []
-    scaled_mm = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: layouts.append(a[0].is_contiguous()) or scaled_mm(*a, **k))
+    layer = Fp8Linear(torch.nn.Linear(64, 96))
     x = torch.randn(1, 64, 32).transpose(1, 2)  # (1, 32 rows, 64): each row strided, as from an NCHW map
     assert not x.reshape(32, 64).is_contiguous()
-    got = layer(x)
-    assert layouts == [True]
-    assert torch.equal(got, layer(x.contiguous()))
+    x_q, scale = layer.quantized_rows(x)
+    assert x_q.shape == (32, 64) and x_q.dtype == FP8 and x_q.is_contiguous()
+    assert torch.equal(x_q.float() * scale, quantize(x.reshape(32, 64))[0].float() * scale)
+    assert torch.equal(layer(x), layer(x.contiguous()))
 
 
 def test_only_the_transformer_layers_convert_and_the_shared_unet_is_untouched(tiny_components):
