@@ -172,4 +172,3 @@ def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():
     assert _gap_parts(started[:1], finished[:1], changed_at=[]) is None
     text = _gap_parts_text(parts, 12.34)
     assert text == "; largest: call 15.0 + before it 15.0 ms, 20 ms after a change; prompt encode up to 12.3 ms"
-
