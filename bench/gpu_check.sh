@@ -24,9 +24,11 @@
 #   prompt: prompt changes with the text encoder run without its CUDA graph (part next runs them with it)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
-#   profile: sd15 4 steps and sd-turbo compiled with --profile (kernel time by kind), each against --cudnn-benchmark,
-#          eager's step graph against it with --channels-last, sd15's kernels without graphs, then sd15 with
-#          cuDNN's attention and with fp8 (16,384 rows per layer); BUDGET=550 cuts the last one or two
+#   profile: sd-turbo and sd15 4 steps compiled with --profile (kernel time by kind), each against --fuse-math,
+#          sd15 with cuDNN's attention, both against --cudnn-benchmark, eager's step graph against it with
+#          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
+#          cuts the last few
+#   fused: graph_check with the fused step math (bench/graph_check.py --fuse-math)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -69,12 +71,13 @@ bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SEC
   [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
 }
 
-graph_check() {  # graph_check SECONDS: bench/graph_check.py, killed after SECONDS; a failure is said loudly, and
-  # the benchmarks still run (device time is scarce; their JSON is then read knowing the graphs differ)
+graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed after SECONDS; a failure is said loudly,
+  # and the benchmarks still run (device time is scarce; their JSON is then read knowing the graphs differ)
   local seconds
   seconds=$(cut_to_budget "$1")
-  echo "== graph_check (limit ${seconds}s)"
-  timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$OUT/graph_check.json" > "$OUT/graph_check.log" 2>&1
+  shift
+  echo "== graph_check $* (limit ${seconds}s)"
+  timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$OUT/graph_check.json" "$@" > "$OUT/graph_check.log" 2>&1
   local rc=$?
   echo "   exit $rc"
   tail -n 3 "$OUT/graph_check.log"
@@ -152,14 +155,23 @@ case "$PART" in
       --time-limit 5 --prompt-changes 8 --no-text-encoder-graph
     ;;
   profile)  # where the time goes, and leads against a baseline of the same run (about 11 min on a fresh machine;
-    # BUDGET cuts the last): the profile first, then what reuses its compilation, then what compiles anew
-    bench 170 sd15_4step_self_compiled_step_profile $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --profile 20
-    bench 80 sd15_4step_self_compiled_step_cudnn_bm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --cudnn-benchmark
+    # BUDGET=550 cuts the last few): each model's profile first (its compilation), then what reuses it
     bench 150 sd_turbo_1step_compiled_step_profile $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --profile 20
+    # the arithmetic between the modules compiled too (a few fused kernels instead of ~40)
+    bench 90 sd_turbo_1step_compiled_step_fused $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --fuse-math
+    bench 170 sd15_4step_self_compiled_step_profile $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --profile 20
+    # sd15's heads are 40 wide at 4,096 tokens (flash attention pads them to 64): cuDNN's attention instead
+    bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --sdpa cudnn --profile 10
+    bench 90 sd15_4step_self_compiled_step_fused $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --fuse-math
+    # cuDNN timing its convolution algorithms, against its heuristics' choice
     bench 80 sd_turbo_1step_compiled_step_cudnn_bm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --cudnn-benchmark
+    bench 80 sd15_4step_self_compiled_step_cudnn_bm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark
     # eager's step graph with its weights in channels_last, against the same without (no compilation)
     bench 60 sd_turbo_1step_eager_step $TURBO --frames 400 --warmup 20 --time-limit 5 --pipelined
@@ -167,16 +179,17 @@ case "$PART" in
     # the same compiled modules launched one by one: their kernels, should the graph's replays hide them
     bench 70 sd15_4step_self_compiled_nographs_profile $SD15 --backend compiled --cuda-graphs off --frames 50 --warmup 10 \
       --time-limit 5 --profile 10
-    bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --sdpa cudnn --profile 10
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --fp8
+    ;;
+  fused)  # the step graph with the fused math against the same without a graph, as graph_check does for the plain math
+    graph_check 170 --fuse-math
     ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

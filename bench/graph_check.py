@@ -4,9 +4,10 @@ crossing 1, delta, strength, seed, a step count and back), for numpy frames and 
 already on the GPU (float and 8-bit, which must come back on the GPU), with several frames in
 flight (`submit`: side-stream copies, pinned buffers); and the eager backend's step graph gives
 the eager modules' frames; and the text encoder's CUDA graph gives the embeddings of the encoder
-run without it. Writes a JSON verdict; exits 1 when a check fails.
+run without it. Writes a JSON verdict; exits 1 when a check fails. `--fuse-math`: both compiled
+engines compile the arithmetic between the modules too (pipeline/step_math.py).
 
-    python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256]
+    python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256] [--fuse-math]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     parser.add_argument("--arch", default="tiny")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--fuse-math", action="store_true", help="the compiled engines with fused step math")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("graph_check: no CUDA device here")
@@ -57,12 +59,13 @@ def main() -> int:
                           t_index_list=(20, 40), guidance_scale=1.4, seed=5)
     components = random_components(args.arch, dtype=torch.float16, device="cuda", seed=0)
     engines = {
-        mode: StreamDiffusion(components, config, backend="compiled", backend_options={"cuda_graphs": mode})
+        mode: StreamDiffusion(components, config, backend="compiled",
+                              backend_options={"cuda_graphs": mode, "fuse_math": args.fuse_math})
         for mode in ("off", "step")
     }
     rng = np.random.default_rng(0)
     report = {"arch": args.arch, "size": args.size, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "changes": []}
+              "fuse_math": args.fuse_math, "changes": []}
     ok = True
     changes = CHANGES + size_changes(args.size)
     for name, change in changes:

@@ -49,6 +49,7 @@ class BenchSettings:
     cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
     channels_last: bool = False  # eager: the modules' weights in channels_last (compiled does it on CUDA always)
     sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (bridge/kernels.py)
+    fuse_math: bool = False  # compiled: the arithmetic between the modules compiled too (pipeline/step_math.py)
 
 
 def _load_average() -> float | None:
@@ -210,6 +211,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["fp8"] = True
     if settings.channels_last:
         options["channels_last"] = True
+    if settings.fuse_math:
+        options["fuse_math"] = True
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     if base.device.type == "cuda":
@@ -242,6 +245,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
             "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
             "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
+            "step_math_fused": engine._math.fused,  # the arithmetic between the modules compiled (--fuse-math)
             "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
             "host_cpus": os.cpu_count(),
         })

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .schedule import lcm_denoise
+from .schedule import lcm_denoise, to_epsilon
 
 if TYPE_CHECKING:
     from .config import StreamConfig
@@ -80,6 +80,41 @@ RULES: dict[str, GuidanceRule] = {
 def combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """eps = eps_neg + w (eps_cond - eps_neg) (Ho & Salimans 2022, eq. 6)."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def guided_x0(
+    raw: torch.Tensor,
+    x_in: torch.Tensor,
+    alpha_sqrt_in: torch.Tensor,
+    beta_sqrt_in: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_sqrt: torch.Tensor,
+    beta_sqrt: torch.Tensor,
+    c_skip: torch.Tensor,
+    c_out: torch.Tensor,
+    stock: torch.Tensor | None,
+    delta: torch.Tensor,
+    guidance_scale: torch.Tensor,
+    *,
+    uncond: int,
+    guided: bool,
+    cfg_type: str,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Everything after one UNet call: (x0, guided eps, stock as used).
+
+    `raw` (uncond + rows, 4, h, w) is the UNet's output for `x_in`, the latents `x_t` (rows, ...)
+    with their first `uncond` rows in front again for the negative prompt (0: guidance off, or a
+    rule without negative rows); `*_in` are x_in's coefficients, the others x_t's, all (rows,).
+    `guided`: guidance is on (the cfg type's negative and the guidance scale apply). A pure
+    function of tensors and constants, so the compiled backend can fuse it (pipeline/step_math.py)."""
+    eps_all = to_epsilon(raw, x_in, alpha_sqrt_in, beta_sqrt_in, prediction_type)
+    eps = eps_all[uncond:]
+    if guided:
+        eps_negative, stock = RULES[cfg_type].negative(eps_all[:uncond], stock, delta)
+        eps = combine(eps_negative, eps, guidance_scale)
+    x0 = lcm_denoise(eps, x_t, alpha_sqrt, beta_sqrt, c_skip, c_out)
+    return x0, eps, stock
 
 
 def next_stock_noise(

@@ -41,7 +41,6 @@ from typing import Callable
 
 import torch
 
-from .frames import pixels_to_images, to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +159,12 @@ class StepGraphs:
 
         def body() -> tuple[torch.Tensor, torch.Tensor]:
             stream.state = state
-            images = pixels_to_images(inputs, dtype) if source == "pixels" else inputs
+            images = stream._math.pixels_to_images(inputs, dtype) if source == "pixels" else inputs
             output = stream._step(images)  # replaces stream.state with the step's new tensors
             for buffer, new in zip(_tensors(state), _tensors(stream.state)):
                 if buffer is not None and new is not None and new is not buffer:
                     buffer.copy_(new)
-            return output, to_pixels(output).contiguous()
+            return output, stream._math.pixels_out(output)
 
         if self._replay == "eager":
             output, pixels = body()
@@ -215,7 +214,7 @@ class StepGraphs:
         the frames in flight (`_primed_state`, from the frame's latents) and the last output (the
         frame itself: a bad first output falls back to the input)."""
         stream = self._stream
-        images = pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
+        images = stream._math.pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
         if stream._needs_priming():  # (current is the stream's state)
             primed = stream._primed_state(stream.backend.encode(images))
             current = type(current)(primed.latent_buffer, primed.stock_noise, current.last_output)

@@ -20,12 +20,13 @@ from .frames import (
     FrameKind, HostStaging, PendingFrame, as_tensor, deliver, frame_kind, from_model_output, takes_pixels, to_model_input,
 )
 from .faults import output_faults
-from .guidance import RULES, combine, next_stock_noise, unet_batches, unet_calls
+from .guidance import RULES, unet_batches, unet_calls
 from .models import Components
 from .prompts import PromptEncoder, blend_embeddings
-from .schedule import StepCoefficients, add_noise, lcm_denoise, step_coefficients, to_epsilon
+from .schedule import StepCoefficients, step_coefficients
 from .similarity import SimilarityFilter
-from .step_graph import StepGraphs
+from .step_math import PLAIN
+from .step_graph import StepGraphs, graph_key
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class StreamDiffusion:
         self._capturing = _Capturing()
         self.components = components.to(config.device, config.dtype)
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
+        self._math = getattr(self.backend, "step_math", PLAIN)  # the arithmetic between the modules, maybe fused
         replay = getattr(self.backend, "step_graphs", None)  # "cuda": the step, and the text encoder, as CUDA graphs
         self.prompts = PromptEncoder(
             self.components.tokenizer, self.components.text_encoder, cache_size=config.prompt_cache_size,
@@ -124,6 +126,7 @@ class StreamDiffusion:
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
+        self._dry_runs = DryRuns()  # configurations whose step ran once without a graph (`_dry_run`)
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
@@ -260,9 +263,8 @@ class StreamDiffusion:
         previous, self.config = self.config, new_config
         try:
             self._configure(new_config, previous)
-            missing_graph = self._graphs is not None and new_config not in self._graphs
             resized = new_config.size != previous.size
-            if unet_batches(new_config) != unet_batches(previous) or missing_graph or resized:  # steps, cfg, size
+            if unet_batches(new_config) != unet_batches(previous) or not self._stepped(new_config) or resized:
                 self.warm_up()
         except BaseException:  # all or nothing: derive everything from the previous settings again
             self.config = previous
@@ -296,14 +298,18 @@ class StreamDiffusion:
             batches |= set(unet_batches(config.replace(t_index_list=tuple(range(count)))))
         for sized in [config, *resized]:
             self._warm_up_backend(sized, sorted(batches))
-        if self._graphs is None:
+        if self._graphs is not None:
+            ready = self._graphs.capture  # each configuration's step graph
+        elif self._math.fused:
+            ready = self._dry_run  # no graph's capture runs the step: a dry run compiles the fused math
+        else:
             return
-        self._capture_both_sides(config)  # the current settings' step graphs, guidance on and off
+        self._ready_both_sides(config, ready)  # the current settings, guidance on and off
         for sized in [config, *resized]:
             for count in [sized.denoising_steps, *counts]:
                 other = sized.replace(t_index_list=tuple(range(count))) if count != sized.denoising_steps else sized
                 if other != config:
-                    self._capture_other(other)
+                    self._ready_other(other, ready)
 
     def _warm_up_backend(self, config: StreamConfig, batches: list[int]) -> None:
         """The backend's warm-up for `config`'s size: latents (b, 4, h, w), embeds (1, 77, D),
@@ -315,18 +321,26 @@ class StreamDiffusion:
             images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
         self.backend.warmup(batches, latents=latents, embeds=self._prompt_state.cond, images=images)
 
-    def _capture_both_sides(self, config: StreamConfig) -> None:
-        """The step graphs of `config` with guidance on and off (one when cfg_type is none)."""
-        self._graphs.capture(config)
+    def _ready_both_sides(self, config: StreamConfig, ready) -> None:
+        """`ready` (a step graph's capture, or a dry run) for `config` with guidance on and off
+        (once when cfg_type is none)."""
+        ready(config)
         if config.cfg_type != "none":
             flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
-            self._graphs.capture(config.replace(guidance_scale=flipped))
+            ready(config.replace(guidance_scale=flipped))
 
-    def _capture_other(self, other: StreamConfig) -> None:
-        """Capture `other`'s step graphs (another step count or size) now, reading the step
-        coefficients and noise this stream will keep for it (`_kept_tensors`): when an update
-        later switches to it, `_configure` fills those same tensors with the real values."""
-        if other in self._graphs:
+    def _stepped(self, config: StreamConfig) -> bool:
+        """Whether `config`'s step is readied as warm_up readies it: its step graph captured, or
+        with fused math and no graphs, its dry run done (True when neither applies)."""
+        if self._graphs is not None:
+            return config in self._graphs
+        return config in self._dry_runs or not self._math.fused
+
+    def _ready_other(self, other: StreamConfig, ready) -> None:
+        """`ready` `other` (another step count or size) now, with the step coefficients and
+        noise this stream will keep for it (`_kept_tensors`): when an update later switches to
+        it, `_configure` fills those same tensors with the real values."""
+        if self._stepped(other):
             return
         current = self._rows, self._noise
         try:
@@ -336,9 +350,34 @@ class StreamDiffusion:
                                                  other.dtype)
                 self._rows = self._kept_tensors("rows", coefficients.repeat_per_frame(other.frame_buffer_size))
             self._noise = self._kept_tensors("noise", self._make_noise(other))
-            self._capture_both_sides(other)
+            self._ready_both_sides(other, ready)
         finally:
             self._rows, self._noise = current
+
+    def _dry_run(self, config: StreamConfig) -> None:
+        """Run `config`'s step on two black frames and forget them (state, bad-output counters
+        and the txt2img generator put back): without a step graph, this is what compiles the fused
+        step math (pipeline/step_math.py) for `config` before frames flow. Two, because a first
+        frame differs from the next for the compiler: the frames in flight are filled from it, and
+        its fallback output is the input itself."""
+        if config in self._dry_runs:
+            return
+        saved = self.state, self._caught.clone(), self._txt2img_generator.get_state()
+        try:
+            with torch.inference_mode(), self.capturing(config):
+                self.state = StreamState()  # nothing in flight, no last output: as after a start
+                shape = (config.frame_buffer_size, 3, config.height, config.width)
+                images = torch.zeros(shape, device=self._noise.device, dtype=self._noise.dtype)
+                for _ in range(2):
+                    if config.mode == "img2img":
+                        self._step(images)
+                    else:
+                        self._finish(self._denoise(latents=None), fallback=None)
+        finally:
+            self.state = saved[0]
+            self._caught.copy_(saved[1])
+            self._txt2img_generator.set_state(saved[2])
+        self._dry_runs.add(config)
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -432,7 +471,7 @@ class StreamDiffusion:
             x_t = torch.randn(noise.shape, generator=self._txt2img_generator, device=noise.device, dtype=noise.dtype)
             latents = x_t
         else:
-            x_t = add_noise(latents, self._noise[:b], first.alpha_sqrt, first.beta_sqrt)  # (b, 4, h, w)
+            x_t = self._math.add_noise(latents, self._noise[:b], first.alpha_sqrt, first.beta_sqrt)  # (b, 4, h, w)
         if not self.config.use_denoising_batch:
             return self._sequential(x_t)
         if self._needs_priming():
@@ -448,7 +487,7 @@ class StreamDiffusion:
         """Fill the frames in flight with the first frame noised to each later step."""
         n, b = self.config.denoising_steps, self.config.frame_buffer_size
         later = self._rows[b:]
-        buffer = add_noise(latents.repeat(n - 1, 1, 1, 1), self._noise[b:], later.alpha_sqrt, later.beta_sqrt)
+        buffer = self._math.add_noise(latents.repeat(n - 1, 1, 1, 1), self._noise[b:], later.alpha_sqrt, later.beta_sqrt)
         stock = self._noise[b:] if RULES[self.config.cfg_type].uses_stock else None
         return StreamState(buffer, stock, self.state.last_output)
 
@@ -465,11 +504,11 @@ class StreamDiffusion:
         if self.config.denoising_steps == 1:
             return x0
         later = self._rows[b:]
-        buffer = add_noise(x0[:-b], self._noise[b:], later.alpha_sqrt, later.beta_sqrt)  # ((n-1)*b, 4, h, w)
+        buffer = self._math.add_noise(x0[:-b], self._noise[b:], later.alpha_sqrt, later.beta_sqrt)  # ((n-1)*b, 4, h, w)
         next_stock = None
         if rule.uses_stock:
             now = self._rows[:-b]
-            next_stock = next_stock_noise(
+            next_stock = self._math.next_stock_noise(
                 eps[:-b], stock[:-b], self._noise[b:], now.alpha_sqrt, now.beta_sqrt, now.c_skip, now.c_out,
                 later.alpha_sqrt, later.beta_sqrt,
             )
@@ -488,11 +527,11 @@ class StreamDiffusion:
             following = self._rows[(i + 1) * b:(i + 2) * b]
             noise = self._noise[(i + 1) * b:(i + 2) * b]
             if rule.uses_stock:
-                stock = next_stock_noise(
+                stock = self._math.next_stock_noise(
                     eps, stock, noise, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip, rows.c_out,
                     following.alpha_sqrt, following.beta_sqrt,
                 )
-            x_t = add_noise(x0, noise, following.alpha_sqrt, following.beta_sqrt)
+            x_t = self._math.add_noise(x0, noise, following.alpha_sqrt, following.beta_sqrt)
         return x0
 
     def _guided_step(self, x_t: torch.Tensor, rows: StepCoefficients, stock: torch.Tensor | None, *, first_step_rows: int):
@@ -503,13 +542,11 @@ class StreamDiffusion:
         x_in = torch.cat([x_t[:uncond], x_t], dim=0) if uncond else x_t  # (uncond + count, 4, h, w)
         rows_in = StepCoefficients(*(torch.cat([v[:uncond], v]) for v in rows.as_tuple())) if uncond else rows
         raw = self.backend.denoise(x_in, rows_in.timesteps, self._condition(uncond, count))
-        eps_all = to_epsilon(raw, x_in, rows_in.alpha_sqrt, rows_in.beta_sqrt, self.components.schedule.prediction_type)
-        eps = eps_all[uncond:]
-        if config.guidance_active:
-            eps_negative, stock = rule.negative(eps_all[:uncond], stock, self._delta)
-            eps = combine(eps_negative, eps, self._guidance_scale)
-        x0 = lcm_denoise(eps, x_t, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip, rows.c_out)
-        return x0, eps, stock
+        return self._math.guided_x0(
+            raw, x_in, rows_in.alpha_sqrt, rows_in.beta_sqrt, x_t, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip,
+            rows.c_out, stock, self._delta, self._guidance_scale, uncond=uncond, guided=config.guidance_active,
+            cfg_type=config.cfg_type, prediction_type=self.components.schedule.prediction_type,
+        )
 
     def _prepare_conditions(self) -> None:
         """Ready every UNet batch layout of the current settings for the backend (a compiled
@@ -534,18 +571,31 @@ class StreamDiffusion:
         """Decode; a bad output (see `output_faults`) is replaced by the last good one, or by the
         input before there is one."""
         output = self.backend.decode(x0)  # (b, 3, H, W)
-        faults = output_faults(output, fallback)  # (2,) int64 on the device: non-finite, black
         previous = self.state.last_output
         if previous is None:
             previous = fallback if fallback is not None else torch.zeros_like(output)
-        if output.device.type == "cpu":  # nothing runs asynchronously: branch, and copy nothing when good
+        if output.device.type == "cpu" and not self._math.fused:  # nothing runs asynchronously: branch,
+            faults = output_faults(output, fallback)  # and copy nothing when good
             if faults.any():
                 output = previous
         else:  # select on the device: no host synchronisation
-            output = torch.where(faults.any(), previous, output)
+            output, faults = self._math.keep_good(output, previous, fallback)  # faults: (2,) non-finite, black
         self._caught.add_(faults)
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
+
+
+class DryRuns:
+    """The step-graph keys (`graph_key`) of the configurations a dry run has readied."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple] = set()
+
+    def __contains__(self, config) -> bool:
+        return graph_key(config) in self._keys
+
+    def add(self, config) -> None:
+        self._keys.add(graph_key(config))
 
 
 def _in_place(old, new):

@@ -272,7 +272,7 @@ def test_cuda_graph_bookkeeping_on_the_cpu(tiny_components, monkeypatch):
 def test_options_and_errors_are_one_line(tiny_components, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"backend_options: 'eager' has no option 'compile_backend' \(its options: channels_last, cuda_graphs, fp8\)"):
         make_backend("eager", tiny_components, kv_cache=True, compile_backend="inductor")
-    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fp8, fullgraph, inductor_options\)"):
+    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fp8, fullgraph, fuse_math, inductor_options\)"):
         make_backend("compiled", tiny_components, kv_cache=True, mode="max-autotune")
 
     from torch._dynamo import eval_frame
@@ -346,12 +346,13 @@ def test_bench_with_the_compiled_backend(inductor_cache, tmp_path, capsys):
     out = tmp_path / "bench.json"
     result, seconds = _sdbridge("bench", "--arch", "tiny", "--backend", "compiled", "--steps", "1", "--cfg", "self",
                                 "--width", str(SIZE), "--height", str(SIZE), "--frames", "5", "--warmup", "1",
-                                "--device", "cpu", "--json", str(out), cache=inductor_cache, timeout=170)
+                                "--device", "cpu", "--fuse-math", "--json", str(out), cache=inductor_cache, timeout=170)
     with capsys.disabled():
-        print(f"\nsdbridge bench --backend compiled: {seconds:.1f} s (inductor cache from the test before)")
+        print(f"\nsdbridge bench --backend compiled --fuse-math: {seconds:.1f} s (inductor cache from the test before)")
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = json.loads(out.read_text())
     assert run["backend"] == "compiled" and run["frames_measured"] == 5 and run["fps"] > 0
+    assert run["fuse_math"] and run["step_math_fused"]  # asked for, and what ran
     assert "compiled" in result.stdout
     assert "compiling the UNet for batch 1" in result.stderr
 

@@ -78,6 +78,9 @@ def register(subparsers) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="eager backend: the UNet's and VAE's weights in channels_last (NHWC), as the compiled "
                              "backend has them on CUDA")
+    parser.add_argument("--fuse-math", action="store_true",
+                        help="compiled backend: the arithmetic between the modules (noising, guidance, LCM, the "
+                             "bad-output check, the pixel conversions) compiled too, a few fused kernels a frame")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
+            fuse_math=args.fuse_math,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,

@@ -12,6 +12,11 @@ Nothing recompiles while a show runs, because nothing a graph was traced with ch
   Guidance scale, delta and seed live in the stream's eager arithmetic, outside the compiled calls;
   the only Python numbers inside are fixed per model (the VAE's latent scale).
 
+With `fuse_math=True` the stream's arithmetic between these calls (pipeline/step_math.py) is
+compiled too, function by function, each into a kernel or two; the stream runs every readied
+configuration's step once before frames flow (the step graph's capture, or a dry run), so those
+compile then. Opt-in until a GPU measures what it saves.
+
 fullgraph=True: the diffusers UNet of the tiny, sd15 and sd-turbo architectures, TAESD, and the K/V
 cache processors (pipeline/attention.py) trace as one graph each; a model that does not is refused
 at warm-up with one line (pass fullgraph=False in backend_options to allow graph breaks).
@@ -48,6 +53,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import BackendUnavailable
+from .. import step_math
 from ..models import Components
 from .eager import Conditioning, EagerBackend, conditioning_tensors
 
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 
 CUDA_GRAPH_MODES = ("step", "modules", "off")
 CUDA_GRAPH_WARMUP_CALLS = 3  # cudagraph trees: an eager warm-up run, the recording, a first replay
+FUSED_MATH_GRAPHS = 64  # graphs allowed per fused function (dynamo's default limit is 8)
 WARMUP_TIMESTEP = 999  # any valid timestep: warm-up only needs the dtype and shape of the real ones
 
 
@@ -87,13 +94,13 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _allow_graphs(count: int) -> None:
+def _allow_graphs(count: int, why: str = "one graph per UNet batch size") -> None:
     """dynamo keeps at most `recompile_limit` graphs per function and backend, then silently runs
     eagerly; this backend wants one per UNet batch size, so raise the limit when a show needs more."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     if getattr(config, name) < count:
-        log.info("raising torch._dynamo.config.%s to %d (one graph per UNet batch size)", name, count)
+        log.info("raising torch._dynamo.config.%s to %d (%s)", name, count, why)
         setattr(config, name, count)
 
 
@@ -112,12 +119,15 @@ class CompiledBackend(EagerBackend):
         cuda_graphs: str = "step",
         inductor_options: dict | None = None,
         fp8: bool = False,
+        fuse_math: bool = False,
     ) -> None:
         """`compile_backend`: torch.compile's backend ("inductor", or a callable such as a
         compilation counter in tests); `fullgraph`: refuse graph breaks; `cuda_graphs`: "step",
         "modules" or "off" (CUDA only; see the module docstring); `inductor_options`: inductor
         settings for these compilations (torch.compile's `options`, e.g. {"conv_1x1_as_mm": True}),
-        part of the compile cache's key; `fp8`: as for the eager backend."""
+        part of the compile cache's key; `fp8`: as for the eager backend; `fuse_math`: the stream's
+        arithmetic between the modules compiled too, a few fused kernels instead of dozens of small
+        ones (pipeline/step_math.py; opt-in until measured on a GPU)."""
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         reason = compile_unavailable_reason()
@@ -156,6 +166,10 @@ class CompiledBackend(EagerBackend):
         self._compiled_unet = compile_call(super()._unet_forward)
         self._compiled_encode = compile_call(super()._vae_encode)
         self._compiled_decode = compile_call(super()._vae_decode)
+        if fuse_math:  # one graph per function and shape: every step count, size and guidance side
+            _allow_graphs(FUSED_MATH_GRAPHS, "the fused step math: one graph per shape")
+            self.step_math = step_math.fused(functools.partial(
+                torch.compile, backend=compile_backend, dynamic=False, fullgraph=fullgraph))
         self._warm: dict[tuple, Callable[[], object]] = {}  # graphs compiled by `warmup`, with the call that did it
         self._recorded_in = threading.current_thread()  # the thread whose cudagraph trees hold the recordings
 

@@ -20,6 +20,7 @@ from ..attention import CrossAttentionCache, LayerKV
 from ..errors import BackendUnavailable
 from ..fp8 import fp8_unet, fp8_unavailable_reason
 from ..models import Components
+from ..step_math import PLAIN
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class EagerBackend(StaticPrompt):
     """`denoise(x_t, t, cond) -> model output`, `encode(images) -> latents`, `decode(latents) -> images`."""
 
     name = "eager"
+    step_math = PLAIN  # the stream's arithmetic between the modules, as written (pipeline/step_math.py)
 
     def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str | None = None,
                  fp8: bool = False, channels_last: bool = False) -> None:
