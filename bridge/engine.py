@@ -114,20 +114,21 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
         raise UserError(str(exc)) from None
     if settings.prompt or settings.negative_prompt:
         engine.set_prompt(settings.prompt, negative_prompt=settings.negative_prompt)
-    if settings.compile_steps:
-        if settings.backend != "compiled":
-            log.warning("--compile-steps has no effect with the %s backend", settings.backend)
-        else:
-            progress(f"compiling for {', '.join(map(str, settings.compile_steps))} step(s) as well ...")
-            try:
-                engine.warm_up(step_counts=settings.compile_steps)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
+    step_counts = settings.compile_steps if readies_step_counts(engine) else ()
+    if settings.compile_steps and not step_counts:
+        log.warning("--compile-steps has no effect with the %s backend here (nothing to compile or capture)",
+                    engine.backend.name)
+    elif step_counts:
+        progress(f"readying {', '.join(map(str, step_counts))} step(s) as well (compiled, or captured) ...")
+        try:
+            engine.warm_up(step_counts=step_counts)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if settings.sizes:
         sizes = [parse_size(size) for size in settings.sizes]
         progress(f"readying {', '.join(settings.sizes)} as well (for /sd/resolution) ...")
         try:
-            engine.warm_up(step_counts=settings.compile_steps if settings.backend == "compiled" else (), sizes=sizes)
+            engine.warm_up(step_counts=step_counts, sizes=sizes)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     hint = speed_hint(engine)
@@ -135,6 +136,14 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
         log.info(hint)
     progress(f"engine ready in {time.perf_counter() - started:.1f} s")
     return engine
+
+
+def readies_step_counts(engine) -> bool:
+    """Whether readying other step counts at start (--compile-steps) does anything for `engine`:
+    the compiled backend compiles them, and a backend with step graphs (eager's default on CUDA)
+    captures theirs; otherwise a new step count costs nothing to switch to."""
+    backend = engine.backend
+    return getattr(backend, "name", None) == "compiled" or getattr(backend, "step_graphs", None) is not None
 
 
 def speed_hint(engine) -> str | None:

@@ -69,7 +69,7 @@ class RunSettings:
     similarity_filter: bool | None = None
     similarity_threshold: float | None = None
     backend: str = "eager"
-    compile_steps: tuple[int, ...] = ()  # compiled backend: also compile these step counts at start
+    compile_steps: tuple[int, ...] = ()  # also ready these step counts at start (compiled: compile; step graphs: capture)
     sizes: tuple[str, ...] = ()  # other sizes ("768x432") /sd/resolution may switch to: readied at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8

@@ -363,6 +363,21 @@ def test_step_counts_readied_at_start_are_captured_then_and_switch_without_a_cap
     assert graphed._graphs.replays == 2 + 6  # every frame, the first and the refill after the switch too
 
 
+def test_compile_steps_readies_step_counts_wherever_there_is_something_to_ready(tiny_components):
+    """`--compile-steps` (bridge.engine): compiled compiles, a backend with step graphs (eager's
+    default on CUDA) captures; plain eager has nothing to ready and the run says so."""
+    from bridge.engine import readies_step_counts
+    from test_compiled_backend import CountingBackend
+
+    config = StreamConfig(**{**BASE, "width": 32, "height": 32})
+    eager = StreamDiffusion(tiny_components, config)
+    compiled = StreamDiffusion(tiny_components, config, backend="compiled",
+                               backend_options={"compile_backend": CountingBackend()})
+    assert not readies_step_counts(eager) and readies_step_counts(compiled)
+    eager.backend.step_graphs = "eager"  # what cuda_graphs="step" sets on CUDA, with the CPU replay
+    assert readies_step_counts(eager)
+
+
 def test_a_refilled_frame_replays_and_a_bad_output_then_falls_back_to_the_input(tiny_components):
     """The first frame after a start and after a seed change fills the frames in flight from itself
     outside the graph, then replays; with nothing good out yet, a bad output gives the input back
