@@ -12,3 +12,12 @@ class BackendUnavailable(ValueError):
 
 class UnsafeWeightsError(ModelLoadError):
     """Pickle-based weights (.ckpt, .pt, .pth, .bin) refused without an explicit opt-in."""
+
+
+def innermost_line(exc: BaseException, limit: int = 300) -> str:
+    """The innermost error's type and first line (dynamo wraps a compiler's error in its own)."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None and inner is not exc:
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

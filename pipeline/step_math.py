@@ -17,15 +17,20 @@ dry run of the step without one), so no frame waits for a compilation.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+import torch._dynamo
 
+from .errors import innermost_line
 from .faults import keep_good
 from .frames import pixels_to_images, to_pixels
 from .guidance import guided_x0, next_stock_noise
 from .schedule import add_noise
+
+log = logging.getLogger(__name__)
 
 
 def pixels_out(images: torch.Tensor) -> torch.Tensor:
@@ -49,8 +54,30 @@ class StepMath:
 PLAIN = StepMath(add_noise, guided_x0, next_stock_noise, keep_good, pixels_to_images, pixels_out)
 
 
+class FusedOrPlain:
+    """A compiled function that falls back to the plain one, for good and said once, when the
+    compiler fails on it (the step then runs that part as written, never stops)."""
+
+    def __init__(self, name: str, compiled: Callable, plain: Callable) -> None:
+        self.name, self.compiled, self.plain = name, compiled, plain
+        self.failed: str | None = None  # the compiler's error, once it failed
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or the compiler failed
+                self.failed = innermost_line(exc)
+                log.warning("fused step math: %s could not be compiled (%s); it runs as written", self.name, self.failed)
+                log.debug("fused step math: %s", self.name, exc_info=exc)
+        return self.plain(*args, **kwargs)
+
+
 def fused(compile_function: Callable[[Callable], Callable]) -> StepMath:
     """PLAIN's functions, each through `compile_function` (e.g. functools.partial(torch.compile, ...))."""
-    compiled = {field.name: compile_function(getattr(PLAIN, field.name)) for field in fields(StepMath)
-                if field.name != "fused"}
+    compiled = {}
+    for field in fields(StepMath):
+        if field.name != "fused":
+            plain = getattr(PLAIN, field.name)
+            compiled[field.name] = FusedOrPlain(field.name, compile_function(plain), plain)
     return StepMath(**compiled, fused=True)

@@ -166,3 +166,19 @@ def test_every_fused_function_compiles_in_inductor_and_computes_the_plain_result
             assert (a.double() - b.double()).abs().max().item() <= tolerance, name
         if name == "pixels_out":
             assert got[0].is_contiguous()
+
+
+def test_a_function_the_compiler_fails_on_runs_as_written_and_says_so_once(caplog):
+    def broken_compiler(graph_module, example_inputs):
+        raise RuntimeError("no kernel for you")
+
+    fused = step_math.fused(functools.partial(torch.compile, backend=broken_compiler, fullgraph=True))
+    x, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    alpha, beta = torch.tensor([0.9, 0.5]), torch.tensor([0.4, 0.8])
+    with caplog.at_level("WARNING", logger="pipeline.step_math"):
+        for _ in range(3):
+            assert torch.equal(fused.add_noise(x, noise, alpha, beta), step_math.PLAIN.add_noise(x, noise, alpha, beta))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "add_noise could not be compiled" in warnings[0] and "no kernel for you" in warnings[0]
+    assert "no kernel for you" in fused.add_noise.failed
+    assert fused.pixels_out.failed is None  # the others are untouched until they fail themselves

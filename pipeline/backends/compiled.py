@@ -52,7 +52,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, innermost_line
 from .. import step_math
 from ..models import Components
 from .eager import Conditioning, EagerBackend, conditioning_tensors
@@ -83,15 +83,6 @@ def compile_unavailable_reason() -> str | None:
     except (ImportError, RuntimeError) as exc:
         return str(exc) or type(exc).__name__
     return None
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """The innermost error's type and first line (dynamo wraps a compiler's error in its own)."""
-    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None and inner is not exc:
-        exc = inner
-    lines = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _allow_graphs(count: int, why: str = "one graph per UNet batch size") -> None:
@@ -161,7 +152,7 @@ class CompiledBackend(EagerBackend):
             compile_call = functools.partial(torch.compile, **options)
             compile_call(_identity)  # torch.compile checks the options here, before any model is traced
         except RuntimeError as exc:
-            raise ValueError(f"backend_options: inductor_options: {_one_line(exc, 160)}") from None
+            raise ValueError(f"backend_options: inductor_options: {innermost_line(exc, 160)}") from None
         # the eager backend's own calls, compiled (the methods below route through them)
         self._compiled_unet = compile_call(super()._unet_forward)
         self._compiled_encode = compile_call(super()._vae_encode)
@@ -241,7 +232,7 @@ class CompiledBackend(EagerBackend):
                 call()
         except Exception as exc:  # a compiler's error is long: one line for the user, all of it with -v
             log.debug("compiling %s failed", what, exc_info=exc)
-            raise BackendUnavailable(f"backend: 'compiled' could not compile {what}: {_one_line(exc)}") from exc
+            raise BackendUnavailable(f"backend: 'compiled' could not compile {what}: {innermost_line(exc)}") from exc
         log.info("compiled %s in %.1f s", what, time.perf_counter() - started)
         self._warm[key] = call
 
