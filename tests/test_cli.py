@@ -41,6 +41,8 @@ def error_lines(result):
     (["run", "--sink", "printer"], "sink: 'printer' is not a sink"),
     (["run", "--source", "testpattern"], "sink: none given"),
     (["run", "--sink", "spout:sdbridge", "--model", "random:tiny", "--device", "cpu"], "Spout is Windows-only"),
+    (["bench", "--fuse-math"], "--fuse-math needs --backend compiled"),
+    (["bench", "--backend", "compiled", "--channels-last"], "--channels-last is for --backend eager"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message):
     result = sdbridge(*args)

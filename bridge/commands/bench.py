@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes, --size-changes and --profile >= 0 "
                         f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes}, "
                         f"{args.profile})")
+    if args.fuse_math and args.backend != "compiled":
+        raise UserError(f"--fuse-math needs --backend compiled (it compiles the step's arithmetic), not {args.backend!r}")
+    if args.channels_last and args.backend != "eager":
+        raise UserError(f"--channels-last is for --backend eager (compiled uses channels_last on CUDA always), "
+                        f"not {args.backend!r}")
     try:
         other_size = parse_size(args.other_size, "--other-size") if args.other_size else (args.width + 128, args.height)
     except ValueError as exc:
