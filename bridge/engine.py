@@ -119,7 +119,8 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
         log.warning("--compile-steps has no effect with the %s backend here (nothing to compile or capture)",
                     engine.backend.name)
     elif step_counts:
-        progress(f"readying {', '.join(map(str, step_counts))} step(s) as well (compiled, or captured) ...")
+        verb = "compiling" if engine.backend.name == "compiled" else "capturing the step graph"
+        progress(f"{verb} for {', '.join(map(str, step_counts))} step(s) as well ...")
         try:
             engine.warm_up(step_counts=step_counts)
         except ValueError as exc:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
-import torch._dynamo
 
 from .errors import innermost_line
 from .faults import keep_good
@@ -66,7 +65,8 @@ class FusedOrPlain:
         if self.failed is None:
             try:
                 return self.compiled(*args, **kwargs)
-            except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or the compiler failed
+            except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or the compiler failed (dynamo is
+                # loaded by then: torch.compile made `compiled`)
                 self.failed = innermost_line(exc)
                 log.warning("fused step math: %s could not be compiled (%s); it runs as written", self.name, self.failed)
                 log.debug("fused step math: %s", self.name, exc_info=exc)

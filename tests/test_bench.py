@@ -99,6 +99,21 @@ def test_runtime_floor_script_writes_both_step_counts(tmp_path):
         assert r["latency_budget_ms"] == pytest.approx(steps * r["engine_ms"] + 1000.0 / 30.0)
 
 
+def test_host_overhead_script_times_both_cases_around_a_no_op_replay(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import REPO, child_env
+
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, "bench/host_overhead.py", "--size", "64", "--frames", "20", "--json", str(out)],
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert [(r["cfg_type"], r["steps"]) for r in record["rows"]] == [("none", 1), ("self", 4)]
+    assert all(0 < r["host_us_per_frame"] < 1e5 for r in record["rows"]) and "host_overhead.py" in record["command"]
+
+
 def test_pipelined_timing_submits_each_frame_before_taking_the_previous_result():
     import torch
 

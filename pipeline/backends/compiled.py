@@ -52,8 +52,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import BackendUnavailable, innermost_line
 from .. import step_math
+from ..errors import BackendUnavailable, innermost_line
 from ..models import Components
 from .eager import Conditioning, EagerBackend, conditioning_tensors
 
