@@ -12,12 +12,19 @@ engine's to check (its ValueError names the field and becomes the rejection mess
 Prompts are encoded off the frame loop: with a `prompt_encoder` attached, new prompt texts go
 to a worker thread that runs the text encoder first, and are queued only when ready, so the
 inference thread never waits for the encoder.
+
+Changes that would compile are readied off the frame loop too: with a readier attached (an
+engine whose `ready` can compile beside running frames: the compiled backend), a new step count
+or size that was not readied at start goes to a worker thread that compiles for it while frames
+go on with the current settings, and is queued once compiled; applying it then costs the frame
+loop a step graph's capture at most. A value of the same name applied meanwhile is newer and wins.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from . import openmp
@@ -114,6 +121,7 @@ class ParameterStore:
         self._rejected: dict[str, tuple[Any, str]] = {}  # name -> (value, reason) of the last refusal
         self._listeners: list[Listener] = []
         self._encoder: _PromptWorker | None = None
+        self.readier: _Readier | None = None  # compiles for changes beside the frames (attach_readier)
 
     def set(self, name: str, value: Any) -> None:
         """Queue `value` for the next frame; ValueError (naming the parameter) for a wrong type."""
@@ -128,8 +136,13 @@ class ParameterStore:
         else:
             self._queue(checked)
 
-    def _queue(self, checked: dict[str, Any]) -> None:
+    def _queue(self, checked: dict[str, Any], *, older: bool = False) -> None:
+        """Pend `checked`; `older`: values set before those pending now (a readied change coming
+        back), so a name pending already, or one of its group, keeps its newer value."""
         with self._lock:
+            if older:
+                checked = {name: value for name, value in checked.items()
+                           if not _same_thing(name) & self._pending.keys()}
             for group in EXCLUSIVE:
                 if group & checked.keys():
                     for name in group - checked.keys():
@@ -152,10 +165,18 @@ class ParameterStore:
         if self._encoder is None:
             self._encoder = _PromptWorker(self, encode)
 
+    def attach_readier(self, ready: Callable[..., None]) -> None:
+        """Ready changes that would compile with `ready(**values)` on a worker thread, beside the
+        frames, before they are queued (see `apply_pending`)."""
+        if self.readier is None:
+            self.readier = _Readier(self, ready)
+
     def close(self) -> None:
-        """Stop the prompt worker (if any). Safe to call twice."""
+        """Stop the prompt worker and the readier (if any). Safe to call twice."""
         if self._encoder is not None:
             self._encoder.close()
+        if self.readier is not None:
+            self.readier.close()
 
     def report_applied(self, values: dict[str, Any]) -> None:
         with self._lock:
@@ -271,6 +292,116 @@ class _PromptWorker:
         self._thread.join(timeout=CLOSE_SECONDS)  # a daemon thread: an encode in progress is not waited for
 
 
+def _same_thing(name: str) -> set[str]:
+    """`name` and the names that set the same thing (its EXCLUSIVE group)."""
+    for group in EXCLUSIVE:
+        if name in group:
+            return set(group)
+    return {name}
+
+
+class _Readier:
+    """Readies the engine for changes that would compile (`engine.ready`), on its own thread,
+    while frames go on with the current settings, then queues them (as older values: see
+    `ParameterStore._queue`). The newest request wins; a name the frame loop applies meanwhile
+    (`supersede`) is dropped from what comes back."""
+
+    def __init__(self, store: ParameterStore, ready: Callable[..., None]) -> None:
+        self._store, self._ready = store, ready
+        self._condition = threading.Condition()
+        self._waiting: dict[str, Any] | None = None  # the next request
+        self._running: dict[str, Any] | None = None  # the one being readied (superseded names dropped)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="sdbridge readier", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """True while a change waits to be readied or is being readied."""
+        with self._condition:
+            return self._waiting is not None or self._running is not None
+
+    def submit(self, values: dict[str, Any]) -> None:
+        """Ready `values` next (merged into a request still waiting; newer than one running)."""
+        with self._condition:
+            self._drop(values)
+            self._waiting = {**(self._waiting or {}), **values}
+            self._condition.notify()
+
+    def supersede(self, names) -> None:
+        """The frame loop applied these names now: what is readied for them is older."""
+        with self._condition:
+            self._drop(names)
+
+    def _drop(self, names) -> None:
+        """Forget the requests' values for `names` and the names setting the same things (locked)."""
+        dropped = {same for name in names for same in _same_thing(name)}
+        for request in (self._waiting, self._running):
+            for name in dropped & (request or {}).keys():
+                del request[name]
+        if self._waiting is not None and not self._waiting:
+            self._waiting = None
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while self._waiting is None and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                self._running, self._waiting = self._waiting, None
+                values = dict(self._running)
+            log.info("readying %s beside the frames (compiling; the current settings keep running)", _listed(values))
+            started = time.perf_counter()
+            try:
+                self._ready(**values)
+            except Exception as exc:  # refused or failed: the settings stay; say why, keep running
+                with self._condition:
+                    refused, self._running = self._running, None
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                for name, value in refused.items():
+                    self._store.report_rejected(name, value, reason)
+                continue
+            with self._condition:
+                ready, self._running = self._running, None
+            openmp.release_idle_workers()  # idle until the next change: keep the engine's threads fast
+            if ready:
+                log.info("ready in %.1f s: %s applies from the next frame", time.perf_counter() - started, _listed(ready))
+                self._store._queue(ready, older=True)
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout=CLOSE_SECONDS)  # a daemon thread: a compilation in progress is not waited for
+
+
+def _listed(values: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in values.items())
+
+
+def _route(readier: _Readier, engine, changes: dict[str, Any]) -> dict[str, Any]:
+    """The changes to apply now. Those that would compile go to the readier; while it works,
+    those that would capture a step graph wait for it too (no capture beside a compilation)."""
+    work = _update_work(engine, changes)
+    if work == "compile" or (work == "capture" and readier.busy):
+        later = {name: value for name, value in changes.items() if _update_work(engine, {name: value})} or changes
+        now = {name: value for name, value in changes.items() if name not in later}
+        readier.submit(later)
+    else:
+        now = changes
+    readier.supersede(now)
+    return now
+
+
+def _update_work(engine, values: dict[str, Any]) -> str | None:
+    """engine.update_work, or None where it would refuse them (the update says why)."""
+    try:
+        return engine.update_work(**values)
+    except Exception:
+        return None
+
+
 def apply_pending(store: ParameterStore, engine) -> None:
     """Apply every pending change to `engine` (between frames): prompts via set_prompt or
     set_prompt_blend, the rest via one engine.update; when that update is refused, each value is
@@ -281,6 +412,8 @@ def apply_pending(store: ParameterStore, engine) -> None:
     prompts = {name: changes.pop(name) for name in PROMPT_NAMES if name in changes}
     if prompts:
         _apply_prompts(store, engine, prompts)
+    if store.readier is not None:
+        changes = _route(store.readier, engine, changes)
     if not changes:
         return
     before = getattr(engine, "config", None)

@@ -315,3 +315,62 @@ def _graphs_compiled() -> int | None:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def measure_ready_beside(engine, name: str, value, *, output_fps: float = 60.0, warmup: int = 30,
+                         input_size: tuple[int, int] = (640, 480), before_seconds: float = 1.0,
+                         after_seconds: float = 1.0, timeout: float = 600.0) -> dict:
+    """Set `name` to `value` (a change that compiles: a new step count or size) in the runtime's
+    parameter store with a readier attached, as `sdbridge run` does with the compiled backend,
+    while a source runs at `output_fps`: how long readying took, how many frames the show made
+    meanwhile (at the old settings), and the gaps between frames leaving the engine (ms) in the
+    `before_seconds` before the change, while it compiled, and around the switch (the step
+    graph's capture happens there)."""
+    from .params import ParameterStore
+
+    width, height = input_size
+    store = ParameterStore()
+    store.attach_readier(engine.ready)
+    timed = _Timed(engine, start=0, end=0)
+    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
+                      sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
+    deadline = time.monotonic() + timeout
+    graphs_before = _graphs_compiled()
+    try:
+        with runtime:
+            while len(timed.finished) < warmup and time.monotonic() < deadline:
+                time.sleep(0.01)
+            measured_from = len(timed.finished)
+            time.sleep(before_seconds)  # the gaps of the show as it was, for comparison
+            store.set(name, value)
+            changed_at = time.perf_counter()
+            while time.monotonic() < deadline and name not in store.rejected and not _applied(store, name, value):
+                time.sleep(0.005)
+            switched_at = time.perf_counter()
+            time.sleep(after_seconds)
+    finally:
+        store.close()
+    finished = np.asarray(timed.finished[measured_from:])
+    gaps = np.diff(finished) * 1000.0  # gap k ends at finished[k + 1]
+    ends = finished[1:] if finished.size else finished
+    readying = (ends > changed_at) & (ends <= switched_at)
+    at_switch = (ends > switched_at - 0.5) & (ends <= switched_at + after_seconds)
+    before = ends <= changed_at
+    rejected = store.rejected.get(name)
+    return {
+        "change": {name: value},
+        "applied": _applied(store, name, value),
+        "rejected": rejected[1] if rejected else None,
+        "ready_seconds": switched_at - changed_at,
+        "frames_while_readying": int(((finished > changed_at) & (finished <= switched_at)).sum()),
+        "gap_ms_median_before": float(np.median(gaps[before])) if before.any() else None,
+        "gap_ms_max_while_readying": float(gaps[readying].max()) if readying.any() else None,
+        "gap_ms_max_at_switch": float(gaps[at_switch].max()) if at_switch.any() else None,
+        "graphs_compiled": None if graphs_before is None else _graphs_compiled() - graphs_before,
+        "output_fps": output_fps,
+    }
+
+
+def _applied(store, name: str, value) -> bool:
+    applied = store.applied.get(name)
+    return applied is not None and tuple(np.atleast_1d(applied)) == tuple(np.atleast_1d(value))

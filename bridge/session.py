@@ -84,6 +84,8 @@ def run_session(settings: RunSettings, *, stream=None) -> dict:
             gc.collect()
             gc.freeze()  # the model's objects never need collecting: shorter pauses of every thread
             store.attach_prompt_encoder(engine.prepare_prompt)
+            if getattr(engine, "ready_beside_frames", False):  # compiled: a new step count or size compiles beside
+                store.attach_readier(engine.ready)
             runtime = _make_runtime(settings, engine, sinks, first_source, store)
             live["runtime"] = runtime
         except Interrupted:

@@ -9,6 +9,7 @@ in the paper but does not have it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,11 +61,30 @@ class _CachedCrossAttnProcessor:
 
 
 class CrossAttentionCache:
-    """Holds per-layer K/V for the current prompt batch; `active` is read by the processors."""
+    """Holds per-layer K/V for the current prompt batch; `active` is read by the processors.
+
+    `active` is per thread: the frame thread's UNet call and a compilation on another thread
+    (readying a new step count beside the frames) each see their own. dynamo guards a
+    `threading.local` read per thread, so a compiled UNet checks the calling thread's value."""
 
     def __init__(self) -> None:
         self.layers: list = []  # the cross-attention modules, in processor index order
-        self.active: list[LayerKV] | None = None
+        self._local = threading.local()
+
+    @property
+    def active(self) -> list[LayerKV] | None:
+        return getattr(self._local, "active", None)
+
+    @active.setter
+    def active(self, layers: list[LayerKV] | None) -> None:
+        self._local.active = layers
+
+    def __getstate__(self) -> dict:  # a copied UNet (fp8's) gets a cache of its own; `active` is never copied
+        return {"layers": self.layers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.layers = state["layers"]
+        self._local = threading.local()
 
     @classmethod
     def install(cls, unet: torch.nn.Module) -> "CrossAttentionCache":

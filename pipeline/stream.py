@@ -239,8 +239,24 @@ class StreamDiffusion:
 
         `resolution=(width, height)` (or width and height) changes the size frames are processed
         and returned at: the frames in flight restart at the new size, and the backend readies it
-        (the compiled backend compiles and captures it unless `warm_up(sizes=...)` did at start;
-        the tensorrt backend loads its prebuilt engines, or refuses a size that has none)."""
+        (the compiled backend compiles and captures it unless `warm_up(sizes=...)` did at start,
+        or `ready` on another thread did beside the frames; the tensorrt backend loads its
+        prebuilt engines, or refuses a size that has none)."""
+        new_config = self._target(params)
+        previous, self.config = self.config, new_config
+        try:
+            self._configure(new_config, previous)
+            resized = new_config.size != previous.size
+            if unet_batches(new_config) != unet_batches(previous) or not self._stepped(new_config) or resized:
+                self.warm_up()
+        except BaseException:  # all or nothing: derive everything from the previous settings again
+            self.config = previous
+            self._configure(previous, new_config)
+            raise
+
+    def _target(self, params: dict) -> StreamConfig:
+        """The settings `update(**params)` would make, checked (ValueError naming what is wrong)."""
+        params = dict(params)
         if "resolution" in params:
             if "width" in params or "height" in params:
                 raise ValueError("update: give resolution or width and height, not both")
@@ -258,18 +274,47 @@ class StreamDiffusion:
                 f"update: {', '.join(fixed)} cannot change at run time (allowed: {', '.join(sorted(RUNTIME_SETTINGS))}, "
                 "strength); build a new StreamDiffusion for it"
             )
-        new_config = self.config.replace(**params)
-        self.components.check_fits(new_config)
-        previous, self.config = self.config, new_config
-        try:
-            self._configure(new_config, previous)
-            resized = new_config.size != previous.size
-            if unet_batches(new_config) != unet_batches(previous) or not self._stepped(new_config) or resized:
-                self.warm_up()
-        except BaseException:  # all or nothing: derive everything from the previous settings again
-            self.config = previous
-            self._configure(previous, new_config)
-            raise
+        target = self.config.replace(**params)
+        self.components.check_fits(target)
+        return target
+
+    def update_work(self, **params) -> str | None:
+        """What `update(**params)` would do before it returns: "compile" (the backend compiles:
+        seconds to minutes), "capture" (a step graph's capture or the fused math's dry run: a
+        fraction of a second), or None. ValueError as `update` would raise it."""
+        target = self._target(params)
+        warmed = getattr(self.backend, "warmed", None)
+        if warmed is not None and not warmed(unet_batches(target), **self._warm_up_shapes(target)):
+            return "compile"
+        return None if self._stepped(target) else "capture"
+
+    @property
+    def ready_beside_frames(self) -> bool:
+        """Whether `ready` may compile on one thread while frames run on another (compiled backend,
+        except with cudagraph trees)."""
+        return bool(getattr(self.backend, "warms_beside_frames", False))
+
+    def ready(self, **params) -> None:
+        """Compile what `update(**params)` will need, on this thread, while frames go on running
+        with the current settings on another; no setting changes. The update then compiles
+        nothing (with step graphs it still captures one: a fraction of a second). Only where
+        `ready_beside_frames`; ValueError as `update` would raise it."""
+        if not self.ready_beside_frames:
+            raise ValueError(f"backend: {self.backend.name!r} cannot compile beside running frames")
+        target = self._target(params)
+        b = target.frame_buffer_size
+        shapes = self._warm_up_shapes(target)
+        images = None if shapes["images"] is None else torch.zeros(shapes["images"], device=target.device,
+                                                                   dtype=target.dtype)
+        with torch.inference_mode():  # as frames run: the compiled graphs' guards see the same tensors
+            self.backend.warmup(sorted(set(unet_batches(target))), latents=self._make_noise(target)[:b],
+                                embeds=self._prompt_state.cond, images=images, beside_frames=True)
+
+    def _warm_up_shapes(self, config: StreamConfig) -> dict:
+        """The latents' (b, 4, h, w) and, for img2img, the images' (b, 3, H, W) shapes of `config`."""
+        b, scale = config.frame_buffer_size, self.components.vae_scale_factor
+        images = (b, 3, config.height, config.width) if config.mode == "img2img" else None
+        return {"latents": (b, 4, config.height // scale, config.width // scale), "images": images}
 
     def warm_up(self, step_counts=(), sizes=()) -> None:
         """Ready the backend for every UNet batch the current cfg type and step count can reach,

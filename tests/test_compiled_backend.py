@@ -37,13 +37,7 @@ class CountingBackend:
         return len(self.graphs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: compiling is mostly serial, and these cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: compiling is mostly serial
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,9 @@ import torch
 from pipeline import StreamConfig, StreamDiffusion, step_math
 from pipeline.faults import keep_good, output_faults
 from pipeline.step_graph import StepGraphs
-from test_compiled_backend import CountingBackend, one_thread  # noqa: F401 (one_thread: a fixture)
+from test_compiled_backend import CountingBackend
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: compiling is mostly serial
 SIZE = 32
 BASE = dict(width=SIZE, height=SIZE, device="cpu", dtype="float32", t_index_list=(20, 40), guidance_scale=1.5,
             delta=0.8, seed=3)

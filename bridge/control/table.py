@@ -88,7 +88,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("resolution", "/resolution", "size",
           "processing and output size, width then height (or one string '768x432'); the frames in flight "
           "restart at the new size. tensorrt: sizes built with build-engines; compiled: sizes in --sizes "
-          "switch at once, others compile first", minimum=64, maximum=2048, unit="px"),
+          "switch at once, others compile beside the running show first", minimum=64, maximum=2048, unit="px"),
     Param("similarity_filter", "/similarity/enable", "bool",
           "skip frames nearly equal to the last processed one", default=False),
     Param("similarity_threshold", "/similarity/threshold", "float",

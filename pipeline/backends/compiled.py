@@ -3,7 +3,9 @@
 Nothing recompiles while a show runs, because nothing a graph was traced with changes:
 - shapes: dynamic=False, one graph per UNet batch size (and resolution). `warmup` compiles every
   batch the stream's cfg type and step count can reach, guidance on and off, before frames flow;
-  a step-count or cfg-type change warms the new batches up (a compilation, logged);
+  a step-count, cfg-type or size change warms the new batches up (a compilation, logged), on
+  another thread beside the running frames where `warms_beside_frames` (`StreamDiffusion.ready`:
+  the UNet is then warmed on a prompt of its own, its K/V active for that thread only);
 - the prompt: the UNet graph reads the embeddings and the cross-attention K/V from static buffers
   owned by this backend, one set per batch size, refreshed in place (copy_) when `denoise` is given
   a Conditioning other than the one copied last. A new prompt or negative prompt, or guidance
@@ -157,6 +159,11 @@ class CompiledBackend(EagerBackend):
         self._compiled_unet = compile_call(super()._unet_forward)
         self._compiled_encode = compile_call(super()._vae_encode)
         self._compiled_decode = compile_call(super()._vae_decode)
+        # the same graphs without compiling (a miss runs eagerly): what other threads call while one
+        # compiles beside them, since dynamo's compiler is one lock a miss would wait on for minutes
+        self._cached_only = {graph: torch._dynamo.run(graph)
+                             for graph in (self._compiled_unet, self._compiled_encode, self._compiled_decode)}
+        self._compiling_in: threading.Thread | None = None  # the thread warming up beside the frames, if any
         if fuse_math:  # one graph per function and shape: every step count, size and guidance side
             _allow_graphs(FUSED_MATH_GRAPHS, "the fused step math: one graph per shape")
             self.step_math = step_math.fused(functools.partial(
@@ -167,11 +174,26 @@ class CompiledBackend(EagerBackend):
     # ------------------------------------------------------------------ the interface
 
     def warmup(
-        self, unet_batches: Iterable[int], *, latents: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor | None
+        self, unet_batches: Iterable[int], *, latents: torch.Tensor, embeds: torch.Tensor, images: torch.Tensor | None,
+        beside_frames: bool = False,
     ) -> None:
         """Compile (and on CUDA record) every graph not compiled yet: the UNet for each batch size in
         `unet_batches`, the VAE decoder for `latents` (b, 4, h, w) and, given `images` (b, 3, H, W),
-        the encoder. `embeds` (1, tokens, D) is a prompt embedding of the real shape."""
+        the encoder. `embeds` (1, tokens, D) is a prompt embedding of the real shape.
+
+        `beside_frames`: called on another thread while frames run (see `warms_beside_frames`):
+        the UNet is warmed on a prompt of its own, not through the static buffers the frames' graphs
+        read, and its K/V are active for this thread only."""
+        if beside_frames and not self.warms_beside_frames:
+            raise ValueError("backend: compiled with cuda_graphs 'modules' cannot compile beside running frames")
+        if beside_frames:
+            self._compiling_in = threading.current_thread()
+            try:
+                self.warmup(unet_batches, latents=latents, embeds=embeds, images=images)
+            finally:
+                self._compiling_in = None
+            return
+        unet = self._unet_with if self._compiling_in is not None else self.denoise
         latent_shape = tuple(latents.shape[1:])
         unet_keys = [("unet", rows, latent_shape) for rows in sorted(set(unet_batches))]
         _allow_graphs(len({key for key in self._warm if key[0] == "unet"} | set(unet_keys)))
@@ -180,12 +202,27 @@ class CompiledBackend(EagerBackend):
             x_t = latents[:1].expand(rows, -1, -1, -1).contiguous()  # (rows, 4, h, w)
             t = torch.full((rows,), WARMUP_TIMESTEP, dtype=torch.int64, device=latents.device)  # as step_coefficients
             cond = self.condition(embeds.expand(rows, -1, -1).contiguous())  # (rows, tokens, D)
-            self._warm_up(key, f"the UNet for batch {rows}", functools.partial(self.denoise, x_t, t, cond))
+            self._warm_up(key, f"the UNet for batch {rows}", functools.partial(unet, x_t, t, cond))
         self._warm_up(("decode", tuple(latents.shape)), f"the VAE decoder for batch {latents.shape[0]}",
                       functools.partial(self.decode, latents))
         if images is not None:
             self._warm_up(("encode", tuple(images.shape)), f"the VAE encoder for batch {images.shape[0]}",
                           functools.partial(self.encode, images))
+
+    @property
+    def warms_beside_frames(self) -> bool:
+        """Whether `warmup(..., beside_frames=True)` may compile on another thread while frames
+        run: yes, except with cudagraph trees ("modules"), which are kept per thread and guard the
+        static buffers' addresses (the frames' graphs there read a prompt a warm-up must not write)."""
+        return not self._cuda_graphs
+
+    def warmed(self, unet_batches: Iterable[int], *, latents: tuple, images: tuple | None) -> bool:
+        """Whether `warmup` with these shapes would compile nothing: the UNet for each batch size,
+        the VAE decoder for latents of shape `latents` (b, 4, h, w), the encoder for `images`."""
+        keys = [("unet", rows, tuple(latents[1:])) for rows in set(unet_batches)] + [("decode", tuple(latents))]
+        if images is not None:
+            keys.append(("encode", tuple(images)))
+        return all(key in self._warm for key in keys)
 
     @property
     def _static_prompt(self) -> bool:
@@ -204,6 +241,9 @@ class CompiledBackend(EagerBackend):
 
     def _run(self, graph: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(map(_graph_input, inputs))
+        compiling_in = self._compiling_in
+        if compiling_in is not None and compiling_in is not threading.current_thread():
+            graph = self._cached_only[graph]  # another thread compiles: never wait for it
         if not self._cuda_graphs:
             return graph(*inputs)
         if self._recorded_in is not threading.current_thread():

@@ -128,6 +128,10 @@ class EagerBackend(StaticPrompt):
         """The UNet's prediction for latents x_t (B, 4, h, w) at timesteps t (B,)."""
         if self._static_prompt:
             cond = self._static_conditioning(cond)
+        return self._unet_with(x_t, t, cond)
+
+    def _unet_with(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet on `cond` as it is: its K/V active for this thread's call only."""
         if self.cache is not None:
             self.cache.active = cond.kv
         try:
