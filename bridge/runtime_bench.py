@@ -232,7 +232,6 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
     graphs made during the changes (the target: 0; None where torch._dynamo is not loaded)."""
     from .params import ParameterStore
 
-    width, height = input_size
     store = ParameterStore()
     encodes_ms: list[float] = []
 
@@ -242,17 +241,13 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
         encodes_ms.append((time.perf_counter() - started) * 1000.0)
 
     store.attach_prompt_encoder(prepare_prompt)
-    timed = _Timed(engine, start=0, end=0)  # 0: no CPU-time readings (a call count never equals 0)
-    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
-                      sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
+    timed, runtime = _timed_runtime(engine, store, input_size, output_fps)
     deadline = time.monotonic() + timeout
     changed_at: list[float] = []
     graphs_before = _graphs_compiled()
     try:
         with runtime:
-            while len(timed.finished) < warmup and time.monotonic() < deadline:
-                time.sleep(0.01)
-            measured_from = len(timed.finished)
+            measured_from = _after_frames(timed, warmup, deadline)
             for name, value in changes:
                 if time.monotonic() + interval >= deadline:
                     break
@@ -287,6 +282,22 @@ def measure_changes(engine, changes: list[tuple[str, object]], *, output_fps: fl
         "largest_gap": _gap_parts(started, finished, changed_at),
         "encode_ms_max": max(encodes_ms) if encodes_ms else None,
     }
+
+
+def _timed_runtime(engine, store, input_size: tuple[int, int], output_fps: float) -> tuple[_Timed, Runtime]:
+    """The engine, timed, in a runtime fed by a test pattern at `output_fps` (a null sink)."""
+    width, height = input_size
+    timed = _Timed(engine, start=0, end=0)  # 0: no CPU-time readings (a call count never equals 0)
+    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
+                      sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
+    return timed, runtime
+
+
+def _after_frames(timed: _Timed, count: int, deadline: float) -> int:
+    """Wait until `count` frames came out (or the deadline); how many did."""
+    while len(timed.finished) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(timed.finished)
 
 
 def _gap_parts(started: np.ndarray, finished: np.ndarray, changed_at: list[float]) -> dict | None:
@@ -328,19 +339,14 @@ def measure_ready_beside(engine, name: str, value, *, output_fps: float = 60.0, 
     graph's capture happens there)."""
     from .params import ParameterStore
 
-    width, height = input_size
     store = ParameterStore()
     store.attach_readier(engine.ready)
-    timed = _Timed(engine, start=0, end=0)
-    runtime = Runtime(engine=timed, open_source=lambda: TestPatternSource(width=width, height=height, fps=output_fps),
-                      sinks=[NullSink()], config=RuntimeConfig(fps=output_fps), params=store)
+    timed, runtime = _timed_runtime(engine, store, input_size, output_fps)
     deadline = time.monotonic() + timeout
     graphs_before = _graphs_compiled()
     try:
         with runtime:
-            while len(timed.finished) < warmup and time.monotonic() < deadline:
-                time.sleep(0.01)
-            measured_from = len(timed.finished)
+            measured_from = _after_frames(timed, warmup, deadline)
             time.sleep(before_seconds)  # the gaps of the show as it was, for comparison
             store.set(name, value)
             changed_at = time.perf_counter()
