@@ -122,6 +122,8 @@ class ParameterStore:
         self._listeners: list[Listener] = []
         self._encoder: _PromptWorker | None = None
         self.readier: _Readier | None = None  # compiles for changes beside the frames (attach_readier)
+        self._generations: dict[str, int] = {}  # per setting (a name and its EXCLUSIVE group): values set so far
+        self._taken_generations: dict[str, int] = {}  # the same when `take` last took the pending values
 
     def set(self, name: str, value: Any) -> None:
         """Queue `value` for the next frame; ValueError (naming the parameter) for a wrong type."""
@@ -136,18 +138,29 @@ class ParameterStore:
         else:
             self._queue(checked)
 
-    def _queue(self, checked: dict[str, Any], *, older: bool = False) -> None:
-        """Pend `checked`; `older`: values set before those pending now (a readied change coming
-        back), so a name pending already, or one of its group, keeps its newer value."""
+    def _queue(self, checked: dict[str, Any], *, since: dict[str, int] | None = None) -> None:
+        """Pend `checked`, new values. `since`: instead, values coming back from the readier, set
+        when the settings were at these `generations`; a setting set again since (pending now, or
+        applied already) keeps its newer value, and the older one is dropped."""
         with self._lock:
-            if older:
+            if since is None:
+                for name in checked:
+                    key = _setting(name)
+                    self._generations[key] = self._generations.get(key, 0) + 1
+            else:
                 checked = {name: value for name, value in checked.items()
-                           if not _same_thing(name) & self._pending.keys()}
+                           if self._generations.get(_setting(name), 0) == since.get(_setting(name))
+                           and not _same_thing(name) & self._pending.keys()}
             for group in EXCLUSIVE:
                 if group & checked.keys():
                     for name in group - checked.keys():
                         self._pending.pop(name, None)
             self._pending.update(checked)
+
+    def taken_generations(self, names) -> dict[str, int]:
+        """How many values each of these settings had been set to when the last `take` took
+        them (see `_queue`; the frame loop's own take, which it routes right after)."""
+        return {_setting(name): self._taken_generations.get(_setting(name), 0) for name in names}
 
     @property
     def has_pending(self) -> bool:
@@ -158,6 +171,7 @@ class ParameterStore:
         """Every pending change (newest per name), removing them; {} when none."""
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._taken_generations = dict(self._generations)
         return pending
 
     def attach_prompt_encoder(self, encode: Callable[[str], None]) -> None:
@@ -300,17 +314,23 @@ def _same_thing(name: str) -> set[str]:
     return {name}
 
 
+def _setting(name: str) -> str:
+    """The one key of the setting `name` sets (strength and t_index_list set the same one)."""
+    return min(_same_thing(name))
+
+
 class _Readier:
     """Readies the engine for changes that would compile (`engine.ready`), on its own thread,
-    while frames go on with the current settings, then queues them (as older values: see
-    `ParameterStore._queue`). The newest request wins; a name the frame loop applies meanwhile
-    (`supersede`) is dropped from what comes back."""
+    while frames go on with the current settings, then queues them back, each with the
+    generation its setting had when it was handed over: a setting set again meanwhile keeps
+    the newer value (`ParameterStore._queue`). A request still waiting merges newest-wins."""
 
     def __init__(self, store: ParameterStore, ready: Callable[..., None]) -> None:
         self._store, self._ready = store, ready
         self._condition = threading.Condition()
         self._waiting: dict[str, Any] | None = None  # the next request
-        self._running: dict[str, Any] | None = None  # the one being readied (superseded names dropped)
+        self._since: dict[str, int] = {}  # its settings' generations when they were handed over
+        self._running: dict[str, Any] | None = None  # the one being readied
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sdbridge readier", daemon=True)
         self._thread.start()
@@ -321,26 +341,14 @@ class _Readier:
         with self._condition:
             return self._waiting is not None or self._running is not None
 
-    def submit(self, values: dict[str, Any]) -> None:
-        """Ready `values` next (merged into a request still waiting; newer than one running)."""
+    def submit(self, values: dict[str, Any], since: dict[str, int]) -> None:
+        """Ready `values` next; `since`: their settings' generations when taken (`taken_generations`)."""
         with self._condition:
-            self._drop(values)
-            self._waiting = {**(self._waiting or {}), **values}
+            waiting = {name: value for name, value in (self._waiting or {}).items()
+                       if not _same_thing(name) & values.keys()}
+            self._waiting = {**waiting, **values}
+            self._since = {**self._since, **since}
             self._condition.notify()
-
-    def supersede(self, names) -> None:
-        """The frame loop applied these names now: what is readied for them is older."""
-        with self._condition:
-            self._drop(names)
-
-    def _drop(self, names) -> None:
-        """Forget the requests' values for `names` and the names setting the same things (locked)."""
-        dropped = {same for name in names for same in _same_thing(name)}
-        for request in (self._waiting, self._running):
-            for name in dropped & (request or {}).keys():
-                del request[name]
-        if self._waiting is not None and not self._waiting:
-            self._waiting = None
 
     def _run(self) -> None:
         while True:
@@ -350,7 +358,7 @@ class _Readier:
                 if self._closed:
                     return
                 self._running, self._waiting = self._waiting, None
-                values = dict(self._running)
+                values, since, self._since = dict(self._running), self._since, {}
             log.info("readying %s beside the frames (compiling; the current settings keep running)", _listed(values))
             started = time.perf_counter()
             try:
@@ -363,11 +371,11 @@ class _Readier:
                     self._store.report_rejected(name, value, reason)
                 continue
             with self._condition:
-                ready, self._running = self._running, None
+                self._running = None
             openmp.release_idle_workers()  # idle until the next change: keep the engine's threads fast
-            if ready:
-                log.info("ready in %.1f s: %s applies from the next frame", time.perf_counter() - started, _listed(ready))
-                self._store._queue(ready, older=True)
+            log.info("ready in %.1f s: %s applies from the next frame unless set again meanwhile",
+                     time.perf_counter() - started, _listed(values))
+            self._store._queue(values, since=since)
 
     def close(self) -> None:
         with self._condition:
@@ -380,18 +388,15 @@ def _listed(values: dict[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in values.items())
 
 
-def _route(readier: _Readier, engine, changes: dict[str, Any]) -> dict[str, Any]:
+def _route(store: ParameterStore, engine, changes: dict[str, Any]) -> dict[str, Any]:
     """The changes to apply now. Those that would compile go to the readier; while it works,
     those that would capture a step graph wait for it too (no capture beside a compilation)."""
     work = _update_work(engine, changes)
-    if work == "compile" or (work == "capture" and readier.busy):
-        later = {name: value for name, value in changes.items() if _update_work(engine, {name: value})} or changes
-        now = {name: value for name, value in changes.items() if name not in later}
-        readier.submit(later)
-    else:
-        now = changes
-    readier.supersede(now)
-    return now
+    if work != "compile" and not (work == "capture" and store.readier.busy):
+        return changes
+    later = {name: value for name, value in changes.items() if _update_work(engine, {name: value})} or changes
+    store.readier.submit(later, store.taken_generations(later))
+    return {name: value for name, value in changes.items() if name not in later}
 
 
 def _update_work(engine, values: dict[str, Any]) -> str | None:
@@ -413,7 +418,7 @@ def apply_pending(store: ParameterStore, engine) -> None:
     if prompts:
         _apply_prompts(store, engine, prompts)
     if store.readier is not None:
-        changes = _route(store.readier, engine, changes)
+        changes = _route(store, engine, changes)
     if not changes:
         return
     before = getattr(engine, "config", None)

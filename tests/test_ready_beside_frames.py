@@ -192,14 +192,20 @@ def test_a_second_step_count_asked_for_while_the_first_compiles_is_the_one_that_
     assert {name for name, _ in compiler.graphs if name != "MainThread"} == {"sdbridge readier"}
 
 
-def test_a_readied_value_never_replaces_a_newer_one_pending():
+def test_a_readied_value_never_replaces_a_newer_one():
     store = ParameterStore()
     store.set("t_index_list", [10, 30])
-    store._queue({"t_index_list": THREE, "seed": 5}, older=True)
-    store._queue({"strength": 0.9}, older=False)
-    assert store.take() == {"seed": 5, "strength": 0.9}  # strength replaced the newer list; the readied one never landed
-    store._queue({"strength": 0.4}, older=True)
-    assert store.take() == {"strength": 0.4}  # nothing newer pending: it lands
+    store.take()
+    since = store.taken_generations(["t_index_list", "seed"])
+    store.set("strength", 0.9)  # the same setting, set again: pending
+    store._queue({"t_index_list": THREE, "seed": 5}, since=since)
+    assert store.take() == {"seed": 5, "strength": 0.9}  # the readied list never landed
+    store._queue({"t_index_list": THREE}, since=since)  # set again (and taken) since: dropped too
+    assert store.take() == {}
+    store.set("t_index_list", [5, 25])
+    store.take()
+    store._queue({"t_index_list": THREE}, since=store.taken_generations(["strength"]))  # nothing newer: it lands
+    assert store.take() == {"t_index_list": THREE}
 
 
 def test_the_ready_check_measures_frames_and_gaps_while_readying(tiny_components):
