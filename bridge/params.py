@@ -17,7 +17,7 @@ Changes that would compile are readied off the frame loop too: with a readier at
 engine whose `ready` can compile beside running frames: the compiled backend), a new step count
 or size that was not readied at start goes to a worker thread that compiles for it while frames
 go on with the current settings, and is queued once compiled; applying it then costs the frame
-loop a step graph's capture at most. A value of the same name applied meanwhile is newer and wins.
+loop a step graph's capture at most. A value of the same setting set meanwhile is newer and wins.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def _setting(name: str) -> str:
 class _Readier:
     """Readies the engine for changes that would compile (`engine.ready`), on its own thread,
     while frames go on with the current settings, then queues them back, each with the
-    generation its setting had when it was handed over: a setting set again meanwhile keeps
+    generation its setting had when the frame loop took it: a setting set again since keeps
     the newer value (`ParameterStore._queue`). A request still waiting merges newest-wins."""
 
     def __init__(self, store: ParameterStore, ready: Callable[..., None]) -> None:
