@@ -330,7 +330,7 @@ class _Readier:
         self._condition = threading.Condition()
         self._waiting: dict[str, Any] | None = None  # the next request
         self._since: dict[str, int] = {}  # its settings' generations when they were handed over
-        self._running: dict[str, Any] | None = None  # the one being readied
+        self._running = False  # a request is being readied
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sdbridge readier", daemon=True)
         self._thread.start()
@@ -339,7 +339,7 @@ class _Readier:
     def busy(self) -> bool:
         """True while a change waits to be readied or is being readied."""
         with self._condition:
-            return self._waiting is not None or self._running is not None
+            return self._waiting is not None or self._running
 
     def submit(self, values: dict[str, Any], since: dict[str, int]) -> None:
         """Ready `values` next; `since`: their settings' generations when taken (`taken_generations`)."""
@@ -357,21 +357,21 @@ class _Readier:
                     self._condition.wait()
                 if self._closed:
                     return
-                self._running, self._waiting = self._waiting, None
-                values, since, self._since = dict(self._running), self._since, {}
+                values, since = self._waiting, self._since
+                self._running, self._waiting, self._since = True, None, {}
             log.info("readying %s beside the frames (compiling; the current settings keep running)", _listed(values))
             started = time.perf_counter()
             try:
                 self._ready(**values)
             except Exception as exc:  # refused or failed: the settings stay; say why, keep running
                 with self._condition:
-                    refused, self._running = self._running, None
+                    self._running = False
                 reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-                for name, value in refused.items():
+                for name, value in values.items():
                     self._store.report_rejected(name, value, reason)
                 continue
             with self._condition:
-                self._running = None
+                self._running = False
             openmp.release_idle_workers()  # idle until the next change: keep the engine's threads fast
             log.info("ready in %.1f s: %s applies from the next frame unless set again meanwhile",
                      time.perf_counter() - started, _listed(values))

@@ -126,7 +126,7 @@ class StreamDiffusion:
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
-        self._dry_runs = DryRuns()  # configurations whose step ran once without a graph (`_dry_run`)
+        self._dry_runs: set[tuple] = set()  # graph_key of each configuration whose step ran dry (`_dry_run`)
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
@@ -302,13 +302,8 @@ class StreamDiffusion:
         if not self.ready_beside_frames:
             raise ValueError(f"backend: {self.backend.name!r} cannot compile beside running frames")
         target = self._target(params)
-        b = target.frame_buffer_size
-        shapes = self._warm_up_shapes(target)
-        images = None if shapes["images"] is None else torch.zeros(shapes["images"], device=target.device,
-                                                                   dtype=target.dtype)
         with torch.inference_mode():  # as frames run: the compiled graphs' guards see the same tensors
-            self.backend.warmup(sorted(set(unet_batches(target))), latents=self._make_noise(target)[:b],
-                                embeds=self._prompt_state.cond, images=images, beside_frames=True)
+            self._warm_up_backend(target, sorted(set(unet_batches(target))), beside_frames=True)
 
     def _warm_up_shapes(self, config: StreamConfig) -> dict:
         """The latents' (b, 4, h, w) and, for img2img, the images' (b, 3, H, W) shapes of `config`."""
@@ -356,15 +351,17 @@ class StreamDiffusion:
                 if other != config:
                     self._ready_other(other, ready)
 
-    def _warm_up_backend(self, config: StreamConfig, batches: list[int]) -> None:
+    def _warm_up_backend(self, config: StreamConfig, batches: list[int], *, beside_frames: bool = False) -> None:
         """The backend's warm-up for `config`'s size: latents (b, 4, h, w), embeds (1, 77, D),
-        images (b, 3, H, W) for img2img."""
-        b = config.frame_buffer_size
+        images (b, 3, H, W) for img2img (`_warm_up_shapes`). `beside_frames`: from `ready`, on
+        another thread than the frames' (the compiled backend only)."""
+        b, shapes = config.frame_buffer_size, self._warm_up_shapes(config)
         latents = self._noise[:b] if config.size == self.config.size else self._make_noise(config)[:b]
         images = None
-        if config.mode == "img2img":
-            images = torch.zeros(b, 3, config.height, config.width, device=config.device, dtype=config.dtype)
-        self.backend.warmup(batches, latents=latents, embeds=self._prompt_state.cond, images=images)
+        if shapes["images"] is not None:
+            images = torch.zeros(shapes["images"], device=config.device, dtype=config.dtype)
+        options = {"beside_frames": True} if beside_frames else {}
+        self.backend.warmup(batches, latents=latents, embeds=self._prompt_state.cond, images=images, **options)
 
     def _ready_both_sides(self, config: StreamConfig, ready) -> None:
         """`ready` (a step graph's capture, or a dry run) for `config` with guidance on and off
@@ -379,7 +376,7 @@ class StreamDiffusion:
         with fused math and no graphs, its dry run done (True when neither applies)."""
         if self._graphs is not None:
             return config in self._graphs
-        return config in self._dry_runs or not self._math.fused
+        return graph_key(config) in self._dry_runs or not self._math.fused
 
     def _ready_other(self, other: StreamConfig, ready) -> None:
         """`ready` `other` (another step count or size) now, with the step coefficients and
@@ -405,7 +402,7 @@ class StreamDiffusion:
         step math (pipeline/step_math.py) for `config` before frames flow. Two, because a first
         frame differs from the next for the compiler: the frames in flight are filled from it, and
         its fallback output is the input itself."""
-        if config in self._dry_runs:
+        if graph_key(config) in self._dry_runs:
             return
         saved = self.state, self._caught.clone(), self._txt2img_generator.get_state()
         try:
@@ -422,7 +419,7 @@ class StreamDiffusion:
             self.state = saved[0]
             self._caught.copy_(saved[1])
             self._txt2img_generator.set_state(saved[2])
-        self._dry_runs.add(config)
+        self._dry_runs.add(graph_key(config))
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -628,19 +625,6 @@ class StreamDiffusion:
         self._caught.add_(faults)
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
-
-
-class DryRuns:
-    """The step-graph keys (`graph_key`) of the configurations a dry run has readied."""
-
-    def __init__(self) -> None:
-        self._keys: set[tuple] = set()
-
-    def __contains__(self, config) -> bool:
-        return graph_key(config) in self._keys
-
-    def add(self, config) -> None:
-        self._keys.add(graph_key(config))
 
 
 def _in_place(old, new):

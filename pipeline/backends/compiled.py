@@ -184,16 +184,20 @@ class CompiledBackend(EagerBackend):
         `beside_frames`: called on another thread while frames run (see `warms_beside_frames`):
         the UNet is warmed on a prompt of its own, not through the static buffers the frames' graphs
         read, and its K/V are active for this thread only."""
-        if beside_frames and not self.warms_beside_frames:
-            raise ValueError("backend: compiled with cuda_graphs 'modules' cannot compile beside running frames")
-        if beside_frames:
-            self._compiling_in = threading.current_thread()
-            try:
-                self.warmup(unet_batches, latents=latents, embeds=embeds, images=images)
-            finally:
-                self._compiling_in = None
+        if not beside_frames:
+            self._warm_all(unet_batches, latents, embeds, images, unet=self.denoise)
             return
-        unet = self._unet_with if self._compiling_in is not None else self.denoise
+        if not self.warms_beside_frames:
+            raise ValueError("backend: compiled with cuda_graphs 'modules' cannot compile beside running frames")
+        self._compiling_in = threading.current_thread()
+        try:
+            self._warm_all(unet_batches, latents, embeds, images, unet=self._unet_with)
+        finally:
+            self._compiling_in = None
+
+    def _warm_all(self, unet_batches: Iterable[int], latents: torch.Tensor, embeds: torch.Tensor,
+                  images: torch.Tensor | None, *, unet: Callable) -> None:
+        """`warmup`'s compilations; `unet(x_t, t, cond)` is the UNet call it warms up through."""
         latent_shape = tuple(latents.shape[1:])
         unet_keys = [("unet", rows, latent_shape) for rows in sorted(set(unet_batches))]
         _allow_graphs(len({key for key in self._warm if key[0] == "unet"} | set(unet_keys)))
