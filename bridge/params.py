@@ -22,7 +22,9 @@ loop a step graph's capture at most. A value of the same setting set meanwhile i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -38,6 +40,12 @@ PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_metho
 EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"})
 
 CLOSE_SECONDS = 0.5  # how long close() waits for a prompt encode in progress (shutdown stays under 3 s)
+# Python's GIL switch interval while the readier compiles (the default is 5 ms). Every torch call
+# on the frame thread lets go of the GIL and must take it back from the compiling thread, which
+# hands it over only after this interval: at 5 ms a frame of many calls waits seconds. Measured on
+# the 2-core CPU (bench/ready_check.py, tiny): 696 frames in 43 s of compiling with the default,
+# max gap 1.9 s; 1051 frames in 50 s at 0.1 ms, max gap 0.73 s. Restored when readying ends.
+READY_SWITCH_INTERVAL = 0.0001
 
 Listener = Callable[[str, Any, "str | None"], None]
 
@@ -362,7 +370,8 @@ class _Readier:
             log.info("readying %s beside the frames (compiling; the current settings keep running)", _listed(values))
             started = time.perf_counter()
             try:
-                self._ready(**values)
+                with _switch_interval(READY_SWITCH_INTERVAL):  # the frame thread takes the GIL back sooner
+                    self._ready(**values)
             except Exception as exc:  # refused or failed: the settings stay; say why, keep running
                 with self._condition:
                     self._running = False
@@ -382,6 +391,17 @@ class _Readier:
             self._closed = True
             self._condition.notify()
         self._thread.join(timeout=CLOSE_SECONDS)  # a daemon thread: a compilation in progress is not waited for
+
+
+@contextlib.contextmanager
+def _switch_interval(seconds: float):
+    """Python's GIL switch interval set to `seconds` inside, put back after."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _listed(values: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ without compiling; a newer value wins over one being readied; a failed compilati
 and changes nothing. The compiled backend runs with a torch.compile backend that records the
 thread of each compilation and takes its time, as a real compiler does."""
 
+import sys
 import threading
 import time
 
@@ -206,6 +207,31 @@ def test_a_readied_value_never_replaces_a_newer_one():
     store.take()
     store._queue({"t_index_list": THREE}, since=store.taken_generations(["strength"]))  # nothing newer: it lands
     assert store.take() == {"t_index_list": THREE}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_readier_hands_the_gil_over_sooner_while_it_compiles_and_puts_the_interval_back(fails):
+    """Each torch call on the frame thread gives up the GIL and takes it back from the compiling
+    thread, which lets go only after the switch interval: the readier shortens it while it works."""
+    from bridge.params import READY_SWITCH_INTERVAL
+
+    seen, before = [], sys.getswitchinterval()
+    assert READY_SWITCH_INTERVAL < before
+
+    def ready(**values):
+        seen.append(sys.getswitchinterval())
+        if fails:
+            raise ValueError("no kernel for this size")
+
+    store = ParameterStore()
+    store.attach_readier(ready)
+    try:
+        store.readier.submit({"t_index_list": THREE}, store.taken_generations(["t_index_list"]))
+        assert _wait_until(lambda: seen and not store.readier.busy and ("t_index_list" in store.rejected) == fails, 5)
+    finally:
+        store.close()
+    assert seen == [pytest.approx(READY_SWITCH_INTERVAL)]  # Python keeps it in microseconds
+    assert sys.getswitchinterval() == before
 
 
 def test_the_ready_check_measures_frames_and_gaps_while_readying(tiny_components):
