@@ -24,8 +24,9 @@
 #   prompt: prompt changes with the text encoder run without its CUDA graph (part next runs them with it)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
-#   profile: sd-turbo and sd15 4 steps compiled with --profile (kernel time by kind), each against --fuse-math,
-#          sd15 with cuDNN's attention, both against --cudnn-benchmark, eager's step graph against it with
+#   profile: sd-turbo and sd15 4 steps compiled with --profile (kernel time by kind); sd-turbo against --fuse-math
+#          and against --fuse-qkv, sd15 against cuDNN's attention and against --fuse-qkv --fuse-math together;
+#          both against --cudnn-benchmark, eager's step graph against it with
 #          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
 #          cuts the last few
 #   fused: graph_check with the fused step math (bench/graph_check.py --fuse-math)
@@ -162,13 +163,16 @@ case "$PART" in
     # the arithmetic between the modules compiled too (a few fused kernels instead of ~40)
     bench 90 sd_turbo_1step_compiled_step_fused $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --fuse-math
+    # each self-attention layer's q, k, v from one projection (the UNet compiles again)
+    bench 150 sd_turbo_1step_compiled_step_qkv $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --fuse-qkv
     bench 170 sd15_4step_self_compiled_step_profile $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --profile 20
     # sd15's heads are 40 wide at 4,096 tokens (flash attention pads them to 64): cuDNN's attention instead
     bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --sdpa cudnn --profile 10
-    bench 90 sd15_4step_self_compiled_step_fused $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --fuse-math
+    bench 170 sd15_4step_self_compiled_step_qkv_fused $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --fuse-qkv --fuse-math
     # cuDNN timing its convolution algorithms, against its heuristics' choice
     bench 80 sd_turbo_1step_compiled_step_cudnn_bm $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --cudnn-benchmark

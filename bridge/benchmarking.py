@@ -50,6 +50,7 @@ class BenchSettings:
     channels_last: bool = False  # eager: the modules' weights in channels_last (compiled does it on CUDA always)
     sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (bridge/kernels.py)
     fuse_math: bool = False  # compiled: the arithmetic between the modules compiled too (pipeline/step_math.py)
+    fuse_qkv: bool = False  # eager/compiled: each self-attention layer's q, k, v from one projection (pipeline/attention.py)
 
 
 def _load_average() -> float | None:
@@ -213,6 +214,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["channels_last"] = True
     if settings.fuse_math:
         options["fuse_math"] = True
+    if settings.fuse_qkv:
+        options["fuse_qkv"] = True
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     if base.device.type == "cuda":
@@ -246,6 +249,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
             "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
             "step_math_fused": engine._math.fused,  # the arithmetic between the modules compiled (--fuse-math)
+            "fused_qkv_layers": getattr(engine.backend, "fused_qkv_layers", 0),  # self-attention layers (--fuse-qkv)
             "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work
             "host_cpus": os.cpu_count(),
         })

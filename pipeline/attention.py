@@ -5,6 +5,12 @@ V = W_v c are constant between prompt changes. `CrossAttentionCache.install(unet
 every cross-attention layer a processor that takes its K/V from the cache when one is
 active and falls back to computing them otherwise. StreamDiffusion's code lists this cache
 in the paper but does not have it.
+
+`fuse_self_attention(unet)` (the backends' `fuse_qkv` option) gives every plain self-attention
+layer one (3 x inner, dim) projection for its query, key and value instead of three: one larger
+matrix multiplication reading the hidden states once, where the three small ones (4,096 x 320 by
+320 x 320 at 512x512) leave much of a big GPU idle. The three layers' weights become views of
+the fused one, so it costs no memory and the unfused path (a mask, a 4-d input) still works.
 """
 
 from __future__ import annotations
@@ -114,3 +120,67 @@ class CrossAttentionCache:
                 LayerKV(key.view(shape).transpose(1, 2).contiguous(), value.view(shape).transpose(1, 2).contiguous())
             )
         return result
+
+
+def _plain_self_attention(attn) -> bool:
+    """A self-attention layer the fused processor reproduces exactly: q, k and v of one width,
+    no norms, extra projections or residual inside it."""
+    return (
+        hasattr(attn, "set_processor")
+        and not getattr(attn, "is_cross_attention", True)
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and getattr(attn, "add_q_proj", None) is None
+        and not attn.residual_connection
+        and float(attn.rescale_output_factor) == 1.0
+        and attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features
+        and attn.to_q.in_features == attn.to_k.in_features == attn.to_v.in_features
+        and (attn.to_q.bias is None) == (attn.to_k.bias is None) == (attn.to_v.bias is None)
+    )
+
+
+class _FusedSelfAttnProcessor:
+    """Self-attention with q, k and v from one projection (diffusers' attention processor protocol)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fallback) -> None:
+        self.weight = weight  # (3 * inner, dim): to_q's rows, then to_k's, then to_v's
+        self.bias = bias
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        batch, tokens, _ = hidden_states.shape
+        head_dim = self.weight.shape[0] // (3 * attn.heads)
+        qkv = F.linear(hidden_states, self.weight, self.bias)  # (B, N, 3 * h * d)
+        query, key, value = qkv.view(batch, tokens, 3, attn.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+@torch.no_grad()
+def fuse_self_attention(unet: torch.nn.Module) -> int:
+    """Fuse the q/k/v projections of `unet`'s plain self-attention layers, in place (see the
+    module docstring); how many layers are fused. Layers fused before are left as they are."""
+    fused = 0
+    for _, attn in unet.named_modules():
+        if not _plain_self_attention(attn):
+            continue
+        if isinstance(attn.processor, _FusedSelfAttnProcessor):
+            fused += 1
+            continue
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        weight = torch.cat([layer.weight for layer in projections])  # (3 * inner, dim)
+        bias = None if attn.to_q.bias is None else torch.cat([layer.bias for layer in projections])
+        rows = attn.to_q.out_features
+        for index, layer in enumerate(projections):  # the three become views of the fused tensors: no copy kept
+            layer.weight.data = weight[index * rows:(index + 1) * rows]
+            if bias is not None:
+                layer.bias.data = bias[index * rows:(index + 1) * rows]
+        attn.set_processor(_FusedSelfAttnProcessor(weight, bias, attn.processor))
+        fused += 1
+    return fused

@@ -43,6 +43,8 @@ def error_lines(result):
     (["run", "--sink", "spout:sdbridge", "--model", "random:tiny", "--device", "cpu"], "Spout is Windows-only"),
     (["bench", "--fuse-math"], "--fuse-math needs --backend compiled"),
     (["bench", "--backend", "compiled", "--channels-last"], "--channels-last is for --backend eager"),
+    (["bench", "--backend", "tensorrt", "--fuse-qkv"], "--fuse-qkv is for --backend eager or compiled"),
+    (["bench", "--fuse-qkv", "--fp8"], "--fuse-qkv and --fp8 cannot be combined"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message):
     result = sdbridge(*args)

@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     parser.add_argument("--fuse-math", action="store_true",
                         help="compiled backend: the arithmetic between the modules (noising, guidance, LCM, the "
                              "bad-output check, the pixel conversions) compiled too, a few fused kernels a frame")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="eager and compiled backends: each self-attention layer's query, key and value from one "
+                             "projection (one larger matrix product instead of three)")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -118,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
                         f"{args.profile})")
     if args.fuse_math and args.backend != "compiled":
         raise UserError(f"--fuse-math needs --backend compiled (it compiles the step's arithmetic), not {args.backend!r}")
+    if args.fuse_qkv and args.backend not in ("eager", "compiled"):
+        raise UserError(f"--fuse-qkv is for --backend eager or compiled (the tensorrt backend runs its built engines), "
+                        f"not {args.backend!r}")
+    if args.fuse_qkv and args.fp8:
+        raise UserError("--fuse-qkv and --fp8 cannot be combined (fp8 scales each projection on its own); choose one")
     if args.channels_last and args.backend != "eager":
         raise UserError(f"--channels-last is for --backend eager (compiled uses channels_last on CUDA always), "
                         f"not {args.backend!r}")
@@ -136,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
-            fuse_math=args.fuse_math,
+            fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -184,6 +192,8 @@ def format_table(results: list[dict]) -> str:
         backend += "/fp8" if r.get("fp8") else ""
         backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
         backend += "/nhwc" if r.get("channels_last") else ""
+        backend += "/fmath" if r.get("fuse_math") else ""
+        backend += "/qkv" if r.get("fuse_qkv") else ""
         backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(

@@ -113,6 +113,7 @@ class CompiledBackend(EagerBackend):
         inductor_options: dict | None = None,
         fp8: bool = False,
         fuse_math: bool = False,
+        fuse_qkv: bool = False,
     ) -> None:
         """`compile_backend`: torch.compile's backend ("inductor", or a callable such as a
         compilation counter in tests); `fullgraph`: refuse graph breaks; `cuda_graphs`: "step",
@@ -120,7 +121,7 @@ class CompiledBackend(EagerBackend):
         settings for these compilations (torch.compile's `options`, e.g. {"conv_1x1_as_mm": True}),
         part of the compile cache's key; `fp8`: as for the eager backend; `fuse_math`: the stream's
         arithmetic between the modules compiled too, a few fused kernels instead of dozens of small
-        ones (pipeline/step_math.py; opt-in until measured on a GPU)."""
+        ones (pipeline/step_math.py; opt-in until measured on a GPU); `fuse_qkv`: as for the eager backend."""
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         reason = compile_unavailable_reason()
@@ -128,7 +129,8 @@ class CompiledBackend(EagerBackend):
             raise BackendUnavailable(
                 f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
             )
-        super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8)  # its own graphs below
+        super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8,  # its own graphs below
+                         fuse_qkv=fuse_qkv)
         device = next(self.unet.parameters()).device
         self._inductor = compile_backend == "inductor"
         graphs = cuda_graphs if device.type == "cuda" and self._inductor else "off"  # CUDA graphs need both

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import CrossAttentionCache, LayerKV
+from ..attention import CrossAttentionCache, LayerKV, fuse_self_attention
 from ..errors import BackendUnavailable
 from ..fp8 import fp8_unet, fp8_unavailable_reason
 from ..models import Components
@@ -91,17 +91,23 @@ class EagerBackend(StaticPrompt):
     step_math = PLAIN  # the stream's arithmetic between the modules, as written (pipeline/step_math.py)
 
     def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str | None = None,
-                 fp8: bool = False, channels_last: bool = False) -> None:
+                 fp8: bool = False, channels_last: bool = False, fuse_qkv: bool = False) -> None:
         """`cuda_graphs`: "step" (CUDA's default: the stream captures its whole step in one CUDA
         graph; see the module docstring) or "off" (the modules as they are; always on a CPU).
         `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py).
         `channels_last`: the UNet's and the VAE's weights in channels_last (NHWC), the layout
         tensor-core convolutions want; the compiled backend does this on CUDA always. Opt-in here
-        until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules."""
+        until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules.
+        `fuse_qkv`: each self-attention layer's query, key and value from one projection
+        (pipeline/attention.py); opt-in until measured on a GPU (`sdbridge bench --fuse-qkv`). It
+        changes the shared UNet (its results stay those of the three projections)."""
         on_cuda = next(components.unet.parameters()).device.type == "cuda"
         self.cuda_graphs = eager_cuda_graphs(cuda_graphs, on_cuda=on_cuda)  # what runs
         self.unet = components.unet
         self.fp8_layers = 0  # UNet linear layers in fp8
+        if fp8 and fuse_qkv:
+            raise ValueError("backend_options: fp8 and fuse_qkv cannot be combined (fp8 scales each projection "
+                             "on its own); choose one")
         if fp8:
             reason = fp8_unavailable_reason(next(self.unet.parameters()).device)
             if reason is not None:
@@ -111,6 +117,7 @@ class EagerBackend(StaticPrompt):
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
+        self.fused_qkv_layers = fuse_self_attention(self.unet) if fuse_qkv else 0  # self-attention layers fused
         self.cache = CrossAttentionCache.install(self.unet) if kv_cache else None
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
         self._vae_is_tiny = hasattr(self.vae.config, "encoder_block_out_channels")

@@ -1,0 +1,136 @@
+"""Fused self-attention projections (`fuse_qkv`, pipeline/attention.py): one (3 x inner, dim)
+projection for each plain self-attention layer's query, key and value, giving the UNet's output
+of the three, with the three layers' weights as views of the fused one (no memory kept twice).
+Each test builds its own tiny model: fusing changes the UNet in place, and `tiny_components` is
+shared by the whole session."""
+
+import json
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from pipeline import StreamConfig, StreamDiffusion, random_components
+from pipeline.attention import CrossAttentionCache, _FusedSelfAttnProcessor, fuse_self_attention
+from test_cli import sdbridge
+from test_compiled_backend import CountingBackend, _config, _frames, _show
+
+SIZE = 64
+
+
+def _tiny():
+    return random_components("tiny", dtype=torch.float32, device="cpu", seed=0)
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    storages = {param.untyped_storage().data_ptr(): param.untyped_storage().nbytes() for param in module.parameters()}
+    return sum(storages.values())
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(3, 77, 32, generator=generator)
+    latents = torch.randn(3, 4, 8, 8, generator=generator)
+    return latents, torch.tensor([999, 500, 20]), embeds
+
+
+@torch.no_grad()
+def test_the_fused_projection_gives_the_three_projections_output_and_keeps_no_second_copy():
+    unet = _tiny().unet
+    latents, timesteps, embeds = _inputs()
+    plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    bytes_before = _storage_bytes(unet)
+    self_attention = [module for name, module in unet.named_modules() if name.endswith("attn1")]
+
+    assert fuse_self_attention(unet) == len(self_attention) == 4  # down, mid and two in the up block
+    assert all(isinstance(attn.processor, _FusedSelfAttnProcessor) for attn in self_attention)
+    assert not any(isinstance(module.processor, _FusedSelfAttnProcessor)  # cross-attention is left as it was
+                   for name, module in unet.named_modules() if name.endswith("attn2"))
+    fused = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    assert (fused - plain).abs().max().item() <= 1e-5
+
+    attn = self_attention[0]
+    rows = attn.to_q.out_features
+    weight = attn.processor.weight
+    assert weight.shape == (3 * rows, attn.to_q.in_features)
+    for index, layer in enumerate((attn.to_q, attn.to_k, attn.to_v)):  # views of the fused weight, its rows in order
+        assert layer.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        assert torch.equal(layer.weight, weight[index * rows:(index + 1) * rows])
+    assert _storage_bytes(unet) == bytes_before  # the three layers' own copies were released
+
+    processors = [attn.processor for attn in self_attention]
+    assert fuse_self_attention(unet) == 4  # fusing again changes nothing
+    assert [attn.processor for attn in self_attention] == processors
+
+
+@torch.no_grad()
+def test_fused_self_attention_with_the_prompt_kv_cache_and_the_unfused_fallback():
+    unet = _tiny().unet
+    latents, timesteps, embeds = _inputs()
+    plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    fuse_self_attention(unet)
+    cache = CrossAttentionCache.install(unet)
+    cache.active = cache.compute(embeds)
+    try:
+        both = unet(latents, timesteps, encoder_hidden_states=torch.zeros_like(embeds)).sample
+    finally:
+        cache.active = None
+    assert (both - plain).abs().max().item() <= 1e-5
+
+    # a call the fused processor does not take (a mask) runs the processor it replaced, on the same weights
+    attn = next(module for name, module in unet.named_modules() if name.endswith("attn1"))
+    hidden = torch.randn(2, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 1, 64)
+    assert isinstance(attn.processor.fallback, AttnProcessor2_0)
+    masked = attn(hidden, attention_mask=mask)
+    reference = AttnProcessor2_0()(attn, hidden, attention_mask=mask)
+    assert torch.equal(masked, reference)
+    assert (masked - attn(hidden)).abs().max().item() <= 1e-5  # a zero additive mask changes nothing
+
+
+def test_the_engine_with_fused_projections_gives_the_unfused_engine_frames():
+    frames = [torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    outputs = []
+    for fuse_qkv in (False, True):
+        config = StreamConfig(width=SIZE, height=SIZE, device="cpu", cfg_type="full", guidance_scale=2.0,
+                              t_index_list=(20, 40))
+        engine = StreamDiffusion(_tiny(), config, backend_options={"fuse_qkv": fuse_qkv})
+        assert engine.backend.fused_qkv_layers == (4 if fuse_qkv else 0)
+        engine.set_prompt("a harbour", negative_prompt="rain")
+        outputs.append([engine(frame) for frame in frames])
+    for plain, fused in zip(*outputs):
+        assert (plain - fused).abs().max().item() <= 1e-5
+
+
+def test_the_compiled_backend_traces_the_fused_processor_whole_and_never_recompiles_in_a_show():
+    """fullgraph=True: a graph break in the processor would fail the compilation."""
+    counter = CountingBackend()
+    config = _config(cfg_type="self")
+    engine = StreamDiffusion(_tiny(), config, backend="compiled",
+                             backend_options={"compile_backend": counter, "fuse_qkv": True})
+    engine.set_prompt("a harbour", "rain")
+    assert engine.backend.fused_qkv_layers == 4
+    compiled_at_start = counter.count
+    reference = StreamDiffusion(_tiny(), config)  # eager, unfused, its own model of the same weights
+    reference.set_prompt("a harbour", "rain")
+    frames = _frames(3)
+    outputs, expected = _show(engine, frames), _show(reference, frames)
+    assert counter.count == compiled_at_start, "a setting change recompiled"
+    assert max((out - ref).abs().max().item() for out, ref in zip(outputs, expected)) <= 1e-4
+
+
+def test_fp8_and_fused_projections_are_refused_together():
+    with pytest.raises(ValueError, match="fp8 and fuse_qkv cannot be combined"):
+        StreamDiffusion(_tiny(), StreamConfig(width=SIZE, height=SIZE, device="cpu"),
+                        backend_options={"fp8": True, "fuse_qkv": True})
+
+
+@pytest.mark.slow
+def test_bench_fuse_qkv_reports_the_fused_layers(tmp_path):
+    out = tmp_path / "bench.json"
+    result = sdbridge("bench", "--arch", "tiny", "--steps", "1", "--width", "64", "--height", "64", "--frames", "4",
+                      "--warmup", "1", "--device", "cpu", "--fuse-qkv", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    [run] = json.loads(out.read_text())
+    assert run["fuse_qkv"] is True and run["fused_qkv_layers"] == 4
+    assert "eager/qkv" in result.stdout
