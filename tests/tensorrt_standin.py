@@ -2,12 +2,18 @@
 
 It has the TensorRT 10 Python API names and calls that sdbridge uses, with their documented
 meaning (Logger, Builder.create_network / create_builder_config / build_serialized_network,
-BuilderFlag, OnnxParser.parse_from_file / num_errors / get_error, Runtime.deserialize_cuda_engine,
+NetworkDefinitionCreationFlag.STRONGLY_TYPED, BuilderFlag, OnnxParser.parse_from_file /
+num_errors / get_error, Runtime.deserialize_cuda_engine,
 ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_shape /
 get_tensor_dtype / create_execution_context, IExecutionContext.set_tensor_address /
 execute_async_v3, TensorIOMode, DataType), backed by onnxruntime on the CPU:
 - a "serialized engine" is a header naming the stand-in and the precision, then the ONNX bytes;
-  anything else fails to deserialize (None, as TensorRT returns for a foreign engine);
+  anything else fails to deserialize (None, as TensorRT returns for a foreign engine). The
+  precision is the builder's precision flags, or for a strongly typed network (where each layer
+  keeps the type the ONNX graph gives it) "STRONG:" and the graph's first input type;
+- `install(monkeypatch, major=11)` gives TensorRT 11 instead, which removed the weak-typing
+  builder flags (BuilderFlag.FP16, BF16): strong typing is all it has (its flag is accepted);
+  `major=8` gives TensorRT 8.6, which has the named-tensor API but no strong typing yet;
 - "device memory" is host memory: execute_async_v3 reads each input at the address given to
   set_tensor_address and writes each output at its address, as TensorRT does on the GPU, so
   the caller must give addresses of live, contiguous tensors of the engine's shapes and types.
@@ -38,6 +44,20 @@ class Logger:
 class BuilderFlag(enum.Enum):
     FP16 = "FP16"
     BF16 = "BF16"
+    DEBUG = "DEBUG"
+
+
+class BuilderFlag11(enum.Enum):  # TensorRT 11's: no precision flags
+    DEBUG = "DEBUG"
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0  # deprecated and ignored since TensorRT 10
+    STRONGLY_TYPED = 1
+
+
+class NetworkDefinitionCreationFlag8(enum.IntEnum):  # TensorRT 8.6's: no strong typing yet
+    EXPLICIT_BATCH = 0
 
 
 class TensorIOMode(enum.Enum):
@@ -59,8 +79,10 @@ _ORT_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF,
 
 
 class INetworkDefinition:
-    def __init__(self) -> None:
+    def __init__(self, strongly_typed: bool) -> None:
         self.onnx: bytes | None = None
+        self.strongly_typed = strongly_typed
+        self.first_input_type = "?"
 
 
 class IBuilderConfig:
@@ -76,7 +98,8 @@ class Builder:
         self.logger = logger
 
     def create_network(self, flags: int = 0) -> INetworkDefinition:
-        return INetworkDefinition()
+        strongly_typed = bool(flags & (1 << 1))  # 1: STRONGLY_TYPED (TensorRT 9 and later)
+        return INetworkDefinition(strongly_typed or __version__.startswith("11."))  # always strongly typed in 11
 
     def create_builder_config(self) -> IBuilderConfig:
         return IBuilderConfig()
@@ -84,7 +107,12 @@ class Builder:
     def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> bytes | None:
         if network.onnx is None:
             return None
-        precision = ",".join(sorted(flag.value for flag in config.flags)) or "FP32"
+        if network.strongly_typed and config.flags - {BuilderFlag.DEBUG, BuilderFlag11.DEBUG}:
+            return None  # a precision flag on a strongly typed network: refused here (sdbridge never sets both)
+        if network.strongly_typed:
+            precision = "STRONG:" + network.first_input_type
+        else:
+            precision = ",".join(sorted(flag.value for flag in config.flags)) or "FP32"
         return HEADER + precision.encode() + b"\n" + network.onnx
 
 
@@ -103,6 +131,8 @@ class OnnxParser:
             self._errors.append(f"{type(exc).__name__}: {exc}")
             return False
         self.network.onnx = model.SerializeToString()
+        first = model.graph.input[0].type.tensor_type.elem_type
+        self.network.first_input_type = onnx.helper.tensor_dtype_to_np_dtype(first).name
         return True
 
     @property
@@ -191,9 +221,17 @@ def _memory(address: int, shape: tuple[int, ...], dtype: DataType) -> np.ndarray
     return np.frombuffer(buffer, dtype=numpy_dtype, count=count).reshape(shape)
 
 
-def install(monkeypatch) -> types.ModuleType:
-    """Make `import tensorrt` give this stand-in for the rest of the test."""
+def install(monkeypatch, major: int = 10) -> types.ModuleType:
+    """Make `import tensorrt` give this stand-in (TensorRT `major`: 8, 10 or 11) for the rest of the test."""
     module = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "tensorrt", module)
+    if major == 11:
+        monkeypatch.setattr(module, "__version__", "11.99.0+standin")
+        monkeypatch.setattr(module, "BuilderFlag", BuilderFlag11)
+    elif major == 8:
+        monkeypatch.setattr(module, "__version__", "8.6.99+standin")
+        monkeypatch.setattr(module, "NetworkDefinitionCreationFlag", NetworkDefinitionCreationFlag8)
+    elif major != 10:
+        raise ValueError(f"the stand-in is TensorRT 8.6, 10 or 11, not {major}")
     EXECUTIONS["count"] = 0
     return module

@@ -1,5 +1,5 @@
 """The tensorrt backend end to end on the CPU: `build_engines` exports the tiny model to ONNX and
-builds its engines through a stand-in with TensorRT 10's Python API (backed by onnxruntime:
+builds its engines through a stand-in with TensorRT 10's and 11's Python API (backed by onnxruntime:
 tests/tensorrt_standin.py), the backend loads them from the verified cache and runs a stream whose
 frames match the eager backend's. A missing, mismatched or tampered engine is one clear line at
 start that names the command which builds it. Where the real TensorRT imports (an NVIDIA
@@ -67,6 +67,50 @@ def test_built_engines_run_a_stream_that_matches_eager(tiny_components, built, s
     assert worst <= 1, f"TensorRT (stand-in) frames differ from eager by {worst}/255"
     assert tensorrt_standin.EXECUTIONS["count"] == 6 * 3  # encoder, UNet, decoder per frame
     assert len(engine.backend._engines) == loaded  # nothing loaded mid-show
+
+
+def _header(engine_file):
+    data = engine_file.read_bytes()
+    assert data.startswith(tensorrt_standin.HEADER)
+    return data[len(tensorrt_standin.HEADER):].split(b"\n", 1)[0].decode()
+
+
+def test_engines_are_built_strongly_typed_in_the_precision_the_graph_was_exported_in(built, standin):
+    """Each layer keeps the type of the exported graph (the model's own dtype); no weak-typing
+    precision flag, which TensorRT 11 removed."""
+    _, paths = built
+    assert {_header(path) for path in paths} == {"STRONG:float32"}
+
+
+def test_tensorrt_11_without_precision_flags_builds_and_runs_the_engines(tiny_components, tmp_path, monkeypatch):
+    module = tensorrt_standin.install(monkeypatch, major=11)
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+    assert not hasattr(module.BuilderFlag, "FP16")
+    config = CONFIG.replace(cfg_type="none")  # one UNet batch: a quicker build
+    paths = tensorrt_build.build_engines(tiny_components, config, EngineCache(tmp_path), work_folder=tmp_path / "onnx",
+                                         precision="fp32")
+    assert len(paths) == 3 and {_header(path) for path in paths} == {"STRONG:float32"}
+    engine = StreamDiffusion(tiny_components, config, backend="tensorrt", backend_options={"engines": str(tmp_path)})
+    reference = StreamDiffusion(tiny_components, config)
+    for stream in (engine, reference):
+        stream.set_prompt("a lighthouse")
+    frame = _frames(1)[0]
+    assert int(np.abs(engine(frame).astype(int) - reference(frame).astype(int)).max()) <= 1
+
+
+def test_a_tensorrt_without_strong_typing_gets_the_precision_as_a_builder_flag(built, monkeypatch):
+    folder, _ = built
+    decoder = next((folder / "onnx").glob("*/vae_decoder.onnx"))
+    tensorrt_standin.install(monkeypatch, major=8)
+    data = tensorrt_build.build_serialized(decoder, precision="fp16")
+    assert data.startswith(tensorrt_standin.HEADER + b"FP16\n")
+
+
+def test_a_precision_other_than_the_models_dtype_is_refused_before_building(tiny_components, standin, tmp_path):
+    with pytest.raises(ValueError, match=r"precision 'fp16' needs the model loaded in torch.float16, not torch.float32"):
+        tensorrt_build.build_engines(tiny_components, CONFIG, EngineCache(tmp_path), work_folder=tmp_path / "onnx",
+                                     precision="fp16")
+    assert not any(tmp_path.iterdir())  # nothing exported or built
 
 
 def test_a_resolution_without_engines_is_one_line_naming_the_build_command(tiny_components, built, standin):

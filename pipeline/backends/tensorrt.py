@@ -8,7 +8,7 @@ every engine the stream can call (each UNet batch, guidance on and off, and the 
 missing or mismatched engine is one clear line at start, naming the command that builds it,
 never a failure mid-show.
 
-TensorRT 10's name-based API: each engine's inputs and outputs are found by name and mode,
+TensorRT 10's and 11's name-based API: each engine's inputs and outputs are found by name and mode,
 their addresses set on the execution context before `execute_async_v3` on the current CUDA
 stream; outputs are fresh tensors. The UNet engine takes the prompt embeddings (TensorRT fuses
 the cross-attention projections itself), so the K/V cache is not used here.
@@ -39,7 +39,7 @@ from .engine_cache import EngineCache, EngineCacheError, EngineKey, model_weight
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+PRECISIONS = {dtype: name for name, dtype in tensorrt_build.PRECISION_DTYPES.items()}  # torch dtype -> engine key
 TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                "INT64": torch.int64}
 

@@ -1,4 +1,4 @@
-"""Building TensorRT engines from the ONNX exports (TensorRT 10 Python API), into an EngineCache.
+"""Building TensorRT engines from the ONNX exports (TensorRT 10 and 11 Python API), into an EngineCache.
 
 Only where `tensorrt` imports (Linux/Windows with an NVIDIA GPU); nothing here runs at show
 time. The layouts a stream needs are built ahead: one UNet engine per batch size the
@@ -22,6 +22,9 @@ from .onnx_export import ExportShapes, export_onnx
 log = logging.getLogger(__name__)
 
 
+PRECISION_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message is one line a user can act on."""
 
@@ -38,22 +41,32 @@ def tensorrt_identity() -> tuple[str, str]:
     return tensorrt.__version__, f"{major}.{minor}"
 
 
+def _strongly_typed_flag(trt):
+    """TensorRT's STRONGLY_TYPED network creation flag, or None where it has none (before 9)."""
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    return getattr(flags, "STRONGLY_TYPED", None)
+
+
 def build_serialized(onnx_path: Path, *, precision: str) -> bytes:
-    """One engine from one ONNX file with static shapes (TensorRT 10: builder, parser, config)."""
+    """One engine from one ONNX file with static shapes (TensorRT 10 and 11: builder, parser, config).
+
+    The network is strongly typed: each layer computes in the types the ONNX graph gives it, and
+    the graph is exported in `precision` (`export_onnx` traces the model in its own dtype). This
+    is what TensorRT 11 always does, and removed the FP16/BF16 builder flags it replaces (weak
+    typing was deprecated in 10.12). Only a TensorRT without strong typing gets the flag instead."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    strongly_typed = _strongly_typed_flag(trt)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    if strongly_typed is None and precision in ("fp16", "bf16"):
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
@@ -64,6 +77,10 @@ def build_engines(components: Components, config: StreamConfig, cache: EngineCac
                   precision: str = "fp16", onnx_only: bool = False, force: bool = False) -> list[Path]:
     """Export and build every engine `config` needs that `cache` does not hold yet; their paths."""
     identity = ("none", "none") if onnx_only else tensorrt_identity()
+    dtype = next(components.unet.parameters()).dtype
+    if not onnx_only and PRECISION_DTYPES.get(precision) != dtype:  # the graph's types are the engine's
+        raise ValueError(f"precision {precision!r} needs the model loaded in {PRECISION_DTYPES.get(precision)}, "
+                         f"not {dtype}")
     started = time.perf_counter()
     log.info("hashing the model's weights ...")
     model_hash = model_weights_hash(components.unet, components.vae)
