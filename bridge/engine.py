@@ -36,6 +36,8 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
     """The keyword options of `backend` from the settings."""
     if backend in ("eager", "compiled"):
         options = {"fp8": True} if settings.fp8 else {}
+        if settings.fuse_qkv:
+            options["fuse_qkv"] = True
         if settings.cuda_graphs is not None and (backend == "compiled" or settings.cuda_graphs != "modules"):
             options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
         return options or None
@@ -80,6 +82,8 @@ def backend_label(engine) -> str:
         label += "+module graphs"
     if getattr(backend, "fp8_layers", 0):
         label += "+fp8"
+    if getattr(backend, "fused_qkv_layers", 0):
+        label += "+fused qkv"
     fallback = getattr(engine, "fallback_from", None)
     if fallback:
         label += f" (fallback from {fallback[0]})"

@@ -73,6 +73,7 @@ class RunSettings:
     sizes: tuple[str, ...] = ()  # other sizes ("768x432") /sd/resolution may switch to: readied at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
+    fuse_qkv: bool = False  # eager/compiled: each self-attention layer's q, k, v from one projection
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"
@@ -149,6 +150,10 @@ class RunSettings:
             raise ValueError(f"cuda_graphs: {self.cuda_graphs!r} must be one of {', '.join(CUDA_GRAPH_MODES)}")
         if self.fp8 and self.backend == "tensorrt":
             raise ValueError("fp8: the tensorrt backend runs its engines' own precision; fp8 is for eager and compiled")
+        if self.fuse_qkv and self.backend == "tensorrt":
+            raise ValueError("fuse_qkv: the tensorrt backend runs its built engines; fuse_qkv is for eager and compiled")
+        if self.fuse_qkv and self.fp8:
+            raise ValueError("fuse_qkv and fp8 cannot be combined (fp8 scales each projection on its own); choose one")
         if self.cuda_graphs == "modules" and self.backend != "compiled":
             raise ValueError(f"cuda_graphs: 'modules' needs backend 'compiled' (backend is {self.backend!r}); "
                              "'step' captures any backend's whole step")

@@ -134,3 +134,27 @@ def test_bench_fuse_qkv_reports_the_fused_layers(tmp_path):
     [run] = json.loads(out.read_text())
     assert run["fuse_qkv"] is True and run["fused_qkv_layers"] == 4
     assert "eager/qkv" in result.stdout
+
+
+def test_sdbridge_run_fuse_qkv_runs_the_show_and_says_so(tmp_path):
+    """The flag, and `fuse_qkv = true` in the TOML file, through a whole (short) run."""
+    flags = ["run", "--source", "testpattern", "--sink", "null", "--model", "random:tiny", "--width", "64",
+             "--height", "64", "--device", "cpu", "--no-status", "--no-osc", "--frames", "3"]
+    config = tmp_path / "show.toml"
+    config.write_text("fuse_qkv = true\n")
+    for extra in (["--fuse-qkv"], ["--config", str(config)]):
+        result = sdbridge(*flags, *extra, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "(64x64, eager+fused qkv)" in result.stderr
+        assert "3 processed" in result.stdout
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"fuse_qkv": True, "backend": "tensorrt"}, "fuse_qkv: the tensorrt backend runs its built engines"),
+    ({"fuse_qkv": True, "fp8": True}, "fuse_qkv and fp8 cannot be combined"),
+])
+def test_run_settings_refuse_fuse_qkv_where_it_cannot_apply(settings, message):
+    from bridge.settings import RunSettings
+
+    with pytest.raises(ValueError, match=message):
+        RunSettings(sink=("null",), **settings)

@@ -58,6 +58,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--fp8", action="store_const", const=True,
         help="eager/compiled on an Ada or Hopper GPU: the UNet's transformer layers multiply in fp8 (faster, "
              "slightly different pictures; `sdbridge bench --fp8` measures both)")
+    add("--fuse-qkv", dest="fuse_qkv", action="store_const", const=True,
+        help="eager/compiled: each self-attention layer's query, key and value from one projection (one "
+             "larger matrix product instead of three; the same pictures; `sdbridge bench --fuse-qkv` measures it)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")
