@@ -30,7 +30,8 @@
 #          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
 #          cuts the last few
 #   fused: graph_check with the fused step math (bench/graph_check.py --fuse-math)
-#   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py)
+#   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
+#          then the same with --fuse-math
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -192,12 +193,16 @@ case "$PART" in
     ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
-    seconds=$(cut_to_budget 300)
-    echo "== ready_check (limit ${seconds}s)"
-    timeout -k 5 "$seconds" python3 bench/ready_check.py --json "$OUT/ready_check.json" --arch sd-turbo --steps 1 \
-      --to-steps 2 > "$OUT/ready_check.log" 2>&1
-    echo "   exit $?"
-    tail -n 1 "$OUT/ready_check.log"
+    for variant in plain fused; do  # fused: with --fuse-math, whose functions are readied beside the show too
+      seconds=$(cut_to_budget 300)
+      [ "$seconds" -eq 0 ] && echo "== ready_check_$variant skipped (budget)" && continue
+      echo "== ready_check_$variant (limit ${seconds}s)"
+      flags=""; [ "$variant" = fused ] && flags="--fuse-math"
+      timeout -k 5 "$seconds" python3 bench/ready_check.py --json "$OUT/ready_check_$variant.json" --arch sd-turbo \
+        --steps 1 --to-steps 2 $flags > "$OUT/ready_check_$variant.log" 2>&1
+      echo "   exit $?"
+      tail -n 1 "$OUT/ready_check_$variant.log"
+    done
     ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
     graph_check 170

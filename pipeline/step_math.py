@@ -12,7 +12,9 @@ Every function is pure (tensors and constants in, tensors out) and the stream ca
 through one `StepMath`, so plain and fused run the same code. Fused functions compile for each
 shape they meet (dynamic=False, like the modules): the stream runs them for every readied
 configuration before frames flow (a step graph's capture does, or `StreamDiffusion.warm_up`'s
-dry run of the step without one), so no frame waits for a compilation.
+dry run of the step without one), and `StreamDiffusion.ready` runs them for a new step count or
+size on its own thread beside the frames (a dry run on a copy of the stream), so no frame waits
+for a compilation.
 """
 
 from __future__ import annotations
@@ -55,16 +57,27 @@ PLAIN = StepMath(add_noise, guided_x0, next_stock_noise, keep_good, pixels_to_im
 
 class FusedOrPlain:
     """A compiled function that falls back to the plain one, for good and said once, when the
-    compiler fails on it (the step then runs that part as written, never stops)."""
+    compiler fails on it (the step then runs that part as written, never stops).
 
-    def __init__(self, name: str, compiled: Callable, plain: Callable) -> None:
+    `compiling_elsewhere()`, when given, says whether another thread is compiling beside the
+    frames (`StreamDiffusion.ready`): this thread's calls then use the graphs compiled so far
+    only, and a call none of them takes runs as written at once, instead of waiting on dynamo's
+    process-wide compile lock for the other thread's whole compilation."""
+
+    def __init__(self, name: str, compiled: Callable, plain: Callable,
+                 compiling_elsewhere: Callable[[], bool] | None = None) -> None:
         self.name, self.compiled, self.plain = name, compiled, plain
         self.failed: str | None = None  # the compiler's error, once it failed
+        self._compiling_elsewhere = compiling_elsewhere
+        self._cached_only = torch._dynamo.run(compiled) if compiling_elsewhere is not None else None
 
     def __call__(self, *args, **kwargs):
         if self.failed is None:
+            compiled = self.compiled
+            if self._compiling_elsewhere is not None and self._compiling_elsewhere():
+                compiled = self._cached_only
             try:
-                return self.compiled(*args, **kwargs)
+                return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or the compiler failed (dynamo is
                 # loaded by then: torch.compile made `compiled`)
                 self.failed = innermost_line(exc)
@@ -73,11 +86,13 @@ class FusedOrPlain:
         return self.plain(*args, **kwargs)
 
 
-def fused(compile_function: Callable[[Callable], Callable]) -> StepMath:
-    """PLAIN's functions, each through `compile_function` (e.g. functools.partial(torch.compile, ...))."""
+def fused(compile_function: Callable[[Callable], Callable],
+          compiling_elsewhere: Callable[[], bool] | None = None) -> StepMath:
+    """PLAIN's functions, each through `compile_function` (e.g. functools.partial(torch.compile, ...));
+    `compiling_elsewhere`: see FusedOrPlain."""
     compiled = {}
     for field in fields(StepMath):
         if field.name != "fused":
             plain = getattr(PLAIN, field.name)
-            compiled[field.name] = FusedOrPlain(field.name, compile_function(plain), plain)
+            compiled[field.name] = FusedOrPlain(field.name, compile_function(plain), plain, compiling_elsewhere)
     return StepMath(**compiled, fused=True)

@@ -8,6 +8,7 @@ lags n-1 calls. Rows are step-major: rows [i*b, (i+1)*b) hold the frames at step
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -126,7 +127,9 @@ class StreamDiffusion:
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
-        self._dry_runs: set[tuple] = set()  # graph_key of each configuration whose step ran dry (`_dry_run`)
+        # graph_key of each configuration whose step has run with the fused math (a dry run, one beside
+        # the frames, or a step graph's capture): its fused functions are compiled
+        self._math_ran: set[tuple] = set()
         self.config = config
         self._configure(config, previous=None)
         self.set_prompt("")
@@ -279,13 +282,16 @@ class StreamDiffusion:
         return target
 
     def update_work(self, **params) -> str | None:
-        """What `update(**params)` would do before it returns: "compile" (the backend compiles:
-        seconds to minutes), "capture" (a step graph's capture or the fused math's dry run: a
-        fraction of a second), or None. ValueError as `update` would raise it."""
+        """What `update(**params)` would do before it returns: "compile" (the backend compiles,
+        or the fused math does for new shapes: seconds to minutes; `ready` can do it beside the
+        frames), "capture" (a step graph's capture: a fraction of a second), or None. ValueError
+        as `update` would raise it."""
         target = self._target(params)
         warmed = getattr(self.backend, "warmed", None)
         if warmed is not None and not warmed(unet_batches(target), **self._warm_up_shapes(target)):
             return "compile"
+        if self._math.fused and not all(graph_key(side) in self._math_ran for side in _both_sides(target)):
+            return "compile"  # the fused math's functions for these shapes (a capture would compile them too)
         return None if self._stepped(target) else "capture"
 
     @property
@@ -304,6 +310,10 @@ class StreamDiffusion:
         target = self._target(params)
         with torch.inference_mode():  # as frames run: the compiled graphs' guards see the same tensors
             self._warm_up_backend(target, sorted(set(unet_batches(target))), beside_frames=True)
+            if self._math.fused:
+                with self.backend.compiling_beside_frames():
+                    for side in _both_sides(target):
+                        self._dry_run_beside_frames(side)
 
     def _warm_up_shapes(self, config: StreamConfig) -> dict:
         """The latents' (b, 4, h, w) and, for img2img, the images' (b, 3, H, W) shapes of `config`."""
@@ -339,7 +349,7 @@ class StreamDiffusion:
         for sized in [config, *resized]:
             self._warm_up_backend(sized, sorted(batches))
         if self._graphs is not None:
-            ready = self._graphs.capture  # each configuration's step graph
+            ready = self._capture  # each configuration's step graph
         elif self._math.fused:
             ready = self._dry_run  # no graph's capture runs the step: a dry run compiles the fused math
         else:
@@ -366,17 +376,21 @@ class StreamDiffusion:
     def _ready_both_sides(self, config: StreamConfig, ready) -> None:
         """`ready` (a step graph's capture, or a dry run) for `config` with guidance on and off
         (once when cfg_type is none)."""
-        ready(config)
-        if config.cfg_type != "none":
-            flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
-            ready(config.replace(guidance_scale=flipped))
+        for side in _both_sides(config):
+            ready(side)
+
+    def _capture(self, config: StreamConfig) -> None:
+        """`config`'s step graph captured (its capture runs the step: the fused math compiles then)."""
+        self._graphs.capture(config)
+        if self._math.fused:
+            self._math_ran.add(graph_key(config))
 
     def _stepped(self, config: StreamConfig) -> bool:
         """Whether `config`'s step is readied as warm_up readies it: its step graph captured, or
         with fused math and no graphs, its dry run done (True when neither applies)."""
         if self._graphs is not None:
             return config in self._graphs
-        return graph_key(config) in self._dry_runs or not self._math.fused
+        return graph_key(config) in self._math_ran or not self._math.fused
 
     def _ready_other(self, other: StreamConfig, ready) -> None:
         """`ready` `other` (another step count or size) now, with the step coefficients and
@@ -399,27 +413,51 @@ class StreamDiffusion:
     def _dry_run(self, config: StreamConfig) -> None:
         """Run `config`'s step on two black frames and forget them (state, bad-output counters
         and the txt2img generator put back): without a step graph, this is what compiles the fused
-        step math (pipeline/step_math.py) for `config` before frames flow. Two, because a first
-        frame differs from the next for the compiler: the frames in flight are filled from it, and
-        its fallback output is the input itself."""
-        if graph_key(config) in self._dry_runs:
+        step math (pipeline/step_math.py) for `config` before frames flow."""
+        if graph_key(config) in self._math_ran:
             return
         saved = self.state, self._caught.clone(), self._txt2img_generator.get_state()
         try:
-            with torch.inference_mode(), self.capturing(config):
-                self.state = StreamState()  # nothing in flight, no last output: as after a start
-                shape = (config.frame_buffer_size, 3, config.height, config.width)
-                images = torch.zeros(shape, device=self._noise.device, dtype=self._noise.dtype)
-                for _ in range(2):
-                    if config.mode == "img2img":
-                        self._step(images)
-                    else:
-                        self._finish(self._denoise(latents=None), fallback=None)
+            self._two_black_frames(config)
         finally:
             self.state = saved[0]
             self._caught.copy_(saved[1])
             self._txt2img_generator.set_state(saved[2])
-        self._dry_runs.add(graph_key(config))
+        self._math_ran.add(graph_key(config))
+
+    def _dry_run_beside_frames(self, config: StreamConfig) -> None:
+        """`_dry_run` for `config` on this thread while another runs frames (from `ready`), on a
+        copy of this stream with state, counters, generator, step coefficients and noise of its
+        own, whose UNet calls take their conditioning as given, not through the static buffers
+        the frames' graphs read. Compiles the fused math's functions for `config`'s shapes and
+        changes nothing the frames use."""
+        if graph_key(config) in self._math_ran:
+            return
+        shadow = copy.copy(self)
+        shadow.backend = _ConditioningAsGiven(self.backend)
+        shadow._caught = torch.zeros_like(self._caught)
+        shadow._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
+        with torch.inference_mode(False):  # made as `update` will make them: the compiled math guards on it
+            shadow._rows = step_coefficients(self.components.schedule, config.t_index_list, config.num_inference_steps,
+                                             config.lcm_original_steps, config.device,
+                                             config.dtype).repeat_per_frame(config.frame_buffer_size)
+            shadow._noise = self._make_noise(config)
+        shadow._two_black_frames(config)
+        self._math_ran.add(graph_key(config))
+
+    def _two_black_frames(self, config: StreamConfig) -> None:
+        """`config`'s step on two black frames from an empty state. Two, because a first frame
+        differs from the next for the compiler: the frames in flight are filled from it, and its
+        fallback output is the input itself."""
+        with torch.inference_mode(), self.capturing(config):
+            self.state = StreamState()  # nothing in flight, no last output: as after a start
+            shape = (config.frame_buffer_size, 3, config.height, config.width)
+            images = torch.zeros(shape, device=self._noise.device, dtype=self._noise.dtype)
+            for _ in range(2):
+                if config.mode == "img2img":
+                    self._step(images)
+                else:
+                    self._finish(self._denoise(latents=None), fallback=None)
 
     def reset(self) -> None:
         """Forget the frames in flight and the similarity reference (counters are kept)."""
@@ -625,6 +663,29 @@ class StreamDiffusion:
         self._caught.add_(faults)
         self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
         return output
+
+
+def _both_sides(config: StreamConfig) -> list[StreamConfig]:
+    """`config`, and with guidance flipped on or off (what a later guidance change may need),
+    unless cfg_type is none (guidance never applies)."""
+    if config.cfg_type == "none":
+        return [config]
+    flipped = 1.0 if config.guidance_active else max(1.2, config.guidance_scale)
+    return [config, config.replace(guidance_scale=flipped)]
+
+
+class _ConditioningAsGiven:
+    """A backend whose UNet calls take the conditioning they are given (`_unet_with`), not the
+    static buffers the frames' graphs read: what a step beside running frames calls."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return self._backend._unet_with(x_t, t, cond)
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
 
 
 def _in_place(old, new):

@@ -4,6 +4,7 @@ without compiling; a newer value wins over one being readied; a failed compilati
 and changes nothing. The compiled backend runs with a torch.compile backend that records the
 thread of each compilation and takes its time, as a real compiler does."""
 
+import functools
 import sys
 import threading
 import time
@@ -91,6 +92,65 @@ def test_ready_compiles_on_its_thread_while_frames_run_and_the_update_then_compi
         reference.ready(t_index_list=THREE)
     with pytest.raises(ValueError, match="cannot change at run time"):
         engine.update_work(width=64, mode="txt2img")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_fused_math_of_a_new_step_count_compiles_beside_the_frames_too(tiny_components, graphs):
+    """With `fuse_math` the step's arithmetic compiles for each shape as well: `ready` compiles it
+    on its thread with a dry run on a copy of the stream (state, noise and counters of its own),
+    so the switch compiles nothing, with or without a step graph; the frames are the plain
+    math's throughout, the change landing at the same frame."""
+    compiler = SlowCompiler(seconds=0.05)
+    config = dict(width=SIZE, height=SIZE, device="cpu", dtype="float32", t_index_list=TWO, cfg_type="self",
+                  guidance_scale=1.4, seed=3)
+    engine = StreamDiffusion(tiny_components, StreamConfig(**config), backend="compiled",
+                             backend_options={"compile_backend": compiler, "fuse_math": True})
+    plain = StreamDiffusion(tiny_components, StreamConfig(**config, kv_cache=False))  # eager; leaves the K/V cache
+    for stream in (engine, plain):
+        stream.set_prompt("a harbour", "rain")
+    if graphs:
+        engine._graphs = StepGraphs(engine, replay="eager")  # what cuda_graphs="step" sets up on CUDA
+        engine.warm_up()
+    assert engine.update_work(t_index_list=THREE) == "compile"
+    caught = lambda: (engine.stats.nonfinite_caught, engine.stats.black_caught)  # noqa: E731
+    before = caught()
+    at_start, frames, outputs = len(compiler.graphs), _frames(60), []
+    readier = threading.Thread(target=engine.ready, kwargs={"t_index_list": THREE}, name="readier")
+    readier.start()
+    while readier.is_alive() and len(outputs) < len(frames) - 4:
+        outputs.append(engine(frames[len(outputs)]))
+    readier.join()
+    switched = len(outputs)
+    assert {name for name, _ in compiler.graphs[at_start:]} == {"readier"}, str(compiler.graphs[at_start:])
+    assert engine.update_work(t_index_list=THREE) == ("capture" if graphs else None)
+    assert engine.config.t_index_list == TWO and caught() == before  # the dry runs' black frames counted nowhere
+    compiled = len(compiler.graphs)
+    engine.update(t_index_list=THREE)
+    outputs += [engine(frame) for frame in frames[switched:switched + 4]]
+    assert len(compiler.graphs) == compiled, f"compiled at the switch: {compiler.graphs[compiled:]}"
+    expected = [plain(frame) for frame in frames[:switched]]
+    plain.update(t_index_list=THREE)
+    expected += [plain(frame) for frame in frames[switched:switched + 4]]
+    for k, (got, want) in enumerate(zip(outputs, expected, strict=True)):
+        assert np.array_equal(got, want), f"frame {k} (the switch before frame {switched})"
+
+
+def test_a_fused_function_that_misses_while_another_thread_compiles_runs_as_written_at_once():
+    from pipeline import step_math
+    from test_compiled_backend import CountingBackend
+
+    counter, elsewhere = CountingBackend(), {"compiling": False}
+    math = step_math.fused(functools.partial(torch.compile, backend=counter, dynamic=False, fullgraph=True),
+                           lambda: elsewhere["compiling"])
+    math.pixels_out(torch.rand(2, 3, 8, 8) * 2 - 1)
+    compiled = counter.count
+    elsewhere["compiling"] = True
+    other = torch.rand(1, 3, 16, 16) * 2 - 1  # a shape never compiled: a miss
+    assert torch.equal(math.pixels_out(other), step_math.pixels_out(other))
+    assert counter.count == compiled  # not compiled here (it would have waited on dynamo's lock)
+    elsewhere["compiling"] = False
+    math.pixels_out(other)
+    assert counter.count == compiled + 1  # and compiled once nobody else compiles
 
 
 def test_a_step_graph_still_to_capture_is_capture_work(tiny_components):

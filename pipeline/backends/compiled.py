@@ -44,6 +44,7 @@ again in that thread before it runs, so no recording waits for, say, guidance cr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -169,7 +170,7 @@ class CompiledBackend(EagerBackend):
         if fuse_math:  # one graph per function and shape: every step count, size and guidance side
             _allow_graphs(FUSED_MATH_GRAPHS, "the fused step math: one graph per shape")
             self.step_math = step_math.fused(functools.partial(
-                torch.compile, backend=compile_backend, dynamic=False, fullgraph=fullgraph))
+                torch.compile, backend=compile_backend, dynamic=False, fullgraph=fullgraph), self._compiling_elsewhere)
         self._warm: dict[tuple, Callable[[], object]] = {}  # graphs compiled by `warmup`, with the call that did it
         self._recorded_in = threading.current_thread()  # the thread whose cudagraph trees hold the recordings
 
@@ -189,13 +190,26 @@ class CompiledBackend(EagerBackend):
         if not beside_frames:
             self._warm_all(unet_batches, latents, embeds, images, unet=self.denoise)
             return
+        with self.compiling_beside_frames():
+            self._warm_all(unet_batches, latents, embeds, images, unet=self._unet_with)
+
+    @contextlib.contextmanager
+    def compiling_beside_frames(self):
+        """Within: this thread compiles while another runs frames, whose calls (modules and fused
+        math) then use the graphs compiled so far only: a miss runs eagerly at once rather than
+        wait on dynamo's compile lock. Re-entrant."""
         if not self.warms_beside_frames:
             raise ValueError("backend: compiled with cuda_graphs 'modules' cannot compile beside running frames")
-        self._compiling_in = threading.current_thread()
+        previous, self._compiling_in = self._compiling_in, threading.current_thread()
         try:
-            self._warm_all(unet_batches, latents, embeds, images, unet=self._unet_with)
+            yield
         finally:
-            self._compiling_in = None
+            self._compiling_in = previous
+
+    def _compiling_elsewhere(self) -> bool:
+        """Whether another thread than this one is compiling beside the frames."""
+        compiling_in = self._compiling_in
+        return compiling_in is not None and compiling_in is not threading.current_thread()
 
     def _warm_all(self, unet_batches: Iterable[int], latents: torch.Tensor, embeds: torch.Tensor,
                   images: torch.Tensor | None, *, unet: Callable) -> None:
@@ -247,8 +261,7 @@ class CompiledBackend(EagerBackend):
 
     def _run(self, graph: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         inputs = tuple(map(_graph_input, inputs))
-        compiling_in = self._compiling_in
-        if compiling_in is not None and compiling_in is not threading.current_thread():
+        if self._compiling_elsewhere():
             graph = self._cached_only[graph]  # another thread compiles: never wait for it
         if not self._cuda_graphs:
             return graph(*inputs)
