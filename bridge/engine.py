@@ -38,6 +38,8 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
         options = {"fp8": True} if settings.fp8 else {}
         if settings.fuse_qkv:
             options["fuse_qkv"] = True
+        if settings.fuse_math and backend == "compiled":  # eager as a fallback has no such option
+            options["fuse_math"] = True
         if settings.cuda_graphs is not None and (backend == "compiled" or settings.cuda_graphs != "modules"):
             options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
         return options or None
@@ -84,6 +86,8 @@ def backend_label(engine) -> str:
         label += "+fp8"
     if getattr(backend, "fused_qkv_layers", 0):
         label += "+fused qkv"
+    if getattr(getattr(backend, "step_math", None), "fused", False):
+        label += "+fused math"
     fallback = getattr(engine, "fallback_from", None)
     if fallback:
         label += f" (fallback from {fallback[0]})"

@@ -74,6 +74,7 @@ class RunSettings:
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
     fuse_qkv: bool = False  # eager/compiled: each self-attention layer's q, k, v from one projection
+    fuse_math: bool = False  # compiled: the step's arithmetic between the modules compiled too
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"
@@ -152,6 +153,9 @@ class RunSettings:
             raise ValueError("fp8: the tensorrt backend runs its engines' own precision; fp8 is for eager and compiled")
         if self.fuse_qkv and self.backend == "tensorrt":
             raise ValueError("fuse_qkv: the tensorrt backend runs its built engines; fuse_qkv is for eager and compiled")
+        if self.fuse_math and self.backend != "compiled":
+            raise ValueError(f"fuse_math: needs backend 'compiled' (it compiles the step's arithmetic), "
+                             f"not {self.backend!r}")
         if self.fuse_qkv and self.fp8:
             raise ValueError("fuse_qkv and fp8 cannot be combined (fp8 scales each projection on its own); choose one")
         if self.cuda_graphs == "modules" and self.backend != "compiled":

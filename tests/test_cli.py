@@ -42,6 +42,8 @@ def error_lines(result):
     (["run", "--source", "testpattern"], "sink: none given"),
     (["run", "--sink", "spout:sdbridge", "--model", "random:tiny", "--device", "cpu"], "Spout is Windows-only"),
     (["bench", "--fuse-math"], "--fuse-math needs --backend compiled"),
+    (["run", "--sink", "null", "--model", "random:tiny", "--device", "cpu", "--fuse-math"],
+     "fuse_math: needs backend 'compiled'"),
     (["bench", "--backend", "compiled", "--channels-last"], "--channels-last is for --backend eager"),
     (["bench", "--backend", "tensorrt", "--fuse-qkv"], "--fuse-qkv is for --backend eager or compiled"),
     (["bench", "--fuse-qkv", "--fp8"], "--fuse-qkv and --fp8 cannot be combined"),

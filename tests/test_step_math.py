@@ -183,3 +183,17 @@ def test_a_function_the_compiler_fails_on_runs_as_written_and_says_so_once(caplo
     assert len(warnings) == 1 and "add_noise could not be compiled" in warnings[0] and "no kernel for you" in warnings[0]
     assert "no kernel for you" in fused.add_noise.failed
     assert fused.pixels_out.failed is None  # the others are untouched until they fail themselves
+
+
+def test_sdbridge_run_fuse_math_reaches_the_compiled_backend_only_and_the_status_says_so(tiny_components):
+    from bridge.engine import _options, backend_label
+    from bridge.settings import RunSettings
+
+    settings = RunSettings(sink=("null",), backend="compiled", backend_fallback="eager", fuse_math=True)
+    assert _options(settings, "compiled") == {"fuse_math": True}
+    assert not _options(settings, "eager")  # eager, as a fallback, has no fused math
+    with pytest.raises(ValueError, match="fuse_math: needs backend 'compiled'"):
+        RunSettings(sink=("null",), fuse_math=True)
+    engine = _engine(tiny_components, CountingBackend())
+    assert backend_label(engine) == "compiled+fused math"
+    assert backend_label(_engine(tiny_components, CountingBackend(), fuse=False)) == "compiled"

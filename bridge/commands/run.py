@@ -61,6 +61,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--fuse-qkv", dest="fuse_qkv", action="store_const", const=True,
         help="eager/compiled: each self-attention layer's query, key and value from one projection (one "
              "larger matrix product instead of three; the same pictures; `sdbridge bench --fuse-qkv` measures it)")
+    add("--fuse-math", dest="fuse_math", action="store_const", const=True,
+        help="compiled: the step's arithmetic between the modules (noising, guidance, the bad-output check, "
+             "the 8-bit conversions) compiled too, a few fused kernels a frame (`sdbridge bench --fuse-math`)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")
