@@ -43,8 +43,8 @@ CLOSE_SECONDS = 0.5  # how long close() waits for a prompt encode in progress (s
 # Python's GIL switch interval while the readier compiles (the default is 5 ms). Every torch call
 # on the frame thread lets go of the GIL and must take it back from the compiling thread, which
 # hands it over only after this interval: at 5 ms a frame of many calls waits seconds. Measured on
-# the 2-core CPU (bench/ready_check.py, tiny, cold cache): 719 frames in 39.1 s of compiling with
-# the default, max gap 1.65 s; 1089 frames in 45.4 s at 0.1 ms, max gap 0.67 s. Restored after.
+# the 2-core CPU (bench/ready_check.py, tiny, empty cache): 758 frames in 41.1 s of compiling with
+# the default, max gap 1.74 s; 1045 frames in 50.2 s at 0.1 ms, max gap 0.56 s. Restored after.
 READY_SWITCH_INTERVAL = 0.0001
 
 Listener = Callable[[str, Any, "str | None"], None]
