@@ -94,16 +94,23 @@ class CrossAttentionCache:
 
     @classmethod
     def install(cls, unet: torch.nn.Module) -> "CrossAttentionCache":
-        """Give each supported cross-attention layer of `unet` a cache-reading processor."""
+        """Give each supported cross-attention layer of `unet` a cache-reading processor; where
+        another engine on the same UNet installed them already, its cache (which `active`, per
+        thread and per call, makes any engine's), so that one engine never unhooks another's."""
+        supported = [module for _, module in unet.named_modules()
+                     if hasattr(module, "set_processor") and _supported(module)]
+        processors = [module.processor for module in supported]
+        if processors and all(isinstance(processor, _CachedCrossAttnProcessor) for processor in processors):
+            installed = processors[0].cache
+            if installed.layers == supported and all(processor.cache is installed for processor in processors):
+                return installed
         cache = cls()
-        for _, module in unet.named_modules():
-            if hasattr(module, "set_processor") and _supported(module):
-                fallback = module.processor
-                if isinstance(fallback, _CachedCrossAttnProcessor):  # installed before: replace, don't chain
-                    fallback = fallback.fallback
-                processor = _CachedCrossAttnProcessor(cache, len(cache.layers), fallback)
-                module.set_processor(processor)
-                cache.layers.append(module)
+        for module in supported:
+            fallback = module.processor
+            if isinstance(fallback, _CachedCrossAttnProcessor):  # installed before, partly: replace, don't chain
+                fallback = fallback.fallback
+            module.set_processor(_CachedCrossAttnProcessor(cache, len(cache.layers), fallback))
+            cache.layers.append(module)
         return cache
 
     @torch.inference_mode()

@@ -50,3 +50,25 @@ def test_cache_is_recomputed_only_when_the_prompt_changes(tiny_components):
     engine.set_prompt("another")
     engine(torch.rand(3, 64, 64))
     assert computed == [2, 2]
+
+
+def test_a_second_engine_on_the_same_unet_shares_the_cache_and_unhooks_nothing(tiny_components):
+    """Engines built on the same components (a benchmark's engines, a fallback) share one cache:
+    each call makes its own K/V active on its thread, so the first engine keeps reading its own."""
+    config = StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40))
+    first = StreamDiffusion(tiny_components, config)
+    first.set_prompt("a harbour")
+    processors = [module.processor for name, module in tiny_components.unet.named_modules() if name.endswith("attn2")]
+    second = StreamDiffusion(tiny_components, config)
+    assert second.backend.cache is first.backend.cache
+    assert [module.processor for name, module in tiny_components.unet.named_modules() if name.endswith("attn2")] == processors
+    # the first engine's UNet calls read the K/V it made active (its embeddings never reach the processors)
+    seen, originals = [], [processor.fallback for processor in processors]
+    for processor, original in zip(processors, originals):
+        processor.fallback = lambda *args, original=original, **kwargs: seen.append(1) or original(*args, **kwargs)
+    try:
+        first(torch.rand(3, 64, 64))
+    finally:
+        for processor, original in zip(processors, originals):
+            processor.fallback = original
+    assert not seen, "a cross-attention layer computed K/V from the embeddings: the cache was not read"
