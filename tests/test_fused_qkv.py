@@ -14,6 +14,7 @@ from pipeline import StreamConfig, StreamDiffusion, random_components
 from pipeline.attention import CrossAttentionCache, _FusedSelfAttnProcessor, fuse_self_attention
 from test_cli import sdbridge
 from test_compiled_backend import CountingBackend, _config, _frames, _show
+from test_kv_cache import unet_on_cached_kv
 
 SIZE = 64
 
@@ -69,12 +70,7 @@ def test_fused_self_attention_with_the_prompt_kv_cache_and_the_unfused_fallback(
     latents, timesteps, embeds = _inputs()
     plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
     fuse_self_attention(unet)
-    cache = CrossAttentionCache.install(unet)
-    cache.active = cache.compute(embeds)
-    try:
-        both = unet(latents, timesteps, encoder_hidden_states=torch.zeros_like(embeds)).sample
-    finally:
-        cache.active = None
+    both = unet_on_cached_kv(unet, CrossAttentionCache.install(unet), latents, timesteps, embeds)
     assert (both - plain).abs().max().item() <= 1e-5
 
     # a call the fused processor does not take (a mask) runs the processor it replaced, on the same weights

@@ -6,6 +6,16 @@ from pipeline import StreamConfig, StreamDiffusion
 from pipeline.attention import CrossAttentionCache
 
 
+def unet_on_cached_kv(unet, cache, latents, timesteps, embeds):
+    """The UNet's output with `embeds`' K/V active in `cache`, and zeros for the embeddings it is
+    given (so only the cache can bring the prompt in)."""
+    cache.active = cache.compute(embeds)
+    try:
+        return unet(latents, timesteps, encoder_hidden_states=torch.zeros_like(embeds)).sample
+    finally:
+        cache.active = None
+
+
 def test_cached_kv_equals_plain_attention(tiny_components):
     unet = tiny_components.unet
     embeds = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(0))
@@ -16,11 +26,7 @@ def test_cached_kv_equals_plain_attention(tiny_components):
         cache = CrossAttentionCache.install(unet)
         cross_attention = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
         assert len(cache.layers) == len(cross_attention) == 4  # down, mid and two in the up block
-        cache.active = cache.compute(embeds)
-        try:
-            cached = unet(latents, timesteps, encoder_hidden_states=torch.zeros_like(embeds)).sample
-        finally:
-            cache.active = None
+        cached = unet_on_cached_kv(unet, cache, latents, timesteps, embeds)
         assert (cached - plain).abs().max().item() <= 1e-5
         # with no active cache the processors fall back to computing K/V from the embeddings
         assert (unet(latents, timesteps, encoder_hidden_states=embeds).sample - plain).abs().max().item() <= 1e-6
