@@ -49,8 +49,10 @@ class BenchSettings:
     cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
     channels_last: bool = False  # eager: the modules' weights in channels_last (compiled does it on CUDA always)
     sdpa: str = "auto"  # attention kernels: auto (torch's choice), flash, efficient, cudnn or math (bridge/kernels.py)
-    fuse_math: bool = False  # compiled: the arithmetic between the modules compiled too (pipeline/step_math.py)
-    fuse_qkv: bool = False  # eager/compiled: each self-attention layer's q, k, v from one projection (pipeline/attention.py)
+    fuse_math: bool | None = None  # compiled: the arithmetic between the modules compiled too (pipeline/step_math.py)
+    fuse_qkv: bool | None = None  # eager/compiled: each self-attention layer's q, k, v from one projection
+    # (pipeline/attention.py); None for either: the backend's default (compiled on CUDA: on; elsewhere off).
+    # A result reports what ran.
 
 
 def _load_average() -> float | None:
@@ -212,10 +214,10 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["fp8"] = True
     if settings.channels_last:
         options["channels_last"] = True
-    if settings.fuse_math:
-        options["fuse_math"] = True
-    if settings.fuse_qkv:
-        options["fuse_qkv"] = True
+    if settings.fuse_math is not None and settings.backend == "compiled":
+        options["fuse_math"] = settings.fuse_math
+    if settings.fuse_qkv is not None and settings.backend in ("eager", "compiled"):
+        options["fuse_qkv"] = settings.fuse_qkv
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     if base.device.type == "cuda":
@@ -248,6 +250,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             "step_graph_replays": engine._graphs.replays if engine._graphs is not None else 0,
             "text_encoder_graph": engine.prompts.graph is not None,  # captured with the step graph on CUDA
             "fp8_layers": getattr(engine.backend, "fp8_layers", 0),
+            "fuse_math": engine._math.fused,  # what ran: the setting, or the backend's default
+            "fuse_qkv": getattr(engine.backend, "fused_qkv_layers", 0) > 0,
             "step_math_fused": engine._math.fused,  # the arithmetic between the modules compiled (--fuse-math)
             "fused_qkv_layers": getattr(engine.backend, "fused_qkv_layers", 0),  # self-attention layers (--fuse-qkv)
             "host_load_average": [load_before, _load_average()],  # 1-minute load before and after: other work

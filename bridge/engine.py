@@ -36,10 +36,10 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
     """The keyword options of `backend` from the settings."""
     if backend in ("eager", "compiled"):
         options = {"fp8": True} if settings.fp8 else {}
-        if settings.fuse_qkv:
-            options["fuse_qkv"] = True
-        if settings.fuse_math and backend == "compiled":  # eager as a fallback has no such option
-            options["fuse_math"] = True
+        if settings.fuse_qkv is not None:  # None: the backend's default
+            options["fuse_qkv"] = settings.fuse_qkv
+        if settings.fuse_math is not None and backend == "compiled":  # eager as a fallback has no such option
+            options["fuse_math"] = settings.fuse_math
         if settings.cuda_graphs is not None and (backend == "compiled" or settings.cuda_graphs != "modules"):
             options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
         return options or None

@@ -73,8 +73,9 @@ class RunSettings:
     sizes: tuple[str, ...] = ()  # other sizes ("768x432") /sd/resolution may switch to: readied at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
-    fuse_qkv: bool = False  # eager/compiled: each self-attention layer's q, k, v from one projection
-    fuse_math: bool = False  # compiled: the step's arithmetic between the modules compiled too
+    fuse_qkv: bool | None = None  # eager/compiled: each self-attention layer's q, k, v from one projection
+    fuse_math: bool | None = None  # compiled: the step's arithmetic between the modules compiled too
+    # (None for either: the backend's default, on for compiled on CUDA, fuse_qkv unless fp8; off elsewhere)
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"

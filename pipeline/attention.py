@@ -191,3 +191,21 @@ def fuse_self_attention(unet: torch.nn.Module) -> int:
         attn.set_processor(_FusedSelfAttnProcessor(weight, bias, attn.processor))
         fused += 1
     return fused
+
+
+@torch.no_grad()
+def unfuse_self_attention(unet: torch.nn.Module) -> int:
+    """Undo `fuse_self_attention` in place: each fused layer gets back the processor it had and
+    q, k and v weights of their own (the fused tensor is then released); how many layers."""
+    unfused = 0
+    for _, attn in unet.named_modules():
+        processor = getattr(attn, "processor", None)
+        if not isinstance(processor, _FusedSelfAttnProcessor):
+            continue
+        for layer in (attn.to_q, attn.to_k, attn.to_v):
+            layer.weight.data = layer.weight.data.clone()
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.clone()
+        attn.set_processor(processor.fallback)
+        unfused += 1
+    return unfused

@@ -26,6 +26,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .attention import unfuse_self_attention
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -105,6 +107,10 @@ def fp8_unet(unet: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     (the original is left as it is: other engines may share it)."""
     names = [name for name, module in unet.named_modules() if convertible(name, module)]
     converted = copy.deepcopy(unet)
+    # an engine with fuse_qkv on the same model fused its self-attention: the copy's fused
+    # projections would stay in 16 bits, so it gets its three projections back, converted below
+    if unfuse_self_attention(converted):
+        log.info("fp8: the UNet's fused self-attention projections separated again in the fp8 copy")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = converted.get_submodule(parent_name)

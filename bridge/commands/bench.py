@@ -78,12 +78,14 @@ def register(subparsers) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="eager backend: the UNet's and VAE's weights in channels_last (NHWC), as the compiled "
                              "backend has them on CUDA")
-    parser.add_argument("--fuse-math", action="store_true",
+    parser.add_argument("--fuse-math", action=argparse.BooleanOptionalAction, default=None,
                         help="compiled backend: the arithmetic between the modules (noising, guidance, LCM, the "
-                             "bad-output check, the pixel conversions) compiled too, a few fused kernels a frame")
-    parser.add_argument("--fuse-qkv", action="store_true",
+                             "bad-output check, the pixel conversions) compiled too, a few fused kernels a frame "
+                             "(default: on CUDA yes, elsewhere no)")
+    parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                         help="eager and compiled backends: each self-attention layer's query, key and value from one "
-                             "projection (one larger matrix product instead of three)")
+                             "projection (one larger matrix product instead of three; default: compiled on CUDA "
+                             "without --fp8 yes, elsewhere no)")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")

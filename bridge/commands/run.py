@@ -58,12 +58,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--fp8", action="store_const", const=True,
         help="eager/compiled on an Ada or Hopper GPU: the UNet's transformer layers multiply in fp8 (faster, "
              "slightly different pictures; `sdbridge bench --fp8` measures both)")
-    add("--fuse-qkv", dest="fuse_qkv", action="store_const", const=True,
+    add("--fuse-qkv", dest="fuse_qkv", action=argparse.BooleanOptionalAction, default=None,
         help="eager/compiled: each self-attention layer's query, key and value from one projection (one "
-             "larger matrix product instead of three; the same pictures; `sdbridge bench --fuse-qkv` measures it)")
-    add("--fuse-math", dest="fuse_math", action="store_const", const=True,
+             "larger matrix product instead of three; the same pictures; default: compiled on CUDA without "
+             "--fp8 yes, elsewhere no)")
+    add("--fuse-math", dest="fuse_math", action=argparse.BooleanOptionalAction, default=None,
         help="compiled: the step's arithmetic between the modules (noising, guidance, the bad-output check, "
-             "the 8-bit conversions) compiled too, a few fused kernels a frame (`sdbridge bench --fuse-math`)")
+             "the 8-bit conversions) compiled too, a few fused kernels a frame (default: on CUDA yes, on a "
+             "CPU no; together with --fuse-qkv 169.7 -> 175.7 fps for sd-turbo on an H200)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")

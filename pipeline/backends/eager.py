@@ -99,7 +99,8 @@ class EagerBackend(StaticPrompt):
         tensor-core convolutions want; the compiled backend does this on CUDA always. Opt-in here
         until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules.
         `fuse_qkv`: each self-attention layer's query, key and value from one projection
-        (pipeline/attention.py); opt-in until measured on a GPU (`sdbridge bench --fuse-qkv`). It
+        (pipeline/attention.py); off here until measured with eager on a GPU (the compiled backend's
+        default on CUDA, where it paid: `sdbridge bench --fuse-qkv`). It
         changes the shared UNet (its results stay those of the three projections)."""
         on_cuda = next(components.unet.parameters()).device.type == "cuda"
         self.cuda_graphs = eager_cuda_graphs(cuda_graphs, on_cuda=on_cuda)  # what runs
