@@ -24,14 +24,19 @@
 #   prompt: prompt changes with the text encoder run without its CUDA graph (part next runs them with it)
 #   inductor: the compiled step graph with conv_1x1_as_mm, epilogue_fusion=false, coordinate_descent_tuning
 #   fp8:   sd-turbo and sd15 compiled with the UNet's transformer layers in fp8, and fp8's change of the output
-#   profile: sd-turbo and sd15 4 steps compiled with --profile (kernel time by kind); sd-turbo against --fuse-math
+#   profile: sd-turbo and sd15 4 steps compiled with --profile (kernel time by kind), without the fusions (the
+#          default on CUDA since session 10's run of this part); sd-turbo against --fuse-math
 #          and against --fuse-qkv, sd15 against cuDNN's attention and against --fuse-qkv --fuse-math together;
 #          both against --cudnn-benchmark, eager's step graph against it with
 #          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
 #          cuts the last few
-#   fused: graph_check with the fused step math (bench/graph_check.py --fuse-math)
+#   fused: graph_check without the fusions (graph_check's own default, like the backend's, has them on CUDA)
 #   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
-#          then the same with --fuse-math
+#          without the fused step math, then with it (the default on CUDA)
+#   kernels: what sd15 4 steps may still gain (88.5 fps on an H200 against 100; its GPU busy 97% of a frame):
+#          graph_check of the defaults first, then sd15 with the defaults and --profile, --inductor
+#          conv_1x1_as_mm=true (sd15's transformer in/out projections are 1x1 convolutions), --fp8
+#          (16,384 rows per layer), coordinate descent tuning, max-autotune of the matrix products
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -160,18 +165,18 @@ case "$PART" in
   profile)  # where the time goes, and leads against a baseline of the same run (about 11 min on a fresh machine;
     # BUDGET=550 cuts the last few): each model's profile first (its compilation), then what reuses it
     bench 150 sd_turbo_1step_compiled_step_profile $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
-      --pipelined --profile 20
+      --pipelined --profile 20 --no-fuse-math --no-fuse-qkv
     # the arithmetic between the modules compiled too (a few fused kernels instead of ~40)
     bench 90 sd_turbo_1step_compiled_step_fused $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
-      --pipelined --fuse-math
+      --pipelined --fuse-math --no-fuse-qkv
     # each self-attention layer's q, k, v from one projection (the UNet compiles again)
     bench 150 sd_turbo_1step_compiled_step_qkv $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
-      --pipelined --fuse-qkv
+      --pipelined --fuse-qkv --no-fuse-math
     bench 170 sd15_4step_self_compiled_step_profile $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --profile 20
+      --pipelined --profile 20 --no-fuse-math --no-fuse-qkv
     # sd15's heads are 40 wide at 4,096 tokens (flash attention pads them to 64): cuDNN's attention instead
     bench 170 sd15_4step_self_compiled_step_sdpa_cudnn $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --sdpa cudnn --profile 10
+      --pipelined --sdpa cudnn --profile 10 --no-fuse-math --no-fuse-qkv
     bench 170 sd15_4step_self_compiled_step_qkv_fused $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --fuse-qkv --fuse-math
     # cuDNN timing its convolution algorithms, against its heuristics' choice
@@ -188,16 +193,29 @@ case "$PART" in
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --fp8
     ;;
-  fused)  # the step graph with the fused math against the same without a graph, as graph_check does for the plain math
-    graph_check 170 --fuse-math
+  fused)  # the step graph without the fusions against the same without a graph (plain graph_check has them on CUDA)
+    graph_check 170 --no-fuse-math --no-fuse-qkv
+    ;;
+  kernels)  # sd15 4 steps against its 100 fps (about 10 min on a fresh machine; BUDGET=550 cuts the last)
+    graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
+    bench 170 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --profile 10
+    bench 170 sd15_4step_self_compiled_step_1x1mm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --inductor conv_1x1_as_mm=true
+    bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --fp8
+    bench 200 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true
+    bench 300 sd15_4step_self_compiled_step_autotune_mm $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor max_autotune_gemm=true
     ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
-    for variant in plain fused; do  # fused: with --fuse-math, whose functions are readied beside the show too
+    for variant in plain fused; do  # plain: --no-fuse-math; fused: --fuse-math, whose functions are readied beside too
       seconds=$(cut_to_budget 300)
       [ "$seconds" -eq 0 ] && echo "== ready_check_$variant skipped (budget)" && continue
       echo "== ready_check_$variant (limit ${seconds}s)"
-      flags=""; [ "$variant" = fused ] && flags="--fuse-math"
+      flags="--no-fuse-math"; [ "$variant" = fused ] && flags="--fuse-math"
       timeout -k 5 "$seconds" python3 bench/ready_check.py --json "$OUT/ready_check_$variant.json" --arch sd-turbo \
         --steps 1 --to-steps 2 $flags > "$OUT/ready_check_$variant.log" 2>&1
       echo "   exit $?"
@@ -208,7 +226,7 @@ case "$PART" in
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

@@ -4,10 +4,11 @@ crossing 1, delta, strength, seed, a step count and back), for numpy frames and 
 already on the GPU (float and 8-bit, which must come back on the GPU), with several frames in
 flight (`submit`: side-stream copies, pinned buffers); and the eager backend's step graph gives
 the eager modules' frames; and the text encoder's CUDA graph gives the embeddings of the encoder
-run without it. Writes a JSON verdict; exits 1 when a check fails. `--fuse-math`: both compiled
-engines compile the arithmetic between the modules too (pipeline/step_math.py).
+run without it. Writes a JSON verdict; exits 1 when a check fails. Both compiled engines run
+with the backend's defaults (on CUDA: fused q/k/v projections and the fused step math,
+pipeline/step_math.py); `--no-fuse-math` / `--no-fuse-qkv` check without them.
 
-    python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256] [--fuse-math]
+    python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256] [--no-fuse-math] [--no-fuse-qkv]
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def main() -> int:
     parser.add_argument("--arch", default="tiny")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--fuse-math", action="store_true", help="the compiled engines with fused step math")
+    parser.add_argument("--fuse-math", action=argparse.BooleanOptionalAction, default=None,
+                        help="the compiled engines with the fused step math (default: the backend's, on CUDA yes)")
+    parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
+                        help="the compiled engines with fused q/k/v projections (default: the backend's, on CUDA yes)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("graph_check: no CUDA device here")
@@ -58,14 +62,16 @@ def main() -> int:
     config = StreamConfig(width=args.size, height=args.size, device="cuda", dtype="float16", cfg_type="self",
                           t_index_list=(20, 40), guidance_scale=1.4, seed=5)
     components = random_components(args.arch, dtype=torch.float16, device="cuda", seed=0)
+    fusions = {name: value for name, value in (("fuse_math", args.fuse_math), ("fuse_qkv", args.fuse_qkv))
+               if value is not None}
     engines = {
-        mode: StreamDiffusion(components, config, backend="compiled",
-                              backend_options={"cuda_graphs": mode, "fuse_math": args.fuse_math})
+        mode: StreamDiffusion(components, config, backend="compiled", backend_options={"cuda_graphs": mode, **fusions})
         for mode in ("off", "step")
     }
     rng = np.random.default_rng(0)
     report = {"arch": args.arch, "size": args.size, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "fuse_math": args.fuse_math, "changes": []}
+              "fuse_math": engines["step"]._math.fused, "fused_qkv_layers": engines["step"].backend.fused_qkv_layers,
+              "changes": []}
     ok = True
     changes = CHANGES + size_changes(args.size)
     for name, change in changes:

@@ -5,7 +5,7 @@ not readied at start. Reports how long readying took, how many frames the show m
 (where the new step graph is captured). Writes JSON; exits 1 when the change did not land.
 
     python3 bench/ready_check.py --json OUT.json [--arch sd-turbo] [--size 512] [--steps 1] [--to-steps 2]
-        [--fuse-math]
+        [--no-fuse-math]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main() -> int:
     parser.add_argument("--to-steps", type=int, default=2, help="the step count switched to mid-show")
     parser.add_argument("--cfg", default="self")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--fuse-math", action="store_true", help="the step's arithmetic compiled too (readied beside)")
+    parser.add_argument("--fuse-math", action=argparse.BooleanOptionalAction, default=None,
+                        help="the step's arithmetic compiled too, readied beside (default: the backend's, on CUDA yes)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
@@ -43,12 +44,13 @@ def main() -> int:
     config = StreamConfig(width=args.size, height=args.size, device=args.device, dtype=dtype, cfg_type=args.cfg,
                           t_index_list=t_index_list_from_strength(0.6, args.steps, 50), guidance_scale=1.2)
     components = random_components(args.arch, dtype=dtype, device=args.device, seed=0)
-    engine = StreamDiffusion(components, config, backend="compiled", backend_options={"fuse_math": args.fuse_math})
+    options = {"fuse_math": args.fuse_math} if args.fuse_math is not None else {}
+    engine = StreamDiffusion(components, config, backend="compiled", backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     target = list(t_index_list_from_strength(0.6, args.to_steps, 50))
     result = measure_ready_beside(engine, "t_index_list", target, input_size=(args.size, args.size))
     report = {"arch": args.arch, "size": args.size, "steps": args.steps, "to_steps": args.to_steps, "cfg": args.cfg,
-              "fuse_math": args.fuse_math,
+              "fuse_math": engine._math.fused,
               "device": device_name(torch.device(args.device)), "torch": torch.__version__, "commit": _commit(),
               "command": "python3 bench/ready_check.py " + " ".join(sys.argv[1:]), **result,
               "seconds": round(time.perf_counter() - started, 1)}

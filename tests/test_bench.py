@@ -187,3 +187,18 @@ def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():
     assert _gap_parts(started[:1], finished[:1], changed_at=[]) is None
     text = _gap_parts_text(parts, 12.34)
     assert text == "; largest: call 15.0 + before it 15.0 ms, 20 ms after a change; prompt encode up to 12.3 ms"
+
+
+def test_the_table_names_what_each_row_ran_with():
+    """A row's backend column names its CUDA graphs, fusions (what ran, not what was asked),
+    inductor options and frames in flight, so rows of one run can be told apart."""
+    from bridge.commands.bench import format_table
+
+    row = {"arch": "sd15", "backend": "compiled", "steps": 4, "cfg_type": "self", "use_denoising_batch": True,
+           "width": 512, "height": 512, "fps": 88.5, "ms_median": 11.29, "ms_p95": 11.41, "ms_p99": 11.46,
+           "peak_mem_gib": 2.26, "cuda_graphs_used": "step", "fuse_math": True, "fuse_qkv": True, "pipelined": True,
+           "inductor": [["conv_1x1_as_mm", True]], "device": "NVIDIA H200", "torch": "2.11.0", "commit": "abc"}
+    table = format_table([row, {**row, "fuse_math": False, "fuse_qkv": False, "inductor": [], "pipelined": False}])
+    first, second = table.splitlines()[2:4]
+    assert "compiled+step/fmath/qkv/conv_1x1_as_mm=True/pipe" in first
+    assert second.split()[1] == "compiled+step"

@@ -197,6 +197,7 @@ def format_table(results: list[dict]) -> str:
         backend += "/fmath" if r.get("fuse_math") else ""
         backend += "/qkv" if r.get("fuse_qkv") else ""
         backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
+        backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
         backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
             f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
