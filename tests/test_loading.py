@@ -302,6 +302,20 @@ def test_bad_arguments_name_the_parameter(model_folder):
         load_components(str(model_folder), vae="", dtype=torch.float32, device=CPU)
 
 
+@pytest.mark.parametrize("arch", ["tiny", "sd15", "sd-turbo"])
+def test_random_networks_are_made_on_the_device_asked_for(arch):
+    """random_components makes a CUDA model's UNet and text encoder on the GPU (initialised there,
+    not on the CPU and copied: seconds instead of minutes of device time); the meta device stands
+    in for CUDA here: every parameter and buffer is created on the device asked for."""
+    from pipeline.models import _random_networks
+
+    unet, text_encoder = _random_networks(arch, torch.device("meta"))
+    tensors = [*unet.parameters(), *unet.buffers(), *text_encoder.parameters(), *text_encoder.buffers()]
+    assert len(tensors) > 100 and {tensor.device.type for tensor in tensors} == {"meta"}
+    assert detect_arch(unet.config) == ("custom" if arch == "tiny" else arch)
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+
+
 def test_detect_arch():
     from diffusers import UNet2DConditionModel
 
