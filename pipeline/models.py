@@ -265,8 +265,8 @@ def random_components(
     log.info("building random-weight %s models (seed %d)", arch, seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the CPU's generator and every CUDA device's
-        # on CUDA the UNet and the text encoder are made and initialised there: 1 s instead of the
-        # 17-23 s of a CPU for sd-turbo's 1.2 billion parameters (other random values than a CPU's)
+        # on CUDA the UNet and the text encoder are made and initialised there, not on the CPU (17 s
+        # of each GPU benchmark's start for sd-turbo's 1.2 billion parameters); other random values
         unet, text_encoder = _random_networks(arch, device if device.type == "cuda" else torch.device("cpu"))
         vae = AutoencoderTiny(**VAE_CONFIGS["tiny" if arch == "tiny" else "taesd"])  # small: on the CPU
         _calibrate_vae(vae)

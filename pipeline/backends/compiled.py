@@ -145,7 +145,6 @@ class CompiledBackend(EagerBackend):
         fuse_qkv, fuse_math = fusions(on_cuda=on_cuda, fp8=fp8, fuse_qkv=fuse_qkv, fuse_math=fuse_math)
         super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8,  # its own graphs below
                          fuse_qkv=fuse_qkv)
-        self.fuse_math = fuse_math
         device = next(self.unet.parameters()).device
         self._inductor = compile_backend == "inductor"
         graphs = cuda_graphs if device.type == "cuda" and self._inductor else "off"  # CUDA graphs need both
