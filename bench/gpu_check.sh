@@ -34,7 +34,8 @@
 #   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
 #          without the fused step math, then with it (the default on CUDA)
 #   kernels: what sd15 4 steps may still gain (88.5 fps on an H200 against 100; its GPU busy 97% of a frame):
-#          graph_check of the defaults first, then sd15 with the defaults and --profile, --inductor
+#          graph_check of the defaults first, then sd15 with the defaults and --profile (and without the step
+#          graph: the time of the VAE encoder, the UNet and the decoder), --inductor
 #          conv_1x1_as_mm=true (sd15's transformer in/out projections are 1x1 convolutions), --fp8
 #          (16,384 rows per layer), coordinate descent tuning, max-autotune of the matrix products
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
@@ -200,6 +201,9 @@ case "$PART" in
     graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
     bench 170 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --profile 10
+    # the same compiled modules without the step graph: the profile's time by stage (VAE encoder, UNet, decoder)
+    bench 70 sd15_4step_self_compiled_nographs_stages $SD15 --backend compiled --cuda-graphs off --frames 50 \
+      --warmup 10 --time-limit 5 --profile 10
     bench 170 sd15_4step_self_compiled_step_1x1mm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --inductor conv_1x1_as_mm=true
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \

@@ -4,7 +4,9 @@ CUDA) or of each operator's own work (on a CPU) summed, per frame, and grouped b
 
 What `sdbridge bench --profile N` reports, to say which part of the step a change should aim at.
 A CUDA graph's replay may hide its kernels from the profiler on some drivers: the result then
-says so, and `--cuda-graphs off` profiles the same kernels launched one by one.
+says so, and `--cuda-graphs off` profiles the same kernels launched one by one. Without a step
+graph the result also splits the time by stage (the VAE encoder, the UNet, the VAE decoder: the
+stream's profiler ranges, pipeline/stream.py), each stage's kernels (or CPU time) summed.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def profile_frames(call, frames: list, *, count: int, device) -> dict:
         if on_cuda:
             torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - started) * 1000.0 / count
-    averages = profiler.key_averages()
+    from pipeline.stream import STAGE_RANGE_PREFIX
+
+    averages = [a for a in profiler.key_averages() if not a.key.startswith(STAGE_RANGE_PREFIX)]  # ranges, not work
     if on_cuda:
         entries = [(a.key, a.self_device_time_total, a.count) for a in averages
                    if a.device_type == torch.autograd.DeviceType.CUDA and a.self_device_time_total > 0]
@@ -86,10 +90,27 @@ def profile_frames(call, frames: list, *, count: int, device) -> dict:
         entries = [(a.key, a.self_cpu_time_total, a.count) for a in averages if a.self_cpu_time_total > 0]
         source = "cpu operators (own time)"
     result = {"frames": count, "source": source, "wall_ms_per_frame": wall_ms, **summarize_times(entries, count)}
+    stages = stage_times(profiler.events(), STAGE_RANGE_PREFIX, on_cuda=on_cuda)
+    if stages:
+        result["by_stage"] = [{"stage": stage, "ms_per_frame": us / 1000.0 / count} for stage, us in stages.items()]
     if on_cuda and not entries:
         result["note"] = ("no kernels recorded: CUDA graph replays can hide them from the profiler; "
                           "--cuda-graphs off profiles the same kernels launched one by one")
     return result
+
+
+def stage_times(events, prefix: str, *, on_cuda: bool) -> dict[str, float]:
+    """µs per stage over the profiled frames: for each CPU-side range named `prefix` + stage, the
+    time of the kernels launched inside it (CUDA), or its CPU time, children included (a CPU)."""
+    import torch
+
+    totals: dict[str, float] = {}
+    for event in events:
+        if not event.name.startswith(prefix) or event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a CUDA-side annotation of the same range spans idle time too
+        stage = event.name[len(prefix):]
+        totals[stage] = totals.get(stage, 0.0) + (event.device_time_total if on_cuda else event.cpu_time_total)
+    return totals
 
 
 def profile_line(profile: dict, kinds: int = 6) -> str:
@@ -100,4 +121,6 @@ def profile_line(profile: dict, kinds: int = 6) -> str:
     if profile["top"]:
         first = profile["top"][0]
         line += f"; largest {first['name'][:60]} {first['ms_per_frame']:.2f} ms"
+    if profile.get("by_stage"):
+        line += "; by stage " + ", ".join(f"{s['stage']} {s['ms_per_frame']:.2f}" for s in profile["by_stage"]) + " ms"
     return line

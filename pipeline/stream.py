@@ -31,6 +31,16 @@ from .step_graph import StepGraphs, graph_key
 
 log = logging.getLogger(__name__)
 
+# Each backend call of a step runs inside a profiler range of this prefix and the call's name
+# ("sdbridge.encode", ".denoise", ".decode"): `sdbridge bench --profile` sums the time of each
+# stage's kernels. A step graph's replay runs no Python, so it shows none of them.
+STAGE_RANGE_PREFIX = "sdbridge."
+
+
+def _stage(name: str):
+    return torch.profiler.record_function(STAGE_RANGE_PREFIX + name)
+
+
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
@@ -529,7 +539,8 @@ class StreamDiffusion:
 
     def _step(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, denoise, decode, keep finite: (b, 3, H, W) in [-1, 1] in and out (what a step graph holds)."""
-        latents = self.backend.encode(images)  # (b, 4, h, w)
+        with _stage("encode"):
+            latents = self.backend.encode(images)  # (b, 4, h, w)
         return self._finish(self._denoise(latents=latents), fallback=images)
 
     @torch.inference_mode()
@@ -621,7 +632,8 @@ class StreamDiffusion:
         uncond = rule.uncond_rows(count, first_step_rows) if config.guidance_active else 0
         x_in = torch.cat([x_t[:uncond], x_t], dim=0) if uncond else x_t  # (uncond + count, 4, h, w)
         rows_in = StepCoefficients(*(torch.cat([v[:uncond], v]) for v in rows.as_tuple())) if uncond else rows
-        raw = self.backend.denoise(x_in, rows_in.timesteps, self._condition(uncond, count))
+        with _stage("denoise"):
+            raw = self.backend.denoise(x_in, rows_in.timesteps, self._condition(uncond, count))
         return self._math.guided_x0(
             raw, x_in, rows_in.alpha_sqrt, rows_in.beta_sqrt, x_t, rows.alpha_sqrt, rows.beta_sqrt, rows.c_skip,
             rows.c_out, stock, self._delta, self._guidance_scale, uncond=uncond, guided=config.guidance_active,
@@ -650,7 +662,8 @@ class StreamDiffusion:
     def _finish(self, x0: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
         """Decode; a bad output (see `output_faults`) is replaced by the last good one, or by the
         input before there is one."""
-        output = self.backend.decode(x0)  # (b, 3, H, W)
+        with _stage("decode"):
+            output = self.backend.decode(x0)  # (b, 3, H, W)
         previous = self.state.last_output
         if previous is None:
             previous = fallback if fallback is not None else torch.zeros_like(output)

@@ -3,9 +3,11 @@ forms cuDNN, cuBLAS, flash attention and inductor give their kernels; operator n
 CPU's profile shows them), the per-frame arithmetic, and a real profile of the tiny engine on
 this CPU (the CLI's is in test_bench). And the kernel choices (`--sdpa`, `--cudnn-benchmark`)."""
 
+from types import SimpleNamespace
+
 import pytest
 
-from bridge.profiling import TOP, kind_of, summarize_times
+from bridge.profiling import TOP, kind_of, profile_line, stage_times, summarize_times
 
 from test_cli import sdbridge
 
@@ -65,6 +67,23 @@ def test_bench_profiles_the_engine_it_timed(tiny_components):
     times = [t["ms_per_frame"] for t in profile["top"]]
     assert times == sorted(times, reverse=True) and all(t["name"].startswith("aten::") for t in profile["top"])
     assert profile["wall_ms_per_frame"] > 0
+    stages = {s["stage"]: s["ms_per_frame"] for s in profile["by_stage"]}  # no step graph on a CPU: the ranges ran
+    assert set(stages) == {"encode", "denoise", "decode"} and min(stages.values()) > 0
+    assert sum(stages.values()) < profile["wall_ms_per_frame"]
+    assert "by stage encode" in profile_line(profile)
+
+
+def test_stage_times_sum_the_cpu_ranges_and_skip_their_gpu_annotations():
+    import torch
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    event = lambda name, device, gpu_us, cpu_us: SimpleNamespace(  # noqa: E731
+        name=name, device_type=device, device_time_total=gpu_us, cpu_time_total=cpu_us)
+    events = [event("sdbridge.denoise", cpu, 900.0, 40.0), event("sdbridge.denoise", cpu, 1000.0, 50.0),
+              event("sdbridge.denoise", cuda, 5000.0, 0.0),  # the GPU-side span of the same range: idle time too
+              event("sdbridge.decode", cpu, 300.0, 20.0), event("aten::conv2d", cpu, 200.0, 10.0)]
+    assert stage_times(events, "sdbridge.", on_cuda=True) == {"denoise": 1900.0, "decode": 300.0}
+    assert stage_times(events, "sdbridge.", on_cuda=False) == {"denoise": 90.0, "decode": 20.0}
 
 
 def test_a_negative_profile_count_is_refused_before_anything_runs():
