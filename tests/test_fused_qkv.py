@@ -4,6 +4,7 @@ of the three, with the three layers' weights as views of the fused one (no memor
 Each test builds its own tiny model: fusing changes the UNet in place, and `tiny_components` is
 shared by the whole session."""
 
+import functools
 import json
 
 import pytest
@@ -161,11 +162,14 @@ def test_compiled_fuses_by_default_on_cuda_only_and_an_explicit_choice_stands():
     (sd-turbo 169.7 -> 175.7 fps), and off on a CPU; fuse_qkv's default gives way to fp8."""
     from pipeline.backends.compiled import fusions
 
-    assert fusions(on_cuda=True, fp8=False, fuse_qkv=None, fuse_math=None) == (True, True)
-    assert fusions(on_cuda=True, fp8=True, fuse_qkv=None, fuse_math=None) == (False, True)
-    assert fusions(on_cuda=False, fp8=False, fuse_qkv=None, fuse_math=None) == (False, False)
-    assert fusions(on_cuda=True, fp8=False, fuse_qkv=False, fuse_math=False) == (False, False)
-    assert fusions(on_cuda=False, fp8=False, fuse_qkv=True, fuse_math=True) == (True, True)
+    defaults = functools.partial(fusions, fuse_qkv=None, fuse_math=None)
+    assert defaults(on_cuda=True, fp8=False, cuda_graphs="step") == (True, True)
+    assert defaults(on_cuda=True, fp8=False, cuda_graphs="off") == (True, True)
+    assert defaults(on_cuda=True, fp8=False, cuda_graphs="modules") == (True, False)  # never run beside cudagraph trees
+    assert defaults(on_cuda=True, fp8=True, cuda_graphs="step") == (False, True)
+    assert defaults(on_cuda=False, fp8=False, cuda_graphs="step") == (False, False)
+    assert fusions(on_cuda=True, fp8=False, cuda_graphs="step", fuse_qkv=False, fuse_math=False) == (False, False)
+    assert fusions(on_cuda=False, fp8=False, cuda_graphs="modules", fuse_qkv=True, fuse_math=True) == (True, True)
     engine = StreamDiffusion(_tiny(), _config(), backend="compiled",
                              backend_options={"compile_backend": CountingBackend()})
     assert engine.backend.fused_qkv_layers == 0 and not engine._math.fused  # the tests' CPU

@@ -81,7 +81,7 @@ def register(subparsers) -> None:
     parser.add_argument("--fuse-math", action=argparse.BooleanOptionalAction, default=None,
                         help="compiled backend: the arithmetic between the modules (noising, guidance, LCM, the "
                              "bad-output check, the pixel conversions) compiled too, a few fused kernels a frame "
-                             "(default: on CUDA yes, elsewhere no)")
+                             "(default: on CUDA yes, except with --cuda-graphs modules; elsewhere no)")
     parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                         help="eager and compiled backends: each self-attention layer's query, key and value from one "
                              "projection (one larger matrix product instead of three; default: compiled on CUDA "

@@ -64,8 +64,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "--fp8 yes, elsewhere no)")
     add("--fuse-math", dest="fuse_math", action=argparse.BooleanOptionalAction, default=None,
         help="compiled: the step's arithmetic between the modules (noising, guidance, the bad-output check, "
-             "the 8-bit conversions) compiled too, a few fused kernels a frame (default: on CUDA yes, on a "
-             "CPU no; together with --fuse-qkv 169.7 -> 175.7 fps for sd-turbo on an H200)")
+             "the 8-bit conversions) compiled too, a few fused kernels a frame (default: on CUDA yes, except "
+             "with --cuda-graphs modules; on a CPU no; together with --fuse-qkv 169.7 -> 175.7 fps for sd-turbo on an H200)")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")

@@ -99,11 +99,14 @@ def _allow_graphs(count: int, why: str = "one graph per UNet batch size") -> Non
         setattr(config, name, count)
 
 
-def fusions(*, on_cuda: bool, fp8: bool, fuse_qkv: bool | None, fuse_math: bool | None) -> tuple[bool, bool]:
+def fusions(*, on_cuda: bool, fp8: bool, cuda_graphs: str, fuse_qkv: bool | None,
+            fuse_math: bool | None) -> tuple[bool, bool]:
     """(fuse_qkv, fuse_math) as asked, None filled in with the default: on for a UNet on CUDA, where
-    they were measured to pay (fuse_qkv not with fp8, which scales each projection on its own), off
+    they were measured to pay (fuse_qkv not with fp8, which scales each projection on its own;
+    fuse_math not beside cudagraph trees, `cuda_graphs="modules"`, a mix never run on a GPU), off
     elsewhere (on a CPU they add compile time and are unmeasured)."""
-    return (on_cuda and not fp8) if fuse_qkv is None else fuse_qkv, on_cuda if fuse_math is None else fuse_math
+    default_qkv, default_math = on_cuda and not fp8, on_cuda and cuda_graphs != "modules"
+    return default_qkv if fuse_qkv is None else fuse_qkv, default_math if fuse_math is None else fuse_math
 
 
 class CompiledBackend(EagerBackend):
@@ -131,7 +134,8 @@ class CompiledBackend(EagerBackend):
         part of the compile cache's key; `fp8`: as for the eager backend; `fuse_math`: the stream's
         arithmetic between the modules compiled too, a few fused kernels instead of dozens of small
         ones (pipeline/step_math.py); `fuse_qkv`: as for the eager backend. None (the default) for
-        either: on for a UNet on CUDA (fuse_qkv: unless fp8), off elsewhere. Measured on an H200
+        either: on for a UNet on CUDA (fuse_qkv: unless fp8; fuse_math: unless cuda_graphs is
+        "modules"), off elsewhere. Measured on an H200
         (bench/results/h200_*_qkv*.json, *_fused.json): sd-turbo 1 step 169.7 -> 175.7 fps with both;
         on a CPU they only add compile time (inductor's C++ kernels), and are unmeasured."""
         if cuda_graphs not in CUDA_GRAPH_MODES:
@@ -142,7 +146,8 @@ class CompiledBackend(EagerBackend):
                 f"backend: 'compiled' cannot run here: torch.compile is unavailable ({reason}); use 'eager'"
             )
         on_cuda = next(components.unet.parameters()).device.type == "cuda"
-        fuse_qkv, fuse_math = fusions(on_cuda=on_cuda, fp8=fp8, fuse_qkv=fuse_qkv, fuse_math=fuse_math)
+        fuse_qkv, fuse_math = fusions(on_cuda=on_cuda, fp8=fp8, cuda_graphs=cuda_graphs, fuse_qkv=fuse_qkv,
+                                      fuse_math=fuse_math)
         super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8,  # its own graphs below
                          fuse_qkv=fuse_qkv)
         device = next(self.unet.parameters()).device
