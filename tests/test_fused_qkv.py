@@ -37,10 +37,16 @@ def _inputs():
 
 
 @torch.no_grad()
-def test_the_fused_projection_gives_the_three_projections_output_and_keeps_no_second_copy():
+def _unet_and_its_output():
+    """A tiny UNet of its own, its inputs (latents, timesteps, embeddings) and its output on them."""
     unet = _tiny().unet
     latents, timesteps, embeds = _inputs()
-    plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    return unet, (latents, timesteps, embeds), unet(latents, timesteps, encoder_hidden_states=embeds).sample
+
+
+@torch.no_grad()
+def test_the_fused_projection_gives_the_three_projections_output_and_keeps_no_second_copy():
+    unet, (latents, timesteps, embeds), plain = _unet_and_its_output()
     bytes_before = _storage_bytes(unet)
     self_attention = [module for name, module in unet.named_modules() if name.endswith("attn1")]
 
@@ -200,9 +206,7 @@ def test_an_fp8_copy_of_a_fused_unet_gets_its_three_projections_back_in_fp8():
     from pipeline.attention import unfuse_self_attention
     from pipeline.fp8 import Fp8Linear, fp8_unet
 
-    plain_unet = _tiny().unet
-    latents, timesteps, embeds = _inputs()
-    plain = plain_unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    plain_unet, (latents, timesteps, embeds), plain = _unet_and_its_output()
     unfused_copy, unfused_count = fp8_unet(plain_unet)
     fused_unet = _tiny().unet
     fuse_self_attention(fused_unet)
@@ -225,9 +229,7 @@ def test_an_fp8_copy_of_a_fused_unet_gets_its_three_projections_back_in_fp8():
 def test_unfusing_gives_back_separate_weights_and_the_same_output():
     from pipeline.attention import unfuse_self_attention
 
-    unet = _tiny().unet
-    latents, timesteps, embeds = _inputs()
-    plain = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    unet, (latents, timesteps, embeds), plain = _unet_and_its_output()
     bytes_before = _storage_bytes(unet)
     fuse_self_attention(unet)
     assert unfuse_self_attention(unet) == 4
