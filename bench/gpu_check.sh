@@ -34,10 +34,10 @@
 #   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
 #          without the fused step math, then with it (the default on CUDA)
 #   kernels: what sd15 4 steps may still gain (88.5 fps on an H200 against 100; its GPU busy 97% of a frame):
-#          graph_check of the defaults first, then sd15 with the defaults and --profile (and without the step
-#          graph: the time of the VAE encoder, the UNet and the decoder), --inductor
-#          conv_1x1_as_mm=true (sd15's transformer in/out projections are 1x1 convolutions), --fp8
-#          (16,384 rows per layer), coordinate descent tuning, max-autotune of the matrix products
+#          sd15 with the defaults and --profile, with --fp8 (scaled per token: 16,384 rows per layer), without
+#          the step graph (the time of the VAE encoder, the UNet and the decoder), then on the faster of
+#          fp16 and fp8 coordinate descent tuning and max-autotune of the matrix products; sd-turbo --fp8;
+#          graph_check of the defaults last
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -198,20 +198,26 @@ case "$PART" in
     graph_check 170 --no-fuse-math --no-fuse-qkv
     ;;
   kernels)  # sd15 4 steps against its 100 fps (about 10 min on a fresh machine; BUDGET=550 cuts the last)
-    graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
     bench 170 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --profile 10
+    # fp8 with a scale per token and per weight channel (the scales' reductions fuse into the kernels before)
+    bench 200 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --fp8 --profile 10
     # the same compiled modules without the step graph: the profile's time by stage (VAE encoder, UNet, decoder)
     bench 70 sd15_4step_self_compiled_nographs_stages $SD15 --backend compiled --cuda-graphs off --frames 50 \
       --warmup 10 --time-limit 5 --profile 10
-    bench 170 sd15_4step_self_compiled_step_1x1mm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --inductor conv_1x1_as_mm=true
-    bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --fp8
-    bench 200 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true
+    # inductor's tuning on top of the faster of the two above
+    faster=""
+    [ "$(python3 bench/faster.py "$OUT/sd15_4step_self_compiled_step_defaults.json" \
+      "$OUT/sd15_4step_self_compiled_step_fp8.json")" = "$OUT/sd15_4step_self_compiled_step_fp8.json" ] && faster="--fp8"
+    echo "   the faster: ${faster:-fp16}"
+    bench 220 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true $faster
     bench 300 sd15_4step_self_compiled_step_autotune_mm $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor max_autotune_gemm=true
+      --time-limit 8 --pipelined --inductor max_autotune_gemm=true $faster
+    bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --fp8
+    graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
     ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)

@@ -44,6 +44,7 @@ class BenchSettings:
     time_limit: float = 0.0  # seconds of measuring before stopping early (0: no limit)
     inductor: tuple[tuple[str, object], ...] = ()  # compiled backend: inductor options as (name, value) pairs
     fp8: bool = False  # the UNet's transformer layers in fp8 (and the output's change against fp16 measured)
+    fp8_scaling: str = "row"  # fp8 inputs scaled per row (token) or per tensor (pipeline/fp8.py)
     pipelined: bool = False  # also time the same engine pipelined: each frame submitted before the previous result is taken
     profile_frames: int = 0  # also run this many frames under torch.profiler: where the time goes, by kind of kernel
     cudnn_benchmark: bool = False  # cuDNN times its algorithms for each convolution shape at the first call (CUDA)
@@ -132,10 +133,12 @@ def _time_pipelined(submit, frames: list, *, count: int, time_limit: float) -> l
 FP8_FRAMES = 24
 
 
-def measure_fp8_change(components, config: StreamConfig, frames: list, count: int = FP8_FRAMES) -> dict:
+def measure_fp8_change(components, config: StreamConfig, frames: list, count: int = FP8_FRAMES,
+                       scaling: str = "row") -> dict:
     """How much fp8 changes the output frames: two fresh eager engines, with and without fp8, on
     the same frames (eager for both, so the difference is fp8's alone, not two compilations')."""
-    engines = [StreamDiffusion(components, config, backend="eager", backend_options={"fp8": fp8}) for fp8 in (False, True)]
+    engines = [StreamDiffusion(components, config, backend="eager", backend_options=options)
+               for options in ({}, {"fp8": True, "fp8_scaling": scaling})]
     for engine in engines:
         engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     worst, total, squared = 0, 0.0, 0.0
@@ -148,6 +151,7 @@ def measure_fp8_change(components, config: StreamConfig, frames: list, count: in
         "frames": count,
         "backend": "eager",
         "fp8_layers": engines[1].backend.fp8_layers,
+        "fp8_scaling": scaling,
         "max_abs_diff_uint8": worst,
         "mean_abs_diff_uint8": round(total / count, 4),
         "psnr_db": round(10.0 * np.log10(255.0 ** 2 / mse), 2) if mse > 0 else None,  # None: identical
@@ -212,6 +216,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["inductor_options"] = dict(settings.inductor)
     if settings.fp8:
         options["fp8"] = True
+        options["fp8_scaling"] = settings.fp8_scaling
     if settings.channels_last:
         options["channels_last"] = True
     if settings.fuse_math is not None and settings.backend == "compiled":
@@ -291,5 +296,5 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         )
     if settings.fp8 and batched:
         log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
-        synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames)
+        synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames, scaling=settings.fp8_scaling)
     gc.unfreeze()  # the runtime figures above ran frozen too, as in `sdbridge run`

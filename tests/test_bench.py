@@ -202,3 +202,32 @@ def test_the_table_names_what_each_row_ran_with():
     first, second = table.splitlines()[2:4]
     assert "compiled+step/fmath/qkv/conv_1x1_as_mm=True/pipe" in first
     assert second.split()[1] == "compiled+step"
+    fp8_rows = format_table([{**row, "fp8": True, "fp8_scaling": "row", "fuse_qkv": False, "fuse_math": False,
+                              "inductor": [], "pipelined": False},
+                             {**row, "fp8": True, "fp8_scaling": "tensor", "fuse_qkv": False, "fuse_math": False,
+                              "inductor": [], "pipelined": False}]).splitlines()[2:4]
+    assert [line.split()[1] for line in fp8_rows] == ["compiled+step/fp8", "compiled+step/fp8-tensor"]
+
+
+def test_faster_picks_the_result_with_more_frames_per_second(tmp_path):
+    """bench/faster.py, which gpu_check.sh asks whether fp8 beat fp16 before stacking tuning on it:
+    each file's best row counts; a missing or cut-short file loses; a tie keeps the first."""
+    import subprocess
+    import sys
+
+    from test_cli import REPO, child_env
+
+    fp16, fp8, broken = tmp_path / "fp16.json", tmp_path / "fp8.json", tmp_path / "broken.json"
+    fp16.write_text(json.dumps([{"fps": 85.1}, {"fps": 88.5, "pipelined": True}]))
+    fp8.write_text(json.dumps([{"fps": 90.2}, {"fps": 94.0, "pipelined": True}]))
+    broken.write_text('[{"fps": 120')  # a run killed while writing
+
+    def faster(first, second):
+        result = subprocess.run([sys.executable, "bench/faster.py", str(first), str(second)], cwd=REPO, env=child_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert faster(fp16, fp8) == str(fp8) and faster(fp8, fp16) == str(fp8)
+    assert faster(fp16, broken) == str(fp16) and faster(broken, fp16) == str(fp16)
+    assert faster(fp16, tmp_path / "missing.json") == str(fp16) and faster(fp16, fp16) == str(fp16)

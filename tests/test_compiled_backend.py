@@ -264,9 +264,9 @@ def test_cuda_graph_bookkeeping_on_the_cpu(tiny_components, monkeypatch):
 
 
 def test_options_and_errors_are_one_line(tiny_components, monkeypatch, capsys):
-    with pytest.raises(ValueError, match=r"backend_options: 'eager' has no option 'compile_backend' \(its options: channels_last, cuda_graphs, fp8, fuse_qkv\)"):
+    with pytest.raises(ValueError, match=r"backend_options: 'eager' has no option 'compile_backend' \(its options: channels_last, cuda_graphs, fp8, fp8_scaling, fuse_qkv\)"):
         make_backend("eager", tiny_components, kv_cache=True, compile_backend="inductor")
-    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fp8, fullgraph, fuse_math, fuse_qkv, inductor_options\)"):
+    with pytest.raises(ValueError, match=r"'compiled' has no option 'mode' \(its options: compile_backend, cuda_graphs, fp8, fp8_scaling, fullgraph, fuse_math, fuse_qkv, inductor_options\)"):
         make_backend("compiled", tiny_components, kv_cache=True, mode="max-autotune")
 
     from torch._dynamo import eval_frame

@@ -24,11 +24,26 @@ def test_quantize_keeps_two_significant_digits_and_the_range():
     assert ((restored - tensor).abs() <= 0.0625 * tensor.abs() + 1e-3 * scale * 448).all()  # e4m3: 3 mantissa bits
 
 
+def test_quantize_by_rows_gives_each_row_its_own_range():
+    tensor = torch.randn(8, 48, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 3, 8).reshape(8, 1)
+    quantized, scale = quantize(tensor, rows=True)
+    assert quantized.dtype == FP8 and scale.dtype == torch.float32 and scale.shape == (8, 1)
+    restored = quantized.float() * scale
+    assert torch.allclose(restored.abs().amax(dim=1), tensor.abs().amax(dim=1), rtol=1e-6)  # each row's largest -> 448
+    assert ((restored - tensor).abs() <= 0.0625 * tensor.abs() + 1e-3 * scale * 448).all()
+    # one scale for the whole tensor loses the small rows: their values fall below e4m3's smallest
+    whole, whole_scale = quantize(tensor)
+    small_row_error = ((whole[0].float() * whole_scale - tensor[0]).abs().max() / tensor[0].abs().max()).item()
+    assert small_row_error > 0.5 and ((restored[0] - tensor[0]).abs().max() / tensor[0].abs().max()).item() < 0.07
+
+
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
 @pytest.mark.parametrize("rows", [32, 77])  # aligned rows use _scaled_mm; 77 runs the dequantized weight
-def test_fp8_linear_is_close_to_the_linear_it_replaces(rows, monkeypatch):
+def test_fp8_linear_is_close_to_the_linear_it_replaces(rows, scaling, monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
-    layer = Fp8Linear(linear)
+    layer = Fp8Linear(linear, scaling=scaling)
+    assert layer.weight_scale.shape == ((1, 96) if scaling == "row" else ())  # _scaled_mm's scale_b
     calls = []
     scaled_mm = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or scaled_mm(*a, **k))
@@ -41,6 +56,31 @@ def test_fp8_linear_is_close_to_the_linear_it_replaces(rows, monkeypatch):
     assert layer.weight.dtype == FP8 and torch.equal(layer.bias, linear.bias)
 
 
+def test_an_fp8_linear_returning_bfloat16_casts_back(monkeypatch):
+    """Some GPUs' row-scaled kernels return bfloat16 only (kernel_settings then asks for it): the
+    layer hands back the input's dtype all the same."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).to(torch.float16)
+    layer = Fp8Linear(linear, out_dtype=torch.bfloat16)
+    asked = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: asked.append(k["out_dtype"]) or scaled_mm(*a, **k))
+    x = torch.randn(16, 64).to(torch.float16)
+    out = layer(x)
+    assert asked == [torch.bfloat16] and out.dtype == torch.float16
+    assert ((out.float() - linear(x).float()).abs().max() / linear(x).float().abs().max()) < 0.05
+
+
+def test_kernel_settings_on_a_cpu_and_a_refused_fp8_scaling(tiny_components):
+    from pipeline.fp8 import kernel_settings
+
+    assert kernel_settings(torch.device("cpu"), torch.float32, "row") == (None, False)  # the input's dtype, exact sums
+    with pytest.raises(ValueError, match="fp8_scaling must be one of row, tensor, not 'block'"):
+        fp8_unet(tiny_components.unet, "block")
+    with pytest.raises(ValueError, match="fp8 scaling must be one of row, tensor, not 'channel'"):
+        Fp8Linear(torch.nn.Linear(16, 16), scaling="channel")
+
+
 def test_a_transposed_input_is_quantized_row_major():
     """On CUDA torch._scaled_mm refuses a first operand that is not row-major ("self must be
     row_major"), which the channels_last UNet's transformer blocks hand the layer (seen on an
@@ -51,7 +91,8 @@ def test_a_transposed_input_is_quantized_row_major():
     assert not x.reshape(32, 64).is_contiguous()
     x_q, scale = layer.quantized_rows(x)
     assert x_q.shape == (32, 64) and x_q.dtype == FP8 and x_q.is_contiguous()
-    assert torch.equal(x_q.float() * scale, quantize(x.reshape(32, 64))[0].float() * scale)
+    assert scale.shape == (32, 1)
+    assert torch.equal(x_q.float() * scale, quantize(x.reshape(32, 64), rows=True)[0].float() * scale)
     assert torch.equal(layer(x), layer(x.contiguous()))
 
 

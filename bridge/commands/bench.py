@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     parser.add_argument("--fp8", action="store_true",
                         help="the UNet's transformer layers in fp8 (Ada/Hopper GPUs; the CPU for tests), and the output's "
                              "change against the same model without fp8 (max, mean, PSNR over 24 frames)")
+    parser.add_argument("--fp8-scaling", choices=["row", "tensor"], default="row",
+                        help="with --fp8: each input row (token) and weight channel with its own scale (default), or "
+                             "one scale per tensor (the first method: a reduction and a cast kernel per layer)")
     parser.add_argument("--pipelined", action="store_true",
                         help="also time the same engine pipelined, each frame submitted (engine.submit) before the "
                              "previous one's result is taken: on a GPU the copies and the Python between frames "
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
-            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, profile_frames=args.profile,
+            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, fp8_scaling=args.fp8_scaling, profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv,
         )
@@ -191,7 +194,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         mode = "yes" if r["use_denoising_batch"] else "seq"
         backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
-        backend += "/fp8" if r.get("fp8") else ""
+        backend += ("/fp8" + ("-tensor" if r.get("fp8_scaling") == "tensor" else "")) if r.get("fp8") else ""
         backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
         backend += "/nhwc" if r.get("channels_last") else ""
         backend += "/fmath" if r.get("fuse_math") else ""

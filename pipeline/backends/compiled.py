@@ -124,6 +124,7 @@ class CompiledBackend(EagerBackend):
         cuda_graphs: str = "step",
         inductor_options: dict | None = None,
         fp8: bool = False,
+        fp8_scaling: str = "row",
         fuse_math: bool | None = None,
         fuse_qkv: bool | None = None,
     ) -> None:
@@ -131,7 +132,7 @@ class CompiledBackend(EagerBackend):
         compilation counter in tests); `fullgraph`: refuse graph breaks; `cuda_graphs`: "step",
         "modules" or "off" (CUDA only; see the module docstring); `inductor_options`: inductor
         settings for these compilations (torch.compile's `options`, e.g. {"conv_1x1_as_mm": True}),
-        part of the compile cache's key; `fp8`: as for the eager backend; `fuse_math`: the stream's
+        part of the compile cache's key; `fp8`, `fp8_scaling`: as for the eager backend; `fuse_math`: the stream's
         arithmetic between the modules compiled too, a few fused kernels instead of dozens of small
         ones (pipeline/step_math.py); `fuse_qkv`: as for the eager backend. None (the default) for
         either: on for a UNet on CUDA (fuse_qkv: unless fp8; fuse_math: unless cuda_graphs is
@@ -149,7 +150,7 @@ class CompiledBackend(EagerBackend):
         fuse_qkv, fuse_math = fusions(on_cuda=on_cuda, fp8=fp8, cuda_graphs=cuda_graphs, fuse_qkv=fuse_qkv,
                                       fuse_math=fuse_math)
         super().__init__(components, kv_cache=kv_cache, cuda_graphs="off", fp8=fp8,  # its own graphs below
-                         fuse_qkv=fuse_qkv)
+                         fp8_scaling=fp8_scaling, fuse_qkv=fuse_qkv)
         device = next(self.unet.parameters()).device
         self._inductor = compile_backend == "inductor"
         graphs = cuda_graphs if device.type == "cuda" and self._inductor else "off"  # CUDA graphs need both

@@ -91,10 +91,12 @@ class EagerBackend(StaticPrompt):
     step_math = PLAIN  # the stream's arithmetic between the modules, as written (pipeline/step_math.py)
 
     def __init__(self, components: Components, *, kv_cache: bool = True, cuda_graphs: str | None = None,
-                 fp8: bool = False, channels_last: bool = False, fuse_qkv: bool = False) -> None:
+                 fp8: bool = False, fp8_scaling: str = "row", channels_last: bool = False,
+                 fuse_qkv: bool = False) -> None:
         """`cuda_graphs`: "step" (CUDA's default: the stream captures its whole step in one CUDA
         graph; see the module docstring) or "off" (the modules as they are; always on a CPU).
-        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py).
+        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py),
+        their inputs scaled per row ("row", the default) or per tensor ("tensor"): `fp8_scaling`.
         `channels_last`: the UNet's and the VAE's weights in channels_last (NHWC), the layout
         tensor-core convolutions want; the compiled backend does this on CUDA always. Opt-in here
         until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules.
@@ -113,7 +115,7 @@ class EagerBackend(StaticPrompt):
             reason = fp8_unavailable_reason(next(self.unet.parameters()).device)
             if reason is not None:
                 raise BackendUnavailable(f"fp8: {reason}; run without --fp8")
-            self.unet, self.fp8_layers = fp8_unet(self.unet)
+            self.unet, self.fp8_layers = fp8_unet(self.unet, fp8_scaling)
         self.vae = components.vae
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
