@@ -38,6 +38,8 @@
 #          the step graph (the time of the VAE encoder, the UNet and the decoder), then on the faster of
 #          fp16 and fp8 coordinate descent tuning and max-autotune of the matrix products; sd-turbo --fp8;
 #          graph_check of the defaults last
+#   inside: sd15 4 steps compiled with --profile, to read the ten largest kernels of each kind (which norms,
+#          which fused operators take inductor's 2.9 ms a frame)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -85,6 +87,7 @@ graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed a
   local seconds
   seconds=$(cut_to_budget "$1")
   shift
+  if [ "$seconds" -eq 0 ]; then echo "== graph_check $*: skipped, the budget is spent"; return; fi  # (timeout 0: none)
   echo "== graph_check $* (limit ${seconds}s)"
   timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$OUT/graph_check.json" "$@" > "$OUT/graph_check.log" 2>&1
   local rc=$?
@@ -219,6 +222,10 @@ case "$PART" in
       --pipelined --fp8
     graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
     ;;
+  inside)  # what sd15's inductor kernels are: the ten largest of each kind (profile top_by_kind), one compile
+    bench 200 sd15_4step_self_compiled_step_kernels $SD15 --backend compiled --frames 300 --warmup 30 --time-limit 5 \
+      --pipelined --profile 10
+    ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
     for variant in plain fused; do  # plain: --no-fuse-math; fused: --fuse-math, whose functions are readied beside too
@@ -236,7 +243,7 @@ case "$PART" in
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

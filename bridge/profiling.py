@@ -32,6 +32,7 @@ KINDS = (
                      "aten::silu", "aten::gelu", "aten::where", "aten::clamp", "aten::pow", "aten::sqrt")),
 )
 TOP = 15  # the most costly names reported one by one
+TOP_PER_KIND = 10  # and within each kind (inductor's fused kernels name what they fuse: which norm, which op)
 
 
 def kind_of(name: str) -> str:
@@ -44,8 +45,8 @@ def kind_of(name: str) -> str:
 
 
 def summarize_times(entries: list[tuple[str, float, int]], frames: int) -> dict:
-    """`entries`: (name, total µs, calls) over `frames` frames -> per-frame figures by kind and
-    the TOP names, largest first."""
+    """`entries`: (name, total µs, calls) over `frames` frames -> per-frame figures by kind, the
+    TOP names and the TOP_PER_KIND names of each kind, largest first."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1 (got {frames})")
     total_us = sum(us for _, us, _ in entries)
@@ -53,13 +54,16 @@ def summarize_times(entries: list[tuple[str, float, int]], frames: int) -> dict:
     for name, us, _ in entries:
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
     share = (lambda us: us / total_us) if total_us > 0 else (lambda us: 0.0)
-    top = sorted(entries, key=lambda entry: entry[1], reverse=True)[:TOP]
+    ranked = sorted(entries, key=lambda entry: entry[1], reverse=True)
+    named = lambda name, us, calls: {"name": name[:160], "kind": kind_of(name), "ms_per_frame": us / 1000.0 / frames,  # noqa: E731
+                                     "calls_per_frame": calls / frames}
     return {
         "ms_per_frame": total_us / 1000.0 / frames,
         "by_kind": [{"kind": kind, "ms_per_frame": us / 1000.0 / frames, "share": share(us)}
                     for kind, us in sorted(by_kind.items(), key=lambda item: item[1], reverse=True)],
-        "top": [{"name": name[:160], "kind": kind_of(name), "ms_per_frame": us / 1000.0 / frames,
-                 "calls_per_frame": calls / frames} for name, us, calls in top],
+        "top": [named(*entry) for entry in ranked[:TOP]],
+        "top_by_kind": {kind: [named(*entry) for entry in ranked if kind_of(entry[0]) == kind][:TOP_PER_KIND]
+                        for kind in by_kind},
     }
 
 

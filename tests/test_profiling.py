@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bridge.profiling import TOP, kind_of, profile_line, stage_times, summarize_times
+from bridge.profiling import TOP, TOP_PER_KIND, kind_of, profile_line, stage_times, summarize_times
 
 from test_cli import sdbridge
 
@@ -49,6 +49,11 @@ def test_times_are_per_frame_by_kind_and_largest_first():
     assert summary["top"][1]["calls_per_frame"] == 4.0
     many = summarize_times([(f"k{n}", float(n), 1) for n in range(TOP + 5)], frames=1)
     assert len(many["top"]) == TOP and many["top"][0]["name"] == f"k{TOP + 4}"
+    assert list(many["top_by_kind"]) == ["other"] and len(many["top_by_kind"]["other"]) == TOP_PER_KIND
+    fused = [(f"triton_per_fused_native_group_norm_{n}", 100.0 - n, 2) for n in range(TOP + 3)]
+    mixed = summarize_times(fused + [("sm90_xmma_fprop_implicit_gemm_f16", 1000.0, 20)], frames=2)
+    assert [t["name"] for t in mixed["top_by_kind"]["fused (inductor)"]] == [name for name, _, _ in fused[:TOP_PER_KIND]]
+    assert mixed["top_by_kind"]["convolution"] == [mixed["top"][0]] and mixed["top"][0]["calls_per_frame"] == 10.0
     assert summarize_times([], frames=3)["by_kind"] == []
     with pytest.raises(ValueError, match="frames must be >= 1"):
         summarize_times(entries, frames=0)
