@@ -30,6 +30,8 @@
 #          both against --cudnn-benchmark, eager's step graph against it with
 #          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
 #          cuts the last few
+#   options: sd15 4 steps with the defaults, then --inductor aggressive_fusion, conv_1x1_as_mm, max_autotune_pointwise
+#   defaults: graph_check alone, with its defaults (on CUDA the fusions, as the backend's)
 #   fused: graph_check without the fusions (graph_check's own default, like the backend's, has them on CUDA)
 #   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
 #          without the fused step math, then with it (the default on CUDA)
@@ -40,6 +42,8 @@
 #          graph_check of the defaults last
 #   inside: sd15 4 steps compiled with --profile, to read the ten largest kernels of each kind (which norms,
 #          which fused operators take inductor's 2.9 ms a frame)
+#   tuning: sd15 4 steps with inductor's coordinate descent tuning (a long compile), then with the defaults
+#   autotune: the same with max-autotune of the matrix products, then with the defaults
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -197,6 +201,9 @@ case "$PART" in
     bench 170 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
       --pipelined --fp8
     ;;
+  defaults)  # the step graph with the defaults (fused step math and q/k/v) against the same modules without it
+    graph_check 200
+    ;;
   fused)  # the step graph without the fusions against the same without a graph (plain graph_check has them on CUDA)
     graph_check 170 --no-fuse-math --no-fuse-qkv
     ;;
@@ -226,6 +233,31 @@ case "$PART" in
     bench 200 sd15_4step_self_compiled_step_kernels $SD15 --backend compiled --frames 300 --warmup 30 --time-limit 5 \
       --pipelined --profile 10
     ;;
+  tuning)  # inductor's coordinate descent tuning for sd15 4 steps (its UNet compiled for more than 200 s on an H200
+    # in session 11, cut there), then the defaults on the same machine to compare with (about 9.5 min: BUDGET=560)
+    bench 400 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true --profile 10
+    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --profile 10
+    ;;
+  autotune)  # the same with max-autotune of the matrix products (triton's GEMM templates timed against cuBLAS)
+    bench 400 sd15_4step_self_compiled_step_autotune_mm $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor max_autotune_gemm=true --profile 10
+    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --profile 10
+    ;;
+  options)  # sd15 4 steps: inductor options of one ordinary compile each against the defaults on the same machine
+    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined
+    # fuse nodes that share no input too (fewer of the small kernels: the long tail of sd15's 2.9 ms of fused kernels)
+    bench 150 sd15_4step_self_compiled_step_aggressive $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --inductor aggressive_fusion=true
+    # sd15's transformer in/out projections are 1x1 convolutions: as matrix products, their epilogues fused
+    bench 150 sd15_4step_self_compiled_step_1x1mm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
+      --pipelined --inductor conv_1x1_as_mm=true
+    bench 200 sd15_4step_self_compiled_step_autotune_pointwise $SD15 --backend compiled --frames 400 --warmup 30 \
+      --time-limit 8 --pipelined --inductor max_autotune_pointwise=true
+    ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
     for variant in plain fused; do  # plain: --no-fuse-math; fused: --fuse-math, whose functions are readied beside too
@@ -243,7 +275,7 @@ case "$PART" in
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'
