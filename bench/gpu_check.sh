@@ -102,6 +102,11 @@ graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed a
 
 TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
 SD15="${GPU_CHECK_SD15:---arch sd15 --steps 4 --cfg self --width 512 --height 512}"
+sd15_step() {  # sd15_step SECONDS NAME [ARGS...]: sd15 4 steps compiled with the step graph, a frame in flight too
+  local seconds=$1 name=$2
+  shift 2
+  bench "$seconds" "$name" $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 --pipelined "$@"
+}
 case "$PART" in
   turbo)
     bench 150 sd_turbo_1step_eager $TURBO --cuda-graphs off --frames 300 --warmup 30 --time-limit 30 --runtime
@@ -208,11 +213,9 @@ case "$PART" in
     graph_check 170 --no-fuse-math --no-fuse-qkv
     ;;
   kernels)  # sd15 4 steps against its 100 fps (about 10 min on a fresh machine; BUDGET=550 cuts the last)
-    bench 170 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --profile 10
+    sd15_step 170 sd15_4step_self_compiled_step_defaults --profile 10
     # fp8 with a scale per token and per weight channel (the scales' reductions fuse into the kernels before)
-    bench 200 sd15_4step_self_compiled_step_fp8 $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --fp8 --profile 10
+    sd15_step 200 sd15_4step_self_compiled_step_fp8 --fp8 --profile 10
     # the same compiled modules without the step graph: the profile's time by stage (VAE encoder, UNet, decoder)
     bench 70 sd15_4step_self_compiled_nographs_stages $SD15 --backend compiled --cuda-graphs off --frames 50 \
       --warmup 10 --time-limit 5 --profile 10
@@ -221,10 +224,8 @@ case "$PART" in
     [ "$(python3 bench/faster.py "$OUT/sd15_4step_self_compiled_step_defaults.json" \
       "$OUT/sd15_4step_self_compiled_step_fp8.json")" = "$OUT/sd15_4step_self_compiled_step_fp8.json" ] && faster="--fp8"
     echo "   the faster: ${faster:-fp16}"
-    bench 220 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true $faster
-    bench 300 sd15_4step_self_compiled_step_autotune_mm $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor max_autotune_gemm=true $faster
+    sd15_step 220 sd15_4step_self_compiled_step_coordinate_descent --inductor coordinate_descent_tuning=true $faster
+    sd15_step 300 sd15_4step_self_compiled_step_autotune_mm --inductor max_autotune_gemm=true $faster
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
       --pipelined --fp8
     graph_check 170  # the defaults (fused step math and q/k/v) in the step graph against the same without it
@@ -235,28 +236,20 @@ case "$PART" in
     ;;
   tuning)  # inductor's coordinate descent tuning for sd15 4 steps (its UNet compiled for more than 200 s on an H200
     # in session 11, cut there), then the defaults on the same machine to compare with (about 9.5 min: BUDGET=560)
-    bench 400 sd15_4step_self_compiled_step_coordinate_descent $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor coordinate_descent_tuning=true --profile 10
-    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --profile 10
+    sd15_step 400 sd15_4step_self_compiled_step_coordinate_descent --inductor coordinate_descent_tuning=true --profile 10
+    sd15_step 130 sd15_4step_self_compiled_step_defaults --profile 10
     ;;
   autotune)  # the same with max-autotune of the matrix products (triton's GEMM templates timed against cuBLAS)
-    bench 400 sd15_4step_self_compiled_step_autotune_mm $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor max_autotune_gemm=true --profile 10
-    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --profile 10
+    sd15_step 400 sd15_4step_self_compiled_step_autotune_mm --inductor max_autotune_gemm=true --profile 10
+    sd15_step 130 sd15_4step_self_compiled_step_defaults --profile 10
     ;;
   options)  # sd15 4 steps: inductor options of one ordinary compile each against the defaults on the same machine
-    bench 130 sd15_4step_self_compiled_step_defaults $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined
+    sd15_step 130 sd15_4step_self_compiled_step_defaults
     # fuse nodes that share no input too (fewer of the small kernels: the long tail of sd15's 2.9 ms of fused kernels)
-    bench 150 sd15_4step_self_compiled_step_aggressive $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --inductor aggressive_fusion=true
+    sd15_step 150 sd15_4step_self_compiled_step_aggressive --inductor aggressive_fusion=true
     # sd15's transformer in/out projections are 1x1 convolutions: as matrix products, their epilogues fused
-    bench 150 sd15_4step_self_compiled_step_1x1mm $SD15 --backend compiled --frames 400 --warmup 30 --time-limit 8 \
-      --pipelined --inductor conv_1x1_as_mm=true
-    bench 200 sd15_4step_self_compiled_step_autotune_pointwise $SD15 --backend compiled --frames 400 --warmup 30 \
-      --time-limit 8 --pipelined --inductor max_autotune_pointwise=true
+    sd15_step 150 sd15_4step_self_compiled_step_1x1mm --inductor conv_1x1_as_mm=true
+    sd15_step 200 sd15_4step_self_compiled_step_autotune_pointwise --inductor max_autotune_pointwise=true
     ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
