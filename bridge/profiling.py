@@ -55,8 +55,11 @@ def summarize_times(entries: list[tuple[str, float, int]], frames: int) -> dict:
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
     share = (lambda us: us / total_us) if total_us > 0 else (lambda us: 0.0)
     ranked = sorted(entries, key=lambda entry: entry[1], reverse=True)
-    named = lambda name, us, calls: {"name": name[:160], "kind": kind_of(name), "ms_per_frame": us / 1000.0 / frames,  # noqa: E731
-                                     "calls_per_frame": calls / frames}
+
+    def named(name: str, us: float, calls: int) -> dict:
+        return {"name": name[:160], "kind": kind_of(name), "ms_per_frame": us / 1000.0 / frames,
+                "calls_per_frame": calls / frames}
+
     return {
         "ms_per_frame": total_us / 1000.0 / frames,
         "by_kind": [{"kind": kind, "ms_per_frame": us / 1000.0 / frames, "share": share(us)}

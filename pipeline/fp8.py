@@ -19,6 +19,11 @@ dequantized weight in the input's dtype instead.
 
 Quality: fp8 keeps about two significant digits, so outputs change; `sdbridge bench --fp8`
 measures the change of the output frames against the same model without fp8.
+
+Measured on an H200 at 512x512 (README, Backends): it pays neither way. Per row, sd15's 4-step
+UNet (16,384 rows a layer) spent 0.26 ms less a frame in its matrix products but 1.37 ms more in
+fused kernels, most of it the quantization after the GEGLU, which inductor compiled as a looped
+reduction that computes the GEGLU twice; 81.0 fps against 88.2.
 """
 
 from __future__ import annotations
