@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, backend=args.backend, cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
             similarity_filter=args.similarity_filter, kv_cache=not args.no_kv_cache,
             text_encoder_graph=not args.no_text_encoder_graph, time_limit=args.time_limit,
-            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, fp8_scaling=args.fp8_scaling, profile_frames=args.profile,
+            pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, fp8_scaling=args.fp8_scaling,
+            profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv,
         )
