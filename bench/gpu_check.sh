@@ -30,7 +30,8 @@
 #          both against --cudnn-benchmark, eager's step graph against it with
 #          --channels-last, sd15's kernels without graphs, sd15 with fp8 (16,384 rows per layer); BUDGET=550
 #          cuts the last few
-#   options: sd15 4 steps with the defaults, then --inductor aggressive_fusion, conv_1x1_as_mm, max_autotune_pointwise
+#   options: sd15 4 steps with the defaults, then --inductor combo_kernels, aggressive_fusion, conv_1x1_as_mm,
+#          max_autotune_pointwise (BUDGET=560 cuts the last)
 #   defaults: graph_check alone, with its defaults (on CUDA the fusions, as the backend's)
 #   fused: graph_check without the fusions (graph_check's own default, like the backend's, has them on CUDA)
 #   ready: sd-turbo compiled, a second step count compiled beside the running show (bench/ready_check.py),
@@ -245,7 +246,9 @@ case "$PART" in
     ;;
   options)  # sd15 4 steps: inductor options of one ordinary compile each against the defaults on the same machine
     sd15_step 130 sd15_4step_self_compiled_step_defaults
-    # fuse nodes that share no input too (fewer of the small kernels: the long tail of sd15's 2.9 ms of fused kernels)
+    # independent small kernels launched as one (the long tail of sd15's 2.9 ms of fused kernels)
+    sd15_step 150 sd15_4step_self_compiled_step_combo --inductor combo_kernels=true
+    # fuse nodes that share no input too (fewer of the small kernels)
     sd15_step 150 sd15_4step_self_compiled_step_aggressive --inductor aggressive_fusion=true
     # sd15's transformer in/out projections are 1x1 convolutions: as matrix products, their epilogues fused
     sd15_step 150 sd15_4step_self_compiled_step_1x1mm --inductor conv_1x1_as_mm=true
