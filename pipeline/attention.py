@@ -194,15 +194,16 @@ def fuse_self_attention(unet: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def unfuse_self_attention(unet: torch.nn.Module) -> int:
-    """Undo `fuse_self_attention` in place: each fused layer gets back the processor it had and
-    q, k and v weights of their own (the fused tensor is then released); how many layers."""
+def unfuse_self_attention(unet: torch.nn.Module, *, own_weights: bool = True) -> int:
+    """Undo `fuse_self_attention` in place: each fused layer gets back the processor it had and,
+    with `own_weights`, q, k and v weights of their own (the fused tensor is then released;
+    without, they stay views of it: for a copy about to replace them); how many layers."""
     unfused = 0
     for _, attn in unet.named_modules():
         processor = getattr(attn, "processor", None)
         if not isinstance(processor, _FusedSelfAttnProcessor):
             continue
-        for layer in (attn.to_q, attn.to_k, attn.to_v):
+        for layer in (attn.to_q, attn.to_k, attn.to_v) if own_weights else ():
             layer.weight.data = layer.weight.data.clone()
             if layer.bias is not None:
                 layer.bias.data = layer.bias.data.clone()

@@ -152,16 +152,18 @@ def convertible(name: str, module: torch.nn.Module) -> bool:
 
 def fp8_unet(unet: torch.nn.Module, scaling: str = "row") -> tuple[torch.nn.Module, int]:
     """A copy of `unet` with every convertible linear layer in fp8 (`scaling`: see Fp8Linear), and
-    how many were converted (the original is left as it is: other engines may share it)."""
+    how many were converted. The original is left as it is (other engines may share it), and the
+    copy shares its tensors: only the fp8 weights are new memory (see `_sharing_copy`)."""
     if scaling not in SCALINGS:
         raise ValueError(f"backend_options: fp8_scaling must be one of {', '.join(SCALINGS)}, not {scaling!r}")
     first = next(unet.parameters())
     out_dtype, fast_accum = kernel_settings(first.device, first.dtype, scaling)
     names = [name for name, module in unet.named_modules() if convertible(name, module)]
-    converted = copy.deepcopy(unet)
+    converted = _sharing_copy(unet)
     # an engine with fuse_qkv on the same model fused its self-attention: the copy's fused
     # projections would stay in 16 bits, so it gets its three projections back, converted below
-    if unfuse_self_attention(converted):
+    # (as views of the shared fused weights, which the conversion only reads)
+    if unfuse_self_attention(converted, own_weights=False):
         log.info("fp8: the UNet's fused self-attention projections separated again in the fp8 copy")
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -170,3 +172,16 @@ def fp8_unet(unet: torch.nn.Module, scaling: str = "row") -> tuple[torch.nn.Modu
                                          fast_accum=fast_accum))
     log.info("fp8: %d linear layers of the UNet in e4m3, scaled per %s", len(names), scaling)
     return converted, len(names)
+
+
+def _sharing_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `unet`'s modules (and attention processors) holding the very same parameter,
+    buffer and fused-projection tensors: replacing a layer of the copy leaves the original as it
+    is, and the copy costs no second set of weights (sd15's UNet is 1.7 GB in fp16). What changes
+    a shared tensor in place (a channels_last conversion) changes it for both, as it would for
+    two engines on one model."""
+    shared = [*unet.parameters(), *unet.buffers()]
+    for module in unet.modules():
+        processor = getattr(module, "processor", None)
+        shared += [value for value in getattr(processor, "__dict__", {}).values() if isinstance(value, torch.Tensor)]
+    return copy.deepcopy(unet, memo={id(tensor): tensor for tensor in shared})

@@ -112,6 +112,34 @@ def test_only_the_transformer_layers_convert_and_the_shared_unet_is_untouched(ti
     assert not convertible("down_blocks.0.attentions.0.proj_in", torch.nn.Linear(40, 32))  # not a multiple of 16
 
 
+def _storages(module: torch.nn.Module) -> dict[int, int]:
+    """data pointer -> bytes of every tensor storage a module's parameters and buffers use."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_fp8_copy_costs_only_its_fp8_weights(tiny_components, fused):
+    """The copy shares every tensor of the model but the layers it converts: its new memory is
+    exactly the Fp8Linear buffers (a fused model's shared q/k/v tensor included)."""
+    from pipeline import random_components
+    from pipeline.attention import fuse_self_attention
+
+    unet = random_components("tiny", dtype=torch.float32, device="cpu", seed=0).unet if fused else tiny_components.unet
+    if fused:
+        fuse_self_attention(unet)
+    original = _storages(unet)
+    converted, count = fp8_unet(unet)
+    new = {ptr: size for ptr, size in _storages(converted).items() if ptr not in original}
+    fp8_buffers = {}
+    for module in converted.modules():
+        if isinstance(module, Fp8Linear):
+            fp8_buffers.update(_storages(module))
+    assert count > 0 and new == fp8_buffers
+    assert sum(new.values()) < sum(original.values()) / 2
+    assert all(p.untyped_storage().data_ptr() in original for p in converted.parameters())
+
+
 def test_an_fp8_engine_runs_end_to_end_close_to_the_fp32_one(tiny_components):
     config = StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 40), cfg_type="self", guidance_scale=1.4)
     plain = StreamDiffusion(tiny_components, config)

@@ -95,8 +95,9 @@ class EagerBackend(StaticPrompt):
                  fuse_qkv: bool = False) -> None:
         """`cuda_graphs`: "step" (CUDA's default: the stream captures its whole step in one CUDA
         graph; see the module docstring) or "off" (the modules as they are; always on a CPU).
-        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet; see pipeline/fp8.py),
-        their inputs scaled per row ("row", the default) or per tensor ("tensor"): `fp8_scaling`.
+        `fp8`: the UNet's transformer layers multiply in fp8 (a copy of the UNet that shares its
+        other weights; see pipeline/fp8.py), their inputs scaled per row ("row", the default) or
+        per tensor ("tensor"): `fp8_scaling`.
         `channels_last`: the UNet's and the VAE's weights in channels_last (NHWC), the layout
         tensor-core convolutions want; the compiled backend does this on CUDA always. Opt-in here
         until measured on a GPU (`sdbridge bench --channels-last`). It changes the shared modules.
