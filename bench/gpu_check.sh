@@ -45,6 +45,9 @@
 #          which fused operators take inductor's 2.9 ms a frame)
 #   tuning: sd15 4 steps with inductor's coordinate descent tuning (a long compile), then with the defaults
 #   autotune: the same with max-autotune of the matrix products, then with the defaults
+#   overlap: sd15 4 steps with the defaults, then with --overlap-decode (each frame's decode a side-stream branch
+#          of the step graph beside the next frame's encode and UNet, one frame later), graph_check of it,
+#          sd-turbo the same (about 8 min on a fresh machine: BUDGET=560)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -254,6 +257,15 @@ case "$PART" in
     sd15_step 150 sd15_4step_self_compiled_step_1x1mm --inductor conv_1x1_as_mm=true
     sd15_step 200 sd15_4step_self_compiled_step_autotune_pointwise --inductor max_autotune_pointwise=true
     ;;
+  overlap)  # each frame's decode beside the next frame's step (--overlap-decode: a side-stream branch of the step
+    # graph, one frame more latency) against the defaults on the same machine, then its graph against no graph
+    sd15_step 170 sd15_4step_self_compiled_step_defaults
+    sd15_step 110 sd15_4step_self_compiled_step_overlap --overlap-decode
+    graph_check 150 --overlap-decode
+    bench 120 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 --pipelined
+    bench 60 sd_turbo_1step_compiled_step_overlap $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
+      --pipelined --overlap-decode
+    ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)
     for variant in plain fused; do  # plain: --no-fuse-math; fused: --fuse-math, whose functions are readied beside too
@@ -271,7 +283,7 @@ case "$PART" in
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap)"; exit 2 ;;
 esac
 
 python3 - "$OUT" <<'PY'

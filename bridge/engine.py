@@ -18,7 +18,8 @@ def stream_config(settings: RunSettings):
     """The engine's StreamConfig (validated there: a bad value raises ValueError naming it)."""
     from pipeline import StreamConfig, t_index_list_from_strength
 
-    values = {"width": settings.width, "height": settings.height, "device": settings.device, "dtype": settings.dtype}
+    values = {"width": settings.width, "height": settings.height, "device": settings.device, "dtype": settings.dtype,
+              "overlap_decode": settings.overlap_decode}
     optional = {
         "cfg_type": settings.cfg, "guidance_scale": settings.guidance, "delta": settings.delta, "seed": settings.seed,
         "similarity_filter": settings.similarity_filter, "similarity_threshold": settings.similarity_threshold,
@@ -88,6 +89,9 @@ def backend_label(engine) -> str:
         label += "+fused qkv"
     if getattr(getattr(backend, "step_math", None), "fused", False):
         label += "+fused math"
+    config = getattr(engine, "config", None)
+    if getattr(config, "overlap_decode", False):
+        label += "+overlap decode"
     fallback = getattr(engine, "fallback_from", None)
     if fallback:
         label += f" (fallback from {fallback[0]})"

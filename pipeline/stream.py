@@ -72,6 +72,7 @@ class StreamState:
     latent_buffer: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): x_t of frames in flight, steps 1..n-1
     stock_noise: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): their virtual residual noise (RCFG)
     last_output: torch.Tensor | None = None  # (b, 3, H, W) in [-1, 1]: the last good output
+    pending: torch.Tensor | None = None  # (b, 4, h, w): overlap_decode: the last x_0, decoded by the next step
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class StreamDiffusion:
         self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
+        self._side_stream = side_stream(config.device, self.backend)  # overlap_decode's decodes (CUDA)
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
         # graph_key of each configuration whose step has run with the fused math (a dry run, one beside
         # the frames, or a step graph's capture): its fused functions are compiled
@@ -195,7 +197,7 @@ class StreamDiffusion:
             self.state = StreamState(last_output=None if resized else self.state.last_output)
         if previous is not None and RULES[config.cfg_type].uses_stock and self.state.latent_buffer is not None:
             if self.state.stock_noise is None:  # switched to RCFG: start from the re-noising noise
-                self.state = StreamState(self.state.latent_buffer, self._noise[b:], self.state.last_output)
+                self.state = replace(self.state, stock_noise=self._noise[b:])
         self._guidance_scale.fill_(config.guidance_scale)
         self._delta.fill_(config.delta)
         self.similarity.configure(threshold=config.similarity_threshold, max_skip=config.similarity_max_skip)
@@ -446,6 +448,7 @@ class StreamDiffusion:
         shadow = copy.copy(self)
         shadow.backend = _ConditioningAsGiven(self.backend)
         shadow._caught = torch.zeros_like(self._caught)
+        shadow._side_stream = None  # its decodes, if any, stay on its own thread's stream
         shadow._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
         with torch.inference_mode(False):  # made as `update` will make them: the compiled math guards on it
             shadow._rows = step_coefficients(self.components.schedule, config.t_index_list, config.num_inference_steps,
@@ -539,9 +542,35 @@ class StreamDiffusion:
 
     def _step(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, denoise, decode, keep finite: (b, 3, H, W) in [-1, 1] in and out (what a step graph holds)."""
+        if self.config.overlap_decode:
+            return self._overlapped_step(images)
         with _stage("encode"):
             latents = self.backend.encode(images)  # (b, 4, h, w)
         return self._finish(self._denoise(latents=latents), fallback=images)
+
+    def _overlapped_step(self, images: torch.Tensor) -> torch.Tensor:
+        """`_step` with `overlap_decode`: decode the previous step's x_0 (`state.pending`) while
+        this frame is encoded and denoised, on a side CUDA stream where there is one (forked from
+        the current stream and joined back: in a step graph, two branches the GPU may run side by
+        side), and keep this x_0 for the next step. Outputs come one step later: frames f0, f1,
+        f2 give out(f0), out(f0), out(f1), ... (the first step after a start or a reset, with
+        nothing pending, decodes its own x_0)."""
+        pending, side = self.state.pending, self._side_stream
+        decoded = None
+        if pending is not None:
+            with _on_side(side):
+                with _stage("decode"):
+                    decoded = self.backend.decode(pending)  # (b, 3, H, W)
+        with _stage("encode"):
+            latents = self.backend.encode(images)
+        x0 = self._denoise(latents=latents)
+        if decoded is None:
+            with _stage("decode"):
+                decoded = self.backend.decode(x0)
+        elif side is not None:
+            _join(side, decoded)
+        self.state = replace(self.state, pending=x0)
+        return self._checked(decoded, fallback=images)
 
     @torch.inference_mode()
     def txt2img(self):
@@ -580,7 +609,7 @@ class StreamDiffusion:
         later = self._rows[b:]
         buffer = self._math.add_noise(latents.repeat(n - 1, 1, 1, 1), self._noise[b:], later.alpha_sqrt, later.beta_sqrt)
         stock = self._noise[b:] if RULES[self.config.cfg_type].uses_stock else None
-        return StreamState(buffer, stock, self.state.last_output)
+        return replace(self.state, latent_buffer=buffer, stock_noise=stock)
 
     def _stream_batch(self, x_t: torch.Tensor) -> torch.Tensor:
         """Stream batch: all n steps of n frames in one UNet call."""
@@ -603,7 +632,7 @@ class StreamDiffusion:
                 eps[:-b], stock[:-b], self._noise[b:], now.alpha_sqrt, now.beta_sqrt, now.c_skip, now.c_out,
                 later.alpha_sqrt, later.beta_sqrt,
             )
-        self.state = StreamState(buffer, next_stock, state.last_output)
+        self.state = replace(state, latent_buffer=buffer, stock_noise=next_stock)
         return x0[-b:]
 
     def _sequential(self, x_t: torch.Tensor) -> torch.Tensor:
@@ -660,10 +689,14 @@ class StreamDiffusion:
         return prompt_state.conditions[key]
 
     def _finish(self, x0: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
-        """Decode; a bad output (see `output_faults`) is replaced by the last good one, or by the
-        input before there is one."""
+        """Decode, then `_checked`."""
         with _stage("decode"):
             output = self.backend.decode(x0)  # (b, 3, H, W)
+        return self._checked(output, fallback=fallback)
+
+    def _checked(self, output: torch.Tensor, *, fallback: torch.Tensor | None) -> torch.Tensor:
+        """A bad output (see `output_faults`) replaced by the last good one, or by the input
+        before there is one; kept as the last output."""
         previous = self.state.last_output
         if previous is None:
             previous = fallback if fallback is not None else torch.zeros_like(output)
@@ -674,7 +707,7 @@ class StreamDiffusion:
         else:  # select on the device: no host synchronisation
             output, faults = self._math.keep_good(output, previous, fallback)  # faults: (2,) non-finite, black
         self._caught.add_(faults)
-        self.state = StreamState(self.state.latent_buffer, self.state.stock_noise, output)
+        self.state = replace(self.state, last_output=output)
         return output
 
 
@@ -712,3 +745,32 @@ def _in_place(old, new):
     for a, b in pairs:
         a.copy_(b)
     return old
+
+
+def side_stream(device: torch.device, backend) -> "torch.cuda.Stream | None":
+    """The CUDA stream `overlap_decode` decodes on beside the step's other work: on a CUDA device,
+    unless the backend runs cudagraph trees (`cuda_graphs="modules"`, one stream each)."""
+    if device.type != "cuda" or getattr(backend, "cuda_graphs", None) == "modules":
+        return None
+    return torch.cuda.Stream(device)
+
+
+@contextlib.contextmanager
+def _on_side(side):
+    """Within: work goes to `side` (None: the current stream), after what is queued so far."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join(side, made_there: torch.Tensor) -> None:
+    """The current stream waits for `side`'s work; `made_there`, allocated on `side` and used from
+    now on on the current stream, is kept until that use is done (outside a graph's capture,
+    where the graph's own memory pool keeps it)."""
+    current = torch.cuda.current_stream(side.device)
+    current.wait_stream(side)
+    if not torch.cuda.is_current_stream_capturing():
+        made_there.record_stream(current)

@@ -135,7 +135,7 @@ def test_graph_keys_tell_apart_what_changes_control_flow_and_nothing_else():
     base = StreamConfig(**BASE, cfg_type="self")
     assert graph_key(base) == graph_key(base.replace(seed=1, delta=0.2, guidance_scale=3.0, t_index_list=(5, 45)))
     for change in (dict(guidance_scale=1.0), dict(cfg_type="full"), dict(t_index_list=(20,)),
-                   dict(use_denoising_batch=False), dict(width=128)):
+                   dict(use_denoising_batch=False), dict(width=128), dict(overlap_decode=True)):
         assert graph_key(base) != graph_key(base.replace(**change)), change
 
 
@@ -405,3 +405,22 @@ def test_a_refilled_frame_replays_and_a_bad_output_then_falls_back_to_the_input(
     assert np.abs(outputs[0].astype(int) - frames[0].astype(int)).max() <= 1  # the input, back through 8 bits
     assert np.array_equal(outputs[3], outputs[2])  # after the seed change: the last good output
     assert graphed._graphs.replays == len(frames) and graphed.stats.nonfinite_caught == 2
+
+
+@pytest.mark.parametrize("cfg_type", ["none", "self"])
+def test_overlap_decode_in_the_graph_equals_the_plain_stream_through_every_runtime_change(tiny_components, cfg_type):
+    """overlap_decode's graph (the previous x_0's decode a branch beside this frame's step) gives
+    what the same stream gives without a graph; only the first frame after a start or a refill
+    (nothing pending yet) runs outside it."""
+    plain, graphed = _pair(tiny_components, cfg_type=cfg_type, overlap_decode=True)
+    captured = graphed._graphs.captures
+    frames = iter(_frames(3 * (len(CHANGES) + 1)))
+    for name, change in [("start", lambda e: None), *CHANGES]:
+        change(plain)
+        change(graphed)
+        for _ in range(3):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), f"{cfg_type}: after the {name} change"
+    assert graphed._graphs.captures == captured
+    assert graphed._graphs.replays == 3 * (len(CHANGES) + 1) - 2  # the first, and the first after the seed change
+    assert graphed.stats == plain.stats

@@ -17,10 +17,11 @@ def _frames(count, batch, seed=1):
     return [torch.rand(shape, generator=generator) for _ in range(count)]
 
 
-def _engine(components, cfg_type, steps, batch, *, batched):
+def _engine(components, cfg_type, steps, batch, *, batched, overlap_decode=False):
     config = StreamConfig(
         width=SIZE, height=SIZE, device="cpu", dtype="float32", cfg_type=cfg_type, guidance_scale=1.8, delta=0.7,
         t_index_list=T_INDEX_LISTS[steps], frame_buffer_size=batch, use_denoising_batch=batched, seed=5,
+        overlap_decode=overlap_decode,
     )
     engine = StreamDiffusion(components, config)
     engine.set_prompt("a red fox in snow", negative_prompt="blurry")
@@ -53,6 +54,28 @@ def test_output_lags_by_steps_minus_one(tiny_components):
     outputs = [batched(frame) for frame in frames]
     assert (outputs[4] - reference[2]).abs().max() <= 1e-4
     assert (outputs[4] - reference[4]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cfg_type,steps,batch,batched", [
+    ("self", 4, 1, True), ("full", 2, 2, True), ("none", 1, 1, True), ("initialize", 3, 1, False),
+])
+def test_overlap_decode_gives_the_same_frames_one_call_later(tiny_components, cfg_type, steps, batch, batched):
+    """With overlap_decode each call decodes the previous call's x_0: the outputs are the plain
+    stream's, one call later; the first call, with nothing decoded before it, repeats once."""
+    plain = _engine(tiny_components, cfg_type, steps, batch, batched=batched)
+    overlapped = _engine(tiny_components, cfg_type, steps, batch, batched=batched, overlap_decode=True)
+    frames = _frames(steps + 3, batch, seed=4)
+    reference = [plain(frame) for frame in frames]
+    outputs = [overlapped(frame) for frame in frames]
+    assert torch.equal(outputs[0], reference[0])
+    for k in range(1, len(frames)):
+        assert torch.equal(outputs[k], reference[k - 1]), f"call {k}"
+    assert not torch.equal(outputs[-1], reference[-1])
+    overlapped.reset()  # nothing pending after a reset: its first call decodes its own x_0 again
+    plain.reset()
+    assert torch.equal(overlapped(frames[0]), plain(frames[0]))
+    with pytest.raises(ValueError, match="overlap_decode: for img2img only"):
+        overlapped.config.replace(mode="txt2img")
 
 
 def test_one_unet_call_per_frame_in_batch_mode(tiny_components):

@@ -89,6 +89,9 @@ def register(subparsers) -> None:
                         help="eager and compiled backends: each self-attention layer's query, key and value from one "
                              "projection (one larger matrix product instead of three; default: compiled on CUDA "
                              "without --fp8 yes, elsewhere no)")
+    parser.add_argument("--overlap-decode", action="store_true",
+                        help="decode each frame's result during the next frame's step (on CUDA on a side stream, "
+                             "a parallel branch of the step graph): one frame more latency")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             pipelined=args.pipelined, inductor=tuple(args.inductor), fp8=args.fp8, fp8_scaling=args.fp8_scaling,
             profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
-            fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv,
+            fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv, overlap_decode=args.overlap_decode,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -200,6 +203,7 @@ def format_table(results: list[dict]) -> str:
         backend += "/nhwc" if r.get("channels_last") else ""
         backend += "/fmath" if r.get("fuse_math") else ""
         backend += "/qkv" if r.get("fuse_qkv") else ""
+        backend += "/overlap" if r.get("overlap_decode") else ""
         backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
         backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
         backend += "/pipe" if r.get("pipelined") else ""

@@ -66,6 +66,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="compiled: the step's arithmetic between the modules (noising, guidance, the bad-output check, "
              "the 8-bit conversions) compiled too, a few fused kernels a frame (default: on CUDA yes, except "
              "with --cuda-graphs modules; on a CPU no; together with --fuse-qkv 169.7 -> 175.7 fps for sd-turbo on an H200)")
+    add("--overlap-decode", dest="overlap_decode", action="store_const", const=True,
+        help="decode each frame's result during the next frame's step (on CUDA a parallel branch of the step "
+             "graph, for the GPU to fill idle time with): one frame more latency; the same pictures")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")
