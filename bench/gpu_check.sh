@@ -46,8 +46,9 @@
 #   tuning: sd15 4 steps with inductor's coordinate descent tuning (a long compile), then with the defaults
 #   autotune: the same with max-autotune of the matrix products, then with the defaults
 #   overlap: sd15 4 steps with the defaults, then with --overlap-decode (each frame's decode a side-stream branch
-#          of the step graph beside the next frame's encode and UNet, one frame later), graph_check of it,
-#          sd-turbo the same (about 8 min on a fresh machine: BUDGET=560)
+#          of the step graph beside the next frame's UNet, one frame later), with --overlap-encode too (the
+#          frame's encode beside the previous frame's UNet), graph_check of both, sd-turbo with both, sd15 with
+#          --overlap-encode alone (about 9 min on a fresh machine: BUDGET=560)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -257,14 +258,16 @@ case "$PART" in
     sd15_step 150 sd15_4step_self_compiled_step_1x1mm --inductor conv_1x1_as_mm=true
     sd15_step 200 sd15_4step_self_compiled_step_autotune_pointwise --inductor max_autotune_pointwise=true
     ;;
-  overlap)  # each frame's decode beside the next frame's step (--overlap-decode: a side-stream branch of the step
-    # graph, one frame more latency) against the defaults on the same machine, then its graph against no graph
+  overlap)  # the VAE beside the UNet (--overlap-decode, --overlap-encode: side-stream branches of the step graph,
+    # a frame more latency each) against the defaults on the same machine, then their graph against no graph
     sd15_step 170 sd15_4step_self_compiled_step_defaults
-    sd15_step 110 sd15_4step_self_compiled_step_overlap --overlap-decode
-    graph_check 150 --overlap-decode
+    sd15_step 80 sd15_4step_self_compiled_step_overlap_decode --overlap-decode
+    sd15_step 80 sd15_4step_self_compiled_step_overlap_both --overlap-decode --overlap-encode
+    graph_check 150 --overlap-decode --overlap-encode
     bench 120 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 --pipelined
-    bench 60 sd_turbo_1step_compiled_step_overlap $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 \
-      --pipelined --overlap-decode
+    bench 60 sd_turbo_1step_compiled_step_overlap_both $TURBO --backend compiled --frames 600 --warmup 30 \
+      --time-limit 8 --pipelined --overlap-decode --overlap-encode
+    sd15_step 80 sd15_4step_self_compiled_step_overlap_encode --overlap-encode
     ;;
   ready)  # a new step count compiled beside a running show at 60 fps (sdbridge run's readier): how long it took,
     # the frames made meanwhile, the largest gaps while it compiled and at the switch (bench/ready_check.py)

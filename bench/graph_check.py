@@ -7,11 +7,11 @@ the eager modules' frames; and the text encoder's CUDA graph gives the embedding
 run without it. Writes a JSON verdict; exits 1 when a check fails. Both compiled engines run
 with the backend's defaults (on CUDA: fused q/k/v projections and the fused step math,
 pipeline/step_math.py); `--no-fuse-math` / `--no-fuse-qkv` check without them. `--overlap-decode`
-checks every engine with each frame's decode overlapped with the next step (the graph's side-stream
-branch against the same side stream without a graph).
+and `--overlap-encode` check every engine with the VAE's work for the next or the previous frame
+beside the UNet (the graph's side-stream branch against the same side stream without a graph).
 
     python3 bench/graph_check.py --json OUT.json [--arch tiny] [--size 256] [--no-fuse-math] [--no-fuse-qkv]
-        [--overlap-decode]
+        [--overlap-decode] [--overlap-encode]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ CHANGES = [
     ("3 steps", {"t_index_list": (10, 25, 40)}),  # a graph of its own, captured in update
     ("2 steps again", {"t_index_list": (15, 35)}),  # the 2-step graph again: it must read current tensors
 ]
-# after these the stream starts afresh (a seed, step count or size): with overlap_decode nothing is
-# pending then, and that first frame runs without the graph
+# after these the stream starts afresh (a seed, step count or size): with an overlapped VAE nothing
+# is kept then, and that first frame runs without the graph
 REFILLS = {"start", "seed", "3 steps", "2 steps again", "wider", "size back"}
 
 
@@ -62,13 +62,16 @@ def main() -> int:
                         help="the compiled engines with fused q/k/v projections (default: the backend's, on CUDA yes)")
     parser.add_argument("--overlap-decode", action="store_true",
                         help="every engine decodes each frame during the next frame's step")
+    parser.add_argument("--overlap-encode", action="store_true",
+                        help="every engine encodes each frame during the previous frame's UNet")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("graph_check: no CUDA device here")
         return 2
     started = time.perf_counter()
     config = StreamConfig(width=args.size, height=args.size, device="cuda", dtype="float16", cfg_type="self",
-                          t_index_list=(20, 40), guidance_scale=1.4, seed=5, overlap_decode=args.overlap_decode)
+                          t_index_list=(20, 40), guidance_scale=1.4, seed=5, overlap_decode=args.overlap_decode,
+                          overlap_encode=args.overlap_encode)
     components = random_components(args.arch, dtype=torch.float16, device="cuda", seed=0)
     fusions = {name: value for name, value in (("fuse_math", args.fuse_math), ("fuse_qkv", args.fuse_qkv))
                if value is not None}
@@ -79,7 +82,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     report = {"arch": args.arch, "size": args.size, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "fuse_math": engines["step"]._math.fused, "fused_qkv_layers": engines["step"].backend.fused_qkv_layers,
-              "overlap_decode": args.overlap_decode, "changes": []}
+              "overlap_decode": args.overlap_decode, "overlap_encode": args.overlap_encode, "changes": []}
     ok = True
     changes = CHANGES + size_changes(args.size)
     for name, change in changes:
@@ -131,8 +134,9 @@ def main() -> int:
     eager_replays = eager_graphs.replays if eager_graphs is not None else 0
     report["eager_step_graph"] = {"max_abs_diff_uint8": eager_worst, "replays": eager_replays,
                                   "capture_failed": eager_graphs.failed if eager_graphs is not None else "no graph"}
-    # the first frame too: filled, then replayed (with overlap_decode, nothing pending then: run without)
-    ok &= eager_worst <= 2 and eager_replays == len(frames) - args.overlap_decode
+    # the first frame too: filled, then replayed (with an overlapped VAE nothing is kept then: run without)
+    overlapped = args.overlap_decode or args.overlap_encode
+    ok &= eager_worst <= 2 and eager_replays == len(frames) - overlapped
     # the text encoder in its CUDA graph (with the step graph) against the same encoder without one
     text_graph = engines["step"].prompts.graph
     texts = ["a lighthouse in a storm", "", "neon city at night, rain, cinematic"]
@@ -142,12 +146,12 @@ def main() -> int:
                                     "replays": text_graph.replays if text_graph is not None else 0}
     ok &= text_diff <= 1e-2  # a capture that failed is reported ("captured": false): prompts then run without it
     graphs = engines["step"]._graphs
-    outside = sum(name in REFILLS for name, _ in changes) if args.overlap_decode else 0
+    outside = sum(name in REFILLS for name, _ in changes) if overlapped else 0
     report.update(replays=graphs.replays, captures=graphs.captures, capture_failed=graphs.failed,
                   frames=3 * len(changes) + 2 + len(frames), outside_the_graph=outside,
                   seconds=round(time.perf_counter() - started, 1))
     # every frame replays, the first after a start, a seed, a step count and a size too (filled first),
-    # but with overlap_decode those first frames (nothing pending yet)
+    # but with an overlapped VAE those first frames (nothing kept yet)
     ok &= graphs.replays == 3 * len(changes) + 2 + len(frames) - outside
     report["ok"] = bool(ok)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

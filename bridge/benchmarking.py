@@ -55,6 +55,7 @@ class BenchSettings:
     # (pipeline/attention.py); None for either: the backend's default (compiled on CUDA: on; elsewhere off).
     # A result reports what ran.
     overlap_decode: bool = False  # each frame's decode beside the next frame's step (one frame later out)
+    overlap_encode: bool = False  # each frame's encode beside the previous frame's UNet (one frame later out)
 
 
 def _load_average() -> float | None:
@@ -190,7 +191,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         t_index_list=t_index_list_from_strength(settings.strength, settings.steps, 50),
         frame_buffer_size=settings.frame_buffer_size, similarity_filter=settings.similarity_filter,
         kv_cache=settings.kv_cache, text_encoder_graph=settings.text_encoder_graph,
-        overlap_decode=settings.overlap_decode,
+        overlap_decode=settings.overlap_decode, overlap_encode=settings.overlap_encode,
     )
     if components is None:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ def stream_config(settings: RunSettings):
     from pipeline import StreamConfig, t_index_list_from_strength
 
     values = {"width": settings.width, "height": settings.height, "device": settings.device, "dtype": settings.dtype,
-              "overlap_decode": settings.overlap_decode}
+              "overlap_decode": settings.overlap_decode, "overlap_encode": settings.overlap_encode}
     optional = {
         "cfg_type": settings.cfg, "guidance_scale": settings.guidance, "delta": settings.delta, "seed": settings.seed,
         "similarity_filter": settings.similarity_filter, "similarity_threshold": settings.similarity_threshold,
@@ -92,6 +92,8 @@ def backend_label(engine) -> str:
     config = getattr(engine, "config", None)
     if getattr(config, "overlap_decode", False):
         label += "+overlap decode"
+    if getattr(config, "overlap_encode", False):
+        label += "+overlap encode"
     fallback = getattr(engine, "fallback_from", None)
     if fallback:
         label += f" (fallback from {fallback[0]})"

@@ -77,6 +77,7 @@ class RunSettings:
     fuse_math: bool | None = None  # compiled: the step's arithmetic between the modules compiled too
     # (None for either: the backend's default, on for compiled on CUDA, fuse_qkv unless fp8; off elsewhere)
     overlap_decode: bool = False  # decode each frame's result during the next frame's step (one frame later)
+    overlap_encode: bool = False  # encode each frame during the previous frame's UNet (one frame later)
     engines: str = "engines"  # tensorrt backend: the engine cache folder `sdbridge build-engines` wrote
     backend_fallback: str | None = None  # run on this backend when the chosen one cannot start (said loudly)
     device: str = "auto"

@@ -80,6 +80,7 @@ class StreamConfig:
     prompt_cache_size: int = 8  # recent prompt embeddings kept on the device, for instant switching back
     lcm_original_steps: int = 50  # LCM's original_inference_steps (the distillation schedule length)
     overlap_decode: bool = False  # img2img: decode each x_0 during the next frame's step (one frame later)
+    overlap_encode: bool = False  # img2img: encode each frame during the previous frame's UNet (one frame later)
 
     def __post_init__(self) -> None:
         device = resolve_device(self.device)
@@ -110,11 +111,12 @@ class StreamConfig:
         self._validate_t_index_list()
         if not _is_int(self.frame_buffer_size) or not 1 <= self.frame_buffer_size <= 16:
             raise ValueError(f"frame_buffer_size: {self.frame_buffer_size!r} must be an integer in 1..16")
-        for name in ("use_denoising_batch", "similarity_filter", "kv_cache", "overlap_decode"):
+        for name in ("use_denoising_batch", "similarity_filter", "kv_cache", "overlap_decode", "overlap_encode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be True or False")
-        if self.overlap_decode and self.mode != "img2img":
-            raise ValueError("overlap_decode: for img2img only (it overlaps a frame's decode with the next frame's step)")
+        for name in ("overlap_decode", "overlap_encode"):
+            if getattr(self, name) and self.mode != "img2img":
+                raise ValueError(f"{name}: for img2img only (it runs the VAE beside another frame's UNet)")
         if not _is_number(self.guidance_scale) or not 0.0 <= self.guidance_scale <= 30.0:
             raise ValueError(f"guidance_scale: {self.guidance_scale!r} must be a number in 0..30")
         if not _is_number(self.delta) or not 0.0 <= self.delta <= 5.0:

@@ -11,16 +11,17 @@ What a graph reads, it reads from fixed addresses, so everything that may change
 is a buffer updated in place before the replay, never a value baked into the graph:
 - the input frame (copied into `inputs`: 8-bit RGB at the engine's size, which the graph converts
   itself, or any other frame converted beforehand), the frames in flight and their RCFG stock noise,
-  the last good output, with `overlap_decode` the x_0 the next step decodes (the `state` buffers:
-  the stream's state *is* these tensors between replays), the bad-output counters;
+  the last good output, the x_0 the next step decodes (overlap_decode) and the latents its UNet
+  takes (overlap_encode) (the `state` buffers: the stream's state *is* these tensors between
+  replays), the bad-output counters;
 - the prompt: the backend's static conditioning buffers (`prepare` copies a new prompt's
   embeddings and K/V in, outside the graph);
 - guidance scale and delta (0-d tensors), the step coefficients (strength, t_index_list of the
   same length) and the noise (seed): the stream updates those tensors in place.
 What changes the graph's shape or its Python control flow is part of the key, one graph each:
 cfg type, guidance on or off, steps, frames per call, stream batch or sequential, size, and
-`overlap_decode` (its decode of the previous x_0 is a branch of the graph beside the encode and
-the UNet, forked to a side stream and joined back, so the GPU may run them side by side).
+`overlap_decode` / `overlap_encode` (the VAE's work for another frame is a branch of the graph
+beside the UNet, forked to a side stream and joined back, so the GPU may run them side by side).
 `capture` makes the graphs of the current settings before frames flow (both sides of guidance
 crossing 1), so a change between them captures nothing during a show.
 
@@ -64,7 +65,7 @@ class _Step:
 def graph_key(config) -> tuple:
     """What fixes a step graph's shapes and control flow (everything else is a buffer)."""
     return (config.mode, config.cfg_type, config.guidance_active, config.denoising_steps, config.frame_buffer_size,
-            config.use_denoising_batch, config.width, config.height, config.overlap_decode)
+            config.use_denoising_batch, config.width, config.height, config.overlap_decode, config.overlap_encode)
 
 
 class StepGraphs:
@@ -149,6 +150,7 @@ class StepGraphs:
             torch.zeros(later, *latent, device=device, dtype=dtype) if n > 1 and _uses_stock(config) else None,
             torch.zeros(b, 3, config.height, config.width, device=device, dtype=dtype),
             torch.zeros(b, *latent, device=device, dtype=dtype) if config.overlap_decode else None,
+            torch.zeros(b, *latent, device=device, dtype=dtype) if config.overlap_encode else None,
         )
 
     def _new_step(self, config, source: str, state) -> _Step:
@@ -196,13 +198,14 @@ class StepGraphs:
         change) is filled first, outside the graph, from this frame, as the step itself would
         fill it: the frames in flight from its latents noised to each later step, the last
         output from the frame itself. False when the state does not fit the step (the frame then
-        runs without the graph). With `overlap_decode` a state with nothing pending (the first
-        frame after a start or a reset) does not fit: that frame decodes its own x_0."""
+        runs without the graph). With `overlap_decode` or `overlap_encode` a state with nothing kept
+        (the first frame after a start or a reset) does not fit: that frame does that work itself."""
         stream = self._stream
         current = stream.state
         if current is step.state:
             return True
-        if step.state.pending is not None and current.pending is None:
+        if (step.state.undecoded is not None and current.undecoded is None) or (
+                step.state.encoded is not None and current.encoded is None):
             return False
         if current.last_output is None or (step.state.latent_buffer is not None and current.latent_buffer is None):
             current = self._filled(current, inputs, source)
@@ -236,5 +239,5 @@ def _uses_stock(config) -> bool:
 
 
 def _tensors(state) -> tuple:
-    return (state.latent_buffer, state.stock_noise, state.last_output, state.pending)
+    return (state.latent_buffer, state.stock_noise, state.last_output, state.undecoded, state.encoded)
 

@@ -72,7 +72,8 @@ class StreamState:
     latent_buffer: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): x_t of frames in flight, steps 1..n-1
     stock_noise: torch.Tensor | None = None  # ((n-1)*b, 4, h, w): their virtual residual noise (RCFG)
     last_output: torch.Tensor | None = None  # (b, 3, H, W) in [-1, 1]: the last good output
-    pending: torch.Tensor | None = None  # (b, 4, h, w): overlap_decode: the last x_0, decoded by the next step
+    undecoded: torch.Tensor | None = None  # (b, 4, h, w): overlap_decode: the last x_0, decoded by the next step
+    encoded: torch.Tensor | None = None  # (b, 4, h, w): overlap_encode: the last frame's latents, the next UNet's
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class StreamDiffusion:
         self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
-        self._side_stream = side_stream(config.device, self.backend)  # overlap_decode's decodes (CUDA)
+        self._side_stream = side_stream(config.device, self.backend)  # the overlapped VAE's (CUDA)
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
         # graph_key of each configuration whose step has run with the fused math (a dry run, one beside
         # the frames, or a step graph's capture): its fused functions are compiled
@@ -542,34 +543,49 @@ class StreamDiffusion:
 
     def _step(self, images: torch.Tensor) -> torch.Tensor:
         """Encode, denoise, decode, keep finite: (b, 3, H, W) in [-1, 1] in and out (what a step graph holds)."""
-        if self.config.overlap_decode:
+        if self.config.overlap_decode or self.config.overlap_encode:
             return self._overlapped_step(images)
         with _stage("encode"):
             latents = self.backend.encode(images)  # (b, 4, h, w)
         return self._finish(self._denoise(latents=latents), fallback=images)
 
     def _overlapped_step(self, images: torch.Tensor) -> torch.Tensor:
-        """`_step` with `overlap_decode`: decode the previous step's x_0 (`state.pending`) while
-        this frame is encoded and denoised, on a side CUDA stream where there is one (forked from
-        the current stream and joined back: in a step graph, two branches the GPU may run side by
-        side), and keep this x_0 for the next step. Outputs come one step later: frames f0, f1,
-        f2 give out(f0), out(f0), out(f1), ... (the first step after a start or a reset, with
-        nothing pending, decodes its own x_0)."""
-        pending, side = self.state.pending, self._side_stream
-        decoded = None
-        if pending is not None:
+        """`_step` with the VAE beside the UNet instead of before or after it, on a side CUDA
+        stream where there is one (forked from the current stream and joined back: in a step
+        graph, branches the GPU may run side by side):
+        - `overlap_decode`: the previous step's x_0 (`state.undecoded`) is decoded while this
+          frame is denoised, and this x_0 kept for the next step. The outputs are the plain
+          stream's one call later: frames f0, f1, f2 give out(f0), out(f0), out(f1), ...
+        - `overlap_encode`: this frame is encoded for the next step while the UNet denoises the
+          previous frame's latents (`state.encoded`). The outputs are the plain stream's for the
+          frames f0, f0, f1, f2, ...
+        Each adds a frame of latency. The first step after a start or a reset has nothing kept,
+        and does that work itself, in order."""
+        config, state, side = self.config, self.state, self._side_stream
+        undecoded = state.undecoded if config.overlap_decode else None
+        encoded = state.encoded if config.overlap_encode else None
+        decoded = next_latents = None
+        if undecoded is not None or encoded is not None:
             with _on_side(side):
-                with _stage("decode"):
-                    decoded = self.backend.decode(pending)  # (b, 3, H, W)
-        with _stage("encode"):
-            latents = self.backend.encode(images)
-        x0 = self._denoise(latents=latents)
+                if undecoded is not None:
+                    with _stage("decode"):
+                        decoded = self.backend.decode(undecoded)  # (b, 3, H, W)
+                if encoded is not None:
+                    with _stage("encode"):
+                        next_latents = self.backend.encode(images)  # (b, 4, h, w)
+        made_beside = [tensor for tensor in (decoded, next_latents) if tensor is not None]
+        if encoded is None:
+            with _stage("encode"):
+                encoded = self.backend.encode(images)
+            next_latents = encoded
+        x0 = self._denoise(latents=encoded)
         if decoded is None:
             with _stage("decode"):
                 decoded = self.backend.decode(x0)
-        elif side is not None:
-            _join(side, decoded)
-        self.state = replace(self.state, pending=x0)
+        if side is not None and made_beside:
+            _join(side, made_beside)
+        self.state = replace(self.state, undecoded=x0 if config.overlap_decode else None,
+                             encoded=next_latents if config.overlap_encode else None)
         return self._checked(decoded, fallback=images)
 
     @torch.inference_mode()
@@ -748,7 +764,7 @@ def _in_place(old, new):
 
 
 def side_stream(device: torch.device, backend) -> "torch.cuda.Stream | None":
-    """The CUDA stream `overlap_decode` decodes on beside the step's other work: on a CUDA device,
+    """The CUDA stream `overlap_decode` and `overlap_encode` run the VAE on beside the UNet: on a CUDA device,
     unless the backend runs cudagraph trees (`cuda_graphs="modules"`, one stream each)."""
     if device.type != "cuda" or getattr(backend, "cuda_graphs", None) == "modules":
         return None
@@ -766,11 +782,12 @@ def _on_side(side):
         yield
 
 
-def _join(side, made_there: torch.Tensor) -> None:
-    """The current stream waits for `side`'s work; `made_there`, allocated on `side` and used from
-    now on on the current stream, is kept until that use is done (outside a graph's capture,
-    where the graph's own memory pool keeps it)."""
+def _join(side, made_there: list[torch.Tensor]) -> None:
+    """The current stream waits for `side`'s work; the tensors `made_there`, allocated on `side`
+    and used from now on on the current stream, are kept until that use is done (outside a graph's
+    capture, where the graph's own memory pool keeps them)."""
     current = torch.cuda.current_stream(side.device)
     current.wait_stream(side)
     if not torch.cuda.is_current_stream_capturing():
-        made_there.record_stream(current)
+        for tensor in made_there:
+            tensor.record_stream(current)

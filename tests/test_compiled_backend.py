@@ -182,9 +182,9 @@ def test_compile_steps_setting_is_read_and_checked():
             RunSettings(sink=("null",), compile_steps=bad)
 
 
-@pytest.mark.parametrize("cfg_type,overlap_decode", [("full", False), ("self", False), ("self", True)])
-def test_compiled_frames_equal_eager_frames(tiny_components, cfg_type, overlap_decode):
-    config = _config(cfg_type=cfg_type, overlap_decode=overlap_decode)
+@pytest.mark.parametrize("cfg_type,overlapped", [("full", False), ("self", False), ("self", True)])
+def test_compiled_frames_equal_eager_frames(tiny_components, cfg_type, overlapped):
+    config = _config(cfg_type=cfg_type, overlap_decode=overlapped, overlap_encode=overlapped)
     frames = _frames(4)
     reference = _show(_eager(tiny_components, config), frames)
     outputs = _show(_compiled(tiny_components, config, CountingBackend()), frames)

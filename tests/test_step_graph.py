@@ -135,7 +135,8 @@ def test_graph_keys_tell_apart_what_changes_control_flow_and_nothing_else():
     base = StreamConfig(**BASE, cfg_type="self")
     assert graph_key(base) == graph_key(base.replace(seed=1, delta=0.2, guidance_scale=3.0, t_index_list=(5, 45)))
     for change in (dict(guidance_scale=1.0), dict(cfg_type="full"), dict(t_index_list=(20,)),
-                   dict(use_denoising_batch=False), dict(width=128), dict(overlap_decode=True)):
+                   dict(use_denoising_batch=False), dict(width=128), dict(overlap_decode=True),
+                   dict(overlap_encode=True)):
         assert graph_key(base) != graph_key(base.replace(**change)), change
 
 
@@ -407,12 +408,16 @@ def test_a_refilled_frame_replays_and_a_bad_output_then_falls_back_to_the_input(
     assert graphed._graphs.replays == len(frames) and graphed.stats.nonfinite_caught == 2
 
 
-@pytest.mark.parametrize("cfg_type", ["none", "self"])
-def test_overlap_decode_in_the_graph_equals_the_plain_stream_through_every_runtime_change(tiny_components, cfg_type):
-    """overlap_decode's graph (the previous x_0's decode a branch beside this frame's step) gives
-    what the same stream gives without a graph; only the first frame after a start or a refill
-    (nothing pending yet) runs outside it."""
-    plain, graphed = _pair(tiny_components, cfg_type=cfg_type, overlap_decode=True)
+@pytest.mark.parametrize("cfg_type,overlap", [("none", "decode"), ("self", "decode"), ("self", "encode"),
+                                              ("full", "both")])
+def test_an_overlapped_vae_in_the_graph_equals_the_plain_stream_through_every_runtime_change(
+        tiny_components, cfg_type, overlap):
+    """overlap_decode / overlap_encode in the graph (the VAE's work for another frame a branch
+    beside this frame's UNet) give what the same stream gives without a graph; only the first
+    frame after a start or a refill (nothing kept yet) runs outside it."""
+    settings = {"decode": dict(overlap_decode=True), "encode": dict(overlap_encode=True),
+                "both": dict(overlap_decode=True, overlap_encode=True)}[overlap]
+    plain, graphed = _pair(tiny_components, cfg_type=cfg_type, **settings)
     captured = graphed._graphs.captures
     frames = iter(_frames(3 * (len(CHANGES) + 1)))
     for name, change in [("start", lambda e: None), *CHANGES]:

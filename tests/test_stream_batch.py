@@ -17,11 +17,10 @@ def _frames(count, batch, seed=1):
     return [torch.rand(shape, generator=generator) for _ in range(count)]
 
 
-def _engine(components, cfg_type, steps, batch, *, batched, overlap_decode=False):
+def _engine(components, cfg_type, steps, batch, *, batched, **overlap):
     config = StreamConfig(
         width=SIZE, height=SIZE, device="cpu", dtype="float32", cfg_type=cfg_type, guidance_scale=1.8, delta=0.7,
-        t_index_list=T_INDEX_LISTS[steps], frame_buffer_size=batch, use_denoising_batch=batched, seed=5,
-        overlap_decode=overlap_decode,
+        t_index_list=T_INDEX_LISTS[steps], frame_buffer_size=batch, use_denoising_batch=batched, seed=5, **overlap,
     )
     engine = StreamDiffusion(components, config)
     engine.set_prompt("a red fox in snow", negative_prompt="blurry")
@@ -56,26 +55,41 @@ def test_output_lags_by_steps_minus_one(tiny_components):
     assert (outputs[4] - reference[4]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("cfg_type,steps,batch,batched", [
-    ("self", 4, 1, True), ("full", 2, 2, True), ("none", 1, 1, True), ("initialize", 3, 1, False),
+OVERLAPS = {"decode": dict(overlap_decode=True), "encode": dict(overlap_encode=True),
+            "both": dict(overlap_decode=True, overlap_encode=True)}
+
+
+@pytest.mark.parametrize("cfg_type,steps,batch,batched,overlap", [
+    ("self", 4, 1, True, "decode"), ("full", 2, 2, True, "decode"), ("none", 1, 1, True, "encode"),
+    ("initialize", 3, 1, False, "encode"), ("self", 3, 1, True, "both"), ("full", 2, 2, True, "both"),
 ])
-def test_overlap_decode_gives_the_same_frames_one_call_later(tiny_components, cfg_type, steps, batch, batched):
-    """With overlap_decode each call decodes the previous call's x_0: the outputs are the plain
-    stream's, one call later; the first call, with nothing decoded before it, repeats once."""
+def test_overlapped_vae_gives_the_plain_streams_frames_a_call_later(tiny_components, cfg_type, steps, batch,
+                                                                     batched, overlap):
+    """overlap_decode decodes each call's x_0 in the next call: the plain stream's outputs one call
+    later (the first repeated). overlap_encode denoises the previous call's latents: the plain
+    stream's outputs for the frames one call later (the first frame twice)."""
+    settings = OVERLAPS[overlap]
     plain = _engine(tiny_components, cfg_type, steps, batch, batched=batched)
-    overlapped = _engine(tiny_components, cfg_type, steps, batch, batched=batched, overlap_decode=True)
+    overlapped = _engine(tiny_components, cfg_type, steps, batch, batched=batched, **settings)
     frames = _frames(steps + 3, batch, seed=4)
-    reference = [plain(frame) for frame in frames]
+    seen = [frames[0], *frames[:-1]] if settings.get("overlap_encode") else frames  # what the UNet takes, in order
+    reference = [plain(frame) for frame in seen]
+    if settings.get("overlap_decode"):
+        reference = [reference[0], *reference[:-1]]
     outputs = [overlapped(frame) for frame in frames]
-    assert torch.equal(outputs[0], reference[0])
-    for k in range(1, len(frames)):
-        assert torch.equal(outputs[k], reference[k - 1]), f"call {k}"
-    assert not torch.equal(outputs[-1], reference[-1])
-    overlapped.reset()  # nothing pending after a reset: its first call decodes its own x_0 again
+    for k, (out, ref) in enumerate(zip(outputs, reference)):
+        assert torch.equal(out, ref), f"call {k}"
+    plain_now = _engine(tiny_components, cfg_type, steps, batch, batched=batched)
+    assert not torch.equal(outputs[-1], [plain_now(frame) for frame in frames][-1])  # it really is later
+    overlapped.reset()  # nothing kept after a reset: its first call does that work itself again
     plain.reset()
     assert torch.equal(overlapped(frames[0]), plain(frames[0]))
-    with pytest.raises(ValueError, match="overlap_decode: for img2img only"):
-        overlapped.config.replace(mode="txt2img")
+
+
+@pytest.mark.parametrize("name", ["overlap_decode", "overlap_encode"])
+def test_an_overlapped_vae_is_for_img2img_only(name):
+    with pytest.raises(ValueError, match=f"{name}: for img2img only"):
+        StreamConfig(device="cpu", mode="txt2img", **{name: True})
 
 
 def test_one_unet_call_per_frame_in_batch_mode(tiny_components):

@@ -92,6 +92,9 @@ def register(subparsers) -> None:
     parser.add_argument("--overlap-decode", action="store_true",
                         help="decode each frame's result during the next frame's step (on CUDA on a side stream, "
                              "a parallel branch of the step graph): one frame more latency")
+    parser.add_argument("--overlap-encode", action="store_true",
+                        help="encode each frame during the previous frame's UNet, which the next step denoises (on "
+                             "CUDA the same way): one frame more latency")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -154,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv, overlap_decode=args.overlap_decode,
+            overlap_encode=args.overlap_encode,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -203,7 +207,8 @@ def format_table(results: list[dict]) -> str:
         backend += "/nhwc" if r.get("channels_last") else ""
         backend += "/fmath" if r.get("fuse_math") else ""
         backend += "/qkv" if r.get("fuse_qkv") else ""
-        backend += "/overlap" if r.get("overlap_decode") else ""
+        backend += "/overlap-dec" if r.get("overlap_decode") else ""
+        backend += "/overlap-enc" if r.get("overlap_encode") else ""
         backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
         backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
         backend += "/pipe" if r.get("pipelined") else ""

@@ -69,6 +69,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--overlap-decode", dest="overlap_decode", action="store_const", const=True,
         help="decode each frame's result during the next frame's step (on CUDA a parallel branch of the step "
              "graph, for the GPU to fill idle time with): one frame more latency; the same pictures")
+    add("--overlap-encode", dest="overlap_encode", action="store_const", const=True,
+        help="encode each frame during the previous frame's UNet, which the next step denoises (on CUDA the "
+             "same way): one frame more latency")
     add("--backend-fallback", dest="backend_fallback",
         help="when --backend cannot start here (TensorRT or its engines missing, torch.compile failing), run on "
              "this backend instead, with a loud warning (default: stop with the reason)")
