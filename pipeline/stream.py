@@ -138,7 +138,7 @@ class StreamDiffusion:
         self._delta = torch.zeros((), dtype=torch.float32, device=config.device)
         self._kept: dict[tuple, object] = {}  # per name and shape: the tensors a step graph may read (_kept_tensors)
         self._staging = HostStaging()  # pinned buffers for numpy frames to and from a CUDA device
-        self._side_stream = side_stream(config.device, self.backend)  # the overlapped VAE's (CUDA)
+        self._side_stream = side_stream(config, self.backend)  # the overlapped VAE's (CUDA)
         self._graphs = StepGraphs(self, replay=replay) if replay else None  # the whole step in one graph
         # graph_key of each configuration whose step has run with the fused math (a dry run, one beside
         # the frames, or a step graph's capture): its fused functions are compiled
@@ -763,12 +763,14 @@ def _in_place(old, new):
     return old
 
 
-def side_stream(device: torch.device, backend) -> "torch.cuda.Stream | None":
-    """The CUDA stream `overlap_decode` and `overlap_encode` run the VAE on beside the UNet: on a CUDA device,
-    unless the backend runs cudagraph trees (`cuda_graphs="modules"`, one stream each)."""
-    if device.type != "cuda" or getattr(backend, "cuda_graphs", None) == "modules":
+def side_stream(config: StreamConfig, backend) -> "torch.cuda.Stream | None":
+    """The CUDA stream `overlap_decode` and `overlap_encode` run the VAE on beside the UNet: with
+    either on a CUDA device, unless the backend runs cudagraph trees (`cuda_graphs="modules"`,
+    one stream each); None otherwise (the work then runs in order on the current stream)."""
+    overlapped = config.overlap_decode or config.overlap_encode
+    if not overlapped or config.device.type != "cuda" or getattr(backend, "cuda_graphs", None) == "modules":
         return None
-    return torch.cuda.Stream(device)
+    return torch.cuda.Stream(config.device)
 
 
 @contextlib.contextmanager
