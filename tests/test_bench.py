@@ -207,6 +207,11 @@ def test_the_table_names_what_each_row_ran_with():
                              {**row, "fp8": True, "fp8_scaling": "tensor", "fuse_qkv": False, "fuse_math": False,
                               "inductor": [], "pipelined": False}]).splitlines()[2:4]
     assert [line.split()[1] for line in fp8_rows] == ["compiled+step/fp8", "compiled+step/fp8-tensor"]
+    long_rows = format_table([{**row, "overlap_decode": True, "overlap_encode": True}, row]).splitlines()
+    assert "compiled+step/fmath/qkv/overlap-dec/overlap-enc/conv_1x1_as_mm=True/pipe" in long_rows[2]
+    rows = long_rows[2:4]
+    assert len({line.index(" 4 self ") for line in rows}) == 1  # the steps column lines up after any label
+    assert len(long_rows[1]) == len(long_rows[0]) == len(rows[0]) == len(rows[1])
 
 
 def test_faster_picks_the_result_with_more_frames_per_second(tmp_path):

@@ -196,24 +196,32 @@ def _commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _backend_column(r: dict) -> str:
+    """A result's backend column: the backend, its CUDA graphs, and what else it ran with."""
+    backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
+    backend += ("/fp8" + ("-tensor" if r.get("fp8_scaling") == "tensor" else "")) if r.get("fp8") else ""
+    backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
+    backend += "/nhwc" if r.get("channels_last") else ""
+    backend += "/fmath" if r.get("fuse_math") else ""
+    backend += "/qkv" if r.get("fuse_qkv") else ""
+    backend += "/overlap-dec" if r.get("overlap_decode") else ""
+    backend += "/overlap-enc" if r.get("overlap_encode") else ""
+    backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
+    backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
+    backend += "/pipe" if r.get("pipelined") else ""
+    return backend
+
+
 def format_table(results: list[dict]) -> str:
-    header = f"{'arch':<9} {'backend':<16} {'steps':>5} {'cfg':<10} {'batch':<5} {'size':<9} {'fps':>7} {'median':>8} {'p95':>8} {'p99':>8} {'mem GiB':>8}"
+    labels = [_backend_column(r) for r in results]
+    width = max([16, *map(len, labels)])  # the backend column: as wide as its longest label
+    header = (f"{'arch':<9} {'backend':<{width}} {'steps':>5} {'cfg':<10} {'batch':<5} {'size':<9} {'fps':>7} "
+              f"{'median':>8} {'p95':>8} {'p99':>8} {'mem GiB':>8}")
     lines = [header, "-" * len(header)]
-    for r in results:
+    for r, backend in zip(results, labels):
         mode = "yes" if r["use_denoising_batch"] else "seq"
-        backend = r["backend"] + ("+" + r["cuda_graphs_used"] if r.get("cuda_graphs_used") not in (None, "off") else "")
-        backend += ("/fp8" + ("-tensor" if r.get("fp8_scaling") == "tensor" else "")) if r.get("fp8") else ""
-        backend += "/cudnn-bm" if r.get("cudnn_benchmark") else ""
-        backend += "/nhwc" if r.get("channels_last") else ""
-        backend += "/fmath" if r.get("fuse_math") else ""
-        backend += "/qkv" if r.get("fuse_qkv") else ""
-        backend += "/overlap-dec" if r.get("overlap_decode") else ""
-        backend += "/overlap-enc" if r.get("overlap_encode") else ""
-        backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
-        backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
-        backend += "/pipe" if r.get("pipelined") else ""
         lines.append(
-            f"{r['arch']:<9} {backend:<16} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
+            f"{r['arch']:<9} {backend:<{width}} {r['steps']:>5} {r['cfg_type']:<10} {mode:<5} "
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
             f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
         )
