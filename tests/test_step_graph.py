@@ -11,6 +11,7 @@ import torch
 from pipeline import StreamConfig, StreamDiffusion
 from pipeline.backends.eager import conditioning_tensors
 from pipeline.step_graph import StepGraphs, graph_key
+from test_stream_batch import OVERLAPS
 
 SIZE = 64
 BASE = dict(width=SIZE, height=SIZE, device="cpu", dtype="float32", t_index_list=(20, 40), guidance_scale=1.5, seed=7)
@@ -80,10 +81,6 @@ CHANGES = [
     ("guidance on", lambda e: e.update(guidance_scale=2.0)),
     ("prompt blend", lambda e: e.set_prompt_blend([("a city", 0.5), ("a forest", 0.5)])),
 ]
-
-
-OVERLAPS = {None: {}, "decode": dict(overlap_decode=True), "encode": dict(overlap_encode=True),
-            "both": dict(overlap_decode=True, overlap_encode=True)}
 
 
 @pytest.mark.parametrize("cfg_type,overlap", [

@@ -55,8 +55,8 @@ def test_output_lags_by_steps_minus_one(tiny_components):
     assert (outputs[4] - reference[4]).abs().max() > 1e-2
 
 
-OVERLAPS = {"decode": dict(overlap_decode=True), "encode": dict(overlap_encode=True),
-            "both": dict(overlap_decode=True, overlap_encode=True)}
+OVERLAPS = {None: {}, "decode": dict(overlap_decode=True), "encode": dict(overlap_encode=True),
+            "both": dict(overlap_decode=True, overlap_encode=True)}  # the VAE's overlaps, by name (test_step_graph too)
 
 
 @pytest.mark.parametrize("cfg_type,steps,batch,batched,overlap", [
