@@ -199,7 +199,8 @@ class StepGraphs:
         fill it: the frames in flight from its latents noised to each later step, the last
         output from the frame itself. False when the state does not fit the step (the frame then
         runs without the graph). With `overlap_decode` or `overlap_encode` a state with nothing kept
-        (the first frame after a start or a reset) does not fit: that frame does that work itself."""
+        (the first frame after a start, a reset or a size change) does not fit: that frame does
+        that work itself."""
         stream = self._stream
         current = stream.state
         if current is step.state:
@@ -220,12 +221,14 @@ class StepGraphs:
 
     def _filled(self, current, inputs: torch.Tensor, source: str):
         """`current` with what is missing made from this frame, the way the stream's step makes it:
-        the frames in flight (`_primed_state`, from the frame's latents) and the last output (the
-        frame itself: a bad first output falls back to the input)."""
+        the frames in flight (`_primed_state`, from the latents the UNet takes: the frame's, or
+        with `overlap_encode` the ones kept from the frame before) and the last output (the frame
+        itself: a bad first output falls back to the input)."""
         stream = self._stream
         images = stream._math.pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
         if stream._needs_priming():  # (current is the stream's state)
-            primed = stream._primed_state(stream.backend.encode(images))
+            kept = current.encoded if stream.config.overlap_encode else None
+            primed = stream._primed_state(stream.backend.encode(images) if kept is None else kept)
             current = replace(current, latent_buffer=primed.latent_buffer, stock_noise=primed.stock_noise)
         if current.last_output is None:
             current = replace(current, last_output=images)

@@ -194,8 +194,10 @@ class StreamDiffusion:
             self._noise = self._kept_tensors("noise", self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
             self.similarity.reseed(config.seed)
-            # refill from the next frame (a new size also drops the last output: it is the old size)
-            self.state = StreamState(last_output=None if resized else self.state.last_output)
+            # refill from the next frame; what an overlapped VAE keeps for it (an x_0 to decode, a
+            # frame's latents) stays, as the last output does: a new size drops them (the old size)
+            kept = self.state if not resized else StreamState()
+            self.state = StreamState(last_output=kept.last_output, undecoded=kept.undecoded, encoded=kept.encoded)
         if previous is not None and RULES[config.cfg_type].uses_stock and self.state.latent_buffer is not None:
             if self.state.stock_noise is None:  # switched to RCFG: start from the re-noising noise
                 self.state = replace(self.state, stock_noise=self._noise[b:])
@@ -559,8 +561,9 @@ class StreamDiffusion:
         - `overlap_encode`: this frame is encoded for the next step while the UNet denoises the
           previous frame's latents (`state.encoded`). The outputs are the plain stream's for the
           frames f0, f0, f1, f2, ...
-        Each adds a frame of latency. The first step after a start or a reset has nothing kept,
-        and does that work itself, in order."""
+        Each adds a frame of latency, kept across seed and step-count changes (what is kept
+        does not depend on them). The first step after a start, a reset or a size change has
+        nothing kept, and does that work itself, in order."""
         config, state, side = self.config, self.state, self._side_stream
         undecoded = state.undecoded if config.overlap_decode else None
         encoded = state.encoded if config.overlap_encode else None

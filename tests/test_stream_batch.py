@@ -86,6 +86,33 @@ def test_overlapped_vae_gives_the_plain_streams_frames_a_call_later(tiny_compone
     assert torch.equal(overlapped(frames[0]), plain(frames[0]))
 
 
+@pytest.mark.parametrize("overlap", ["decode", "encode", "both"])
+def test_an_overlapped_vae_stays_a_call_behind_across_seed_and_step_count_changes(tiny_components, overlap):
+    """What an overlapped VAE keeps (an x_0, a frame's latents) depends on neither the seed nor the
+    step count: across those changes its frames go on one call behind the plain stream's, with no
+    frame dropped or repeated. A size change starts afresh: nothing kept, as at the start."""
+    settings = OVERLAPS[overlap]
+    plain = _engine(tiny_components, "self", 2, 1, batched=True)
+    overlapped = _engine(tiny_components, "self", 2, 1, batched=True, **settings)
+    frames = _frames(9, 1, seed=6)
+    changes = {3: dict(seed=12), 6: dict(t_index_list=T_INDEX_LISTS[3])}
+    seen = [frames[0], *frames[:-1]] if settings.get("overlap_encode") else frames  # what the UNet takes
+    reference, outputs = [], []
+    for k, (frame, fed) in enumerate(zip(frames, seen)):
+        for engine in (plain, overlapped):
+            engine.update(**changes.get(k, {}))
+        reference.append(plain(fed))
+        outputs.append(overlapped(frame))
+    if settings.get("overlap_decode"):
+        reference = [reference[0], *reference[:-1]]
+    for k, (out, ref) in enumerate(zip(outputs, reference)):
+        assert torch.equal(out, ref), f"call {k}"
+    for engine in (plain, overlapped):
+        engine.update(resolution=(SIZE + 32, SIZE))
+    assert overlapped.state.undecoded is None and overlapped.state.encoded is None
+    assert torch.equal(overlapped(frames[0]), plain(frames[0]))
+
+
 @pytest.mark.parametrize("name", ["overlap_decode", "overlap_encode"])
 def test_an_overlapped_vae_is_for_img2img_only(name):
     with pytest.raises(ValueError, match=f"{name}: for img2img only"):
