@@ -41,8 +41,8 @@ CHANGES = [
     ("3 steps", {"t_index_list": (10, 25, 40)}),  # a graph of its own, captured in update
     ("2 steps again", {"t_index_list": (15, 35)}),  # the 2-step graph again: it must read current tensors
 ]
-# after these the stream starts afresh with nothing an overlapped VAE keeps (a seed or a step count
-# keeps it): that first frame runs without the graph
+# after these the stream starts afresh with no x_0 kept for overlap_decode (a seed or a step count
+# keeps it): that first frame runs without the graph (overlap_encode's first latents are filled in)
 REFILLS = {"start", "wider", "size back"}
 
 
@@ -134,9 +134,8 @@ def main() -> int:
     eager_replays = eager_graphs.replays if eager_graphs is not None else 0
     report["eager_step_graph"] = {"max_abs_diff_uint8": eager_worst, "replays": eager_replays,
                                   "capture_failed": eager_graphs.failed if eager_graphs is not None else "no graph"}
-    # the first frame too: filled, then replayed (with an overlapped VAE nothing is kept then: run without)
-    overlapped = args.overlap_decode or args.overlap_encode
-    ok &= eager_worst <= 2 and eager_replays == len(frames) - overlapped
+    # the first frame too: filled, then replayed (with overlap_decode no x_0 is kept then: run without)
+    ok &= eager_worst <= 2 and eager_replays == len(frames) - args.overlap_decode
     # the text encoder in its CUDA graph (with the step graph) against the same encoder without one
     text_graph = engines["step"].prompts.graph
     texts = ["a lighthouse in a storm", "", "neon city at night, rain, cinematic"]
@@ -146,12 +145,12 @@ def main() -> int:
                                     "replays": text_graph.replays if text_graph is not None else 0}
     ok &= text_diff <= 1e-2  # a capture that failed is reported ("captured": false): prompts then run without it
     graphs = engines["step"]._graphs
-    outside = sum(name in REFILLS for name, _ in changes) if overlapped else 0
+    outside = sum(name in REFILLS for name, _ in changes) if args.overlap_decode else 0
     report.update(replays=graphs.replays, captures=graphs.captures, capture_failed=graphs.failed,
                   frames=3 * len(changes) + 2 + len(frames), outside_the_graph=outside,
                   seconds=round(time.perf_counter() - started, 1))
     # every frame replays, the first after a start, a seed, a step count and a size too (filled first),
-    # but with an overlapped VAE the first after a start or a size change (nothing kept yet)
+    # but with overlap_decode the first after a start or a size change (no x_0 kept yet)
     ok &= graphs.replays == 3 * len(changes) + 2 + len(frames) - outside
     report["ok"] = bool(ok)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

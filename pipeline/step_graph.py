@@ -197,18 +197,18 @@ class StepGraphs:
         stream with nothing in flight yet (after a start, a reset, a seed, step-count or size
         change) is filled first, outside the graph, from this frame, as the step itself would
         fill it: the frames in flight from its latents noised to each later step, the last
-        output from the frame itself. False when the state does not fit the step (the frame then
-        runs without the graph). With `overlap_decode` or `overlap_encode` a state with nothing kept
-        (the first frame after a start, a reset or a size change) does not fit: that frame does
-        that work itself."""
+        output from the frame itself, and with `overlap_encode` the latents kept for the UNet
+        from the frame itself too. False when the state does not fit the step (the frame then
+        runs without the graph). With `overlap_decode` a state with no x_0 kept (the first frame
+        after a start, a reset or a size change) does not fit: that frame decodes its own, in order."""
         stream = self._stream
         current = stream.state
         if current is step.state:
             return True
-        if (step.state.undecoded is not None and current.undecoded is None) or (
-                step.state.encoded is not None and current.encoded is None):
+        if step.state.undecoded is not None and current.undecoded is None:
             return False
-        if current.last_output is None or (step.state.latent_buffer is not None and current.latent_buffer is None):
+        if current.last_output is None or (step.state.latent_buffer is not None and current.latent_buffer is None) or (
+                step.state.encoded is not None and current.encoded is None):
             current = self._filled(current, inputs, source)
         for buffer, value in zip(_tensors(step.state), _tensors(current)):
             if buffer is None:
@@ -221,14 +221,18 @@ class StepGraphs:
 
     def _filled(self, current, inputs: torch.Tensor, source: str):
         """`current` with what is missing made from this frame, the way the stream's step makes it:
-        the frames in flight (`_primed_state`, from the latents the UNet takes: the frame's, or
-        with `overlap_encode` the ones kept from the frame before) and the last output (the frame
-        itself: a bad first output falls back to the input)."""
+        with `overlap_encode` the latents the UNet takes (the frame's own, as a first step encodes
+        them in order: frames f0, f1 are denoised as f0, f0, f1), the frames in flight
+        (`_primed_state`, from the latents the UNet takes: the frame's, or with `overlap_encode`
+        the ones kept) and the last output (the frame itself: a bad first output falls back to
+        the input)."""
         stream = self._stream
         images = stream._math.pixels_to_images(inputs, stream._noise.dtype) if source == "pixels" else inputs
+        overlapped = stream.config.overlap_encode
+        if overlapped and current.encoded is None:
+            current = replace(current, encoded=stream.backend.encode(images))
         if stream._needs_priming():  # (current is the stream's state)
-            kept = current.encoded if stream.config.overlap_encode else None
-            primed = stream._primed_state(stream.backend.encode(images) if kept is None else kept)
+            primed = stream._primed_state(current.encoded if overlapped else stream.backend.encode(images))
             current = replace(current, latent_buffer=primed.latent_buffer, stock_noise=primed.stock_noise)
         if current.last_output is None:
             current = replace(current, last_output=images)
