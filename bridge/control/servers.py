@@ -49,6 +49,17 @@ def _bound_socket(host: str, port: int, kind: int, option: int, value: int) -> s
     return sock
 
 
+def _stop(server) -> bool:
+    """Close `server` (a UDPServer or TCPServer): set its close flag, wait for its receive loop
+    (it notices within POLL_SECONDS), close its socket. False if it was closed already."""
+    if server._closed.is_set():
+        return False
+    server._closed.set()
+    server._thread.join(2 * POLL_SECONDS + 1.0)
+    server._socket.close()
+    return True
+
+
 class UDPServer:
     """Receives datagrams on (host, port) and hands each to `handler` on its own thread."""
 
@@ -73,11 +84,7 @@ class UDPServer:
             self._handler(data, sender)
 
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._thread.join(2 * POLL_SECONDS + 1.0)
-        self._socket.close()
+        _stop(self)
 
 
 class TCPServer:
@@ -153,11 +160,8 @@ class TCPServer:
                 self._connections.pop(threading.current_thread(), None)
 
     def close(self) -> None:
-        if self._closed.is_set():
+        if not _stop(self):
             return
-        self._closed.set()
-        self._thread.join(2 * POLL_SECONDS + 1.0)
-        self._socket.close()
         with self._lock:
             threads = list(self._connections)
         for thread in threads:

@@ -38,7 +38,20 @@ class SourceEnded(SourceLost):
     processes what it already has and stops instead of reconnecting."""
 
 
-class Source(abc.ABC):
+class _ClosedOnExit(abc.ABC):
+    """A context manager whose exit is `close()`."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Source(_ClosedOnExit):
     """Produces frames. Guarantees: `read` never blocks longer than its timeout;
     `close` is safe to call twice; after `close`, `read` raises SourceLost."""
 
@@ -56,14 +69,8 @@ class Source(abc.ABC):
     def close(self) -> None:
         """Release the device or connection. Safe to call more than once."""
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-class Sink(abc.ABC):
+class Sink(_ClosedOnExit):
     """Consumes frames. Guarantees: `send` returns promptly (it never waits for a reader);
     `close` is safe to call twice."""
 
@@ -77,9 +84,3 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the device, sender name or file. Safe to call more than once."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
