@@ -48,7 +48,8 @@
 #   overlap: sd15 4 steps with the defaults, then with --overlap-decode (each frame's decode a side-stream branch
 #          of the step graph beside the next frame's UNet, one frame later), with --overlap-encode too (the
 #          frame's encode beside the previous frame's UNet), graph_check of both, sd-turbo with both, sd15 with
-#          --overlap-encode alone (about 9 min on a fresh machine: BUDGET=560)
+#          --overlap-encode alone (about 9 min on a fresh machine: BUDGET=560); the defaults and both with
+#          --profile: the GPU's busy time and how much of the kernels' time ran side by side
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -260,9 +261,9 @@ case "$PART" in
     ;;
   overlap)  # the VAE beside the UNet (--overlap-decode, --overlap-encode: side-stream branches of the step graph,
     # a frame more latency each) against the defaults on the same machine, then their graph against no graph
-    sd15_step 170 sd15_4step_self_compiled_step_defaults
+    sd15_step 170 sd15_4step_self_compiled_step_defaults --profile 10
     sd15_step 80 sd15_4step_self_compiled_step_overlap_decode --overlap-decode
-    sd15_step 80 sd15_4step_self_compiled_step_overlap_both --overlap-decode --overlap-encode
+    sd15_step 80 sd15_4step_self_compiled_step_overlap_both --overlap-decode --overlap-encode --profile 10
     graph_check 150 --overlap-decode --overlap-encode
     bench 120 sd_turbo_1step_compiled_step $TURBO --backend compiled --frames 600 --warmup 30 --time-limit 8 --pipelined
     bench 60 sd_turbo_1step_compiled_step_overlap_both $TURBO --backend compiled --frames 600 --warmup 30 \

@@ -6,7 +6,10 @@ What `sdbridge bench --profile N` reports, to say which part of the step a chang
 A CUDA graph's replay may hide its kernels from the profiler on some drivers: the result then
 says so, and `--cuda-graphs off` profiles the same kernels launched one by one. Without a step
 graph the result also splits the time by stage (the VAE encoder, the UNet, the VAE decoder: the
-stream's profiler ranges, pipeline/stream.py), each stage's kernels (or CPU time) summed.
+stream's profiler ranges, pipeline/stream.py), each stage's kernels (or CPU time) summed. On
+CUDA it also gives the time the GPU was busy, kernels that ran side by side (the VAE's branch
+beside the UNet's, `--overlap-decode`, `--overlap-encode`) counted once, and so how much of the
+kernels' summed time ran beside other kernels.
 """
 
 from __future__ import annotations
@@ -100,10 +103,35 @@ def profile_frames(call, frames: list, *, count: int, device) -> dict:
     stages = stage_times(profiler.events(), STAGE_RANGE_PREFIX, on_cuda=on_cuda)
     if stages:
         result["by_stage"] = [{"stage": stage, "ms_per_frame": us / 1000.0 / count} for stage, us in stages.items()]
+    if on_cuda and entries:  # kernels side by side (a side stream) count once here, twice in the sum
+        busy_ms = busy_us(device_intervals(profiler.events(), STAGE_RANGE_PREFIX)) / 1000.0 / count
+        result.update(busy_ms_per_frame=busy_ms, side_by_side_ms_per_frame=max(0.0, result["ms_per_frame"] - busy_ms))
     if on_cuda and not entries:
         result["note"] = ("no kernels recorded: CUDA graph replays can hide them from the profiler; "
                           "--cuda-graphs off profiles the same kernels launched one by one")
     return result
+
+
+def busy_us(intervals) -> float:
+    """The time covered by at least one of `intervals` ((start, end) pairs, µs): what a GPU was
+    busy for when kernels on two streams overlap, where their summed times count the overlap twice."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def device_intervals(events, prefix: str) -> list[tuple[float, float]]:
+    """(start, end) µs of each GPU kernel, copy and memset among the profiler's `events`; not the
+    GPU-side spans of ranges (the stream's stages, named `prefix` + stage, or any user
+    annotation), which cover idle time too."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    return [(event.time_range.start, event.time_range.end) for event in events
+            if event.device_type == cuda and not event.is_user_annotation and not event.name.startswith(prefix)]
 
 
 def stage_times(events, prefix: str, *, on_cuda: bool) -> dict[str, float]:
@@ -128,6 +156,8 @@ def profile_line(profile: dict, kinds: int = 6) -> str:
     if profile["top"]:
         first = profile["top"][0]
         line += f"; largest {first['name'][:60]} {first['ms_per_frame']:.2f} ms"
+    if profile.get("busy_ms_per_frame") is not None:
+        line += f"; GPU busy {profile['busy_ms_per_frame']:.2f} ms ({profile['side_by_side_ms_per_frame']:.2f} side by side)"
     if profile.get("by_stage"):
         line += "; by stage " + ", ".join(f"{s['stage']} {s['ms_per_frame']:.2f}" for s in profile["by_stage"]) + " ms"
     return line

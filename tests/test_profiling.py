@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bridge.profiling import TOP, TOP_PER_KIND, kind_of, profile_line, stage_times, summarize_times
+from bridge.profiling import (TOP, TOP_PER_KIND, busy_us, device_intervals, kind_of, profile_line, stage_times,
+                               summarize_times)
 
 from test_cli import sdbridge
 
@@ -89,6 +90,33 @@ def test_stage_times_sum_the_cpu_ranges_and_skip_their_gpu_annotations():
               event("sdbridge.decode", cpu, 300.0, 20.0), event("aten::conv2d", cpu, 200.0, 10.0)]
     assert stage_times(events, "sdbridge.", on_cuda=True) == {"denoise": 1900.0, "decode": 300.0}
     assert stage_times(events, "sdbridge.", on_cuda=False) == {"denoise": 90.0, "decode": 20.0}
+
+
+def test_busy_time_counts_kernels_side_by_side_once():
+    assert busy_us([]) == 0.0
+    assert busy_us([(0.0, 10.0), (20.0, 25.0)]) == 15.0  # one after another, a gap between
+    assert busy_us([(0.0, 10.0), (4.0, 6.0), (8.0, 14.0), (14.0, 15.0)]) == 15.0  # inside, overlapping, touching
+    assert busy_us([(30.0, 40.0), (0.0, 10.0), (5.0, 35.0)]) == 40.0  # in any order
+
+
+def test_device_intervals_are_the_kernels_not_the_ranges_or_cpu_work():
+    import torch
+    from torch.autograd.profiler_util import FunctionEvent
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [
+        FunctionEvent(1, "sm90_xmma_fprop_implicit_gemm", 0, 10.0, 30.0, device_type=cuda),
+        FunctionEvent(2, "triton_poi_fused_silu_0", 0, 25.0, 40.0, device_type=cuda),  # beside it (a side stream)
+        FunctionEvent(3, "sdbridge.decode", 0, 0.0, 100.0, device_type=cuda),  # a stage's GPU-side span
+        FunctionEvent(4, "my range", 0, 0.0, 90.0, device_type=cuda, is_user_annotation=True),
+        FunctionEvent(5, "aten::conv2d", 0, 5.0, 50.0, device_type=cpu),
+    ]
+    intervals = device_intervals(events, "sdbridge.")
+    assert intervals == [(10.0, 30.0), (25.0, 40.0)]
+    assert busy_us(intervals) == 30.0  # of 35 µs of kernels: 5 side by side
+    profile = {"source": "cuda kernels", "ms_per_frame": 0.035, "wall_ms_per_frame": 0.1, "by_kind": [],
+               "top": [], "busy_ms_per_frame": 0.03, "side_by_side_ms_per_frame": 0.005}
+    assert "GPU busy 0.03 ms (0.01 side by side)" in profile_line(profile)
 
 
 def test_a_negative_profile_count_is_refused_before_anything_runs():
