@@ -78,6 +78,7 @@ class StepGraphs:
         self._replay = replay
         self._steps: dict[tuple, _Step] = {}
         self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None  # one pool for every step
+        self._high_priority: torch.cuda.Stream | None = None  # see _capture_stream
         self.captures = 0  # steps captured so far
         self.replays = 0  # frames that ran through a step graph
         self.replaying = False  # True during a replay (with replay="eager", Python runs then too)
@@ -188,9 +189,24 @@ class StepGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the prompt worker may run the text encoder on another thread meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream(config, device),
+                              capture_error_mode="thread_local"):
             output, pixels = body()
         return _Step(inputs, state, output, pixels, graph.replay)
+
+    def _capture_stream(self, config, device) -> "torch.cuda.Stream | None":
+        """The stream a step is captured on: with the VAE overlapped (`overlap_decode`,
+        `overlap_encode`), one of high priority, so that the step's own kernels, the UNet's (each
+        frame's critical path), are captured at that priority and the VAE's branch at its side
+        stream's normal one. Torch instantiates its graphs with
+        cudaGraphInstantiateFlagUseNodePriority, so the GPU then starts the UNet's blocks first and
+        the VAE's in what they leave free, instead of letting the VAE's large convolutions take SMs
+        the UNet waits for. None otherwise (torch's own capture stream)."""
+        if not (config.overlap_decode or config.overlap_encode):
+            return None
+        if self._high_priority is None:  # lower numbers are higher priorities; 0, the default, is the lowest
+            self._high_priority = torch.cuda.Stream(device, priority=-1)
+        return self._high_priority
 
     def _load_state(self, step: _Step, inputs: torch.Tensor, source: str) -> bool:
         """Make the stream's state the step's buffers (copied in when it lives elsewhere). A

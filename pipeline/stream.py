@@ -769,7 +769,9 @@ def _in_place(old, new):
 def side_stream(config: StreamConfig, backend) -> "torch.cuda.Stream | None":
     """The CUDA stream `overlap_decode` and `overlap_encode` run the VAE on beside the UNet: with
     either on a CUDA device, unless the backend runs cudagraph trees (`cuda_graphs="modules"`,
-    one stream each); None otherwise (the work then runs in order on the current stream)."""
+    one stream each); None otherwise (the work then runs in order on the current stream). It has
+    the default priority, the lowest: a step graph captures the step itself, the UNet's kernels,
+    at a higher one (StepGraphs._capture_stream), so the VAE's kernels fill what the UNet leaves."""
     overlapped = config.overlap_decode or config.overlap_encode
     if not overlapped or config.device.type != "cuda" or getattr(backend, "cuda_graphs", None) == "modules":
         return None
