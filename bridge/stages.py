@@ -67,21 +67,29 @@ class _RateLimitedLog:
         self._last = -1e9
 
     def warning(self, message: str, *args) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._last >= self._interval:
             self._last = now
-            log.warning(message, *args)
+            log.log(level, message, *args, exc_info=exc_info)
 
 
 def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Source | None) -> None:
-    """Read frames into the input slot until stopped; reconnect with backoff when the source is lost."""
+    """Read frames into the input slot until stopped; reconnect with backoff when the source is
+    lost. The backoff doubles with each failed open or read and starts again from
+    `reconnect_initial_seconds` once a frame has come: a source that opens but fails at once
+    (a busy camera, a broken stream) is retried at the backoff's pace, not in a busy loop."""
     config, telemetry = shared.config, shared.telemetry
     backoff = config.reconnect_initial_seconds
-    warn = _RateLimitedLog()
+    warn, lost = _RateLimitedLog(), _RateLimitedLog()
     try:
         while not shared.stop.is_set():
             if source is None:
                 source = _reopen(open_source, warn)
+                if source is not None and shared.stop.is_set():  # stopped while it opened: release it
+                    break
                 if source is None:
                     shared.stop.wait(backoff)
                     backoff = min(2 * backoff, config.reconnect_max_seconds)
@@ -96,26 +104,37 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 return
             except Exception as exc:  # SourceLost, or a transport's own bug: both mean reopen
                 level = logging.WARNING if isinstance(exc, SourceLost) else logging.ERROR
-                log.log(level, "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
+                lost.log(level, "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
                 telemetry.count("source_lost")
                 telemetry.error(f"source lost: {describe(exc)}")
                 telemetry.state = "source lost"
                 _close_quietly(source)
-                source, backoff = None, config.reconnect_initial_seconds
+                source = None
+                shared.stop.wait(backoff)
+                backoff = min(2 * backoff, config.reconnect_max_seconds)
                 continue
             if frame is not None:
                 try:
                     if frame.pixel_format != "RGB":
                         frame = Frame(swizzle(frame.pixels, frame.pixel_format, "RGB"), "RGB", frame.timestamp, frame.sequence)
+                    _check_picture(frame)
                 except Exception as exc:  # a transport's malformed frame: skip it, keep reading
                     telemetry.error(f"source: unusable frame: {describe(exc)}")
                     warn.warning("source gave an unusable frame: %s", describe(exc))
                     continue
+                backoff = config.reconnect_initial_seconds
                 telemetry.frame_in()
                 shared.input_slot.put(frame)
     finally:
         if source is not None:
             _close_quietly(source)
+
+
+def _check_picture(frame: Frame) -> None:
+    """ValueError unless `frame` has pixels (a Frame checks its type and channels; an empty one is
+    a broken source frame, which must not reach the engine and count as the engine's failure)."""
+    if frame.width < 1 or frame.height < 1:
+        raise ValueError(f"frame: an empty picture ({frame.width}x{frame.height})")
 
 
 def _reopen(open_source: Callable[[], Source], warn: _RateLimitedLog) -> Source | None:
@@ -135,19 +154,22 @@ def _close_quietly(transport) -> None:
 
 class Origins:
     """Which input frame an output shows. With stream batch the engine's output lags n-1 calls
-    (n denoising steps), so its capture time is that of the input n-1 calls back; a frame the
-    similarity filter skipped repeats a picture of the present scene and counts as the current
-    input. Keeps latency figures honest."""
+    (n denoising steps), so its capture time is that of the input n-1 calls back (each overlap of
+    the VAE adds one); a frame the similarity filter skipped repeats a picture of the present
+    scene and counts as the current input. Keeps latency figures honest."""
 
     def __init__(self, engine) -> None:
         self._engine = engine
         self._history: deque[Frame] = deque(maxlen=17)
 
     def lag(self) -> int:
+        """Calls between an input and the output that shows it: n-1 with stream batch, and one
+        more for each of the VAE's overlaps (`overlap_decode`, `overlap_encode`)."""
         config = getattr(self._engine, "config", None)
+        overlaps = int(bool(getattr(config, "overlap_decode", False))) + int(bool(getattr(config, "overlap_encode", False)))
         if not getattr(config, "use_denoising_batch", False):
-            return 0
-        return max(0, len(getattr(config, "t_index_list", ())) - 1)
+            return overlaps
+        return max(0, len(getattr(config, "t_index_list", ())) - 1) + overlaps
 
     def origin(self, frame: Frame, skipped: bool) -> Frame:
         if skipped:
@@ -159,13 +181,38 @@ class Origins:
 
 def inference_loop(shared: Shared) -> None:
     """Run the engine on the newest input frame, applying parameter changes between frames.
-    A failing frame is dropped and reported; repeated failures roll the engine back (see recovery)."""
-    engine, telemetry, config = shared.engine, shared.telemetry, shared.config
-    guard = EngineGuard(engine=engine, telemetry=telemetry, params=shared.params)
-    txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
-    origins = Origins(engine)
-    processed = skipped_so_far = 0
-    while not shared.stop.is_set():
+    A failing frame is dropped and reported; repeated failures roll the engine back (see recovery).
+    Anything else that goes wrong in a pass (a bug, a failing recovery) is reported and the loop
+    goes on: the thread ends only when stopped, at the source's end or at the frame limit."""
+    inference, warn = _Inference(shared), _RateLimitedLog()
+    try:
+        while not shared.stop.is_set():
+            try:
+                if not inference.step():
+                    break
+            except Exception as exc:
+                shared.telemetry.error(f"inference: {describe(exc)}")
+                warn.log(logging.ERROR, "inference pass failed: %s", describe(exc), exc_info=True)
+                shared.stop.wait(0.01)
+    finally:
+        shared.inference_done.set()
+
+
+class _Inference:
+    """One pass of the inference loop at a time (`step`), and what passes carry between them."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        engine = shared.engine
+        self.guard = EngineGuard(engine=engine, telemetry=shared.telemetry, params=shared.params)
+        self.txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
+        self.origins = Origins(engine)
+        self.processed = self.skipped_so_far = 0
+
+    def step(self) -> bool:
+        """Parameters, then one frame through the engine into the output slot; False when done."""
+        shared = self.shared
+        engine, telemetry, config, guard = shared.engine, shared.telemetry, shared.config, self.guard
         if shared.params.has_pending:  # only a real change holds the output (see OutputLoop)
             shared.updating_since = time.monotonic()
             shared.updating.set()
@@ -180,43 +227,39 @@ def inference_loop(shared: Shared) -> None:
             if telemetry.state == "running":
                 telemetry.state = "paused"
             shared.input_slot.take(timeout=0.05)
-            continue
+            return True
         if telemetry.state == "paused":
             telemetry.state = "running"
         size = current_format(shared)  # after the parameters: a new size applies from this frame
         expected_shape = (size.height, size.width, 3)
-        if txt2img:  # 2. the input frame (txt2img has none)
-            frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), processed)
+        if self.txt2img:  # 2. the input frame (txt2img has none)
+            frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), self.processed)
         else:
             frame = shared.input_slot.take(timeout=0.05)
         if frame is None:
-            if shared.source_ended.is_set() and not shared.input_slot.pending:
-                break
-            continue
+            return not (shared.source_ended.is_set() and not shared.input_slot.pending)
         started = time.perf_counter()
         try:  # 3. the engine
-            pixels = engine.txt2img() if txt2img else engine(frame.pixels)
+            pixels = engine.txt2img() if self.txt2img else engine(frame.pixels)
         except Exception as exc:  # torch.OutOfMemoryError included: this frame only
             guard.failed("step failed", exc)
-            continue
+            return True
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         if not isinstance(pixels, np.ndarray) or pixels.shape != expected_shape or pixels.dtype != np.uint8:
             guard.failed(f"returned {getattr(pixels, 'shape', type(pixels).__name__)}, expected uint8 {expected_shape}")
-            continue
+            return True
         telemetry.frame_processed(elapsed_ms)  # 4. figures (one read of the engine's counters), then hand over
         stats = getattr(engine, "stats", None)
         skipped = getattr(stats, "frames_skipped", 0)
         if stats is not None:
             telemetry.engine_stats(skipped, getattr(stats, "bad_caught", getattr(stats, "nonfinite_caught", 0)))
-        if skipped == skipped_so_far:  # a frame the similarity filter skipped proves no configuration
+        if skipped == self.skipped_so_far:  # a frame the similarity filter skipped proves no configuration
             guard.good_frame()
-        origin = origins.origin(frame, skipped=skipped > skipped_so_far)
-        skipped_so_far = skipped
+        origin = self.origins.origin(frame, skipped=skipped > self.skipped_so_far)
+        self.skipped_so_far = skipped
         shared.output_slot.put(Frame(pixels, "RGB", origin.timestamp, origin.sequence))
-        processed += 1
-        if config.max_frames is not None and processed >= config.max_frames:
-            break
-    shared.inference_done.set()
+        self.processed += 1
+        return config.max_frames is None or self.processed < config.max_frames
 
 
 class OutputLoop:

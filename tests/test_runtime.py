@@ -320,18 +320,23 @@ def test_runtime_config_validation_names_the_field():
         RuntimeConfig(fps=0)
 
 
-def test_stream_batch_lag_is_counted_in_the_latency():
-    """An engine whose output shows the input of n-1 = 2 calls back, like stream batch with 3 steps."""
+@pytest.mark.parametrize("overlaps", [{}, {"overlap_decode": True}, {"overlap_decode": True, "overlap_encode": True}])
+def test_stream_batch_lag_is_counted_in_the_latency(overlaps):
+    """An engine whose output shows the input of n-1 = 2 calls back, like stream batch with 3
+    steps, and one call more for each overlap of the VAE (as StreamDiffusion's, test_stream_batch)."""
+    lag = 2 + len(overlaps)
 
     class LaggingEngine(StandInEngine):
         def __init__(self):
             super().__init__(size=64, cost=0.005)
             self.config.t_index_list, self.config.use_denoising_batch = (10, 20, 30), True
+            for name, value in overlaps.items():
+                setattr(self.config, name, value)
             self.previous = []
 
         def __call__(self, pixels):
             self.previous.append(super().__call__(pixels))
-            return self.previous[-3] if len(self.previous) >= 3 else self.previous[0]
+            return self.previous[-1 - lag] if len(self.previous) > lag else self.previous[0]
 
     sink = RecordingSink()
     runtime = Runtime(engine=LaggingEngine(), open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
@@ -381,3 +386,114 @@ def test_a_slow_settings_change_holds_the_last_frame_not_the_fallback():
     assert all(frame.pixels.any() for frame in during)  # never the black fallback
     assert "updating" in states and snapshot["state"] == "running"
     assert snapshot["fallback_frames"] == fallback_before and snapshot["frames_processed"] >= processed + 5
+
+
+def test_a_source_that_opens_but_fails_at_once_is_retried_at_the_backoffs_pace():
+    """A busy camera or a broken stream: it opens, and its first read fails. Reopened at once, it
+    made a busy loop (120,000 opens in 2 s, two log lines each); the backoff applies to it too."""
+    opens = []
+
+    class OpensButFails(Source):
+        def __init__(self):
+            opens.append(time.monotonic())
+
+        def read(self, timeout=0.1):
+            raise SourceLost("device busy")
+
+        def close(self):
+            pass
+
+    sink = RecordingSink()
+    config = RuntimeConfig(fps=30, reconnect_initial_seconds=0.1, reconnect_max_seconds=0.4)
+    snapshot = run_for(Runtime(engine=StandInEngine(size=64), open_source=OpensButFails, sinks=[sink], config=config),
+                       1.5)
+    # waits of 0.1, 0.2, 0.4, 0.4, ... s between opens: about 5 in 1.5 s
+    assert 2 <= len(opens) <= 8, f"{len(opens)} opens in 1.5 s"
+    assert snapshot["source_lost"] >= len(opens) - 1 and "device busy" in snapshot["last_error"]
+    assert len(sink.sent) > 20  # the output went on meanwhile
+
+
+def test_an_empty_source_frame_is_skipped_as_the_sources_fault_not_the_engines():
+    """An empty picture from a transport used to reach the engine, fail there, and after three in
+    a row roll back the operator's last setting as if that had broken the engine."""
+    class SometimesEmpty(TestPatternSource):
+        def read(self, timeout=0.1):
+            frame = super().read(timeout)
+            if frame is not None and frame.sequence % 2:
+                return Frame(np.zeros((0, 64, 3), np.uint8), "RGB", frame.timestamp, frame.sequence)
+            return frame
+
+    class ShapeCheckingEngine(StandInEngine):
+        def __call__(self, pixels):
+            if pixels.size == 0:
+                raise ValueError("frame: empty frame")
+            return super().__call__(pixels)
+
+    engine = ShapeCheckingEngine(size=64, cost=0.005)
+    runtime = Runtime(engine=engine, open_source=lambda: SometimesEmpty(width=64, height=64, fps=60),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=30))
+    with runtime:
+        runtime.params.set("guidance_scale", 2.5)
+        runtime.wait(timeout=1.0)
+    snapshot = runtime.snapshot()
+    assert snapshot["frames_processed"] > 10 and snapshot["bad_frames"] == 0
+    assert "unusable frame" in snapshot["last_error"] and "empty picture" in snapshot["last_error"]
+    assert engine.updates and engine.updates[-1] == {"guidance_scale": 2.5}  # kept, not rolled back
+
+
+def test_a_source_opened_while_stopping_is_closed_and_the_state_stays_stopped():
+    """A reopen that outlasts stop's wait: the capture thread must not report "running" after
+    "stopped", and must release what it opened."""
+    opened, closed, calls = [], [], []
+
+    class Lost(Source):
+        def __init__(self):
+            opened.append(self)
+
+        def read(self, timeout=0.1):
+            time.sleep(0.02)
+            raise SourceLost("unplugged")
+
+        def close(self):
+            closed.append(self)
+
+    def open_source():
+        calls.append(time.monotonic())
+        if len(calls) > 1:
+            time.sleep(1.5)  # a camera taking its time
+        return Lost()
+
+    runtime = Runtime(engine=StandInEngine(size=64), open_source=open_source, sinks=[RecordingSink()],
+                      config=RuntimeConfig(fps=30, reconnect_initial_seconds=0.01))
+    runtime.start()
+    time.sleep(0.3)
+    runtime.stop()
+    time.sleep(1.8)
+    assert runtime.snapshot()["state"] == "stopped"
+    assert len(opened) == 2 and closed == opened
+
+
+def test_a_failure_outside_the_engine_call_does_not_end_the_inference_thread():
+    """Reading the engine's counters fails once (anything between the engine call and the hand
+    over): reported, and the frames go on."""
+
+    class FlakyStatsEngine(StandInEngine):
+        reads = 0
+
+        @property
+        def stats(self):
+            FlakyStatsEngine.reads += 1
+            if FlakyStatsEngine.reads == 5:
+                raise RuntimeError("counters unavailable")
+            return SimpleNamespace(frames_skipped=0, nonfinite_caught=0)
+
+        @stats.setter
+        def stats(self, value):
+            pass
+
+    runtime = Runtime(engine=FlakyStatsEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=60), sinks=[RecordingSink()],
+                      config=RuntimeConfig(fps=30))
+    snapshot = run_for(runtime, 1.0)
+    assert FlakyStatsEngine.reads > 20 and snapshot["frames_processed"] > 20
+    assert "counters unavailable" in snapshot["last_error"]
