@@ -263,22 +263,33 @@ class _Inference:
 
 
 class OutputLoop:
-    """Sends to every sink: a new frame as soon as it comes, and a repeat whenever a frame period
-    passes without a send (REPEAT_GRACE periods after a new frame), so the sinks never wait longer
-    than that. A token bucket (refilled at fps, BURST deep) keeps the rate of new frames at most
-    fps without delaying frames that arrive on time; a repeat follows a period without a send, so
-    it cannot raise the rate and takes no token. After `stall_seconds` without a new frame, the
-    repeats are the configured fallback.
+    """Sends to every sink: a new frame as soon as it comes, and a repeat of the last one (or the
+    fallback) when the output's clock is owed one: fps on average, neither more nor less, without
+    delaying frames that arrive on time.
+    - New frames take from a token bucket (refilled at fps, BURST deep): at most fps of them.
+    - The clock's count (`_owed`) gains one each period and loses one at each send, new or
+      repeated; a repeat goes out when it reaches REPEAT_OWED, at least a period after the last
+      send, or after MAX_GAP periods without a send once it reaches GAP_OWED (a send the
+      count shows ahead of the clock, a repeat just before a late frame, then leaves no gap of
+      two periods when the frames stop). With no new frames that is one repeat each period;
+      with the engine slower than fps the repeats fill the difference; the count stays within
+      bounds, so over time the sends are fps. A new frame that had to wait for its token shows
+      the clock met by new frames alone: the count then forgets earlier bursts.
+    After `stall_seconds` without a new frame, the repeats are the configured fallback.
 
-    Why repeats take no token and wait a grace: with the source at the output's own rate, the
-    bucket refills exactly as fast as new frames use it, so one token spent on a repeat (a late
-    frame, a pause) was never won back, and every later frame waited for it: capture-to-publish
-    latency stayed a period too long for the rest of the run (seen: 40 ms with a 5 ms engine at
-    30 fps, instead of 6). And a repeat due at exactly one period after a new frame would go out
-    just before each next one whenever the engine's time or jitter delays it."""
+    Why repeats take no token: with the source at the output's own rate, the bucket refills
+    exactly as fast as new frames use it, so one token spent on a repeat (a late frame, a pause)
+    was never won back, and every later frame waited for it: capture-to-publish latency stayed a
+    period too long for the rest of the run (seen: 40 ms with a 5 ms engine at 30 fps, instead
+    of 6). Why a repeat waits for 1.25 owed sends, not 1: with the engine at the output's rate,
+    one due exactly a period after a new frame would go out just before each next one whenever
+    the engine's time or jitter delays it. Why the count, not a fixed wait of 1.25 periods after
+    each new frame (before): with the engine at 20 fps and the output at 30 that made 40 sends a
+    second (a recording 33 % longer than the show), and at 25 fps no repeats at all (25 a second)."""
 
     BURST = 2.0  # sends allowed back to back (a repeat followed at once by a new frame)
-    REPEAT_GRACE = 1.25  # periods to wait for the next new frame before repeating the last one
+    REPEAT_OWED = 1.25  # sends the clock must be owed before a repeat goes out
+    MAX_GAP, GAP_OWED = 1.75, 0.5  # or: this many periods without a send, and the clock owed this many
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -287,9 +298,10 @@ class OutputLoop:
         self.last_frame: Frame | None = None
         self.last_fresh_time = time.monotonic()  # when the newest fresh frame was sent
         self.last_send_time = -1e9
-        self.last_send_fresh = False
         self._tokens = self.BURST
         self._tokens_time = time.monotonic()
+        self._owed = self.REPEAT_OWED  # sends the output's clock is owed (see the class docstring)
+        self._owed_time = self._tokens_time
         self._warn = _RateLimitedLog()
         self._converted: list[tuple[Frame, Frame] | None] = [None] * len(shared.sinks)
 
@@ -311,26 +323,40 @@ class OutputLoop:
     def _step(self) -> None:
         """Send the new frame when one comes within the frame period, else repeat one."""
         shared = self.shared
-        repeat_at = self.last_send_time + self.period * (self.REPEAT_GRACE if self.last_send_fresh else 1.0)
-        frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - time.monotonic())))
+        now = time.monotonic()
+        owed, period = self._clock(now), self.period
+        repeat_at = max(self.last_send_time + period, min(
+            now + (self.REPEAT_OWED - owed) * period,  # the clock is owed a send
+            max(self.last_send_time + self.MAX_GAP * period, now + (self.GAP_OWED - owed) * period)))  # a long gap
+        frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - now)))
         if frame is not None:
-            self._wait_for_token()
+            paced = self._wait_for_token()
             self.last_frame, self.last_fresh_time = frame, time.monotonic()
             if shared.telemetry.state in ("stalled", "updating"):
                 shared.telemetry.state = "running"
             self._publish(frame, fresh=True)
-        elif time.monotonic() >= repeat_at:  # a period or more without a send: no token needed
+            if paced:  # new frames are sending at fps: the clock is met, whatever the count says of bursts before
+                self._owed = max(self._owed, self.REPEAT_OWED - 1.0)
+        elif time.monotonic() >= repeat_at:  # the clock is owed a send: no token needed
             self._publish(self._repeat_frame(), fresh=False)
 
-    def _wait_for_token(self) -> None:
-        """Take one send from the bucket, waiting (interruptibly) until there is one."""
+    def _clock(self, now: float) -> float:
+        """The sends the output's clock is owed at `now` (one more each period, at most BURST)."""
+        self._owed = min(self.BURST, self._owed + (now - self._owed_time) / self.period)
+        self._owed_time = now
+        return self._owed
+
+    def _wait_for_token(self) -> bool:
+        """Take one send from the bucket, waiting (interruptibly) until there is one; True if it waited."""
         now = time.monotonic()
         self._tokens = min(self.BURST, self._tokens + (now - self._tokens_time) / self.period)
         self._tokens_time = now
-        if self._tokens < 1.0:
+        waited = self._tokens < 1.0
+        if waited:
             self.shared.stop.wait((1.0 - self._tokens) * self.period)
             self._tokens, self._tokens_time = 1.0, time.monotonic()
         self._tokens -= 1.0
+        return waited
 
     def _repeat_frame(self) -> Frame:
         if self.shared.paused.is_set() and self.last_frame is not None:
@@ -364,7 +390,8 @@ class OutputLoop:
 
     def _publish(self, frame: Frame, fresh: bool) -> None:
         now = time.monotonic()
-        self.last_send_time, self.last_send_fresh = now, fresh
+        self.last_send_time = now
+        self._owed = max(-self.BURST, self._clock(now) - 1.0)
         for index, sink in enumerate(self.shared.sinks):
             try:
                 sink.send(self._for_sink(index, frame))

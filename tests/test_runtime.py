@@ -497,3 +497,19 @@ def test_a_failure_outside_the_engine_call_does_not_end_the_inference_thread():
     snapshot = run_for(runtime, 1.0)
     assert FlakyStatsEngine.reads > 20 and snapshot["frames_processed"] > 20
     assert "counters unavailable" in snapshot["last_error"]
+
+
+@pytest.mark.parametrize("engine_fps", [17, 20, 25, 45])
+def test_the_output_sends_fps_frames_a_second_with_the_engine_slower_or_faster(engine_fps):
+    """Repeats fill in for a slow engine up to fps and no further (a repeat 1.25 periods after
+    each new frame made 40 a second at 20 engine fps: a recording 33 % longer than the show, and
+    none at 25); a fast engine's frames are held to fps."""
+    sink = RecordingSink()
+    runtime = Runtime(engine=StandInEngine(size=64, cost=1.0 / engine_fps),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=60), sinks=[sink],
+                      config=RuntimeConfig(fps=30))
+    run_for(runtime, 2.5)
+    times = [sent_at for sent_at, _ in sink.sent]
+    times = [t for t in times if t >= times[0] + 0.5]  # after the start
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 28.0 <= rate <= 31.0, f"{rate:.1f} sends a second with the engine at {engine_fps} fps, the output at 30"
