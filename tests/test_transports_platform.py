@@ -11,6 +11,7 @@ import pytest
 import spoutgl_standin
 from bridge.frames import Frame
 from bridge.transports import TransportUnavailable, open_sink, open_source
+from bridge.transports.base import SourceLost
 
 pyvirtualcam = pytest.importorskip("pyvirtualcam", reason="pyvirtualcam is not installed: pip install 'sdbridge[virtualcam]'")
 
@@ -124,6 +125,55 @@ def test_spout_round_trip_bgra_on_one_gl_thread(spout):
     sink.close()
     sink.close()
     assert "sdbridge" not in spout.senders  # released
+
+
+def _received(sink, source, frame):
+    """The first frame `source` gets while `frame` is sent (connect, size, then frames)."""
+    received = None
+    for _ in range(3):
+        sink.send(frame)
+        received = wait_for(lambda: source.read(timeout=0.05), 1.0) or received
+    return received
+
+
+def test_spout_sink_sends_any_pixel_format_in_its_colours(spout):
+    sink, source = open_sink("spout:colours", width=8, height=8), open_source("spout:colours")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    received = _received(sink, source, Frame(red, "RGB"))
+    assert received is not None and received.pixels[0, 0].tolist() == [0, 0, 255, 255]  # red, as BGRA
+    source.close()
+    sink.close()
+
+
+def test_a_spoutgl_error_is_reported_by_the_sink_and_the_receiver_reopens(spout, monkeypatch):
+    """One failing SpoutGL call used to end the worker thread silently: the sink then dropped every
+    frame without a word and the source returned nothing forever, never reconnecting."""
+    sink, source = open_sink("spout:flaky", width=8, height=8), open_source("spout:flaky")
+    frame = Frame(np.full((8, 8, 4), 7, np.uint8), "BGRA")
+    assert _received(sink, source, frame) is not None
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated SpoutGL failure")
+
+    with monkeypatch.context() as patch:  # the sender fails on one frame, then works again
+        patch.setattr(spout.SpoutSender, "sendImage", failing)
+        sink.send(frame)
+        wait_for(lambda: sink._failed is not None, 1.0)
+    with pytest.raises(RuntimeError, match="could not send a frame: RuntimeError: simulated SpoutGL failure"):
+        sink.send(frame)
+    sent = sink.frames_sent
+    sink.send(frame)
+    assert wait_for(lambda: sink.frames_sent > sent, 1.0)  # the sender went on
+
+    with monkeypatch.context() as patch:  # the receiver's call fails: its thread ends, read says so
+        patch.setattr(spout.SpoutReceiver, "receiveImage", failing)
+        with pytest.raises(SourceLost, match="Spout receiver failed: RuntimeError: simulated SpoutGL failure"):
+            wait_for(lambda: source.read(timeout=0.05) and False, 1.0)
+    source.close()
+    with open_source("spout:flaky") as again:  # what the runtime does next
+        assert _received(sink, again, frame) is not None
+    sink.close()
 
 
 def test_spout_receiver_follows_a_size_change(spout):

@@ -9,17 +9,20 @@ would otherwise silently rename us to NAME_1 and every receiver would lose us.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 
 import numpy as np
 
-from ..frames import Frame, FrameFormat
+from ..frames import Frame, FrameFormat, swizzle
 from ..slots import LatestSlot
 from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close
 
 POLL_SECONDS = 1.0 / 240  # how often the receiver asks for a new frame
+
+log = logging.getLogger(__name__)
 
 
 def import_spoutgl():
@@ -34,7 +37,8 @@ def import_spoutgl():
 
 
 class _SpoutThread:
-    """Runs `body(stop_event)` on a thread that owns an OpenGL context; start errors re-raised."""
+    """Runs `body(stop_event)` on a thread that owns an OpenGL context; start errors re-raised,
+    and an error that ends the body kept in `died` (the transport then says so, never looks alive)."""
 
     def __init__(self, name: str, setup, body) -> None:
         self._setup = setup
@@ -42,6 +46,7 @@ class _SpoutThread:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.died: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -57,7 +62,11 @@ class _SpoutThread:
             self._ready.set()
             return
         self._ready.set()
-        self._body(handle, self._stop)
+        try:
+            self._body(handle, self._stop)
+        except BaseException as exc:  # kept for read/send to raise; logged once here
+            self.died = exc
+            log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc)
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
@@ -75,6 +84,7 @@ class SpoutSink(Sink):
         self.name = name
         self.format = FrameFormat(width, height, "BGRA")
         self.frames_sent = 0
+        self._failed: Exception | None = None  # what SpoutGL raised on the last frame, for `send` to report
         self._slot: LatestSlot[Frame] = LatestSlot()
         self._lock = threading.Lock()
         self._closed = False
@@ -97,22 +107,36 @@ class SpoutSink(Sink):
         return sender
 
     def _send_loop(self, sender, stop: threading.Event) -> None:
+        """Publishes each frame; a frame SpoutGL fails on is kept in `_failed` for the next
+        `send` to raise, and the sender goes on with the next one."""
         gl_bgra = self._spoutgl.enums.GL_BGRA_EXT
         try:
             while not stop.is_set():
                 frame = self._slot.take(0.1)
                 if frame is None:
                     continue
-                pixels = np.ascontiguousarray(frame.pixels)  # (H, W, 4) BGRA
-                if sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
-                    self.frames_sent += 1
-                sender.setFrameSync(self.name)
+                try:
+                    pixels = np.ascontiguousarray(frame.pixels)  # (H, W, 4) BGRA
+                    if sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
+                        self.frames_sent += 1
+                    sender.setFrameSync(self.name)
+                except Exception as exc:
+                    self._failed = exc
         finally:
             sender.releaseSender()
             sender.closeOpenGL()
 
     def send(self, frame: Frame) -> None:
+        """Queue `frame` for the sender thread (any pixel format: BGRA is sent as it is). Raises
+        what SpoutGL failed on since the last call, or that the sender thread has stopped."""
+        if self._thread.died is not None:
+            raise RuntimeError(f"Spout sender {self.name!r} stopped: {self._thread.died}")
+        failed, self._failed = self._failed, None
+        if frame.pixel_format != "BGRA":
+            frame = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
         self._slot.put(frame)
+        if failed is not None:
+            raise RuntimeError(f"Spout sender {self.name!r} could not send a frame: {type(failed).__name__}: {failed}")
 
     def close(self) -> None:
         if not claim_close(self):
@@ -123,7 +147,9 @@ class SpoutSink(Sink):
 
 class SpoutSource(Source):
     """Receives from the Spout sender `name`. While the sender is away `read` returns None and
-    the receiver reconnects by itself when it comes back; its size may change at any time."""
+    the receiver reconnects by itself when it comes back; its size may change at any time. An
+    error from SpoutGL ends the receiver thread (its OpenGL context may be gone): `read` then
+    raises SourceLost, and the runtime opens a new receiver."""
 
     def __init__(self, *, name: str) -> None:
         if not name:
@@ -164,6 +190,8 @@ class SpoutSource(Source):
     def read(self, timeout: float = 0.1) -> Frame | None:
         if self._closed:
             raise SourceLost("Spout receiver closed")
+        if self._thread.died is not None:  # a SpoutGL error ended the receiver: reopen for a new one
+            raise SourceLost(f"Spout receiver failed: {type(self._thread.died).__name__}: {self._thread.died}")
         return self._slot.take(timeout)
 
     def close(self) -> None:
