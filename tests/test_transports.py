@@ -99,6 +99,33 @@ def test_video_source_loops(tmp_path):
     assert numbers[:15] == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2]
 
 
+def test_a_looping_clip_shows_its_last_frame_as_long_as_the_others_and_a_still_loops_at_its_rate(tmp_path):
+    """Each pass used to restart its clock at the first frame: the last frame went by in a
+    couple of ms, and a one-frame file (a still) was decoded again in a busy loop."""
+    clip = write_clip(tmp_path / "three.mp4", [np.full((48, 64, 3), 80 * i, np.uint8) for i in range(3)], fps=10)
+    with open_source(f"video:{clip}?loop=1") as source:
+        stamps, deadline = [], time.monotonic() + 3
+        while len(stamps) < 8 and time.monotonic() < deadline:
+            frame = source.read(timeout=0.1)
+            if frame is not None:
+                stamps.append(frame.timestamp)
+    gaps = np.diff(stamps)
+    assert len(gaps) == 7 and gaps.min() > 0.07, f"gaps {np.round(gaps * 1000)} ms at 10 fps"  # across the wraps too
+    still = tmp_path / "still.png"
+    with av.open(str(still), "w", format="image2") as container:
+        stream = container.add_stream("png", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 128, np.uint8), format="rgb24")
+        picture.pts = 0
+        for packet in [*stream.encode(picture), *stream.encode(None)]:
+            container.mux(packet)
+    with open_source(f"video:{still}?loop=1") as source:
+        count, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            count += source.read(timeout=0.05) is not None
+    assert 3 <= count <= 40, f"{count} frames of a still in 1 s"  # its frame rate (image2: 25 fps), not thousands
+
+
 def test_missing_video_and_camera_are_one_line_errors(tmp_path):
     with pytest.raises(TransportUnavailable, match="video file not found"):
         open_source(f"video:{tmp_path / 'nope.mp4'}")

@@ -48,9 +48,11 @@ class AVReader:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._decode_once()
+                ends = self._decode_once()
                 if not self._loop or self._stop.is_set():
                     break
+                if ends is not None and self._stop.wait(max(0.0, ends - time.monotonic())):
+                    break  # (realtime: the last frame is shown for its duration before the next pass)
                 self._container.close()
                 self._container = self._open_container()
             self._failure = SourceEnded(f"{self._name}: end of stream")
@@ -63,23 +65,31 @@ class AVReader:
             except Exception:  # closing a broken container may fail too; nothing left to release
                 log.debug("closing %s failed", self._name, exc_info=True)
 
-    def _decode_once(self) -> None:
-        """Decode the container from the start to its end (or until stopped)."""
+    def _decode_once(self) -> float | None:
+        """Decode the container from the start to its end (or until stopped). In realtime mode,
+        returns when (time.monotonic()) the last frame's time is up: its timestamp plus a frame's
+        duration, so that a looping clip shows its last frame for as long as the others, and a
+        one-frame file (a still) loops at its frame rate instead of as fast as it decodes."""
         stream = self._container.streams.video[0]
         stream.thread_type = "AUTO"
+        frame_seconds = 1.0 / float(stream.average_rate or 30)
         start = time.monotonic()
-        first_time = None
+        first_time = last_time = None
         for index, video_frame in enumerate(self._container.decode(stream)):
             if self._stop.is_set():
-                return
+                return None
             if self._realtime:
-                seconds = video_frame.time if video_frame.time is not None else index / float(stream.average_rate or 30)
+                seconds = video_frame.time if video_frame.time is not None else index * frame_seconds
                 first_time = seconds if first_time is None else first_time
+                last_time = seconds
                 if self._stop.wait(max(0.0, start + (seconds - first_time) - time.monotonic())):
-                    return
+                    return None
             pixels = video_frame.to_ndarray(format="rgb24")  # (H, W, 3)
             self._slot.put(Frame(pixels, "RGB", time.monotonic(), self._sequence))
             self._sequence += 1
+        if last_time is None:
+            return None
+        return start + (last_time - first_time) + frame_seconds
 
     def close(self, timeout: float = 1.0) -> None:
         self._stop.set()
