@@ -326,21 +326,24 @@ def scenario_lost() -> dict:
 
 
 def scenario_adaptive() -> dict:
-    """A sink without a size follows the frames: RGB then BGR of another size, colours kept."""
+    """A sink without a size follows the frames: RGB then BGR of another size, colours kept; and
+    the sink the runtime opens (`open_sink`, at the engine's size at start) follows them too."""
+    from bridge.transports import open_sink
     from bridge.transports.ndi import NDISink, NDISource
 
     result: dict = {}
-    with NDISink(name="sdbridge-adapt", pixel_format="BGRA") as sink, NDISource(
-        name="sdbridge-adapt", timeout=5.0
-    ) as source:
-        result["full_name_before_first_frame"] = sink.full_name
-        for label, (width, height, pixel_format) in {"rgb": (64, 32, "RGB"), "bgr": (96, 48, "BGR")}.items():
-            pacer = Pacer(sink, first=0, count=150, fps=30, width=width, height=height, pixel_format=pixel_format)
-            pacer.start()
-            frames = read_until(source, count=4, seconds=8)
-            result[label] = [describe(f) for f in frames[-2:]]  # the first may predate the change
-            pacer.stop()
-            result[label + "_send_error"] = pacer.error
+    sinks = {"": lambda: NDISink(name="sdbridge-adapt", pixel_format="BGRA"),
+             "opened_": lambda: open_sink("ndi:sdbridge-adapt?pixel_format=BGRA", width=64, height=32, fps=30)}
+    for variant, make_sink in sinks.items():
+        with make_sink() as sink, NDISource(name="sdbridge-adapt", timeout=5.0) as source:
+            result[variant + "full_name_before_first_frame"] = sink.full_name
+            for label, (width, height, pixel_format) in {"rgb": (64, 32, "RGB"), "bgr": (96, 48, "BGR")}.items():
+                pacer = Pacer(sink, first=0, count=150, fps=30, width=width, height=height, pixel_format=pixel_format)
+                pacer.start()
+                frames = read_until(source, count=4, seconds=8)
+                result[variant + label] = [describe(f) for f in frames[-2:]]  # the first may predate the change
+                pacer.stop()
+                result[variant + label + "_send_error"] = pacer.error
     return result
 
 

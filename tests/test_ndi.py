@@ -125,6 +125,7 @@ def test_missing_cyndilib_is_one_clear_line(monkeypatch, cls):
         (NDISink, {"name": "x", "width": "64.5", "height": 32}, "width"),
         (NDISink, {"name": "x", "frame_rate": -1}, "frame_rate"),
         (NDISink, {"name": "x", "alpha": "maybe"}, "alpha"),
+        (NDISink, {"name": "x", "follow_size": "sometimes"}, "follow_size"),
         (NDISink, {"name": "x", "pixel_format": "BGR"}, "pixel_format"),
     ],
 )
@@ -203,10 +204,13 @@ def test_read_gives_none_then_source_lost(ndi_namespace):
 
 
 @pytest.mark.timeout(90)
-def test_sink_without_size_follows_the_frames(ndi_namespace):
+def test_sink_without_size_follows_the_frames_and_so_does_the_runtimes(ndi_namespace):
+    """The runtime's NDI sink (open_sink: opened at the engine's size) follows /sd/resolution."""
     result = run_peer(ndi_namespace, "adaptive")
     assert result["full_name_before_first_frame"] is None
-    for label, size in (("rgb", (64, 32)), ("bgr", (96, 48))):
+    assert result["opened_full_name_before_first_frame"] is not None  # opened at start
+    for label, size in [(variant + label, size) for variant in ("", "opened_")
+                        for label, size in (("rgb", (64, 32)), ("bgr", (96, 48)))]:
         assert result[label + "_send_error"] is None
         frames = result[label]
         assert frames and {tuple(f["size"]) for f in frames} == {size}, frames

@@ -110,7 +110,6 @@ def wait_for(predicate, seconds=3.0):
 
 def test_spout_round_trip_bgra_on_one_gl_thread(spout):
     sink = open_sink("spout:sdbridge", width=64, height=32)
-    assert sink.format.pixel_format == "BGRA"
     source = open_source("spout:sdbridge")
     pixels = np.zeros((32, 64, 4), np.uint8)
     pixels[..., 2] = 200  # red in BGRA
@@ -136,12 +135,17 @@ def _received(sink, source, frame):
     return received
 
 
-def test_spout_sink_sends_any_pixel_format_in_its_colours(spout):
+def test_spout_sink_sends_any_pixel_format_and_follows_a_size_change(spout):
+    """What the runtime's sink gets: the engine's RGB frames, and after /sd/resolution another
+    size: in their colours, at their size (no letterbox into the size at start)."""
     sink, source = open_sink("spout:colours", width=8, height=8), open_source("spout:colours")
-    red = np.zeros((8, 8, 3), np.uint8)
-    red[..., 0] = 255
-    received = _received(sink, source, Frame(red, "RGB"))
-    assert received is not None and received.pixels[0, 0].tolist() == [0, 0, 255, 255]  # red, as BGRA
+    assert sink.format is None  # any size and pixel format
+    for width, height in ((8, 8), (12, 6)):
+        red = np.zeros((height, width, 3), np.uint8)
+        red[..., 0] = 255
+        received = _received(sink, source, Frame(red, "RGB"))
+        assert received is not None and received.pixels.shape == (height, width, 4)
+        assert received.pixels[0, 0].tolist() == [0, 0, 255, 255]  # red, as BGRA
     source.close()
     sink.close()
 

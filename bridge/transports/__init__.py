@@ -142,7 +142,7 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
         _check_options(spec, ())
         from .spout import SpoutSink
 
-        return SpoutSink(name=spec.target, width=width, height=height)
+        return SpoutSink(name=spec.target)
     if spec.kind == "ndi":
         _check_options(spec, ("pixel_format", "alpha"))
         from .ndi import NDISink
@@ -150,7 +150,7 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
         options = {"pixel_format": spec.options["pixel_format"]} if "pixel_format" in spec.options else {}
         if "alpha" in spec.options:
             options["alpha"] = _option(spec, "alpha", bool, False)
-        return NDISink(name=spec.target, width=width, height=height, frame_rate=fps, **options)
+        return NDISink(name=spec.target, width=width, height=height, frame_rate=fps, follow_size=True, **options)
     if spec.kind == "window":
         _check_options(spec, ("scale",))
         from .window import WindowSink

@@ -236,8 +236,9 @@ class NDISink(Sink):
     """Publishes frames as the NDI sender `name` (other machines see "HOST (name)").
 
     With `width` and `height` the sender opens now and `format` is fixed (the runtime converts
-    to it); without them it opens on the first frame, takes each frame's size, and reopens when
-    the size changes. `pixel_format` is what goes on the wire, RGBA or BGRA (RGB/BGR frames are
+    to it), unless `follow_size`; without them it opens on the first frame. Without a fixed
+    format it takes each frame's size and reopens when the size changes (what `open_sink` makes:
+    opened at the engine's size, following `/sd/resolution`). `pixel_format` is what goes on the wire, RGBA or BGRA (RGB/BGR frames are
     swizzled); `alpha=False` marks the fourth channel as unused (RGBX/BGRX), which NDI encodes
     cheaper. `send` does not wait for NDI's clock or for receivers. `close` frees the name at once.
     """
@@ -251,6 +252,7 @@ class NDISink(Sink):
         pixel_format: str = "RGBA",
         alpha: bool = False,
         frame_rate: float = 30.0,
+        follow_size: bool = False,
     ) -> None:
         self.name = _check_name(name)
         if pixel_format not in NDI_PIXEL_FORMATS:
@@ -259,10 +261,9 @@ class NDISink(Sink):
             raise ValueError(f"width, height: give both or neither, got width={width!r} height={height!r}")
         frame_rate = _positive("frame_rate", frame_rate)
         alpha = _flag("alpha", alpha)
-        if width is None:
-            self.format = None
-        else:
-            self.format = FrameFormat(_positive("width", width, int), _positive("height", height, int), pixel_format)
+        opened_at = None if width is None else FrameFormat(_positive("width", width, int),
+                                                           _positive("height", height, int), pixel_format)
+        self.format = None if _flag("follow_size", follow_size) else opened_at
         self._cyndilib = import_cyndilib()
         self._pixel_format = pixel_format
         self._fourcc = getattr(self._cyndilib.FourCC, pixel_format if alpha else pixel_format[:3] + "X")
@@ -271,8 +272,8 @@ class NDISink(Sink):
         self._closed = False
         self._sender = None
         self._size: tuple[int, int] | None = None  # (width, height) of the open sender
-        if self.format is not None:
-            self._open(self.format.width, self.format.height)
+        if opened_at is not None:
+            self._open(opened_at.width, opened_at.height)
 
     @property
     def full_name(self) -> str | None:

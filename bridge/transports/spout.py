@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..frames import Frame, FrameFormat, swizzle
+from ..frames import Frame, swizzle
 from ..slots import LatestSlot
 from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close
 
@@ -75,14 +75,15 @@ class _SpoutThread:
 
 
 class SpoutSink(Sink):
-    """Publishes frames under the sender name `name` (BGRA, the engine's size)."""
+    """Publishes frames under the sender name `name`, each at its own size (receivers follow a
+    size change), as BGRA (other pixel formats are converted)."""
 
-    def __init__(self, *, name: str, width: int, height: int) -> None:
+    def __init__(self, *, name: str) -> None:
         if not name:
             raise ValueError("name: a Spout sender name is needed, as in spout:sdbridge")
         self._spoutgl = import_spoutgl()
         self.name = name
-        self.format = FrameFormat(width, height, "BGRA")
+        self.format = None  # any size and pixel format
         self.frames_sent = 0
         self._failed: Exception | None = None  # what SpoutGL raised on the last frame, for `send` to report
         self._slot: LatestSlot[Frame] = LatestSlot()
