@@ -138,20 +138,35 @@ class ParameterStore:
         self.update({name: value})
 
     def update(self, values: dict[str, Any]) -> None:
-        """Several values at once, applied together (all are type-checked before any is queued)."""
-        checked = {name: coerce(name, value) for name, value in values.items()}
-        texts = _prompt_texts(checked)
-        if texts and self._encoder is not None:
-            self._encoder.submit(checked, texts)  # queued once the texts are encoded
+        """Several values at once, applied together (all are type-checked before any is queued;
+        of two that set the same thing, prompt and prompt_blend say, the later in `values` wins).
+        With a prompt among them they wait for its encoding, and a value set again meanwhile
+        keeps its newer value."""
+        checked = _latest_of_groups({name: coerce(name, value) for name, value in values.items()})
+        if _prompt_texts(checked) and self._encoder is not None:
+            self._encoder.submit(checked, self._count(checked))  # queued once the texts are encoded
         else:
             self._queue(checked)
 
-    def _queue(self, checked: dict[str, Any], *, since: dict[str, int] | None = None) -> None:
+    def _count(self, checked: dict[str, Any]) -> dict[str, int]:
+        """Count `checked` as set now (see `_queue`); their settings' generations."""
+        with self._lock:
+            for key in {_setting(name) for name in checked}:
+                self._generations[key] = self._generations.get(key, 0) + 1
+            return {_setting(name): self._generations[_setting(name)] for name in checked}
+
+    def _queue(self, checked: dict[str, Any], *, since: dict[str, int] | None = None,
+               counted: dict[str, int] | None = None) -> None:
         """Pend `checked`, new values. `since`: instead, values coming back from the readier, set
         when the settings were at these `generations`; a setting set again since (pending now, or
-        applied already) keeps its newer value, and the older one is dropped."""
+        applied already) keeps its newer value, and the older one is dropped. `counted`: values
+        counted as set (`_count`) when they went to the prompt worker, at these generations; one
+        set again since is dropped the same way."""
         with self._lock:
-            if since is None:
+            if counted is not None:
+                checked = {name: value for name, value in checked.items()
+                           if self._generations.get(_setting(name), 0) == counted.get(_setting(name))}
+            elif since is None:
                 for name in checked:
                     key = _setting(name)
                     self._generations[key] = self._generations.get(key, 0) + 1
@@ -269,23 +284,42 @@ def _prompt_texts(values: dict[str, Any]) -> list[str]:
     return texts
 
 
+def _latest_of_groups(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with, of the names of one EXCLUSIVE group, only the last (dicts keep their order)."""
+    for group in EXCLUSIVE:
+        present = [name for name in values if name in group]
+        if len(present) > 1:
+            values = {name: value for name, value in values.items() if name not in present[:-1]}
+    return values
+
+
+def _merged(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+    """`older` updated with `newer`, whose names also replace their EXCLUSIVE partners in `older`."""
+    replaced = set().union(*(_same_thing(name) for name in newer))
+    return {**{name: value for name, value in older.items() if name not in replaced}, **newer}
+
+
 class _PromptWorker:
-    """Runs the text encoder for new prompts on its own thread; the newest request wins."""
+    """Runs the text encoder for new prompts on its own thread; the newest request wins: one
+    submitted while another waits replaces it (merged: its values win, and only the merged
+    values' texts are encoded). Each request's texts, then the negative prompt the engine will
+    use with them (a blend of 8 must not push it out of the prompt cache)."""
 
     def __init__(self, store: ParameterStore, encode: Callable[[str], None]) -> None:
         self._store, self._encode = store, encode
         self._condition = threading.Condition()
-        self._request: tuple[dict, list[str]] | None = None
+        self._request: tuple[dict, dict[str, int]] | None = None  # (values, their generations when counted)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="prompt-encoder", daemon=True)
         self._thread.start()
 
-    def submit(self, values: dict[str, Any], texts: list[str]) -> None:
+    def submit(self, values: dict[str, Any], counted: dict[str, int]) -> None:
         with self._condition:
             if self._request is not None:  # an older request not started yet: merge, newest values win
-                values = {**self._request[0], **values}
-                texts = self._request[1] + texts
-            self._request = (values, texts)
+                older, older_counted = self._request
+                values = _merged(older, values)
+                counted = {**older_counted, **counted}
+            self._request = (values, counted)
             self._condition.notify()
 
     def _run(self) -> None:
@@ -295,17 +329,18 @@ class _PromptWorker:
                     self._condition.wait()
                 if self._closed:
                     return
-                values, texts = self._request
+                values, counted = self._request
                 self._request = None
+            negative = values.get("negative_prompt", self._store.applied.get("negative_prompt")) or ""
             try:
-                for text in texts:
+                for text in [*_prompt_texts(values), negative]:
                     self._encode(text)
             except Exception as exc:  # a failed encode: report it, keep the current prompt
                 for name in PROMPT_NAMES:
                     if name in values:
                         self._store.report_rejected(name, values.pop(name), f"encoding failed: {type(exc).__name__}: {exc}")
             openmp.release_idle_workers()  # idle until the next prompt: keep the engine's threads fast
-            self._store._queue(values)
+            self._store._queue(values, counted=counted)
 
     def close(self) -> None:
         with self._condition:

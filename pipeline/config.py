@@ -77,7 +77,7 @@ class StreamConfig:
     device: torch.device | str = "auto"  # "auto": CUDA when available, else CPU
     kv_cache: bool = True  # precompute the prompt's cross-attention keys and values once per prompt
     text_encoder_graph: bool = True  # with a CUDA step graph: the text encoder as a CUDA graph too
-    prompt_cache_size: int = 8  # recent prompt embeddings kept on the device, for instant switching back
+    prompt_cache_size: int = 16  # recent prompt embeddings kept on the device (a blend of 8 and its negative fit)
     lcm_original_steps: int = 50  # LCM's original_inference_steps (the distillation schedule length)
     overlap_decode: bool = False  # img2img: decode each x_0 during the next frame's step (one frame later)
     overlap_encode: bool = False  # img2img: encode each frame during the previous frame's UNet (one frame later)

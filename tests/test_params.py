@@ -97,3 +97,91 @@ def test_a_failing_encode_is_reported_and_the_prompt_kept(engine):
         assert "encoding failed" in store.rejected["prompt"][1]
     finally:
         store.close()
+
+
+def _gated_encoder():
+    """An encoder that records its texts and waits for `gate` (set) before each one."""
+    import threading
+
+    gate, texts = threading.Event(), []
+
+    def encode(text):
+        gate.wait(10)
+        texts.append(text)
+
+    return encode, gate, texts
+
+
+def test_a_prompt_storm_while_one_encodes_costs_one_more_encode_not_one_each():
+    """Each prompt packet sent while an encode ran used to be added to the waiting request: 20,000
+    prompts left 9,305 texts waiting and applied the newest one 37 s late."""
+    encode, gate, texts = _gated_encoder()
+    store = ParameterStore()
+    store.attach_prompt_encoder(encode)
+    try:
+        store.set("prompt", "first")
+        time.sleep(0.1)  # the worker is now inside the first encode
+        for index in range(500):
+            store.set("prompt", f"prompt {index}")
+        gate.set()
+        assert _wait_pending(store, "prompt") and time.sleep(0.3) is None
+        assert store.take() == {"prompt": "prompt 499"}
+        assert texts == ["first", "", "prompt 499", ""]  # each request's text, then its negative prompt
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_a_value_set_again_while_its_packets_prompt_encodes_keeps_the_newer_value():
+    """A preset with a prompt and guidance 5, then a fader's guidance 10 while the prompt encodes:
+    guidance 10, not the preset's 5 when its prompt is ready."""
+    encode, gate, _ = _gated_encoder()
+    store = ParameterStore()
+    store.attach_prompt_encoder(encode)
+    try:
+        store.update({"prompt": "a cat", "guidance_scale": 5.0})
+        store.set("guidance_scale", 10.0)
+        gate.set()
+        assert _wait_pending(store, "prompt") and time.sleep(0.1) is None
+        assert store.take() == {"guidance_scale": 10.0, "prompt": "a cat"}
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_of_a_prompt_and_a_blend_in_one_change_the_later_wins(engine):
+    store = ParameterStore()
+    store.attach_prompt_encoder(engine.prepare_prompt)
+    try:
+        store.update({"prompt": "a", "prompt_blend": [("b", 0.5), ("c", 0.5)]})
+        assert _wait_pending(store, "prompt_blend")
+        apply_pending(store, engine)
+        assert engine.prompt == "b:0.5 | c:0.5" and "prompt" not in store.applied
+        store.update({"prompt_blend": [("b", 1.0)], "prompt": "d"})
+        assert _wait_pending(store, "prompt")
+        apply_pending(store, engine)
+        assert engine.prompt == "d" and "prompt_blend" not in store.applied
+    finally:
+        store.close()
+
+
+def test_a_blend_of_eight_leaves_nothing_for_the_frame_loop_to_encode(engine):
+    """Eight blended prompts filled the old 8-entry prompt cache and pushed the negative prompt
+    out: the frame loop then ran the text encoder itself."""
+    store = ParameterStore()
+    store.attach_prompt_encoder(engine.prepare_prompt)
+    try:
+        store.set("negative_prompt", "blurry")
+        assert _wait_pending(store, "negative_prompt")
+        apply_pending(store, engine)
+        store.set("prompt_blend", [(f"style {index}", 0.125) for index in range(8)])
+        assert _wait_pending(store, "prompt_blend")
+        calls = []
+        handle = engine.components.text_encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+        try:
+            apply_pending(store, engine)
+        finally:
+            handle.remove()
+        assert calls == [] and engine.negative_prompt == "blurry" and engine.prompt.startswith("style 0")
+    finally:
+        store.close()
