@@ -64,6 +64,15 @@ def test_all_types_and_arrays():
                             (1, 2, 3, 4), (0x90, 0x40, 0x7F, 0), 7, 1, 2)
 
 
+@pytest.mark.parametrize("code", [0x0, 0x0A, 0x7F, 0xD800, 0x10FFFF, 0xFFFFFFFF])
+def test_a_char_argument_must_be_a_printable_ascii_character(code):
+    """'c' used to be masked into any code point: NUL or a lone surrogate reached the prompt,
+    past the UTF-8 check every string gets, and failed in the text encoder."""
+    with pytest.raises(OSCError, match="bad_type: char argument"):
+        decode_message(b"/sd/prompt\x00\x00,c\x00\x00" + struct.pack(">I", code))
+    assert decode_message(b"/sd/prompt\x00\x00,c\x00\x00" + struct.pack(">I", 0x7E)).args == ("~",)
+
+
 def test_missing_type_tags_mean_no_arguments():
     assert decode_message(b"/sd/pause\x00\x00\x00").args == ()
 

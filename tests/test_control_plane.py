@@ -343,3 +343,74 @@ def test_flood_keeps_the_render_loop_on_time_and_memory_flat(plane, record_prope
     assert result["frame_interval_p99_ms"] < result["nominal_ms"] + 15.0  # generous for busy CI (issue: +5 ms)
     assert result["rss_growth_bytes"] < 32 * 2**20
     assert plane.counters["internal_errors"] == 0
+
+
+def _http(port, raw: bytes, seconds=5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as client:
+        client.sendall(raw)
+        reply = b""
+        while chunk := client.recv(4096):
+            reply += chunk
+    return reply
+
+
+def test_oscquery_answers_a_broken_request_400_without_a_traceback(plane, capfd):
+    assert _http(plane.oscquery_port, b"GET http://[ HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 400")
+    with socket.create_connection(("127.0.0.1", plane.oscquery_port), timeout=5) as early:
+        early.sendall(b"GET / HTTP/1.0\r\n\r\n")  # and hangs up before the answer
+    time.sleep(0.3)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_oscquery_closes_slow_clients_and_caps_its_connections(monkeypatch):
+    """A client sending a header line every few seconds kept its thread and descriptor for ever,
+    and any number of them could (at the descriptor limit the OSC servers could accept nothing)."""
+    from bridge.control import oscquery
+
+    monkeypatch.setattr(oscquery, "REQUEST_DEADLINE_SECONDS", 0.5)
+    monkeypatch.setattr(oscquery, "MAX_CONNECTIONS", 2)
+    server = oscquery.OSCQueryServer(host="127.0.0.1", port=0, prefix="/sd", osc_port=9000, values=dict)
+    try:
+        slow = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+        for client in slow:
+            client.sendall(b"GET / HTTP/1.0\r\n")  # and never the end of the headers
+        time.sleep(0.2)
+        assert _http(server.port, b"GET / HTTP/1.0\r\n\r\n") == b""  # a third: closed at once
+        assert wait_for(lambda: server.refused_connections == 1)
+        started = time.monotonic()
+        for client in slow:
+            assert client.recv(4096) == b""  # closed at the deadline
+            client.close()
+        assert time.monotonic() - started < 2.0
+        assert _http(server.port, b"GET /?HOST_INFO HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")  # slots free again
+    finally:
+        server.close()
+
+
+def test_osc_tcp_replaces_an_idle_connection_when_all_are_taken(monkeypatch):
+    """Silent or vanished peers holding every TCP slot locked every other client out for good."""
+    from bridge.control import servers
+
+    monkeypatch.setattr(servers, "MAX_TCP_CONNECTIONS", 3)
+    monkeypatch.setattr(servers, "EVICT_IDLE_SECONDS", 0.3)
+    received = []
+    server = servers.TCPServer(host="127.0.0.1", port=0, handler=lambda packet, peer: received.append(packet))
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+        time.sleep(0.5)
+        message = encode_message("/sd/seed", 42)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as newcomer:
+            newcomer.sendall(struct.pack(">i", len(message)) + message)
+            assert wait_for(lambda: received == [message])
+        assert server.refused_connections == 0
+        closed = 0
+        for client in silent:
+            client.settimeout(0.5)
+            try:
+                closed += client.recv(1) == b""
+            except socket.timeout:
+                pass
+            client.close()
+        assert closed == 1  # the one idle longest made room
+    finally:
+        server.close()

@@ -9,6 +9,7 @@
   import or run nothing (Python's audit hooks see every open()).
 """
 
+import http.client
 import signal
 import socket
 import struct
@@ -20,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import psutil
+import pytest
 from pythonosc.osc_message import OscMessage
 
 from bridge.control import ControlPlane, ControlSettings
@@ -79,6 +81,11 @@ def test_run_listens_on_loopback_only_and_drops_senders_outside_the_allow_list()
             insider.bind(("127.0.0.1", 0))
             insider.sendto(encode_message("/sd/seed", 5), ("127.0.0.1", osc_port))
         assert wait_until(lambda: query(query_port, "/sd/seed?VALUE")["VALUE"] == [5], 30)
+        outsider_http = http.client.HTTPConnection("127.0.0.1", query_port, timeout=5, source_address=("127.0.0.2", 0))
+        with pytest.raises((http.client.HTTPException, OSError)):  # OSCQuery keeps the allow list too
+            outsider_http.request("GET", "/?HOST_INFO")
+            outsider_http.getresponse()
+        outsider_http.close()
 
         def refused():
             try:

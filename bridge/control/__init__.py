@@ -187,7 +187,8 @@ class ControlPlane:
         query_port = s.resolved_oscquery_port
         if query_port is not None:
             server = self._bind("oscquery_port", lambda: OSCQueryServer(
-                host=s.osc_bind, port=query_port, prefix=s.osc_prefix, osc_port=udp.port, values=self._values))
+                host=s.osc_bind, port=query_port, prefix=s.osc_prefix, osc_port=udp.port, values=self._values,
+                allow=self.router.accepts))
             self.oscquery_port = server.port
         if s.status_target is not None:
             self._parts.append(StatusSender(target=parse_target(s.status_target), snapshot=self.snapshot,

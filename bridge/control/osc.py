@@ -196,8 +196,11 @@ def _read_argument(data: bytes, position: int, tag: str, limits: Limits):
             value = _INT32.unpack_from(data, position)[0]
         elif tag == "f":
             value = _FLOAT32.unpack_from(data, position)[0]
-        elif tag == "c":
-            value = chr(_UINT32.unpack_from(data, position)[0] & 0x10FFFF)
+        elif tag == "c":  # "an ascii character, sent as 32 bits": a printable one, else refused
+            code = _UINT32.unpack_from(data, position)[0]
+            if not 0x20 <= code <= 0x7E:
+                raise OSCError("bad_type", f"char argument {code:#x} is not a printable ASCII character")
+            value = chr(code)
         else:
             value = tuple(data[position:position + 4])
         return value, position + 4

@@ -30,6 +30,8 @@ EXTENSIONS = {"ACCESS": True, "VALUE": True, "RANGE": True, "DESCRIPTION": True,
               "EXTENDED_TYPE": False, "UNIT": False, "CRITICAL": False, "CLIPMODE": True,
               "LISTEN": False, "PATH_CHANGED": False}
 REQUEST_TIMEOUT_SECONDS = 5.0  # a client that sends nothing is dropped after this long
+REQUEST_DEADLINE_SECONDS = 10.0  # and any connection after this long, however slowly it sends
+MAX_CONNECTIONS = 32  # at once; more are closed at once (the OSC servers keep their descriptors)
 
 
 def leaf(param: Param, normalized: bool, full_path: str, value: Any) -> dict:
@@ -112,8 +114,12 @@ def find_node(tree: dict, path: str) -> dict | None:
 
 
 def answer(tree: dict, target: str, host_info: dict) -> tuple[int, dict | None]:
-    """(HTTP status, JSON body or None) for a GET of `target` (path and optional ?ATTR)."""
-    parts = urlsplit(target)
+    """(HTTP status, JSON body or None) for a GET of `target` (path and optional ?ATTR); 400 for
+    a target that is not a URL."""
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return 400, None
     path, query = unquote(parts.path) or "/", parts.query.split("&")[0].upper()
     if query == "HOST_INFO":
         return 200, host_info
@@ -130,15 +136,29 @@ def answer(tree: dict, target: str, host_info: dict) -> tuple[int, dict | None]:
 
 
 class OSCQueryServer:
-    """Serves `answer(...)` over HTTP on (host, port). `values()` gives the current values."""
+    """Serves `answer(...)` over HTTP on (host, port). `values()` gives the current values.
+    Only peers `allow(peer)` accepts are answered (the OSC servers' allow list); at most
+    MAX_CONNECTIONS at once, each closed after REQUEST_DEADLINE_SECONDS; a client's broken
+    request or early hang-up is a debug line, not a traceback."""
 
     def __init__(self, *, host: str, port: int, prefix: str, osc_port: int,
-                 values: Callable[[], dict], name: str = "sdbridge") -> None:
+                 values: Callable[[], dict], name: str = "sdbridge",
+                 allow: Callable[[tuple], bool] = lambda peer: True) -> None:
         server_self = self
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_SECONDS
             server_version = "sdbridge-oscquery"
+
+            def setup(self) -> None:
+                super().setup()
+                self._deadline = threading.Timer(REQUEST_DEADLINE_SECONDS, _shut, (self.connection,))
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def finish(self) -> None:
+                self._deadline.cancel()
+                super().finish()
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 server_self._get(self)
@@ -147,8 +167,15 @@ class OSCQueryServer:
                 log.debug("oscquery %s: " + format, self.client_address[0], *args)
 
         self._prefix, self._osc_port, self._values, self._name = prefix, osc_port, values, name
-        server_class = type("OSCQueryHTTPServer", (ThreadingHTTPServer,),
-                            {"address_family": _family(host), "daemon_threads": True})
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused_connections = 0
+        server_class = type("OSCQueryHTTPServer", (ThreadingHTTPServer,), {
+            "address_family": _family(host), "daemon_threads": True,
+            "verify_request": lambda httpd, request, peer: allow(peer) and self._take_slot(),
+            "process_request_thread": _releasing(ThreadingHTTPServer.process_request_thread, self._slots),
+            "handle_error": lambda httpd, request, peer: log.debug("oscquery %s: request failed", peer[0],
+                                                                   exc_info=True),
+        })
         self._httpd = server_class((host, port), Handler)
         self.port = self._httpd.server_address[1]
         self._closed = False
@@ -182,6 +209,32 @@ class OSCQueryServer:
         self._httpd.shutdown()
         self._thread.join(2.0)
         self._httpd.server_close()
+
+    def _take_slot(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        self.refused_connections += 1
+        return False
+
+
+def _releasing(process_request_thread, slots: threading.BoundedSemaphore):
+    """`process_request_thread` that gives its connection's slot back when done."""
+
+    def run(httpd, request, peer) -> None:
+        try:
+            process_request_thread(httpd, request, peer)
+        finally:
+            slots.release()
+
+    return run
+
+
+def _shut(connection: socket.socket) -> None:
+    """End a connection that outlived its deadline (its handler's next read or write fails)."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 from .osc import OSCError, slip_decode
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often blocked receive loops look at the close flag
 UDP_BUFFER_BYTES = 65535  # recvfrom size: any UDP datagram (max payload 65507) is read in full
 UDP_SOCKET_BUFFER = 1 << 20  # kernel receive buffer: absorbs bursts; beyond it the kernel drops
-MAX_TCP_CONNECTIONS = 16  # more are accepted and closed at once
+MAX_TCP_CONNECTIONS = 16  # more are accepted and closed at once, unless one of these is idle:
+EVICT_IDLE_SECONDS = 10.0  # then the one idle longest (at least this long) is closed for the newcomer
 TCP_READ_BYTES = 65536
 
 Handler = Callable[[bytes, tuple], None]
@@ -88,7 +90,10 @@ class UDPServer:
 
 
 class TCPServer:
-    """Accepts up to MAX_TCP_CONNECTIONS; each connection's packets go to `handler`."""
+    """Accepts up to MAX_TCP_CONNECTIONS; each connection's packets go to `handler`. When all
+    are taken, a newcomer replaces the connection idle longest, if that one has sent nothing for
+    EVICT_IDLE_SECONDS (vanished or silent peers never lock the others out; a desk idle between
+    cues keeps its connection until the slots run out). Refusals are logged at most every 5 s."""
 
     def __init__(self, *, host: str, port: int, handler: Handler, max_packet_bytes: int = 65507,
                  on_error: ErrorHandler = _log_error, allow: Callable[[tuple], bool] = lambda peer: True) -> None:
@@ -106,7 +111,9 @@ class TCPServer:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._connections: dict[threading.Thread, socket.socket] = {}
+        self._last_heard: dict[threading.Thread, float] = {}  # time.monotonic() of each one's last bytes
         self.refused_connections = 0
+        self._logged_refusal = -1e9  # when a refusal or an accept error was last logged
         self._thread = threading.Thread(target=self._accept, name="sdbridge osc tcp", daemon=True)
         self._thread.start()
 
@@ -116,27 +123,55 @@ class TCPServer:
                 connection, peer = self._socket.accept()
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as exc:  # e.g. out of file descriptors: the connection stays queued, so wait
                 if self._closed.is_set():
                     return
+                self._log_at_most_every_5s("OSC TCP: accepting a connection failed: %s", exc)
+                self._closed.wait(POLL_SECONDS)
                 continue
             if not self._allow(peer):
                 connection.close()
                 continue
             with self._lock:
+                if len(self._connections) >= MAX_TCP_CONNECTIONS and not self._closed.is_set():
+                    self._evict_idle()
                 if len(self._connections) >= MAX_TCP_CONNECTIONS or self._closed.is_set():
                     self.refused_connections += 1
                     connection.close()
-                    log.warning("OSC TCP connection from %s refused: %d already open", peer[0], MAX_TCP_CONNECTIONS)
+                    self._log_at_most_every_5s("OSC TCP connection from %s refused: %d already open (%d refused so far)",
+                                               peer[0], MAX_TCP_CONNECTIONS, self.refused_connections)
                     continue
                 connection.settimeout(POLL_SECONDS)
                 thread = threading.Thread(target=self._serve, args=(connection, peer), daemon=True,
                                           name=f"sdbridge osc tcp {peer[0]}:{peer[1]}")
                 self._connections[thread] = connection
+                self._last_heard[thread] = time.monotonic()
             thread.start()
+
+    def _evict_idle(self) -> None:
+        """(With the lock held.) Shut down the connection idle longest if it has been idle for
+        EVICT_IDLE_SECONDS; its thread then closes it and frees the slot at once."""
+        thread = min(self._last_heard, key=self._last_heard.get, default=None)
+        idle = time.monotonic() - self._last_heard[thread] if thread is not None else 0.0
+        if idle < EVICT_IDLE_SECONDS:
+            return
+        connection = self._connections.pop(thread)
+        self._last_heard.pop(thread)
+        log.info("OSC TCP: closing %s, idle for %.0f s, for a new connection", thread.name, idle)
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already gone
+            pass
+
+    def _log_at_most_every_5s(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._logged_refusal >= 5.0:
+            self._logged_refusal = now
+            log.warning(message, *args)
 
     def _serve(self, connection: socket.socket, peer: tuple) -> None:
         framer = StreamFramer(max_packet_bytes=self._max_packet)
+        me = threading.current_thread()
         try:
             while not self._closed.is_set():
                 try:
@@ -145,6 +180,9 @@ class TCPServer:
                     continue
                 if not chunk:
                     return
+                with self._lock:
+                    if me in self._last_heard:
+                        self._last_heard[me] = time.monotonic()
                 packets = framer.feed(chunk)
                 for error in framer.take_errors():
                     self._on_error(error, peer)
@@ -152,12 +190,13 @@ class TCPServer:
                     self._handler(packet, peer)
         except OSCError as exc:  # the stream cannot be read on: close it
             self._on_error(exc, peer)
-        except OSError as exc:
-            log.info("OSC TCP connection from %s closed: %s", peer[0], exc)
+        except OSError as exc:  # a reset peer (one line each: debug, not the show's log)
+            log.debug("OSC TCP connection from %s closed: %s", peer[0], exc)
         finally:
             connection.close()
             with self._lock:
-                self._connections.pop(threading.current_thread(), None)
+                self._connections.pop(me, None)
+                self._last_heard.pop(me, None)
 
     def close(self) -> None:
         if not _stop(self):
