@@ -147,6 +147,15 @@ def test_wildcards(pattern, address, expected):
     assert _match(pattern, address) is expected
 
 
+def test_character_ranges_are_kept_as_ranges_not_expanded():
+    """A bundle of 128 patterns of 80 ranges each used to expand every range character by
+    character, packet after packet: 55-67 ms of CPU per 34 KB packet."""
+    (_, part) = compile_pattern("/sd/[" + " -~" * 80 + "]*")
+    assert part.tokens[0].ranges == ((0x20, 0x7E),) and part.tokens[0].chars == frozenset()
+    assert _match("/sd/[a-eg]uidance", "/sd/guidance") and not _match("/sd/[!a-z]uidance", "/sd/guidance")
+    assert _match("/sd/[x-zd-f]elta", "/sd/delta") and not _match("/sd/[x-z]elta", "/sd/delta")
+
+
 @pytest.mark.parametrize("pattern", ["/sd/[abc", "/sd/{a,b", "/sd/a]", "nostartslash",
                                      "/" + "?" * 40, "/{" + ",".join("abcdefghijklmnopqrstuvwxyz0123456789") + "}"])
 def test_bad_or_too_complex_patterns_are_refused(pattern):

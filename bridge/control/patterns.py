@@ -28,6 +28,7 @@ class PatternError(ValueError):
 class Token:
     kind: str  # "literal", "any", "star", "class", "alt"
     chars: frozenset = frozenset()  # literal (one char) or class members
+    ranges: tuple[tuple[int, int], ...] = ()  # class: its ranges, (low, high) code points, kept as such
     negated: bool = False  # class: [!...]
     alternatives: tuple[str, ...] = ()  # alt: {a,b}
 
@@ -59,8 +60,10 @@ def has_wildcards(address: str) -> bool:
     return any(char in WILDCARD_CHARS for char in address)
 
 
+@lru_cache(maxsize=256)
 def compile_pattern(pattern: str) -> tuple[Part, ...]:
-    """The parts of an OSC address pattern; PatternError when malformed or too complex."""
+    """The parts of an OSC address pattern; PatternError when malformed or too complex. Cached:
+    a controller sends the same few patterns again and again."""
     if not pattern.startswith("/"):
         raise PatternError(f"pattern {pattern[:40]!r} does not start with '/'")
     budget = {"wildcards": 0, "alternatives": 0}
@@ -117,18 +120,24 @@ def _char_class(body: str) -> Token:
     if negated:
         body = body[1:]
     members: set[str] = set()
+    ranges: list[tuple[int, int]] = []  # not expanded: a packet of many wide ranges costs no more than its bytes
     i = 0
     while i < len(body):
         if i + 2 < len(body) and body[i + 1] == "-":
             low, high = ord(body[i]), ord(body[i + 2])
             if high - low > 256:
                 raise PatternError("character range wider than 256")
-            members.update(chr(c) for c in range(low, high + 1))
+            ranges.append((low, high))
             i += 3
         else:
             members.add(body[i])
             i += 1
-    return Token("class", chars=frozenset(members), negated=negated)
+    return Token("class", chars=frozenset(members), ranges=tuple(sorted(set(ranges))), negated=negated)
+
+
+def _in_class(token: Token, char: str) -> bool:
+    code = ord(char)
+    return char in token.chars or any(low <= code <= high for low, high in token.ranges)
 
 
 @lru_cache(maxsize=512)
@@ -158,7 +167,7 @@ def match_part(part: Part, target: str) -> bool:
         elif token.kind == "class":
             hits = 0
             for char, mask in masks.items():
-                if (char in token.chars) != token.negated:
+                if _in_class(token, char) != token.negated:
                     hits |= mask
             reach = (reach & hits) << 1
         elif token.kind == "star":
