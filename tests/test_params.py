@@ -185,3 +185,14 @@ def test_a_blend_of_eight_leaves_nothing_for_the_frame_loop_to_encode(engine):
         assert calls == [] and engine.negative_prompt == "blurry" and engine.prompt.startswith("style 0")
     finally:
         store.close()
+
+
+def test_a_storm_of_refusals_is_logged_once_per_parameter_and_still_reported(caplog):
+    store, heard = ParameterStore(), []
+    store.add_listener(lambda name, value, error: heard.append((name, error)))
+    with caplog.at_level("WARNING", logger="bridge.params"):
+        for index in range(200):
+            store.report_rejected("prompt", f"text {index}", "encoding failed")
+        store.report_rejected("seed", -1, "out of range")
+    assert [r.getMessage().split("=")[0] for r in caplog.records] == ["parameter prompt", "parameter seed"]
+    assert len(heard) == 201 and store.rejected["prompt"] == ("text 199", "encoding failed")
