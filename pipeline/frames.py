@@ -179,6 +179,12 @@ class HostStaging:
         return self.download_async(tensor).result()
 
 
+def tensor_from_numpy(frame: np.ndarray) -> torch.Tensor:
+    """`frame` as a CPU tensor sharing its memory, or a copy when a stride is negative (a view
+    such as OpenCV's BGR-to-RGB `bgr[..., ::-1]`, which torch cannot share)."""
+    return torch.from_numpy(frame if min(frame.strides, default=0) >= 0 else np.ascontiguousarray(frame))
+
+
 def to_model_input(
     frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype,
     staging: HostStaging | None = None,
@@ -188,7 +194,7 @@ def to_model_input(
     if kind.library == "numpy" and staging is not None and torch.device(device).type == "cuda":
         tensor = staging.upload(frame, torch.device(device))
     else:
-        tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
+        tensor = tensor_from_numpy(frame) if kind.library == "numpy" else frame
     if not kind.batched:
         tensor = tensor.unsqueeze(0)
     tensor = tensor.to(device, non_blocking=True)

@@ -18,7 +18,8 @@ import torch
 from .backends import make_backend
 from .config import StreamConfig, parse_resolution, t_index_list_from_strength
 from .frames import (
-    FrameKind, HostStaging, PendingFrame, as_tensor, deliver, frame_kind, from_model_output, takes_pixels, to_model_input,
+    FrameKind, HostStaging, PendingFrame, as_tensor, deliver, frame_kind, from_model_output, takes_pixels,
+    tensor_from_numpy, to_model_input,
 )
 from .faults import output_faults
 from .guidance import RULES, unet_batches, unet_calls
@@ -539,7 +540,7 @@ class StreamDiffusion:
         if kind.library == "numpy" and device.type == "cuda":
             tensor = self._staging.upload(frame, device)
         else:
-            tensor = torch.from_numpy(frame) if kind.library == "numpy" else frame
+            tensor = tensor_from_numpy(frame) if kind.library == "numpy" else frame
             tensor = tensor.to(device, non_blocking=True)
         return tensor if kind.batched else tensor.unsqueeze(0)
 

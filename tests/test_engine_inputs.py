@@ -37,6 +37,15 @@ def test_torch_float_chw_keeps_dtype(engine, dtype):
     assert 0.0 <= out.min().item() and out.max().item() <= 1.0
 
 
+def test_a_numpy_view_with_negative_strides_is_taken(tiny_components):
+    """OpenCV's BGR-to-RGB `bgr[..., ::-1]` (and a flip, `[::-1]`) failed in torch.from_numpy."""
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20,), cfg_type="none")
+    bgr = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+    for view in (bgr[..., ::-1], bgr[::-1]):
+        expected = StreamDiffusion(tiny_components, config)(np.ascontiguousarray(view))
+        assert np.array_equal(StreamDiffusion(tiny_components, config)(view), expected)
+
+
 def test_rgba_drops_alpha_and_grey_is_repeated(engine):
     assert engine(np.zeros((SIZE, SIZE, 4), np.uint8)).shape == (SIZE, SIZE, 3)
     assert engine(np.zeros((SIZE, SIZE, 1), np.uint8)).shape == (SIZE, SIZE, 3)

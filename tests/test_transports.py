@@ -159,6 +159,20 @@ def test_file_sink_writes_a_png_sequence(tmp_path):
         assert next(container.decode(video=0)).to_ndarray(format="rgb24")[0, 0].tolist() == [200, 200, 200]
 
 
+def test_file_sink_writes_any_pixel_format_in_its_colours_and_refuses_another_size(tmp_path):
+    """A BGR frame was written as if RGB (red came out blue), and a frame of another size was
+    stretched without a word."""
+    sink = open_sink(f"file:{tmp_path}/frames/%04d.png", width=8, height=8, fps=10)
+    red_bgra = np.zeros((8, 8, 4), np.uint8)
+    red_bgra[..., 2] = red_bgra[..., 3] = 255
+    sink.send(Frame(red_bgra, "BGRA"))
+    with pytest.raises(ValueError, match="expected 8x8, got 6x8"):
+        sink.send(Frame(np.zeros((8, 6, 3), np.uint8)))
+    sink.close()
+    with av.open(str(tmp_path / "frames" / "0001.png")) as container:
+        assert next(container.decode(video=0)).to_ndarray(format="rgb24")[0, 0].tolist() == [255, 0, 0]
+
+
 def test_null_sink_counts():
     sink = open_sink("null", width=8, height=8)
     sink.send(Frame(np.zeros((8, 8, 3), np.uint8)))

@@ -65,9 +65,12 @@ def test_virtualcam_sends_rgb_frames_through_a_registered_backend(test_backends)
     assert backend.fourcc == pyvirtualcam.util.encode_fourcc(pyvirtualcam.PixelFormat.RGB.value)
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
     sink.send(Frame(pixels))
+    sink.send(Frame(np.ascontiguousarray(pixels[..., ::-1]), "BGR"))  # converted, not sent as if RGB
+    with pytest.raises(ValueError, match="expected 64x48, got 32x48"):
+        sink.send(Frame(pixels[:, :32].copy()))
     sink.close()
     sink.close()
-    assert np.array_equal(backend.frames[0], pixels)
+    assert len(backend.frames) == 2 and all(np.array_equal(sent, pixels) for sent in backend.frames)
     assert backend.closed == 1  # pyvirtualcam's promise to its backends: close exactly once
 
 

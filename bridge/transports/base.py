@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from ..frames import Frame, FrameFormat
+from ..frames import Frame, FrameFormat, swizzle
 
 
 def claim_close(transport) -> bool:
@@ -20,6 +20,14 @@ def claim_close(transport) -> bool:
             return False
         transport._closed = True
         return True
+
+
+def pixels_in(frame: Frame, format: FrameFormat):  # noqa: A002 (the Sink attribute's name)
+    """`frame`'s pixels in `format`'s pixel format, for a sink of a fixed format: ValueError
+    naming both when its size differs (the runtime letterboxes before; a library caller must)."""
+    if (frame.width, frame.height) != (format.width, format.height):
+        raise ValueError(f"frame: expected {format.width}x{format.height}, got {frame.width}x{frame.height}")
+    return swizzle(frame.pixels, frame.pixel_format, format.pixel_format)
 
 
 class TransportUnavailable(RuntimeError):

@@ -9,7 +9,7 @@ import time
 from fractions import Fraction
 
 from ..frames import Frame, FrameFormat
-from .base import Sink, TransportUnavailable
+from .base import Sink, TransportUnavailable, pixels_in
 
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this PyAV build has wins
 
@@ -70,7 +70,7 @@ class FileSink(Sink):
             self._start = now
         # presentation time from the clock, strictly increasing, in frames of the nominal rate
         pts = max(self._last_pts + 1, int(round((now - self._start) * self._rate)))
-        video_frame = av.VideoFrame.from_ndarray(frame.pixels, format="rgb24")
+        video_frame = av.VideoFrame.from_ndarray(pixels_in(frame, self.format), format="rgb24")
         video_frame.pts = pts if not is_image_sequence(self.path) else self.frames_written
         video_frame.time_base = Fraction(1, self._rate)
         with self._lock:

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from ..frames import Frame, FrameFormat
-from .base import Sink, TransportUnavailable
+from .base import Sink, TransportUnavailable, pixels_in
 
 _LINUX_HINT = "no v4l2loopback device: run `sudo modprobe v4l2loopback devices=1 exclusive_caps=1`"
 
@@ -60,9 +60,10 @@ class VirtualCamSink(Sink):
         return self._camera.backend
 
     def send(self, frame: Frame) -> None:
+        pixels = pixels_in(frame, self.format)
         with self._lock:
             if not self._closed:
-                self._camera.send(frame.pixels)
+                self._camera.send(pixels)
 
     def close(self) -> None:
         with self._lock:
