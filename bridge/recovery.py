@@ -10,6 +10,7 @@ configuration did not change, its frames in flight are reset.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -82,8 +83,10 @@ def free_memory(exc: BaseException) -> None:
 class EngineGuard:
     """Tracks the engine's last good configuration and answers its failures (inference thread only)."""
 
-    def __init__(self, *, engine, telemetry: Telemetry, params=None) -> None:
-        self.engine, self.telemetry, self.params = engine, telemetry, params
+    def __init__(self, *, engine, telemetry: Telemetry, params=None, holding=contextlib.nullcontext) -> None:
+        """`holding()`: a context within which the output holds its last frame (a rollback's
+        `update` may compile for as long as any settings change: it is not a stall)."""
+        self.engine, self.telemetry, self.params, self._holding = engine, telemetry, params, holding
         self.good_config = getattr(engine, "config", None)  # the last configuration that produced a good frame
         self.failures = 0  # failed frames in a row
         self._last_log = -1e9
@@ -114,7 +117,8 @@ class EngineGuard:
         """Roll back to the last good configuration; or, when it is the current one, reset the stream."""
         self.failures = 0
         try:
-            restored = restore_config(self.engine, self.good_config)
+            with self._holding():
+                restored = restore_config(self.engine, self.good_config)
         except Exception as exc:
             self.telemetry.error(f"engine: rollback failed: {describe(exc)}")
             log.error("engine: rolling back to the last working configuration failed: %s", describe(exc))

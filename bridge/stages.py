@@ -7,6 +7,7 @@ output:    output slot (or the fallback) -> each sink, at most and at least ever
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -198,13 +199,26 @@ def inference_loop(shared: Shared) -> None:
         shared.inference_done.set()
 
 
+@contextlib.contextmanager
+def _holding_output(shared: Shared):
+    """Within: the engine's settings change (it may compile for a minute); the output holds its
+    last frame meanwhile, not the stall fallback."""
+    shared.updating_since = time.monotonic()
+    shared.updating.set()
+    try:
+        yield
+    finally:
+        shared.updating.clear()
+
+
 class _Inference:
     """One pass of the inference loop at a time (`step`), and what passes carry between them."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         engine = shared.engine
-        self.guard = EngineGuard(engine=engine, telemetry=shared.telemetry, params=shared.params)
+        self.guard = EngineGuard(engine=engine, telemetry=shared.telemetry, params=shared.params,
+                                 holding=lambda: _holding_output(shared))
         self.txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
         self.origins = Origins(engine)
         self.processed = self.skipped_so_far = 0
@@ -213,16 +227,13 @@ class _Inference:
         """Parameters, then one frame through the engine into the output slot; False when done."""
         shared = self.shared
         engine, telemetry, config, guard = shared.engine, shared.telemetry, shared.config, self.guard
-        if shared.params.has_pending:  # only a real change holds the output (see OutputLoop)
-            shared.updating_since = time.monotonic()
-            shared.updating.set()
-        try:  # 1. parameters, between frames
-            apply_pending(shared.params, engine)
-        except Exception as exc:  # never expected (apply_pending reports its own failures): keep running
-            telemetry.error(f"parameters: {describe(exc)}")
-            log.exception("applying parameters failed")
-        finally:
-            shared.updating.clear()
+        # 1. parameters, between frames (only a real change holds the output: see OutputLoop)
+        with _holding_output(shared) if shared.params.has_pending else contextlib.nullcontext():
+            try:
+                apply_pending(shared.params, engine)
+            except Exception as exc:  # never expected (apply_pending reports its own failures): keep running
+                telemetry.error(f"parameters: {describe(exc)}")
+                log.exception("applying parameters failed")
         if shared.paused.is_set():  # paused: inputs are dropped, the output holds its last frame
             if telemetry.state == "running":
                 telemetry.state = "paused"

@@ -513,3 +513,36 @@ def test_the_output_sends_fps_frames_a_second_with_the_engine_slower_or_faster(e
     times = [t for t in times if t >= times[0] + 0.5]  # after the start
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert 28.0 <= rate <= 31.0, f"{rate:.1f} sends a second with the engine at {engine_fps} fps, the output at 30"
+
+
+def test_a_slow_rollback_holds_the_last_frame_not_the_fallback():
+    """Frames fail after a change; the rollback's update takes 1.2 s (a compile): the output holds
+    the last frame meanwhile, as for any settings change, instead of the black fallback."""
+
+    class BreaksAboveTwo(StandInEngine):
+        def update(self, **values):
+            if values.get("guidance_scale", 0) < 2:  # the rollback: slow
+                time.sleep(1.2)
+            self.config = SimpleNamespace(**{**vars(self.config), **values})  # a new config, as the engine's
+            super().update(**values)
+
+        def __call__(self, pixels):
+            if self.config.guidance_scale > 2:
+                raise RuntimeError("out of memory")
+            return super().__call__(pixels)
+
+    engine, sink = BreaksAboveTwo(size=64, cost=0.01), RecordingSink()
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30), sinks=[sink],
+                      config=RuntimeConfig(fps=30, fallback="black", stall_seconds=0.2))
+    with runtime:
+        deadline = time.monotonic() + 10
+        while runtime.snapshot()["frames_processed"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runtime.params.set("guidance_scale", 3.0)
+        changed_at = time.monotonic()
+        while len(engine.updates) < 2 and time.monotonic() < changed_at + 10:
+            time.sleep(0.02)
+        time.sleep(0.3)
+    assert engine.updates == [{"guidance_scale": 3.0}, {"guidance_scale": 1.2}]  # the change, then the rollback
+    during = [frame for sent_at, frame in sink.sent if changed_at + 0.3 < sent_at < changed_at + 1.3]
+    assert len(during) >= 20 and all(frame.pixels.any() for frame in during)  # never the black fallback
