@@ -222,18 +222,24 @@ class _Inference:
         self.txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
         self.origins = Origins(engine)
         self.processed = self.skipped_so_far = 0
+        from .engine import backend_label  # here, as in runtime.py: bridge.settings imports the runtime
+
+        self.backend_label = backend_label
 
     def step(self) -> bool:
         """Parameters, then one frame through the engine into the output slot; False when done."""
         shared = self.shared
         engine, telemetry, config, guard = shared.engine, shared.telemetry, shared.config, self.guard
         # 1. parameters, between frames (only a real change holds the output: see OutputLoop)
-        with _holding_output(shared) if shared.params.has_pending else contextlib.nullcontext():
+        changing = shared.params.has_pending
+        with _holding_output(shared) if changing else contextlib.nullcontext():
             try:
                 apply_pending(shared.params, engine)
             except Exception as exc:  # never expected (apply_pending reports its own failures): keep running
                 telemetry.error(f"parameters: {describe(exc)}")
                 log.exception("applying parameters failed")
+        if changing:  # a change may have captured a graph, or failed to: the status says what runs now
+            telemetry.backend = self.backend_label(engine)
         if shared.paused.is_set():  # paused: inputs are dropped, the output holds its last frame
             if telemetry.state == "running":
                 telemetry.state = "paused"

@@ -546,3 +546,26 @@ def test_a_slow_rollback_holds_the_last_frame_not_the_fallback():
     assert engine.updates == [{"guidance_scale": 3.0}, {"guidance_scale": 1.2}]  # the change, then the rollback
     during = [frame for sent_at, frame in sink.sent if changed_at + 0.3 < sent_at < changed_at + 1.3]
     assert len(during) >= 20 and all(frame.pixels.any() for frame in during)  # never the black fallback
+
+
+def test_the_status_says_when_a_change_left_the_step_graph_failed():
+    """The backend label was made once at start: a capture that failed in a later change still
+    showed "compiled+step graph"."""
+
+    class GraphEngine(StandInEngine):
+        backend = SimpleNamespace(name="compiled", cuda_graphs="step")
+        _graphs = SimpleNamespace(failed=None)
+
+        def update(self, **values):
+            self._graphs = SimpleNamespace(failed="RuntimeError: capture failed")
+            super().update(**values)
+
+    runtime = Runtime(engine=GraphEngine(size=64), open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=30))
+    with runtime:
+        assert runtime.snapshot()["backend"] == "compiled+step graph"
+        runtime.params.set("guidance_scale", 2.0)
+        deadline = time.monotonic() + 5
+        while "failed" not in runtime.snapshot()["backend"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert runtime.snapshot()["backend"] == "compiled (step graph failed)"
