@@ -81,9 +81,8 @@ def _read_display_number(read_end, process, seconds) -> str:
     return received.decode().strip()
 
 
-@pytest.fixture(scope="module")
-def x_server():
-    """A private X server on a free display number, for this module only."""
+def _private_x_server():
+    """(Xvfb process, its display) on a free display number; skips where Xvfb or tkinter is missing."""
     if XVFB is None:
         pytest.skip("Xvfb not installed: apt-get install xvfb")
     if tkinter_missing():
@@ -95,15 +94,31 @@ def x_server():
     )
     os.close(write_end)
     try:
-        yield ":" + _read_display_number(read_end, process, seconds=10.0)
+        return process, ":" + _read_display_number(read_end, process, seconds=10.0)
+    except BaseException:
+        _stop(process)
+        raise
     finally:
         os.close(read_end)
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+
+
+def _stop(process) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def x_server():
+    """A private X server on a free display number, for this module only."""
+    process, display = _private_x_server()
+    try:
+        yield display
+    finally:
+        _stop(process)
 
 
 @pytest.fixture
@@ -342,3 +357,44 @@ def test_a_runtime_shows_its_output_in_the_window_and_goes_on_when_it_is_closed(
         assert wait_until(lambda: keeping.count >= sent_at_close + 5, 3.0), "the output stopped with the window"
         assert window.frames_sent >= sent_at_close + 5 and runtime.snapshot()["sink_errors"] == 0
     assert not window.running
+
+
+X_GONE_PEER = r"""
+import sys, time
+import numpy as np
+from bridge.frames import Frame
+from bridge.transports.window import WindowSink
+sink = WindowSink(title="x gone", width=64, height=48)
+for index in range(10):
+    sink.send(Frame(np.full((48, 64, 3), index, np.uint8)))
+    time.sleep(0.02)
+print("up", flush=True)
+sys.stdin.readline()  # the test kills the X server, then says go on
+for index in range(25):
+    sink.send(Frame(np.full((48, 64, 3), index, np.uint8)))
+    time.sleep(0.02)
+print("running", sink.running, flush=True)
+sink.close()
+print("closed", flush=True)
+"""
+
+
+def test_the_x_server_going_away_ends_the_preview_not_the_process():
+    """Xlib exits the process when its X server goes away (a logout, ssh -X dropped): with a
+    window open that took the show and every other sink with it (run in a child: it was exit 1)."""
+    from test_cli import REPO, child_env
+
+    process, display = _private_x_server()
+    child = None
+    try:
+        child = subprocess.Popen([sys.executable, "-c", X_GONE_PEER], cwd=REPO, env=dict(child_env(), DISPLAY=display),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "up"
+    finally:
+        _stop(process)
+    child.stdin.write("\n")
+    child.stdin.flush()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert out.split("\n")[:2] == ["running False", "closed"]
+    assert "the X display went away; the preview stops, the show goes on" in err

@@ -8,6 +8,7 @@ not the show: `send` keeps accepting frames and the other sinks keep getting the
 
 Where: Windows, and Linux with an X server (X11 or XWayland). Not macOS: its Tk creates
 windows only on the main thread, and a window made from any other thread aborts the process.
+When the X server goes away under the window, only the preview ends (`_survive_a_lost_display`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,37 @@ def check_display(platform: str | None = None, environ=None) -> None:
         return
     if not environ.get("DISPLAY") and not environ.get("WAYLAND_DISPLAY"):
         raise TransportUnavailable("window: no display to open a window on ($DISPLAY is not set)")
+
+
+_display_lost = threading.Event()  # the X server went away (see _survive_a_lost_display)
+_io_error_handler = None  # the handler given to Xlib, kept alive for the process's life
+
+
+def _survive_a_lost_display() -> None:
+    """On X11, when the X server goes away under the window (a logout, `ssh -X` dropped), Xlib
+    calls its I/O error handler, then exits the process: the show and every other sink with it.
+    Installs (once, process-wide: only Tk uses Xlib here) a handler that never returns: it logs,
+    marks the display lost, and parks the window's thread for good, so only the preview ends."""
+    global _io_error_handler
+    if sys.platform in ("win32", "darwin") or _io_error_handler is not None:
+        return
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("X11")
+    try:
+        xlib = ctypes.CDLL(library or "libX11.so.6")  # the one Tk has loaded already
+    except OSError:
+        return
+
+    def on_io_error(display) -> int:
+        log.error("window: the X display went away; the preview stops, the show goes on")
+        _display_lost.set()
+        threading.Event().wait()  # never returns: after its handler returns, Xlib exits the process
+        return 0
+
+    _io_error_handler = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(on_io_error)
+    xlib.XSetIOErrorHandler(_io_error_handler)
 
 
 def import_tkinter():
@@ -160,13 +192,13 @@ class WindowSink(Sink):
 
     @property
     def running(self) -> bool:
-        """True while the GUI thread is alive."""
-        return self._thread.is_alive()
+        """True while the GUI thread is alive and its display is there."""
+        return self._thread.is_alive() and not _display_lost.is_set()
 
     def send(self, frame: Frame) -> None:
         """Hand `frame` to the window and return at once; the window shows the newest one."""
         self.frames_sent += 1
-        if self._closed or self._user_closed.is_set():
+        if self._closed or self._user_closed.is_set() or _display_lost.is_set():
             return
         self._slot.put(frame)
 
@@ -175,8 +207,8 @@ class WindowSink(Sink):
             return
         self._stop.set()
         self._slot.close()
-        self._thread.join(CLOSE_TIMEOUT_SECONDS)
-        if self._thread.is_alive():
+        self._thread.join(0.0 if _display_lost.is_set() else CLOSE_TIMEOUT_SECONDS)
+        if self._thread.is_alive() and not _display_lost.is_set():  # (parked for good when the display went)
             log.warning("window: the window thread did not end within %g s", CLOSE_TIMEOUT_SECONDS)
 
     def call_in_window(self, function, timeout: float = 1.0):
@@ -208,6 +240,7 @@ class WindowSink(Sink):
             self._open_error = " ".join(str(exc).split()) or type(exc).__name__
             self._ready.set()
             return
+        _survive_a_lost_display()
         view = None
         try:
             view = _View(tkinter, root, self.title, first_picture)
