@@ -83,7 +83,7 @@ def load_components(
     if single_file_config is not None and not source.is_file():
         log.warning("single_file_config %r is ignored: %r is a diffusers folder", single_file_config, model_id_or_path)
     elif single_file_config is not None:
-        config_folder = _resolve_config(single_file_config)
+        config_folder = _resolve_config(single_file_config, allow_pickle=allow_pickle)
     vae_folder = None if with_model_vae else _resolve_vae(vae, allow_pickle=allow_pickle)
     lora_file = None if lcm_lora is None else _resolve_lora(lcm_lora, allow_pickle=allow_pickle)
 
@@ -170,7 +170,25 @@ def _check_single_file(path: Path, *, what: str, allow_pickle: bool) -> Path:
         _refuse_or_warn(path, allow_pickle=allow_pickle)
     elif suffix != SAFE_SUFFIX:
         raise ModelLoadError(f"{what} file {str(path)!r}: unsupported type {suffix!r}; expected a {SAFE_SUFFIX} file")
+    elif path.suffix != SAFE_SUFFIX:  # diffusers picks its loader by the exact name: .SAFETENSORS goes to torch.load
+        raise ModelLoadError(f"{what} file {str(path)!r}: rename it to end in {SAFE_SUFFIX!r}, lower case "
+                             "(the loaders read any other spelling as a pickle)")
+    elif not _has_safetensors_header(path):
+        raise UnsafeWeightsError(f"{what} file {str(path)!r} is named {SAFE_SUFFIX} but is not one (a renamed "
+                                 f"pickle?); refusing to load it")
     return path
+
+
+def _has_safetensors_header(path: Path) -> bool:
+    """Whether `path` starts as a safetensors file does: the header's length (8 bytes, little
+    endian, within the file), then the header's JSON object. A pickle or zip does not."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(start) == 9 and 2 <= int.from_bytes(start[:8], "little") <= size - 8 and start[8:] == b"{"
 
 
 def _check_pipeline_folder(folder: Path, *, components: list[str], allow_pickle: bool) -> Path:
@@ -209,11 +227,23 @@ def _refuse_or_warn(path: Path, *, allow_pickle: bool) -> None:
     log.warning("loading pickle-based weights from %r (allow_pickle=True): only for files you trust", str(path))
 
 
-def _resolve_config(name: str) -> Path:
-    """The folder whose configs and tokenizer describe a single-file checkpoint."""
+def _resolve_config(name: str, *, allow_pickle: bool = False) -> Path:
+    """The folder whose configs and tokenizer describe a single-file checkpoint. Without
+    `allow_pickle`, one with a component folder of pickled weights only is refused: diffusers
+    loads a component the checkpoint lacks (a text encoder) from there, pickle or not (where
+    there is a .safetensors file too, that one is loaded)."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if not allow_pickle:
+            for folder in sorted(child for child in path.iterdir() if child.is_dir()):
+                files = sorted(folder.iterdir())
+                pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+                if pickles and not any(f.name.endswith(SAFE_SUFFIX) for f in files):
+                    _refuse_or_warn(pickles[0], allow_pickle=False)
         return path
+    if path.exists():
+        raise ModelLoadError(f"single_file_config {str(path)!r}: expected a folder (a diffusers folder of the "
+                             "checkpoint's architecture), not a file")
     if not _looks_like_hub_id(name):
         raise ModelLoadError(f"single_file_config path not found: {str(path)!r}")
     return _hub_snapshot(
@@ -225,6 +255,9 @@ def _resolve_config(name: str) -> Path:
 def _resolve_vae(name: str, *, allow_pickle: bool) -> Path:
     """A folder with the VAE's config.json (a pipeline folder's vae/ is accepted too)."""
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"vae {str(path)!r}: expected a folder of an AutoencoderTiny or AutoencoderKL "
+                             "(its config.json and weights), not a file")
     if not path.is_dir():
         if name != DEFAULT_VAE and not _looks_like_hub_id(name):
             raise ModelLoadError(f"vae path not found: {str(path)!r}")

@@ -204,6 +204,40 @@ def test_pickle_lora_is_refused(tmp_path, model_folder):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name,error,message", [
+    ("model.SAFETENSORS", ModelLoadError, r"rename it to end in '\.safetensors', lower case"),
+    ("model.safetensors", UnsafeWeightsError, r"is named \.safetensors but is not one"),
+])
+def test_a_pickle_named_like_safetensors_is_refused_before_unpickling(tmp_path, model_folder, name, error, message):
+    """diffusers picks its loader by the exact file name: a pickle named .SAFETENSORS went to
+    torch.load without allow_pickle. And a pickle renamed .safetensors is not one either."""
+    marker = tmp_path / "payload-ran"
+    path = write_payload(tmp_path / name, marker)
+    with pytest.raises(error, match=message):
+        load_components(str(path), single_file_config=str(model_folder), dtype=torch.float32, device=CPU)
+    lora = write_payload(tmp_path / ("lora" + Path(name).suffix), marker)
+    with pytest.raises(error, match=message):
+        load_components(str(model_folder), vae="model", lcm_lora=str(lora), dtype=torch.float32, device=CPU)
+    assert not marker.exists()
+
+
+def test_a_single_file_config_folder_of_pickled_weights_is_refused(tmp_path, model_folder, original):
+    """A checkpoint without a text encoder gets diffusers' from the config folder, pickle or not."""
+    config = shutil.copytree(model_folder, tmp_path / "config")
+    (config / "text_encoder" / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    write_payload(config / "text_encoder" / "pytorch_model.bin", marker)
+    path = write_ldm_safetensors(tmp_path / "model.safetensors", unet=original.unet, vae=original.kl_vae,
+                                 text_encoder=original.text_encoder)
+    with pytest.raises(UnsafeWeightsError, match=r"pytorch_model\.bin.*allow_pickle=True"):
+        load_components(str(path), single_file_config=str(config), dtype=torch.float32, device=CPU)
+    assert not marker.exists()
+    with pytest.raises(ModelLoadError, match="expected a folder"):
+        load_components(str(path), single_file_config=str(path), dtype=torch.float32, device=CPU)
+    with pytest.raises(ModelLoadError, match="vae .*expected a folder"):
+        load_components(str(model_folder), vae=str(path), dtype=torch.float32, device=CPU)
+
+
 def test_ckpt_loads_with_allow_pickle(tmp_path, model_folder, original, caplog):
     checkpoint = ldm_state_dict(unet=original.unet, vae=original.kl_vae, text_encoder=original.text_encoder)
     path = tmp_path / "tiny.ckpt"
