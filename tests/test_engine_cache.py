@@ -1,6 +1,7 @@
 """Engine cache keys, manifest and refusal of anything that does not match; ONNX export vs torch."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -64,6 +65,36 @@ def test_model_hash_follows_the_weights(tiny_components):
     changed = torch.nn.Linear(2, 2)
     assert model_weights_hash(changed) != model_weights_hash(torch.nn.Linear(2, 2))
     assert first != model_weights_hash(tiny_components.vae)
+
+
+def test_model_hash_follows_the_configuration_not_where_it_came_from(tiny_components):
+    """Models with the same weights but another setting that changes the computation (attention
+    heads, upcasting, the VAE's scaling factor) got the same key, and each other's engines."""
+    import copy
+
+    unet = tiny_components.unet
+    upcast = copy.deepcopy(unet)
+    upcast.register_to_config(upcast_attention=not unet.config.upcast_attention)
+    assert model_weights_hash(upcast) != model_weights_hash(unet)
+    moved = copy.deepcopy(unet)
+    moved.register_to_config(_name_or_path="/another/folder")
+    assert model_weights_hash(moved) == model_weights_hash(unet)
+
+
+def test_a_broken_manifest_is_refused_and_the_rebuild_replaces_it(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"engine bytes")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for broken in ("a string", {**manifest[KEY.filename], "key": ["a", "list"]}):
+        (tmp_path / "manifest.json").write_text(json.dumps({KEY.filename: broken}))
+        assert not cache.has(KEY)
+        with pytest.raises(EngineCacheError, match="malformed.*rebuild with"):
+            cache.load(KEY)
+    (tmp_path / "manifest.json").write_text("{ not json")
+    with pytest.raises(EngineCacheError, match="unreadable manifest.json.*rebuild with"):
+        cache.load(KEY)
+    cache.store(KEY, b"engine bytes")  # the rebuild the message asks for
+    assert cache.load(KEY) == b"engine bytes"
 
 
 def test_onnx_export_matches_torch(tiny_components, tmp_path):

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder")
@@ -68,10 +71,18 @@ class EngineKey:
         )
 
 
+EXPORT_FORMAT = 1  # the ONNX export's wrappers: engines of another export are refused (model_weights_hash)
+
+
 def model_weights_hash(*modules: torch.nn.Module) -> str:
-    """sha256 over the modules' parameters and buffers (names, dtypes, shapes, bytes), in order."""
-    digest = hashlib.sha256()
+    """sha256 over the export format, each module's configuration (a diffusers model's `config`,
+    without private entries such as the folder it came from: settings like the attention heads
+    or the VAE's scaling factor change the computation, not the weights' shapes), and its
+    parameters and buffers (names, dtypes, shapes, bytes), in order."""
+    digest = hashlib.sha256(f"export {EXPORT_FORMAT}".encode())
     for index, module in enumerate(modules):
+        config = {k: v for k, v in dict(getattr(module, "config", None) or {}).items() if not k.startswith("_")}
+        digest.update(f"{index}:config:{json.dumps(config, sort_keys=True, default=str)}".encode())
         for name, tensor in sorted(module.state_dict().items()):
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{index}:{name}:{data.dtype}:{tuple(data.shape)}".encode())
@@ -117,7 +128,11 @@ class EngineCache:
         with tempfile.NamedTemporaryFile("wb", dir=self.folder, delete=False, suffix=".tmp") as handle:
             handle.write(engine)
         os.replace(handle.name, path)
-        manifest = self._manifest()
+        try:
+            manifest = self._manifest()
+        except EngineCacheError as exc:  # the rebuild its message asks for must work: start it afresh
+            log.warning("%s; writing a new one", exc)
+            manifest = {}
         manifest[key.filename] = {"key": asdict(key), "sha256": hashlib.sha256(engine).hexdigest(), "bytes": len(engine)}
         self._write_manifest(manifest)
         return path
@@ -136,7 +151,10 @@ class EngineCache:
         what = f"{key.component} engine for {key.width}x{key.height} batch {key.batch} {key.precision}"
         if entry is None or not path.exists():
             raise EngineCacheError(f"no {what} in {self.folder}; build it first with: {self.rebuild_hint}")
-        recorded = entry.get("key", {})
+        if not (isinstance(entry, dict) and isinstance(entry.get("key"), dict) and isinstance(entry.get("sha256"), str)):
+            raise EngineCacheError(f"{path.name}: its {MANIFEST} entry is malformed; refusing it; "
+                                   f"rebuild with: {self.rebuild_hint}")
+        recorded = entry["key"]
         if recorded != asdict(key):
             changed = [f.name for f in fields(key) if recorded.get(f.name) != getattr(key, f.name)]
             raise EngineCacheError(
