@@ -281,17 +281,15 @@ class _Inference:
 
 class OutputLoop:
     """Sends to every sink: a new frame as soon as it comes, and a repeat of the last one (or the
-    fallback) when the output's clock is owed one: fps on average, neither more nor less, without
-    delaying frames that arrive on time.
+    fallback) when the output's clock is owed one: fps a second on average, whatever the
+    engine's rate, without delaying frames that arrive on time.
     - New frames take from a token bucket (refilled at fps, BURST deep): at most fps of them.
     - The clock's count (`_owed`) gains one each period and loses one at each send, new or
-      repeated; a repeat goes out when it reaches REPEAT_OWED, at least a period after the last
-      send, or after MAX_GAP periods without a send once it reaches GAP_OWED (a send the
-      count shows ahead of the clock, a repeat just before a late frame, then leaves no gap of
-      two periods when the frames stop). With no new frames that is one repeat each period;
-      with the engine slower than fps the repeats fill the difference; the count stays within
-      bounds, so over time the sends are fps. A new frame that had to wait for its token shows
-      the clock met by new frames alone: the count then forgets earlier bursts.
+      repeated (within -BURST..BURST); a repeat goes out when it reaches REPEAT_OWED, at least
+      a period after the last send, or after MAX_GAP periods without a send once it reaches
+      GAP_OWED. With no new frames that is one repeat each period; with the engine slower than
+      fps the repeats fill the difference; over time the count stays within its bounds, so the
+      sends are fps. A gap is at most two periods (the count as far behind as a burst leaves it).
     After `stall_seconds` without a new frame, the repeats are the configured fallback.
 
     Why repeats take no token: with the source at the output's own rate, the bucket refills
@@ -302,11 +300,13 @@ class OutputLoop:
     one due exactly a period after a new frame would go out just before each next one whenever
     the engine's time or jitter delays it. Why the count, not a fixed wait of 1.25 periods after
     each new frame (before): with the engine at 20 fps and the output at 30 that made 40 sends a
-    second (a recording 33 % longer than the show), and at 25 fps no repeats at all (25 a second)."""
+    second (a recording 33 % longer than the show), and at 25 fps no repeats at all (25 a second).
+    Why the gap rule waits for the count too: a repeat at MAX_GAP periods whatever the count
+    would go out before every new frame of an engine at that rate (17 fps: 34 sends a second)."""
 
     BURST = 2.0  # sends allowed back to back (a repeat followed at once by a new frame)
     REPEAT_OWED = 1.25  # sends the clock must be owed before a repeat goes out
-    MAX_GAP, GAP_OWED = 1.75, 0.5  # or: this many periods without a send, and the clock owed this many
+    MAX_GAP, GAP_OWED = 1.75, 0.0  # or: this many periods without a send, and the clock owed this many
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -347,13 +347,11 @@ class OutputLoop:
             max(self.last_send_time + self.MAX_GAP * period, now + (self.GAP_OWED - owed) * period)))  # a long gap
         frame = shared.output_slot.take(timeout=min(0.05, max(0.0, repeat_at - now)))
         if frame is not None:
-            paced = self._wait_for_token()
+            self._wait_for_token()
             self.last_frame, self.last_fresh_time = frame, time.monotonic()
             if shared.telemetry.state in ("stalled", "updating"):
                 shared.telemetry.state = "running"
             self._publish(frame, fresh=True)
-            if paced:  # new frames are sending at fps: the clock is met, whatever the count says of bursts before
-                self._owed = max(self._owed, self.REPEAT_OWED - 1.0)
         elif time.monotonic() >= repeat_at:  # the clock is owed a send: no token needed
             self._publish(self._repeat_frame(), fresh=False)
 

@@ -154,7 +154,9 @@ def test_source_loss_20_times_output_never_pauses_and_processing_resumes():
     snapshot = run_for(runtime, start + 0.2 - (time.monotonic() - t0))
     times = np.array([sent_at for sent_at, _ in sink.sent])
     gaps = np.diff(times)
-    assert gaps.max() <= 2 / fps, f"the output paused {gaps.max() * 1000:.0f} ms"
+    # at most two periods (a burst of new frames can leave the output's count that far behind; see
+    # OutputLoop), plus the scheduling of a loaded machine
+    assert gaps.max() <= 2 / fps + 0.02, f"the output paused {gaps.max() * 1000:.0f} ms"
     for (_, end, _), (next_start, _, _) in zip(outages, outages[1:] + [(start, None, None)]):
         fresh = [f for sent_at, f in sink.sent if t0 + end < f.timestamp < t0 + next_start]
         assert fresh, f"no new frame after the outage ending at {end:.2f} s"

@@ -26,7 +26,7 @@ def test_source_loss_cycles_output_never_stops_holds_the_last_frame_and_picks_up
         runtime.wait(timeout=end + 0.3 - (time.monotonic() - t0))
     result = figures(sink.sent, outages, t0, FPS)
     print(f"\n{len(outages)} outages of 0.1..2.5 s: {result}")
-    assert result["max_gap_ms"] <= 2 * 1000 / FPS, result
+    assert result["max_gap_ms"] <= 2 * 1000 / FPS + 20, result  # two periods at most (see OutputLoop), + scheduling
     assert result["held_violations"] == 0, result
     assert result["pickups_missing"] == 0 and result["pickup_ms_max"] < 1000, result
     assert runtime.snapshot()["source_lost"] >= 10
@@ -50,6 +50,6 @@ def test_a_looping_file_that_ends_and_restarts_never_stops_the_output(tmp_path):
         runtime.wait(timeout=1.8)
     gaps = np.diff([record.at for record in sink.sent])
     print(f"\nlooping 0.4 s clip for 1.8 s: {len(sink.sent)} sends, longest gap {gaps.max() * 1000:.0f} ms")
-    assert gaps.max() <= 2 / FPS
+    assert gaps.max() <= 2 / FPS + 0.02  # two periods at most (see OutputLoop), + scheduling
     fresh = {record.identity for record in sink.sent}
     assert len(fresh) >= 15  # new frames kept coming across the restarts
