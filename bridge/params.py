@@ -146,7 +146,7 @@ class ParameterStore:
         keeps its newer value."""
         checked = _latest_of_groups({name: coerce(name, value) for name, value in values.items()})
         if _prompt_texts(checked) and self._encoder is not None:
-            self._encoder.submit(checked, self._count(checked))  # queued once the texts are encoded
+            self._encoder.submit(checked)  # counted there (see _PromptWorker.submit); queued once encoded
         else:
             self._queue(checked)
 
@@ -323,8 +323,12 @@ class _PromptWorker:
         self._thread = threading.Thread(target=self._run, name="prompt-encoder", daemon=True)
         self._thread.start()
 
-    def submit(self, values: dict[str, Any], counted: dict[str, int]) -> None:
+    def submit(self, values: dict[str, Any]) -> None:
+        """Count `values` as set now and make them the request (merged into one waiting): one
+        lock around both, so that of two control threads submitting at once, the request counted
+        last is the one whose values win."""
         with self._condition:
+            counted = self._store._count(values)
             if self._request is not None:  # an older request not started yet: merge, newest values win
                 older, older_counted = self._request
                 values = _merged(older, values)

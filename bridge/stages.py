@@ -153,6 +153,9 @@ def _close_quietly(transport) -> None:
         log.exception("closing %s failed", type(transport).__name__)
 
 
+MAX_LAG = 15 + 2  # calls an output may lag its input: 16 denoising steps (the most) lag 15, the VAE overlaps 2
+
+
 class Origins:
     """Which input frame an output shows. With stream batch the engine's output lags n-1 calls
     (n denoising steps), so its capture time is that of the input n-1 calls back (each overlap of
@@ -161,7 +164,7 @@ class Origins:
 
     def __init__(self, engine) -> None:
         self._engine = engine
-        self._history: deque[Frame] = deque(maxlen=17)
+        self._history: deque[Frame] = deque(maxlen=MAX_LAG + 1)
 
     def lag(self) -> int:
         """Calls between an input and the output that shows it: n-1 with stream batch, and one

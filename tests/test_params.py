@@ -196,3 +196,36 @@ def test_a_storm_of_refusals_is_logged_once_per_parameter_and_still_reported(cap
         store.report_rejected("seed", -1, "out of range")
     assert [r.getMessage().split("=")[0] for r in caplog.records] == ["parameter prompt", "parameter seed"]
     assert len(heard) == 201 and store.rejected["prompt"] == ("text 199", "encoding failed")
+
+
+def test_two_control_threads_sending_prompts_at_once_never_lose_both():
+    """Counting a prompt and submitting it were two steps: thread A counted, B counted and
+    submitted, A submitted, and the merge kept A's value with A's (older) count: dropped."""
+    import threading
+
+    encode, gate, _ = _gated_encoder()
+    store = ParameterStore()
+    store.attach_prompt_encoder(encode)
+    count = store._count
+
+    def slow_first_count(values):
+        counted = count(values)
+        if values.get("prompt") == "from A":
+            time.sleep(0.3)  # A between counting and submitting
+        return counted
+
+    store._count = slow_first_count
+    try:
+        store.set("prompt", "first")  # the worker waits inside this one's encode
+        time.sleep(0.1)
+        a = threading.Thread(target=store.set, args=("prompt", "from A"))
+        a.start()
+        time.sleep(0.1)
+        store.set("prompt", "from B")  # B, sent after A
+        a.join(5)
+        gate.set()
+        assert _wait_pending(store, "prompt") and time.sleep(0.3) is None
+        assert store.take() == {"prompt": "from B"}
+    finally:
+        gate.set()
+        store.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import spoutgl_standin
-from bridge.frames import Frame
+from bridge.frames import Frame, swizzle
 from bridge.transports import TransportUnavailable, open_sink, open_source
 from bridge.transports.base import SourceLost
 
@@ -151,6 +151,21 @@ def test_spout_sink_sends_any_pixel_format_and_follows_a_size_change(spout):
         assert received.pixels[0, 0].tolist() == [0, 0, 255, 255]  # red, as BGRA
     source.close()
     sink.close()
+
+
+def test_spout_sink_converts_a_repeated_frame_once(spout, monkeypatch):
+    """The output repeats its last frame to fill its rate: one conversion (40 ms at 1080p here), not one a send."""
+    from bridge.transports import spout as spout_module
+
+    conversions = []
+    monkeypatch.setattr(spout_module, "swizzle", lambda *args: conversions.append(1) or swizzle(*args))
+    sink = open_sink("spout:repeats", width=8, height=8)
+    frame = Frame(np.zeros((8, 8, 3), np.uint8), "RGB")
+    for _ in range(3):
+        sink.send(frame)
+    sink.send(Frame(np.ones((8, 8, 3), np.uint8), "RGB"))
+    sink.close()
+    assert len(conversions) == 2
 
 
 def test_a_spoutgl_error_is_reported_by_the_sink_and_the_receiver_reopens(spout, monkeypatch):

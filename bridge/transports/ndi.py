@@ -272,6 +272,7 @@ class NDISink(Sink):
         self._closed = False
         self._sender = None
         self._size: tuple[int, int] | None = None  # (width, height) of the open sender
+        self._converted: tuple = (None, None)  # (the last frame sent, its pixels in wire order)
         if opened_at is not None:
             self._open(opened_at.width, opened_at.height)
 
@@ -293,8 +294,12 @@ class NDISink(Sink):
                                 frame.width, frame.height)
                     self._release()
                 self._open(frame.width, frame.height)
-            # 2. put the channels in wire order (a no-op when they already are)
-            pixels = np.ascontiguousarray(swizzle(frame.pixels, frame.pixel_format, self._pixel_format))
+            # 2. put the channels in wire order (a no-op when they already are; a repeat of the last
+            # frame, the output's fill-in, is converted once)
+            if self._converted[0] is not frame:
+                self._converted = (frame, np.ascontiguousarray(swizzle(frame.pixels, frame.pixel_format,
+                                                                       self._pixel_format)))
+            pixels = self._converted[1]
             # 3. hand it to NDI, which encodes and sends on its own threads
             self._sender.write_video_async(pixels.reshape(-1))
 

@@ -86,6 +86,7 @@ class SpoutSink(Sink):
         self.format = None  # any size and pixel format
         self.frames_sent = 0
         self._failed: Exception | None = None  # what SpoutGL raised on the last frame, for `send` to report
+        self._converted: tuple = (None, None)  # (the last frame sent, it in BGRA)
         self._slot: LatestSlot[Frame] = LatestSlot()
         self._lock = threading.Lock()
         self._closed = False
@@ -134,7 +135,10 @@ class SpoutSink(Sink):
             raise RuntimeError(f"Spout sender {self.name!r} stopped: {self._thread.died}")
         failed, self._failed = self._failed, None
         if frame.pixel_format != "BGRA":
-            frame = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
+            if self._converted[0] is not frame:  # a repeat of the last frame is converted once
+                bgra = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
+                self._converted = (frame, bgra)
+            frame = self._converted[1]
         self._slot.put(frame)
         if failed is not None:
             raise RuntimeError(f"Spout sender {self.name!r} could not send a frame: {type(failed).__name__}: {failed}")
