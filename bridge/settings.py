@@ -70,7 +70,7 @@ class RunSettings:
     similarity_threshold: float | None = None
     backend: str = "eager"
     compile_steps: tuple[int, ...] = ()  # also ready these step counts at start (compiled: compile; step graphs: capture)
-    sizes: tuple[str, ...] = ()  # other sizes ("768x432") /sd/resolution may switch to: readied at start
+    sizes: tuple[str, ...] = ()  # other sizes ("768x448") /sd/resolution may switch to: readied at start
     cuda_graphs: str | None = None  # CUDA graphs: step, modules (compiled only), off; None: the backend's default
     fp8: bool = False  # eager/compiled on an Ada/Hopper GPU: the UNet's transformer layers multiply in fp8
     fuse_qkv: bool | None = None  # eager/compiled: each self-attention layer's q, k, v from one projection
@@ -182,10 +182,10 @@ class RunSettings:
 
 
 def parse_size(text: str, name: str = "sizes") -> tuple[int, int]:
-    """'768x432' -> (768, 432), each a multiple of 8 up to MAX_SIZE; ValueError naming `name`."""
+    """'768x448' -> (768, 448), each a multiple of 8 up to MAX_SIZE; ValueError naming `name`."""
     width, separator, height = str(text).lower().partition("x")
     if not separator or not width.strip().isdigit() or not height.strip().isdigit():
-        raise ValueError(f"{name}: {text!r} must be WIDTHxHEIGHT in pixels, as in 768x432")
+        raise ValueError(f"{name}: {text!r} must be WIDTHxHEIGHT in pixels, as in 768x448")
     size = int(width), int(height)
     if not all(0 < side <= MAX_SIZE and side % 8 == 0 for side in size):
         raise ValueError(f"{name}: {text!r}: width and height must be positive multiples of 8 up to {MAX_SIZE}")

@@ -236,3 +236,12 @@ def test_faster_picks_the_result_with_more_frames_per_second(tmp_path):
     assert faster(fp16, fp8) == str(fp8) and faster(fp8, fp16) == str(fp8)
     assert faster(fp16, broken) == str(fp16) and faster(broken, fp16) == str(fp16)
     assert faster(fp16, tmp_path / "missing.json") == str(fp16) and faster(fp16, fp16) == str(fp16)
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for target in (tmp_path, tmp_path / "afile" / "results.json"):
+        result = sdbridge("-q", "bench", "--arch", "tiny", "--device", "cpu", "--width", "64", "--height", "64",
+                          "--frames", "3", "--warmup", "1", "--json", str(target), timeout=60)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"sdbridge bench: error: --json {target}: " + ("Is a directory" if target == tmp_path else "File exists")]

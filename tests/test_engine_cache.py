@@ -159,6 +159,22 @@ def test_build_engines_cli(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model path not found: '/nonexistent/model'"),
+    (["--model", "{tmp}/w.ckpt"], "w.ckpt"),
+    (["--model", "random:tiny", "--t-index-list", "early,late"], "--t-index-list: 'early,late'"),
+    (["--model", "random:tiny", "--cache", "{tmp}/w.ckpt"], "--cache"),
+])
+def test_build_engines_bad_input_is_one_line(tmp_path, args, message):
+    from test_cli import sdbridge
+
+    (tmp_path / "w.ckpt").write_bytes(b"not read")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = sdbridge("-q", "build-engines", *args, "--onnx-only", "--width", "64", "--height", "64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
 def test_tensorrt_build_where_tensorrt_imports(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (it needs an NVIDIA GPU and its wheels)")
     if not torch.cuda.is_available():

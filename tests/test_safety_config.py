@@ -91,6 +91,7 @@ CASES = [
     ("sink-number", {"sink": "5"}, "", ["sink", "5"]),
     ("sink-list-of-numbers", {"sink": "[1, 2]"}, "", ["sink", "1"]),
     ("fallback-unknown", {"fallback": '"grey"'}, "", ["fallback", "'grey'"]),
+    ("sink-file-under-a-file", {"sink": '"file:{tmp}/weights.gguf/out.mp4"'}, "", ["cannot write", "out.mp4"]),
     # OSC
     ("osc-port-out-of-range", {"osc_port": "70000"}, "", ["osc_port", "70000"]),
     ("osc-port-string", {"osc_port": '"7450"'}, "", ["osc_port", "'7450'"]),
@@ -102,6 +103,7 @@ CASES = [
     ("osc-allow-numbers", {"osc_allow": "[1, 2]"}, "", ["osc_allow", "1"]),
     ("osc-prefix-no-slash", {"osc_prefix": '"sd"'}, "", ["osc_prefix", "'sd'"]),
     ("status-target-no-port", {"status_target": '"mixer"'}, "", ["status_target", "mixer"]),
+    ("status-target-unknown-host", {"status_target": '"nohost.invalid:9001"'}, "", ["status_target", "nohost.invalid"]),
     ("osc-string-for-bool", {"osc": '"off"'}, "", ["osc", "'off'"]),
     # the file itself
     ("unknown-key", {"colour": '"red"'}, "", ["colour"]),

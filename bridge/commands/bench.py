@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         other_size = parse_size(args.other_size, "--other-size") if args.other_size else (args.width + 128, args.height)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.json:  # before any measuring: a path that cannot be written is found in a second, not after the run
+        _check_writable(args.json)
     command = "sdbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sdbridge bench"
     results = []
     for arch, steps, cfg_type in itertools.product(args.arch, args.steps, args.cfg):
@@ -172,6 +174,19 @@ def run(args: argparse.Namespace) -> int:
             _write(args.json, results)
     print(format_table(results))
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """UserError unless `path` can be written (its folder made); changes nothing that was there."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise UserError(f"--json {path}: {exc.strerror or exc}") from None
 
 
 def _write(path: Path, results: list[dict]) -> None:

@@ -25,11 +25,14 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", type=Path, default=Path("engines"), help="engine cache folder (default ./engines)")
     parser.add_argument("--onnx-only", action="store_true", help="only export ONNX (no TensorRT needed)")
     parser.add_argument("--force", action="store_true", help="rebuild engines the cache already holds")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickle-based weights (.ckpt/.bin): they can run code; only files you trust")
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
     from pipeline import StreamConfig, load_components, random_components
+    from pipeline.errors import ModelLoadError
     from pipeline.backends.engine_cache import EngineCache
     from pipeline.backends.tensorrt_build import TensorRTUnavailable, build_engines, tensorrt_identity
 
@@ -40,13 +43,16 @@ def handle(args: argparse.Namespace) -> int:
     try:
         if not args.onnx_only:
             tensorrt_identity()  # before loading anything: TensorRT and a GPU are there
+        args.cache.mkdir(parents=True, exist_ok=True)  # and the cache can be written
+        t_index_list = _index_list(args.t_index_list)
         configs = [StreamConfig(width=w, height=h, device=device, dtype=dtype, cfg_type=args.cfg,
-                                t_index_list=tuple(int(i) for i in args.t_index_list.split(",")),
-                                frame_buffer_size=args.frame_buffer_size) for w, h in zip(widths, heights)]
+                                t_index_list=t_index_list, frame_buffer_size=args.frame_buffer_size)
+                   for w, h in zip(widths, heights)]
         if args.model.startswith("random:"):
             components = random_components(args.model[len("random:"):], dtype=configs[0].dtype, device=configs[0].device)
         else:
-            components = load_components(args.model, dtype=configs[0].dtype, device=configs[0].device)
+            components = load_components(args.model, dtype=configs[0].dtype, device=configs[0].device,
+                                         allow_pickle=args.allow_pickle)
         cache = EngineCache(args.cache, rebuild_hint=f"sdbridge build-engines --model {args.model} --cache {args.cache}")
         built = []
         for config in configs:
@@ -54,8 +60,17 @@ def handle(args: argparse.Namespace) -> int:
                                    onnx_only=args.onnx_only, force=args.force)
     except TensorRTUnavailable as exc:
         raise UserError(f"{exc} (--onnx-only exports the ONNX files without it)") from None
-    except ValueError as exc:
+    except (ValueError, ModelLoadError) as exc:  # (UnsafeWeightsError too: build from .safetensors weights)
         raise UserError(str(exc)) from None
+    except OSError as exc:  # the cache folder cannot be written
+        raise UserError(f"--cache {args.cache}: {exc.strerror or exc}") from None
     for path in built:
         print(path)
     return 0
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise ValueError(f"--t-index-list: {text!r} must be integers separated by commas, as in 32,45") from None

@@ -27,8 +27,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--lcm-lora", dest="lcm_lora", help="LCM-LoRA weights to fuse into the UNet")
     add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
         help="allow pickle weights (.ckpt/.bin/.pt); they can run code")
-    add("--width", type=int, help="processing and output width (multiple of 8)")
-    add("--height", type=int, help="processing and output height (multiple of 8)")
+    add("--width", type=int, help="processing and output width (a multiple of 64 for the SD models)")
+    add("--height", type=int, help="processing and output height (a multiple of 64 for the SD models)")
     add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")
     add("--steps", type=int, help="number of denoising steps (indices spread by --strength)")
     add("--strength", type=float, help="img2img strength in (0, 1]")
@@ -48,7 +48,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
              "step graph (eager's default on CUDA) captures theirs, so /sd/t_index_list changing length "
              "readies nothing mid-show")
     add("--sizes", help="other sizes /sd/resolution may switch to during the show, readied at start, e.g. "
-                        "768x432,1024x576 (compiled: compiled and captured now; tensorrt: their engines loaded "
+                        "768x448,1024x576 (compiled: compiled and captured now; tensorrt: their engines loaded "
                         "now, so a size never built is refused at start)")
     add("--cuda-graphs", dest="cuda_graphs", choices=("step", "modules", "off"),
         help="on CUDA: the whole step in one CUDA graph (eager's and compiled's default; with eager: no "

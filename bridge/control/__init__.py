@@ -191,8 +191,12 @@ class ControlPlane:
                 allow=self.router.accepts))
             self.oscquery_port = server.port
         if s.status_target is not None:
-            self._parts.append(StatusSender(target=parse_target(s.status_target), snapshot=self.snapshot,
-                                            prefix=s.osc_prefix, interval=s.status_interval))
+            try:
+                sender = StatusSender(target=parse_target(s.status_target), snapshot=self.snapshot,
+                                      prefix=s.osc_prefix, interval=s.status_interval)
+            except ValueError as exc:  # e.g. a host name that does not resolve
+                raise UserError(str(exc)) from None
+            self._parts.append(sender)
         self._store.add_listener(self._heard)
         log.info("OSC on %s:%d (UDP%s), OSCQuery %s, status %s", s.osc_bind, udp.port, " + TCP" if s.osc_tcp else "",
                  f"http://{s.osc_bind}:{self.oscquery_port}/" if self.oscquery_port else "off",

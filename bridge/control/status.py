@@ -77,7 +77,10 @@ class StatusSender:
                  interval: float = 1.0) -> None:
         if not 0.05 <= interval <= 60:
             raise ValueError(f"interval: {interval!r} must be in 0.05..60 seconds")
-        infos = socket.getaddrinfo(target[0], target[1], type=socket.SOCK_DGRAM)  # resolved once
+        try:
+            infos = socket.getaddrinfo(target[0], target[1], type=socket.SOCK_DGRAM)  # resolved once
+        except OSError as exc:
+            raise ValueError(f"status_target: cannot resolve {target[0]!r}: {exc.strerror or exc}") from None
         family, _, _, _, address = infos[0]
         self._address = address
         self._snapshot, self._prefix, self._interval = snapshot, prefix, interval

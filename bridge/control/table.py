@@ -86,7 +86,7 @@ PARAMETERS: tuple[Param, ...] = (
           "timestep indices, one per denoising step, strictly increasing",
           minimum=0, maximum=999, default=(32, 45), unit="index", aliases=("/t_list",), max_items=16),
     Param("resolution", "/resolution", "size",
-          "processing and output size, width then height (or one string '768x432'); the frames in flight "
+          "processing and output size, width then height (or one string '768x448'); the frames in flight "
           "restart at the new size. tensorrt: sizes built with build-engines; compiled: sizes in --sizes "
           "switch at once, others compile beside the running show first", minimum=64, maximum=2048, unit="px"),
     Param("similarity_filter", "/similarity/enable", "bool",
@@ -253,7 +253,7 @@ def _int_list(param: Param, args: tuple) -> tuple[int, ...]:
 
 
 def _size(param: Param, args: tuple) -> tuple[int, int]:
-    """Width and height as two numbers, or one string "768x432" / "768 432"; whole numbers in
+    """Width and height as two numbers, or one string "768x448" / "768 448"; whole numbers in
     range, never clamped (a size other than the one asked for is a different picture)."""
     if len(args) == 1 and isinstance(args[0], str):
         if len(args[0]) > 24:

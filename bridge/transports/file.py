@@ -40,8 +40,8 @@ class FileSink(Sink):
         self._start: float | None = None
         self._last_pts = -1
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         try:
+            os.makedirs(folder, exist_ok=True)
             self._container, self._stream = self._open(av, path, codec)
         except (av.error.FFmpegError, ValueError, OSError) as exc:
             raise TransportUnavailable(f"cannot write {path}: {exc}") from None
