@@ -42,6 +42,14 @@ class SimilarityFilter:
         self._reference = None
         self.consecutive_skips = 0
 
+    def snapshot(self) -> tuple:
+        """Everything that decides the next frames, for `restore` (an update that failed)."""
+        return (self.threshold, self.max_skip, self._generator.get_state(), self._reference, self.consecutive_skips)
+
+    def restore(self, snapshot: tuple) -> None:
+        self.threshold, self.max_skip, generator_state, self._reference, self.consecutive_skips = snapshot
+        self._generator.set_state(generator_state)
+
     def decide(self, cosine: float) -> bool:
         """One decision for a frame with this similarity to the reference; updates the skip count."""
         draw = float(torch.rand((), generator=self._generator))  # drawn every frame: decisions depend on seed only

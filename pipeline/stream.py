@@ -263,14 +263,17 @@ class StreamDiffusion:
         prebuilt engines, or refuses a size that has none)."""
         new_config = self._target(params)
         previous, self.config = self.config, new_config
+        kept = (self.state, self._txt2img_generator, self.similarity.snapshot())
         try:
             self._configure(new_config, previous)
             resized = new_config.size != previous.size
             if unet_batches(new_config) != unet_batches(previous) or not self._stepped(new_config) or resized:
                 self.warm_up()
-        except BaseException:  # all or nothing: derive everything from the previous settings again
-            self.config = previous
+        except BaseException:  # all or nothing: derive everything from the previous settings again, and
+            self.config = previous  # put back what the change had restarted (the frames in flight, ...)
             self._configure(previous, new_config)
+            self.state, self._txt2img_generator = kept[:2]
+            self.similarity.restore(kept[2])
             raise
 
     def _target(self, params: dict) -> StreamConfig:

@@ -127,3 +127,28 @@ def test_an_update_that_fails_changes_nothing(tiny_components):
         engine.update(seed=99, guidance_scale=2.0)
     assert engine.config == config and torch.equal(engine._noise, noise)
     engine(torch.rand(3, SIZE, SIZE))  # and the stream goes on
+
+
+@pytest.mark.parametrize("change", [dict(seed=5, t_index_list=(10, 30)), dict(resolution=(SIZE + 16, SIZE)),
+                                    dict(seed=5, t_index_list=(30,), similarity_threshold=0.5)])
+def test_an_update_refused_in_its_warm_up_leaves_the_stream_as_it_was(tiny_components, change):
+    """The rollback derived everything from the old settings again, which for a seed, step-count
+    or size change restarted the frames in flight, the last output and the similarity filter: the
+    next frames differed from a twin that never saw the update (tensorrt refuses an unbuilt size
+    there, after the change has begun)."""
+    settings = dict(t_index_list=(20, 30, 40), similarity_filter=True, similarity_threshold=0.9)
+    live, twin = (_build(tiny_components, "self", {}, settings) for _ in range(2))
+    frames = _frames(8)
+    for frame in frames[:4]:
+        live(frame), twin(frame)
+
+    def refuse(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated: no engines for this")
+
+    live.warm_up = refuse
+    with pytest.raises(torch.OutOfMemoryError):
+        live.update(**change)
+    del live.warm_up
+    assert live.config == twin.config
+    for frame in frames[4:]:
+        assert torch.equal(live(frame), twin(frame))
