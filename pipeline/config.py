@@ -178,6 +178,8 @@ def t_index_list_from_strength(strength: float, steps: int, num_inference_steps:
     """
     if not _is_number(strength) or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: {strength!r} must be a number in (0, 1]")
+    if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= 1000:
+        raise ValueError(f"num_inference_steps: {num_inference_steps!r} must be an integer in 1..1000")
     if not _is_int(steps) or not 1 <= steps <= num_inference_steps:
         raise ValueError(f"steps: {steps!r} must be an integer in 1..{num_inference_steps}")
     start = round((1.0 - strength) * (num_inference_steps - 1))

@@ -202,8 +202,8 @@ def to_model_input(
         return pixels_to_images(tensor, dtype)
     if kind.layout == "HWC":
         tensor = tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, C, H, W) in [0, 1]
-    else:
-        tensor = tensor.to(dtype).clamp(0.0, 1.0)
+    else:  # (a NaN or inf in a float frame: black or white there, never into the stream, where it spreads)
+        tensor = tensor.to(dtype).nan_to_num(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
     channels = tensor.shape[1]
     if channels == 4:
         tensor = tensor[:, :3]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -238,6 +239,11 @@ class StreamDiffusion:
             isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in prompts
         ):
             raise ValueError(f"prompts: expected a list of (prompt, weight) pairs, got {prompts!r}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for _, w in prompts):
+            raise ValueError(f"prompts: each weight must be a finite number, got {[w for _, w in prompts]!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: expected a string, got {type(negative_prompt).__name__} "
+                             f"{negative_prompt!r}")
         weights = [float(weight) for _, weight in prompts]
         embeddings = [self.prompts.encode(prompt) for prompt, _ in prompts]
         cond = blend_embeddings(embeddings, weights, method)  # (1, 77, D)

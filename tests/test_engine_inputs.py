@@ -46,6 +46,19 @@ def test_a_numpy_view_with_negative_strides_is_taken(tiny_components):
         assert np.array_equal(StreamDiffusion(tiny_components, config)(view), expected)
 
 
+def test_a_float_frame_with_nan_or_inf_never_brings_them_into_the_stream(tiny_components):
+    """A NaN input went out as the first output (the fallback is the input), and primed the frames
+    in flight with NaN latents: the next good frames came out NaN too."""
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu",
+                                                           t_index_list=(20, 40)))
+    bad = torch.rand(3, SIZE, SIZE)
+    bad[:, :8] = float("nan")
+    bad[:, 8:16] = float("inf")
+    outputs = [engine(bad), *(engine(torch.rand(3, SIZE, SIZE)) for _ in range(3))]
+    assert all(torch.isfinite(out).all() for out in outputs)
+    assert engine.stats.nonfinite_caught == 0
+
+
 def test_rgba_drops_alpha_and_grey_is_repeated(engine):
     assert engine(np.zeros((SIZE, SIZE, 4), np.uint8)).shape == (SIZE, SIZE, 3)
     assert engine(np.zeros((SIZE, SIZE, 1), np.uint8)).shape == (SIZE, SIZE, 3)

@@ -44,3 +44,17 @@ def test_engine_blend_matches_single_prompt_at_the_ends(tiny_components):
         assert not torch.allclose(middle, castle, atol=1e-3) and not torch.allclose(middle, forest, atol=1e-3)
     with pytest.raises(ValueError, match="method"):
         engine.set_prompt_blend([("a", 1.0)], method="cubic")
+
+
+@pytest.mark.parametrize("pairs,negative,message", [
+    ([("a", "0.5")], None, r"each weight must be a finite number, got \['0.5'\]"),
+    ([("a", None)], None, "each weight must be a finite number"),
+    ([("a", True)], None, "each weight must be a finite number"),
+    ([("a", 1.0)], 5, "negative_prompt: expected a string, got int 5"),
+])
+def test_engine_blend_names_a_bad_weight_or_negative_prompt(tiny_components, pairs, negative, message):
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=64, height=64, device="cpu", t_index_list=(25,)))
+    before = engine.prompt
+    with pytest.raises(ValueError, match=message):
+        engine.set_prompt_blend(pairs, negative_prompt=negative)
+    assert engine.prompt == before

@@ -152,3 +152,10 @@ def test_an_update_refused_in_its_warm_up_leaves_the_stream_as_it_was(tiny_compo
     assert live.config == twin.config
     for frame in frames[4:]:
         assert torch.equal(live(frame), twin(frame))
+
+
+@pytest.mark.parametrize("steps", ["30", None, float("nan"), 0])
+def test_strength_with_a_bad_schedule_length_names_it(tiny_components, steps):
+    engine = _build(tiny_components, "self", {}, {})
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        engine.update(strength=0.5, num_inference_steps=steps)
