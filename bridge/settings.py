@@ -272,12 +272,22 @@ def read_config_file(path: str) -> dict:
         if name not in FIELDS:
             raise ValueError(f"config: {path}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
         values[name] = tuple(value) if isinstance(value, list) and name != "presets" else value
+    if values.get("oscquery_port") == "off":  # as the flag takes it
+        values["oscquery"], values["oscquery_port"] = False, None
     return values
 
 
 def merge(file_values: dict, flag_values: dict, **defaults) -> RunSettings:
-    """Defaults, then the file, then the flags that were given (not None)."""
+    """Defaults, then the file, then the flags that were given (not None). A flag also replaces
+    the file's other view of its setting: --t-index-list the file's steps and strength, --steps
+    or --strength the file's t_index_list."""
+    flags = {name: value for name, value in flag_values.items() if value is not None}
     values = dict(defaults)
     values.update(file_values)
-    values.update({name: value for name, value in flag_values.items() if value is not None})
+    if "t_index_list" in flags:
+        values.pop("steps", None)
+        values.pop("strength", None)
+    if flags.keys() & {"steps", "strength"}:
+        values.pop("t_index_list", None)
+    values.update(flags)
     return RunSettings(**values)

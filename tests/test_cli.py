@@ -75,6 +75,13 @@ def test_flags_override_the_config_file(tmp_path):
     assert settings.width == 256 and settings.prompt == "ink" and settings.t_index_list == (20, 40)
     with pytest.raises(ValueError, match="t_index_list"):
         RunSettings(sink=("null",), t_index_list=(20, 40), steps=2)
+    # a flag also replaces the file's other view of its setting (before: an error naming both)
+    assert merge(read_config_file(str(config)), {"strength": 0.5}).strength == 0.5
+    config.write_text('sink = "null"\nsteps = 2\nstrength = 0.4\noscquery = false\n')
+    settings = merge(read_config_file(str(config)), {"t_index_list": (10, 30)})
+    assert settings.t_index_list == (10, 30) and settings.steps is None and settings.strength is None
+    config.write_text('sink = "null"\noscquery_port = "off"\n')
+    assert read_config_file(str(config)) == {"sink": "null", "oscquery": False, "oscquery_port": None}
 
 
 def test_steps_and_strength_make_the_t_index_list():

@@ -122,6 +122,12 @@ CASES = [
     ("preset-t-index-list-out-of-schedule", {}, "[presets.1]\nt_index_list = [32, 60]\n",
      ["presets.1.t_index_list", "[32, 60]"]),
     ("preset-blend-weight", {}, '[presets.1]\nprompt_blend = [["a", 3.0]]\n', ["presets.1.prompt_blend", "3.0"]),
+    ("preset-strength-and-t-index-list", {}, "[presets.1]\nstrength = 0.5\nt_index_list = [10, 40]\n",
+     ["presets.1", "strength or t_index_list, not both"]),
+    ("preset-prompt-and-blend", {}, '[presets.1]\nprompt = "a"\nprompt_blend = [["b", 1.0]]\n',
+     ["presets.1", "prompt or prompt_blend, not both"]),
+    ("preset-cue-twice", {}, "[presets.1]\nseed = 1\n[presets.01]\nseed = 2\n", ["presets", "'01'", "cue 1 again"]),
+    ("source-testpattern-huge", {"source": '"testpattern?width=100000&height=100000"'}, "", ["width", "100000"]),
     ("preset-method-unknown", {}, '[presets.1]\nprompt_blend_method = "cubic"\n', ["presets.1.prompt_blend_method", "cubic"]),
     # code is never named: values that look like code are only refused values
     ("model-python-expression", {"model": "\"__import__('os').system('touch {tmp}/pwned')\""}, "",

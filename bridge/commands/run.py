@@ -110,6 +110,8 @@ def settings_from_args(args: argparse.Namespace, **defaults):
                              "--oscquery-port directly")
         if flags.get("oscquery_port") == "off":
             flags["oscquery"], flags["oscquery_port"] = False, None
+        elif flags.get("oscquery_port") is not None:  # a port: OSCQuery on, whatever the file says
+            flags["oscquery"] = True
         if flags.get("osc_allow") is not None:
             flags["osc_allow"] = tuple(a for item in flags["osc_allow"] for a in item.split(",") if a)
         if flags.get("sink") is not None:

@@ -292,6 +292,11 @@ def check_presets(presets: dict) -> dict[int, dict[str, Any]]:
             raise ValueError(f"presets: cue {cue!r} is not an integer") from None
         if not isinstance(values, dict) or not values:
             raise ValueError(f"presets.{number}: must be a non-empty table of parameter values")
+        if number in checked:
+            raise ValueError(f"presets: cue {cue!r} is cue {number} again")
+        for pair in (("strength", "t_index_list"), ("prompt", "prompt_blend")):
+            if set(pair) <= values.keys():  # two views of one setting: which would win is not what was meant
+                raise ValueError(f"presets.{number}: give {pair[0]} or {pair[1]}, not both")
         checked[number] = {name: _preset_value(number, name, value) for name, value in values.items()}
     return checked
 

@@ -15,6 +15,8 @@ from .. import framecode
 from ..frames import PIXEL_FORMATS, Frame, FrameFormat, swizzle
 from .base import Source, SourceLost
 
+MAX_SIZE = 8192  # pixels a side (a 100000 x 100000 pattern asked for 37 GiB)
+
 
 class TestPatternSource(Source):
     """Frames at `fps`, paced by the clock: a colour gradient scrolling right, a bouncing square,
@@ -27,6 +29,9 @@ class TestPatternSource(Source):
             raise ValueError(f"fps: {fps!r} must be a number in (0, 1000]")
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"pixel_format: {pixel_format!r} must be one of {', '.join(PIXEL_FORMATS)}")
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+                raise ValueError(f"{name}: {value!r} must be an integer in 1..{MAX_SIZE}")
         self.format = FrameFormat(width, height, pixel_format)
         self._period = 1.0 / fps
         self._sequence = 0
