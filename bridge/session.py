@@ -80,6 +80,7 @@ def run_session(settings: RunSettings, *, stream=None) -> dict:
             sinks, first_source = _open_transports(settings, config.width, config.height)
             plane = _start_control(settings, store, live)
             engine = _build_engine(settings, config)
+            _check_preset_sizes(settings, engine)
             _first_frame(engine, first_source)
             gc.collect()
             gc.freeze()  # the model's objects never need collecting: shorter pauses of every thread
@@ -133,6 +134,21 @@ def _start_control(settings: RunSettings, store: ParameterStore, live: dict):
     plane = ControlPlane(store=store, settings=settings.control_settings(), telemetry=telemetry,
                          on_pause=action("pause"), on_resume=action("resume"), presets=settings.presets)
     return plane.start()
+
+
+def _check_preset_sizes(settings: RunSettings, engine) -> None:
+    """A preset's resolution the model cannot take (the SD models: multiples of 64) is one line
+    at start, like every other bad preset value (the settings check only multiples of 8)."""
+    components, config = getattr(engine, "components", None), getattr(engine, "config", None)
+    if components is None or config is None:
+        return
+    for cue, values in sorted((settings.presets or {}).items()):
+        if "resolution" in values:
+            width, height = values["resolution"]
+            try:
+                components.check_fits(config.replace(width=width, height=height))
+            except ValueError as exc:
+                raise UserError(f"presets.{cue}.resolution: {exc}") from None
 
 
 def _build_engine(settings: RunSettings, config):

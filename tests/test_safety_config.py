@@ -127,6 +127,8 @@ CASES = [
     ("preset-prompt-and-blend", {}, '[presets.1]\nprompt = "a"\nprompt_blend = [["b", 1.0]]\n',
      ["presets.1", "prompt or prompt_blend, not both"]),
     ("preset-cue-twice", {}, "[presets.1]\nseed = 1\n[presets.01]\nseed = 2\n", ["presets", "'01'", "cue 1 again"]),
+    ("preset-size-the-model-refuses", {}, '[presets.3]\nresolution = "72x72"\n',
+     ["presets.3.resolution", "72", "multiple of 16"]),
     ("source-testpattern-huge", {"source": '"testpattern?width=100000&height=100000"'}, "", ["width", "100000"]),
     ("preset-method-unknown", {}, '[presets.1]\nprompt_blend_method = "cubic"\n', ["presets.1.prompt_blend_method", "cubic"]),
     # code is never named: values that look like code are only refused values
