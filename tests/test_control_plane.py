@@ -362,14 +362,13 @@ def test_oscquery_answers_a_broken_request_400_without_a_traceback(plane, capfd)
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_oscquery_closes_slow_clients_and_caps_its_connections(monkeypatch):
+def test_oscquery_closes_slow_clients_and_caps_its_connections():
     """A client sending a header line every few seconds kept its thread and descriptor for ever,
     and any number of them could (at the descriptor limit the OSC servers could accept nothing)."""
     from bridge.control import oscquery
 
-    monkeypatch.setattr(oscquery, "REQUEST_DEADLINE_SECONDS", 0.5)
-    monkeypatch.setattr(oscquery, "MAX_CONNECTIONS", 2)
-    server = oscquery.OSCQueryServer(host="127.0.0.1", port=0, prefix="/sd", osc_port=9000, values=dict)
+    server = oscquery.OSCQueryServer(host="127.0.0.1", port=0, prefix="/sd", osc_port=9000, values=dict,
+                                     max_connections=2, request_deadline_seconds=0.5)
     try:
         slow = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
         for client in slow:
@@ -387,14 +386,13 @@ def test_oscquery_closes_slow_clients_and_caps_its_connections(monkeypatch):
         server.close()
 
 
-def test_osc_tcp_replaces_an_idle_connection_when_all_are_taken(monkeypatch):
+def test_osc_tcp_replaces_an_idle_connection_when_all_are_taken():
     """Silent or vanished peers holding every TCP slot locked every other client out for good."""
     from bridge.control import servers
 
-    monkeypatch.setattr(servers, "MAX_TCP_CONNECTIONS", 3)
-    monkeypatch.setattr(servers, "EVICT_IDLE_SECONDS", 0.3)
     received = []
-    server = servers.TCPServer(host="127.0.0.1", port=0, handler=lambda packet, peer: received.append(packet))
+    server = servers.TCPServer(host="127.0.0.1", port=0, handler=lambda packet, peer: received.append(packet),
+                               max_connections=3, evict_idle_seconds=0.3)
     try:
         silent = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
         time.sleep(0.5)

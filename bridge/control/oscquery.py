@@ -138,12 +138,13 @@ def answer(tree: dict, target: str, host_info: dict) -> tuple[int, dict | None]:
 class OSCQueryServer:
     """Serves `answer(...)` over HTTP on (host, port). `values()` gives the current values.
     Only peers `allow(peer)` accepts are answered (the OSC servers' allow list); at most
-    MAX_CONNECTIONS at once, each closed after REQUEST_DEADLINE_SECONDS; a client's broken
+    `max_connections` at once, each closed after `request_deadline_seconds`; a client's broken
     request or early hang-up is a debug line, not a traceback."""
 
     def __init__(self, *, host: str, port: int, prefix: str, osc_port: int,
                  values: Callable[[], dict], name: str = "sdbridge",
-                 allow: Callable[[tuple], bool] = lambda peer: True) -> None:
+                 allow: Callable[[tuple], bool] = lambda peer: True, max_connections: int = MAX_CONNECTIONS,
+                 request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS) -> None:
         server_self = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -152,7 +153,7 @@ class OSCQueryServer:
 
             def setup(self) -> None:
                 super().setup()
-                self._deadline = threading.Timer(REQUEST_DEADLINE_SECONDS, _shut, (self.connection,))
+                self._deadline = threading.Timer(request_deadline_seconds, _shut, (self.connection,))
                 self._deadline.daemon = True
                 self._deadline.start()
 
@@ -167,7 +168,7 @@ class OSCQueryServer:
                 log.debug("oscquery %s: " + format, self.client_address[0], *args)
 
         self._prefix, self._osc_port, self._values, self._name = prefix, osc_port, values, name
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.refused_connections = 0
         server_class = type("OSCQueryHTTPServer", (ThreadingHTTPServer,), {
             "address_family": _family(host), "daemon_threads": True,

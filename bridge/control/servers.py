@@ -96,8 +96,10 @@ class TCPServer:
     cues keeps its connection until the slots run out). Refusals are logged at most every 5 s."""
 
     def __init__(self, *, host: str, port: int, handler: Handler, max_packet_bytes: int = 65507,
-                 on_error: ErrorHandler = _log_error, allow: Callable[[tuple], bool] = lambda peer: True) -> None:
+                 on_error: ErrorHandler = _log_error, allow: Callable[[tuple], bool] = lambda peer: True,
+                 max_connections: int = MAX_TCP_CONNECTIONS, evict_idle_seconds: float = EVICT_IDLE_SECONDS) -> None:
         self._handler = handler
+        self._max_connections, self._evict_idle_seconds = max_connections, evict_idle_seconds
         self._allow = allow
         self._on_error = on_error
         self._max_packet = max_packet_bytes
@@ -133,13 +135,13 @@ class TCPServer:
                 connection.close()
                 continue
             with self._lock:
-                if len(self._connections) >= MAX_TCP_CONNECTIONS and not self._closed.is_set():
+                if len(self._connections) >= self._max_connections and not self._closed.is_set():
                     self._evict_idle()
-                if len(self._connections) >= MAX_TCP_CONNECTIONS or self._closed.is_set():
+                if len(self._connections) >= self._max_connections or self._closed.is_set():
                     self.refused_connections += 1
                     connection.close()
                     self._log_at_most_every_5s("OSC TCP connection from %s refused: %d already open (%d refused so far)",
-                                               peer[0], MAX_TCP_CONNECTIONS, self.refused_connections)
+                                               peer[0], self._max_connections, self.refused_connections)
                     continue
                 connection.settimeout(POLL_SECONDS)
                 thread = threading.Thread(target=self._serve, args=(connection, peer), daemon=True,
@@ -153,7 +155,7 @@ class TCPServer:
         EVICT_IDLE_SECONDS; its thread then closes it and frees the slot at once."""
         thread = min(self._last_heard, key=self._last_heard.get, default=None)
         idle = time.monotonic() - self._last_heard[thread] if thread is not None else 0.0
-        if idle < EVICT_IDLE_SECONDS:
+        if idle < self._evict_idle_seconds:
             return
         connection = self._connections.pop(thread)
         self._last_heard.pop(thread)
