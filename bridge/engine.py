@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from typing import Callable
 
 from .errors import UserError
-from .settings import RunSettings, parse_size
+from .settings import RANDOM_PREFIX, RunSettings, parse_size
 
 log = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
+MODEL_FLAGS = {"vae": "--vae", "lcm_lora": "--lcm-lora", "single_file_config": "--single-file-config"}
 
 
 def stream_config(settings: RunSettings):
@@ -45,7 +46,8 @@ def _options(settings: RunSettings, backend: str) -> dict | None:
             options["cuda_graphs"] = settings.cuda_graphs  # modules: compiled only (eager as a fallback ignores it)
         return options or None
     if backend == "tensorrt":
-        options = {"engines": settings.engines, "model": settings.model}
+        options = {"engines": settings.engines, "model": model_arguments(
+            settings.model, **{name: getattr(settings, name) for name in MODEL_FLAGS})}
         if settings.cuda_graphs in ("step", "off"):  # modules: compiled only (tensorrt as a fallback ignores it)
             options["cuda_graphs"] = settings.cuda_graphs
         return options
@@ -100,26 +102,46 @@ def backend_label(engine) -> str:
     return label
 
 
+def load_model(model: str, *, dtype, device, allow_pickle: bool = False, vae: str | None = None,
+               lcm_lora: str | None = None, single_file_config: str | None = None,
+               progress: Callable[[str], None] = log.info):
+    """The Components of `model`: built with random weights for "random:ARCH", else loaded
+    (pipeline.load_components; `vae` None: its default, TAESD). Raises what the loader raises."""
+    from pipeline import load_components, random_components
+
+    if model.startswith(RANDOM_PREFIX):
+        arch = model[len(RANDOM_PREFIX):]
+        progress(f"building random-weight model {arch!r} on {device} ...")
+        return random_components(arch, dtype=dtype, device=device, seed=0)
+    progress(f"loading model {model} on {device} (first use may take minutes) ...")
+    options = {"vae": vae} if vae is not None else {}
+    return load_components(model, dtype=dtype, device=device, allow_pickle=allow_pickle, lcm_lora=lcm_lora,
+                           single_file_config=single_file_config, **options)
+
+
+def model_arguments(model: str, **options: str | None) -> str:
+    """`model` and its `MODEL_FLAGS` options as command-line arguments (after `--model`, quoted
+    for a shell): what a `sdbridge build-engines` must be given to build engines for the same
+    weights (an LCM-LoRA fused in, another VAE: their hash differs)."""
+    words = [model]
+    for name, value in options.items():
+        if value is not None:
+            words += [MODEL_FLAGS[name], value]
+    return shlex.join(words)
+
+
 def build_engine(settings: RunSettings, config, progress: Callable[[str], None] = log.info):
     """Load or build the model named by `settings.model` and wrap it in a StreamDiffusion.
 
     Raises UserError (one line) when the model cannot be loaded.
     """
-    from pipeline import ModelLoadError, load_components, random_components
+    from pipeline import ModelLoadError
 
     started = time.perf_counter()
-    model = settings.model
     try:
-        if model.startswith(RANDOM_PREFIX):
-            arch = model[len(RANDOM_PREFIX):]
-            progress(f"building random-weight model {arch!r} on {config.device} ...")
-            components = random_components(arch, dtype=config.dtype, device=config.device, seed=0)
-        else:
-            progress(f"loading model {model} on {config.device} (first use may take minutes) ...")
-            options = {"allow_pickle": settings.allow_pickle, "lcm_lora": settings.lcm_lora}
-            if settings.vae is not None:
-                options["vae"] = settings.vae
-            components = load_components(model, dtype=config.dtype, device=config.device, **options)
+        components = load_model(settings.model, dtype=config.dtype, device=config.device,
+                                allow_pickle=settings.allow_pickle, progress=progress,
+                                **{name: getattr(settings, name) for name in MODEL_FLAGS})
         progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the {settings.backend} backend ...")
         engine = _stream(components, config, settings)
     except ModelLoadError as exc:

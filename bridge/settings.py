@@ -54,6 +54,7 @@ class RunSettings:
     model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
     lcm_lora: str | None = None  # LCM-LoRA weights fused into the UNet
+    single_file_config: str | None = None  # a single-file checkpoint's configs: a diffusers folder or hub id
     allow_pickle: bool = False  # allow .ckpt/.bin/.pt weights (they can run code)
     width: int = 512  # processing and output size
     height: int = 512
@@ -128,6 +129,10 @@ class RunSettings:
         if self.model.startswith(RANDOM_PREFIX) and self.model[len(RANDOM_PREFIX):] not in RANDOM_ARCHS:
             raise ValueError(f"model: {self.model!r} is not a random-weight architecture; one of "
                              f"{', '.join(RANDOM_PREFIX + arch for arch in RANDOM_ARCHS)}")
+        refused = random_model_refuses(self.model, vae=self.vae, lcm_lora=self.lcm_lora,
+                                       single_file_config=self.single_file_config)
+        if refused:
+            raise ValueError(refused)
         if self.backend not in ENGINE_BACKENDS + PLANNED_BACKENDS:  # refused before minutes of model loading
             raise ValueError(f"backend: {self.backend!r} is not available; choose one of {', '.join(ENGINE_BACKENDS)}")
         for name in ("width", "height"):
@@ -179,6 +184,18 @@ class RunSettings:
             osc_aliases=self.osc_aliases, status_target=self.status_target, oscquery=self.oscquery,
             oscquery_port=self.oscquery_port,
         )
+
+
+def random_model_refuses(model: str, **options: str | None) -> str | None:
+    """Why `options` (the loader's vae, lcm_lora, single_file_config, named as the caller's user
+    names them) cannot go with `model`, or None: a random-weight model is built, not loaded, so a
+    VAE, LCM-LoRA or checkpoint config given for it would be silently ignored."""
+    given = [name for name, value in options.items() if value is not None]
+    if not model.startswith(RANDOM_PREFIX) or not given:
+        return None
+    return (f"{', '.join(given)}: {model!r} is a random-weight model, built rather than loaded, so "
+            f"{'this does' if len(given) == 1 else 'these do'} not apply; drop {'it' if len(given) == 1 else 'them'} "
+            f"or name a real model")
 
 
 def parse_size(text: str, name: str = "sizes") -> tuple[int, int]:

@@ -248,7 +248,8 @@ def _resolve_config(name: str, *, allow_pickle: bool = False) -> Path:
         raise ModelLoadError(f"single_file_config path not found: {str(path)!r}")
     return _hub_snapshot(
         name, patterns=["*.json", "*.txt"], subject=f"single_file_config {name!r} is not a local folder",
-        hint="pass single_file_config=<a local diffusers folder of the checkpoint's architecture>",
+        hint="pass single_file_config=<a local diffusers folder of the checkpoint's architecture> "
+             "(sdbridge: --single-file-config)",
     )
 
 
@@ -396,7 +397,8 @@ def _load_single_file(path: Path, *, config: Path | None, with_vae: bool, dtype:
             warnings.filterwarnings("ignore", message="(?s).*steps_offset", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_single_file(str(path), **options)
     except ModelLoadError as exc:
-        hint = "pass single_file_config=<a local diffusers folder (configs, tokenizer) of its architecture>"
+        hint = ("pass single_file_config=<a local diffusers folder (configs, tokenizer) of its architecture> "
+                "(sdbridge: --single-file-config)")
         raise ModelLoadError(f"{exc}; {hint}") from exc.__cause__
     for name in ("unet", "text_encoder") + (("vae",) if with_vae else ()):
         _check_materialized(getattr(pipe, name), what=name, where=path)

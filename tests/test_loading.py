@@ -371,3 +371,19 @@ def test_stream_from_pretrained_folder_runs_frames(model_folder, original):
     out = engine(np.zeros((64, 64, 3), np.uint8))
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert engine.components.source == str(model_folder)
+
+
+def test_run_loads_a_single_file_checkpoint_offline_with_single_file_config(tmp_path, model_folder, original, capsys):
+    """`sdbridge run --single-file-config FOLDER`: the configs come from the folder, not the hub
+    (which this machine cannot reach: without the flag the same run stops with the loader's line)."""
+    from bridge import cli
+
+    path = write_ldm_safetensors(
+        tmp_path / "tiny.safetensors", unet=original.unet, vae=original.kl_vae, text_encoder=original.text_encoder
+    )
+    run = ["-q", "run", "--model", str(path), "--vae", "model", "--sink", "null", "--device", "cpu", "--width", "64",
+           "--height", "64", "--frames", "2", "--no-osc", "--no-status"]
+    assert cli.main(run + ["--single-file-config", str(model_folder)]) == 0, capsys.readouterr().err
+    assert cli.main(run) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (and diffusers' progress)
+    assert len(error) == 1 and "tiny.safetensors" in error[0] and "--single-file-config" in error[0], error

@@ -48,6 +48,11 @@ CASES = [
     ("vae-number", {"vae": "3"}, "", ["vae", "3"]),
     ("lcm-lora-list", {"lcm_lora": '["a", "b"]'}, "", ["lcm_lora", "['a', 'b']"]),
     ("allow-pickle-string", {"allow_pickle": '"yes"'}, "", ["allow_pickle", "'yes'"]),
+    # a random model is built, not loaded: what would change a loaded one is refused, not ignored
+    ("lcm-lora-with-random-model", {"lcm_lora": '"{tmp}/lora.safetensors"'}, "",
+     ["lcm_lora", "'random:tiny' is a random-weight model"]),
+    ("vae-and-config-with-random-model", {"vae": '"model"', "single_file_config": '"{tmp}"'}, "",
+     ["vae, single_file_config", "random-weight model"]),
     ("backend-unknown", {"backend": '"turbo"'}, "", ["backend", "'turbo'", "eager"]),
     # sizes and rates
     ("width-string", {"width": '"big"'}, "", ["width", "'big'"]),

@@ -262,3 +262,71 @@ def test_the_step_graph_runs_the_engines_with_the_prompt_in_static_buffers(tiny_
     assert sorted(graphed.backend._static) == [2, 3]  # guidance off and on (initialize: one negative row)
     with pytest.raises(ValueError, match="cuda_graphs 'modules' must be one of off, step for the tensorrt backend"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={**options, "cuda_graphs": "modules"})
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_components, tmp_path_factory):
+    """A diffusers folder of the tiny model, a TAESD folder and an LCM-LoRA for its UNet."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKL
+    from test_loading import TINY_KL_VAE, write_lora, write_pipeline_folder
+    from pipeline.models import UNET_CONFIGS
+
+    root = tmp_path_factory.mktemp("lora_model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        kl_vae = AutoencoderKL(**TINY_KL_VAE).eval()
+    original = SimpleNamespace(unet=tiny_components.unet, text_encoder=tiny_components.text_encoder, kl_vae=kl_vae)
+    model = write_pipeline_folder(root / "model", original)
+    tiny_components.vae.save_pretrained(root / "taesd")
+    (root / "lora").mkdir()
+    lora, _ = write_lora(root / "lora", unet_config=UNET_CONFIGS["tiny"])
+    return SimpleNamespace(model=str(model), taesd=str(root / "taesd"), lora=str(lora))
+
+
+def test_engines_built_with_an_lcm_lora_are_the_ones_a_run_with_it_finds(lora_model, standin, tmp_path):
+    """build-engines loads the model as `run` does (bridge.engine.load_model, --vae and
+    --lcm-lora included), so the engines it builds carry the hash of the weights a run with the
+    same flags computes; a run without the LoRA finds none, and the line names the command that
+    builds its engines, flags and all."""
+    from bridge.engine import build_engine, load_model, stream_config
+    from bridge.errors import UserError
+    from bridge.settings import RunSettings
+
+    components = load_model(lora_model.model, dtype=CONFIG.dtype, device=CONFIG.device, vae=lora_model.taesd,
+                            lcm_lora=lora_model.lora, progress=lambda _: None)  # as build-engines loads it
+    config = CONFIG.replace(cfg_type="none")
+    tensorrt_build.build_engines(components, config, EngineCache(tmp_path), work_folder=tmp_path / "onnx",
+                                 precision="fp32")
+    settings = dict(model=lora_model.model, vae=lora_model.taesd, sink=("null",), backend="tensorrt",
+                    engines=str(tmp_path), device="cpu", dtype="float32", cfg="none", t_index_list=(20, 40),
+                    width=SIZE, height=SIZE)
+    with_lora = RunSettings(**settings, lcm_lora=lora_model.lora)
+    engine = build_engine(with_lora, stream_config(with_lora), progress=lambda _: None)
+    assert engine.backend.name == "tensorrt" and len(engine.backend._engines) == 3
+    assert engine(_frames(1)[0]).shape == (SIZE, SIZE, 3)
+    # the engines were built for the fused weights: the model alone has none
+    without = RunSettings(**settings)
+    with pytest.raises(UserError) as refused:
+        build_engine(without, stream_config(without), progress=lambda _: None)
+    message = str(refused.value)
+    assert "no unet engine" in message and "\n" not in message
+    assert f"sdbridge build-engines --model {lora_model.model} --vae {lora_model.taesd} --cache {tmp_path}" in message
+    assert "--lcm-lora" not in message
+
+
+def test_build_engines_cli_takes_the_run_flags_that_change_the_weights(lora_model, tmp_path):
+    from test_cli import sdbridge
+
+    result = sdbridge("-q", "build-engines", "--model", lora_model.model, "--vae", lora_model.taesd, "--lcm-lora",
+                      lora_model.lora, "--cfg", "none", "--width", "64", "--height", "64", "--onnx-only",
+                      "--cache", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.glob("onnx/*/*.onnx")) == ["unet.onnx", "vae_decoder.onnx",
+                                                                              "vae_encoder.onnx"]
+    result = sdbridge("-q", "build-engines", "--model", "random:tiny", "--lcm-lora", lora_model.lora, "--onnx-only",
+                      "--cache", str(tmp_path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--lcm-lora: 'random:tiny' is a random-weight model" in result.stderr

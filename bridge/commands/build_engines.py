@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..errors import UserError
@@ -16,6 +17,12 @@ def register(subparsers) -> None:
         "`sdbridge run --backend tensorrt --engines FOLDER` runs them; --onnx-only works anywhere.",
     )
     parser.add_argument("--model", required=True, help="hub id, folder, .safetensors file or random:tiny|sd15|sd-turbo")
+    parser.add_argument("--vae", help="VAE, as `sdbridge run --vae` loads it: taesd-default (the default), model, "
+                        "or a folder/hub id (engines are built for this model's weights with this VAE)")
+    parser.add_argument("--lcm-lora", dest="lcm_lora",
+                        help="LCM-LoRA weights fused into the UNet, as `sdbridge run --lcm-lora` fuses them")
+    parser.add_argument("--single-file-config", dest="single_file_config",
+                        help="a single-file checkpoint's configs: a diffusers folder or hub id")
     parser.add_argument("--width", type=int, action="append", help="width(s) to build for (default 512)")
     parser.add_argument("--height", type=int, action="append", help="height(s), one per --width (default 512)")
     parser.add_argument("--t-index-list", dest="t_index_list", default="32,45", help="denoising steps (sets the batch)")
@@ -31,14 +38,21 @@ def register(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from pipeline import StreamConfig, load_components, random_components
+    from pipeline import StreamConfig
     from pipeline.errors import ModelLoadError
     from pipeline.backends.engine_cache import EngineCache
     from pipeline.backends.tensorrt_build import TensorRTUnavailable, build_engines, tensorrt_identity
 
+    from ..engine import MODEL_FLAGS, load_model, model_arguments
+    from ..settings import random_model_refuses
+
     widths, heights = args.width or [512], args.height or [512]
     if len(widths) != len(heights):
         raise UserError(f"--width and --height: give one height per width (got {len(widths)} and {len(heights)})")
+    model_options = {name: getattr(args, name) for name in MODEL_FLAGS}
+    refused = random_model_refuses(args.model, **{MODEL_FLAGS[name]: value for name, value in model_options.items()})
+    if refused:
+        raise UserError(refused)
     device, dtype = ("cpu", "float32") if args.onnx_only else ("cuda", args.precision.replace("fp", "float"))
     try:
         if not args.onnx_only:
@@ -48,12 +62,10 @@ def handle(args: argparse.Namespace) -> int:
         configs = [StreamConfig(width=w, height=h, device=device, dtype=dtype, cfg_type=args.cfg,
                                 t_index_list=t_index_list, frame_buffer_size=args.frame_buffer_size)
                    for w, h in zip(widths, heights)]
-        if args.model.startswith("random:"):
-            components = random_components(args.model[len("random:"):], dtype=configs[0].dtype, device=configs[0].device)
-        else:
-            components = load_components(args.model, dtype=configs[0].dtype, device=configs[0].device,
-                                         allow_pickle=args.allow_pickle)
-        cache = EngineCache(args.cache, rebuild_hint=f"sdbridge build-engines --model {args.model} --cache {args.cache}")
+        components = load_model(args.model, dtype=configs[0].dtype, device=configs[0].device,
+                                allow_pickle=args.allow_pickle, **model_options)
+        cache = EngineCache(args.cache, rebuild_hint=f"sdbridge build-engines --model "
+                            f"{model_arguments(args.model, **model_options)} --cache {shlex.quote(str(args.cache))}")
         built = []
         for config in configs:
             built += build_engines(components, config, cache, work_folder=args.cache / "onnx", precision=args.precision,

@@ -25,6 +25,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--model", help="hub id, folder, single .safetensors file, or random:tiny|sd15|sd-turbo")
     add("--vae", help="VAE: taesd-default, model, or a folder/hub id")
     add("--lcm-lora", dest="lcm_lora", help="LCM-LoRA weights to fuse into the UNet")
+    add("--single-file-config", dest="single_file_config",
+        help="a single .safetensors checkpoint's configs: a diffusers folder (offline) or hub id")
     add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
         help="allow pickle weights (.ckpt/.bin/.pt); they can run code")
     add("--width", type=int, help="processing and output width (a multiple of 64 for the SD models)")

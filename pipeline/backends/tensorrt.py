@@ -26,6 +26,7 @@ against a stand-in with the TensorRT API backed by onnxruntime (tests/tensorrt_s
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ class TensorRTBackend(StaticPrompt):
     def __init__(self, components: Components, *, kv_cache: bool = True, engines: str | Path = "engines",
                  model: str = "MODEL", cuda_graphs: str = "off") -> None:
         """`engines`: the engine cache folder `sdbridge build-engines --cache` wrote; `model`: how the
-        user named the model, for the rebuild command in messages; `cuda_graphs`: "off" or "step"
+        user named the model, with the flags that change its weights (`--lcm-lora X`, `--vae Y`;
+        shell-quoted), for the rebuild command in messages; `cuda_graphs`: "off" or "step"
         (CUDA only, see the module docstring). `kv_cache` is ignored."""
         if cuda_graphs not in EAGER_CUDA_GRAPH_MODES:
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
@@ -112,7 +114,7 @@ class TensorRTBackend(StaticPrompt):
             raise ValueError(f"backend: 'tensorrt' has no engines for {dtype}; use float16, float32 or bfloat16")
         self.precision = PRECISIONS[dtype]
         self.vae_scale_factor = components.vae_scale_factor
-        self.rebuild_hint = (f"sdbridge build-engines --model {model} --cache {engines} "
+        self.rebuild_hint = (f"sdbridge build-engines --model {model} --cache {shlex.quote(str(engines))} "
                              f"--precision {self.precision} (with the same width, height, steps and cfg)")
         self._cache = EngineCache(engines, rebuild_hint=self.rebuild_hint)
         started = time.perf_counter()
