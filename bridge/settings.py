@@ -176,6 +176,9 @@ class RunSettings:
                 raise ValueError(f"compile_steps: {count!r} must be a number of steps from 1 to 16")
         if self.t_index_list is not None and (self.steps is not None or self.strength is not None):
             raise ValueError("t_index_list: give either t_index_list or steps/strength, not both")
+        if not self.osc and self.status_target is not None:  # it would be silently off
+            raise ValueError(f"status_target: {self.status_target!r} is sent by the OSC control, which osc = false "
+                             "(--no-osc) turns off; drop one of them")
         self.control_settings()  # validates the OSC settings (ValueError naming the field)
 
     def control_settings(self) -> ControlSettings:

@@ -47,6 +47,8 @@ def error_lines(result):
     (["bench", "--backend", "compiled", "--channels-last"], "--channels-last is for --backend eager"),
     (["bench", "--backend", "tensorrt", "--fuse-qkv"], "--fuse-qkv is for --backend eager or compiled"),
     (["bench", "--fuse-qkv", "--fp8"], "--fuse-qkv and --fp8 cannot be combined"),
+    (["bench", "--time-limit", "nan"], "--time-limit: nan must be a number of seconds >= 0"),
+    (["bench", "--time-limit", "-1"], "--time-limit: -1.0 must be"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message):
     result = sdbridge(*args)

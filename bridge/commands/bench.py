@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes, --size-changes and --profile >= 0 "
                         f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes}, "
                         f"{args.profile})")
+    if not args.time_limit >= 0:  # (nan too: it would never stop)
+        raise UserError(f"--time-limit: {args.time_limit!r} must be a number of seconds >= 0 (0: no limit)")
     if args.fuse_math and args.backend != "compiled":
         raise UserError(f"--fuse-math needs --backend compiled (it compiles the step's arithmetic), not {args.backend!r}")
     if args.fuse_qkv and args.backend not in ("eager", "compiled"):
