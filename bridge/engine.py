@@ -155,7 +155,8 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
         log.warning("--compile-steps has no effect with the %s backend here (nothing to compile or capture)",
                     engine.backend.name)
     elif step_counts:
-        verb = "compiling" if engine.backend.name == "compiled" else "capturing the step graph"
+        verb = {"compiled": "compiling", "tensorrt": "loading the engines"}.get(engine.backend.name,
+                                                                               "capturing the step graph")
         progress(f"{verb} for {', '.join(map(str, step_counts))} step(s) as well ...")
         try:
             engine.warm_up(step_counts=step_counts)
@@ -177,10 +178,11 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
 
 def readies_step_counts(engine) -> bool:
     """Whether readying other step counts at start (--compile-steps) does anything for `engine`:
-    the compiled backend compiles them, and a backend with step graphs (eager's default on CUDA)
-    captures theirs; otherwise a new step count costs nothing to switch to."""
+    the compiled backend compiles them, the tensorrt backend loads their UNet engines (a count
+    never built is refused at start, not mid-show), and a backend with step graphs (eager's
+    default on CUDA) captures theirs; otherwise a new step count costs nothing to switch to."""
     backend = engine.backend
-    return getattr(backend, "name", None) == "compiled" or getattr(backend, "step_graphs", None) is not None
+    return getattr(backend, "name", None) in ("compiled", "tensorrt") or getattr(backend, "step_graphs", None) is not None
 
 
 def speed_hint(engine) -> str | None:

@@ -329,4 +329,45 @@ def test_build_engines_cli_takes_the_run_flags_that_change_the_weights(lora_mode
     result = sdbridge("-q", "build-engines", "--model", "random:tiny", "--lcm-lora", lora_model.lora, "--onnx-only",
                       "--cache", str(tmp_path))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "--lcm-lora: 'random:tiny' is a random-weight model" in result.stderr
+    assert "lcm_lora: 'random:tiny' is a random-weight model" in result.stderr
+
+
+def test_build_engines_config_builds_what_the_show_loads_at_start(lora_model, standin, tmp_path):
+    """`build-engines --config show.toml` plans the engines of the show's model (its VAE and
+    LCM-LoRA), sizes and step counts, into its engines folder; a `run --config show.toml` on
+    tensorrt then loads every one of them at start (its --compile-steps too) and runs."""
+    from bridge.cli import build_parser
+    from bridge.commands.build_engines import plan
+    from bridge.commands.run import settings_from_args
+    from bridge.engine import build_engine, load_model, stream_config
+
+    show = tmp_path / "show.toml"
+    show.write_text("\n".join([
+        f'model = "{lora_model.model}"', f'vae = "{lora_model.taesd}"', f'lcm_lora = "{lora_model.lora}"',
+        'sink = "null"', 'backend = "tensorrt"', f'engines = "{tmp_path / "show-engines"}"', 'device = "cpu"',
+        'dtype = "float32"', "width = 64", "height = 64", 'sizes = ["96x64"]', 'cfg = "none"',
+        "t_index_list = [20, 40]", "compile_steps = [1]",
+    ]) + "\n")
+    parser = build_parser()
+    build = plan(parser.parse_args(["build-engines", "--config", str(show), "--onnx-only"]))
+    assert [(c.width, c.height, c.denoising_steps, c.cfg_type) for c in build.configs] == [
+        (64, 64, 2, "none"), (64, 64, 1, "none"), (96, 64, 2, "none"), (96, 64, 1, "none")]
+    assert build.cache == tmp_path / "show-engines" and build.precision == "fp32"  # the show's dtype
+    assert build.model_options == {"vae": lora_model.taesd, "lcm_lora": lora_model.lora, "single_file_config": None}
+    flags = plan(parser.parse_args(["build-engines", "--config", str(show), "--onnx-only", "--width", "128",
+                                    "--height", "64", "--cfg", "full", "--cache", str(tmp_path / "other")]))
+    assert [(c.width, c.denoising_steps, c.cfg_type) for c in flags.configs] == [(128, 2, "full"), (128, 1, "full")]
+    assert flags.cache == tmp_path / "other"
+
+    components = load_model(build.model, dtype=CONFIG.dtype, device=CONFIG.device, progress=lambda _: None,
+                            **build.model_options)
+    for config in build.configs:
+        tensorrt_build.build_engines(components, config, EngineCache(build.cache), work_folder=tmp_path / "onnx",
+                                     precision=build.precision)
+    settings = settings_from_args(parser.parse_args(["run", "--config", str(show)]))
+    engine = build_engine(settings, stream_config(settings), progress=lambda _: None)
+    assert len(engine.backend._engines) == 2 * 4  # each size: the UNet for 2 and 1 steps, encoder, decoder
+    for size, steps in (((96, 64), (20, 40)), ((96, 64), (30,)), ((64, 64), (30,))):
+        engine.update(resolution=size, t_index_list=steps)
+        assert engine(_frames(1)[0]).shape == (64, size[0], 3)
+    assert len(engine.backend._engines) == 2 * 4  # nothing loaded mid-show

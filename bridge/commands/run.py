@@ -46,9 +46,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--backend", help="engine backend: eager (default), compiled (torch.compile, compiles at start) or "
                           "tensorrt (engines from `sdbridge build-engines`, see --engines)")
     add("--compile-steps", dest="compile_steps",
-        help="also ready these step counts at start, e.g. 1,2,4: the compiled backend compiles them, and a "
-             "step graph (eager's default on CUDA) captures theirs, so /sd/t_index_list changing length "
-             "readies nothing mid-show")
+        help="also ready these step counts at start, e.g. 1,2,4: the compiled backend compiles them, tensorrt "
+             "loads their engines, and a step graph (eager's default on CUDA) captures theirs, so "
+             "/sd/t_index_list changing length readies nothing mid-show")
     add("--sizes", help="other sizes /sd/resolution may switch to during the show, readied at start, e.g. "
                         "768x448,1024x576 (compiled: compiled and captured now; tensorrt: their engines loaded "
                         "now, so a size never built is refused at start)")
