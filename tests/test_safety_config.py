@@ -277,16 +277,16 @@ def test_preset_the_engine_refuses_is_refused_and_old_values_kept(engine):
     store over real UDP; the engine refuses its value between frames: the old one stays, the
     refusal is reported, and the next good preset still applies."""
     store = ParameterStore()
-    presets = {1: {"t_index_list": (32, 60)}, 2: {"guidance_scale": 1.7}}  # 60: outside the 50-step schedule
+    presets = {1: {"resolution": (72, 72)}, 2: {"guidance_scale": 1.7}}  # in range, but the model takes 16s
     with ControlPlane(store=store, settings=_settings(), presets=presets) as plane, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         before = engine.config
         sender.sendto(encode_message("/sd/preset", 1), ("127.0.0.1", plane.osc_port))
         _wait_for(lambda: plane.counters["applied"] == 1)
         apply_pending(store, engine)
-        assert engine.config.t_index_list == before.t_index_list == (32, 45)
-        assert "t_index_list" in store.rejected and "outside 0..49" in store.rejected["t_index_list"][1]
-        assert "t_index_list" not in store.applied
+        assert (engine.config.width, engine.config.height) == (before.width, before.height) == (64, 64)
+        assert "resolution" in store.rejected and "multiple of 16" in store.rejected["resolution"][1]
+        assert "resolution" not in store.applied
         frame = engine(np.zeros((64, 64, 3), np.uint8))  # the engine still runs
         assert frame.shape == (64, 64, 3)
         sender.sendto(encode_message("/sd/preset", 2), ("127.0.0.1", plane.osc_port))

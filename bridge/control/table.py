@@ -84,7 +84,7 @@ PARAMETERS: tuple[Param, ...] = (
           minimum=0.01, maximum=1.0, fader=True),
     Param("t_index_list", "/t_index_list", "int_list",
           "timestep indices, one per denoising step, strictly increasing",
-          minimum=0, maximum=999, default=(32, 45), unit="index", aliases=("/t_list",), max_items=16),
+          minimum=0, maximum=49, default=(32, 45), unit="index", aliases=("/t_list",), max_items=16),  # 50 steps
     Param("resolution", "/resolution", "size",
           "processing and output size, width then height (or one string '768x448'); the frames in flight "
           "restart at the new size. tensorrt: sizes built with build-engines; compiled: sizes in --sizes "
