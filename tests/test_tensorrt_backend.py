@@ -24,7 +24,7 @@ CONFIG = StreamConfig(width=SIZE, height=SIZE, device="cpu", dtype="float32", cf
 def _use_standin(monkeypatch):
     """The stand-in as `tensorrt`, and a machine identity for the cache keys (it has no GPU)."""
     module = tensorrt_standin.install(monkeypatch)
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: (module.__version__, "0.0"))
     return module
 
 
@@ -84,7 +84,7 @@ def test_engines_are_built_strongly_typed_in_the_precision_the_graph_was_exporte
 
 def test_tensorrt_11_without_precision_flags_builds_and_runs_the_engines(tiny_components, tmp_path, monkeypatch):
     module = tensorrt_standin.install(monkeypatch, major=11)
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: (module.__version__, "0.0"))
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: (module.__version__, "0.0"))
     assert not hasattr(module.BuilderFlag, "FP16")
     config = CONFIG.replace(cfg_type="none")  # one UNet batch: a quicker build
     paths = tensorrt_build.build_engines(tiny_components, config, EngineCache(tmp_path), work_folder=tmp_path / "onnx",
@@ -98,12 +98,14 @@ def test_tensorrt_11_without_precision_flags_builds_and_runs_the_engines(tiny_co
     assert int(np.abs(engine(frame).astype(int) - reference(frame).astype(int)).max()) <= 1
 
 
-def test_a_tensorrt_without_strong_typing_gets_the_precision_as_a_builder_flag(built, monkeypatch):
-    folder, _ = built
-    decoder = next((folder / "onnx").glob("*/vae_decoder.onnx"))
+def test_a_tensorrt_older_than_10_is_refused_in_one_line(monkeypatch):
+    """TensorRT 8.6 has the named-tensor API but no strong typing, and its networks need the
+    explicit-batch flag this builder does not set: refused, naming the version needed."""
     tensorrt_standin.install(monkeypatch, major=8)
-    data = tensorrt_build.build_serialized(decoder, precision="fp16")
-    assert data.startswith(tensorrt_standin.HEADER + b"FP16\n")
+    with pytest.raises(tensorrt_build.TensorRTUnavailable) as refused:
+        tensorrt_build.tensorrt_identity()
+    assert str(refused.value) == ("TensorRT 8.6.99+standin is too old: sdbridge needs TensorRT 10 or later "
+                                  "(pip install 'sdbridge[tensorrt]')")
 
 
 def test_a_precision_other_than_the_models_dtype_is_refused_before_building(tiny_components, standin, tmp_path):
@@ -174,7 +176,7 @@ def test_tampered_and_foreign_engines_are_refused(tiny_components, built, standi
     with pytest.raises(ValueError, match="does not match its recorded sha256"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(copy)})
     # the same engines under another TensorRT version are not looked at
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda: ("11.0.0", "0.0"))
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: ("11.0.0", "0.0"))
     with pytest.raises(ValueError, match="no unet engine for 64x64 batch 2 fp32"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
 

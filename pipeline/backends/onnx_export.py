@@ -7,6 +7,7 @@ the projections into its own kernels).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -16,6 +17,10 @@ from pathlib import Path
 import torch
 
 from ..models import Components
+
+# the TorchScript-based exporter (static shapes, what TensorRT's ONNX parser is used to): torch
+# 2.5 added `dynamo` (later defaulting it to True); before, that exporter is the only one
+_TORCHSCRIPT_EXPORTER = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,8 @@ def export_onnx(components: Components, folder: str | Path, shapes: ExportShapes
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
             torch.onnx.export(
-                module.eval(), inputs, str(path), dynamo=False, input_names=input_names,
-                output_names=output_names, opset_version=OPSET, do_constant_folding=True,
+                module.eval(), inputs, str(path), input_names=input_names, output_names=output_names,
+                opset_version=OPSET, do_constant_folding=True, **_TORCHSCRIPT_EXPORTER,
             )
         log.info("exported %s in %.1f s", name, time.perf_counter() - started)
         paths[name] = path

@@ -52,10 +52,14 @@ class _Engine:
         import tensorrt as trt
 
         self.what, self.device = what, device
-        self._engine = runtime.deserialize_cuda_engine(data)
-        if self._engine is None:
-            raise EngineCacheError(f"TensorRT could not load the {what}; rebuild it with: {rebuild_hint}")
-        self._context = self._engine.create_execution_context()
+        with tensorrt_build.on_device(device):  # an engine lives on the device current at its loading
+            self._engine = runtime.deserialize_cuda_engine(data)
+            if self._engine is None:
+                raise EngineCacheError(f"TensorRT could not load the {what}; rebuild it with: {rebuild_hint}")
+            self._context = self._engine.create_execution_context()
+        # TensorRT's documentation: enqueuing on the default stream costs extra device-wide
+        # synchronisations; a caller on the default stream has its engines run on this one
+        self._own_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.inputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for index in range(self._engine.num_io_tensors):
@@ -68,6 +72,10 @@ class _Engine:
             raise EngineCacheError(f"the {what} has {len(self.outputs)} outputs, expected 1; rebuild it with: {rebuild_hint}")
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        with tensorrt_build.on_device(self.device):
+            return self._run(tensors)
+
+    def _run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         held = []  # the inputs, alive until the engine has read them
         for name, (shape, dtype) in self.inputs.items():
             tensor = tensors[name]
@@ -79,12 +87,22 @@ class _Engine:
         (name, (shape, dtype)), = self.outputs.items()
         output = torch.empty(shape, dtype=dtype, device=self.device)
         self._context.set_tensor_address(name, output.data_ptr())
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-        if not self._context.execute_async_v3(stream):
+        if self.device.type != "cuda":
+            if not self._context.execute_async_v3(0):
+                raise RuntimeError(f"tensorrt: the {self.what} failed to run (see TensorRT's log above)")
+            return output
+        current = torch.cuda.current_stream(self.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        stream = self._own_stream if current.cuda_stream == 0 and not capturing else current
+        if stream is not current:
+            stream.wait_stream(current)  # the inputs and the output's memory are the current stream's
+        if not self._context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"tensorrt: the {self.what} failed to run (see TensorRT's log above)")
-        if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        if stream is not current:
+            current.wait_stream(stream)  # the caller reads the output after the engine wrote it
+        if not capturing:
             for tensor in held:  # the caching allocator must not reuse them before the engine read them
-                tensor.record_stream(torch.cuda.current_stream(self.device))
+                tensor.record_stream(current)
         return output
 
 
@@ -103,7 +121,7 @@ class TensorRTBackend(StaticPrompt):
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
                              f"{', '.join(EAGER_CUDA_GRAPH_MODES)} for the tensorrt backend")
         try:
-            self._version, self._capability = tensorrt_build.tensorrt_identity()
+            self._version, self._capability = tensorrt_build.tensorrt_identity(next(components.unet.parameters()).device)
         except tensorrt_build.TensorRTUnavailable as exc:
             raise BackendUnavailable(f"backend: 'tensorrt' cannot run here: {exc}; use 'compiled' or 'eager'") from None
         import tensorrt as trt

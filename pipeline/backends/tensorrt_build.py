@@ -7,6 +7,7 @@ configured cfg type can use (guidance on and off), one encoder and one decoder p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -29,22 +30,38 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message is one line a user can act on."""
 
 
-def tensorrt_identity() -> tuple[str, str]:
-    """(TensorRT version, compute capability of the current CUDA device), or TensorRTUnavailable."""
+def on_device(device: torch.device):
+    """`device` as the current CUDA device within (what TensorRT builds, loads and runs on); no
+    change for another kind of device (the CPU tests' stand-in)."""
+    return torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
+MINIMUM_MAJOR = 10  # the named-tensor API with strong typing (pyproject's tensorrt>=10)
+
+
+def tensorrt_identity(device: torch.device | str | None = None) -> tuple[str, str]:
+    """(TensorRT version, compute capability of `device`, default the current CUDA device), or
+    TensorRTUnavailable."""
     try:
         import tensorrt
     except ImportError:
         raise TensorRTUnavailable("TensorRT is not installed: pip install 'sdbridge[tensorrt]' (NVIDIA GPUs only)") from None
+    version = str(getattr(tensorrt, "__version__", "0"))
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < MINIMUM_MAJOR:
+        raise TensorRTUnavailable(f"TensorRT {version} is too old: sdbridge needs TensorRT {MINIMUM_MAJOR} or later "
+                                  "(pip install 'sdbridge[tensorrt]')")
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT engines need a CUDA GPU, and torch sees none")
-    major, minor = torch.cuda.get_device_capability()
-    return tensorrt.__version__, f"{major}.{minor}"
+    major, minor = torch.cuda.get_device_capability(device)
+    return version, f"{major}.{minor}"
 
 
-def _strongly_typed_flag(trt):
-    """TensorRT's STRONGLY_TYPED network creation flag, or None where it has none (before 9)."""
-    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
-    return getattr(flags, "STRONGLY_TYPED", None)
+def _strongly_typed_flag(trt) -> int:
+    """The network creation flags for a strongly typed network: TensorRT 10's STRONGLY_TYPED bit
+    (11 deprecated it, and is always strongly typed; 0 where a later one removed it)."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def build_serialized(onnx_path: Path, *, precision: str) -> bytes:
@@ -52,21 +69,18 @@ def build_serialized(onnx_path: Path, *, precision: str) -> bytes:
 
     The network is strongly typed: each layer computes in the types the ONNX graph gives it, and
     the graph is exported in `precision` (`export_onnx` traces the model in its own dtype). This
-    is what TensorRT 11 always does, and removed the FP16/BF16 builder flags it replaces (weak
-    typing was deprecated in 10.12). Only a TensorRT without strong typing gets the flag instead."""
+    is what TensorRT 11 always does; it removed the FP16/BF16 builder flags of weak typing, which
+    10.12 deprecated. Built on the current CUDA device (`build_engines` makes it the model's)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = _strongly_typed_flag(trt)
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    network = builder.create_network(_strongly_typed_flag(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    if strongly_typed is None and precision in ("fp16", "bf16"):
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
@@ -76,8 +90,9 @@ def build_serialized(onnx_path: Path, *, precision: str) -> bytes:
 def build_engines(components: Components, config: StreamConfig, cache: EngineCache, *, work_folder: Path,
                   precision: str = "fp16", onnx_only: bool = False, force: bool = False) -> list[Path]:
     """Export and build every engine `config` needs that `cache` does not hold yet; their paths."""
-    identity = ("none", "none") if onnx_only else tensorrt_identity()
-    dtype = next(components.unet.parameters()).dtype
+    parameter = next(components.unet.parameters())
+    identity = ("none", "none") if onnx_only else tensorrt_identity(parameter.device)
+    dtype = parameter.dtype
     if not onnx_only and PRECISION_DTYPES.get(precision) != dtype:  # the graph's types are the engine's
         raise ValueError(f"precision {precision!r} needs the model loaded in {PRECISION_DTYPES.get(precision)}, "
                          f"not {dtype}")
@@ -100,6 +115,8 @@ def build_engines(components: Components, config: StreamConfig, cache: EngineCac
                 log.info("%s: already built", key.filename)
                 continue
             log.info("building %s (this takes minutes) ...", key.filename)
-            built.append(cache.store(key, build_serialized(onnx_path, precision=precision)))
+            with on_device(parameter.device):  # TensorRT builds for the current CUDA device
+                torch.cuda.empty_cache()  # the builder's workspace may take what the export left cached
+                built.append(cache.store(key, build_serialized(onnx_path, precision=precision)))
     log.info("done in %.1f s", time.perf_counter() - started)
     return built
