@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -33,12 +35,15 @@ class Interrupted(BaseException):
 
 class StopSignals:
     """SIGINT/SIGTERM: while loading, abort (raise Interrupted); while running, ask the runtime
-    to stop. Installed only on the main thread; the previous handlers come back on exit."""
+    to stop. Installed only on the main thread; the previous handlers come back on exit.
+    request_from_thread() does the same for a stop asked by another thread (--stop-on-stdin-eof)."""
 
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
         self.received: int | None = None
         self._previous = {}
+        self._active = False  # between __enter__ and __exit__: a late request must not hit the old handlers
+        self._lock = threading.Lock()
 
     def _handle(self, signum, _frame) -> None:
         self.received = signum
@@ -46,15 +51,60 @@ class StopSignals:
             raise Interrupted(signal.Signals(signum).name)
         self.runtime.request_stop()
 
+    def request_from_thread(self, signum: int = signal.SIGTERM) -> None:
+        """What `signum` arriving does, asked from another thread. Running: the runtime is asked to
+        stop (request_stop is thread-safe). Loading: the main thread runs our handler as if the
+        signal had arrived (_thread.interrupt_main: Python's own pending-signal path, no OS signal,
+        so it works on Windows without a console too), which raises Interrupted there. Without our
+        handlers (not the main thread), `received` alone makes run_session stop once loaded."""
+        with self._lock:
+            if not self._active:
+                return
+            self.received = signum
+            runtime = self.runtime
+            if runtime is not None:
+                runtime.request_stop()
+            elif signum in self._previous:
+                _thread.interrupt_main(signum)
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        with self._lock:
+            self._active = True
         return self
 
     def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._active = False
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def watch_stdin_for_eof(on_eof) -> threading.Thread:
+    """--stop-on-stdin-eof: a daemon thread reading standard input until its end (the supervisor
+    closed the pipe, or died), then on_eof(). What arrives before is read and ignored. It reads the
+    file descriptor, not sys.stdin.buffer: a daemon thread blocked inside a buffered reader holds
+    its lock, and the interpreter's shutdown can abort on that lock ("could not acquire lock for
+    <_io.BufferedReader name='<stdin>'> at interpreter shutdown")."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdin at all (pythonw), or not a real file
+        raise UserError("--stop-on-stdin-eof: this process has no standard input to watch") from None
+
+    def read_until_eof() -> None:
+        try:
+            while os.read(fd, 65536):
+                pass
+        except OSError:
+            pass  # the pipe is gone: as good as its end
+        log.info("standard input closed: stopping")
+        on_eof()
+
+    thread = threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True)
+    thread.start()
+    return thread
 
 
 # After stop() (which waits up to a second for the threads), how much longer a thread still inside
@@ -62,13 +112,15 @@ class StopSignals:
 STRAGGLER_SECONDS = 0.8
 
 
-def run_session(settings: RunSettings, *, stream=None) -> dict:
+def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool = False) -> dict:
     """Run until the source ends, a limit is reached or a signal arrives; the final figures.
 
     Transports and the OSC ports open before the model loads, so a missing sender, a missing
     device or a port in use is reported at once; OSC values that arrive while the model loads
     are applied on the first frame. `stream`: where the status line goes (sys.stderr as it is
-    when called, so a replaced stderr is followed).
+    when called, so a replaced stderr is followed). `stop_on_stdin_eof`: the end of standard
+    input stops the run exactly as SIGTERM does (a supervisor's stop channel that works where
+    signals do not, e.g. from a Windows GUI program without a console).
     """
     stream = sys.stderr if stream is None else stream
     with StopSignals() as signals:
@@ -76,6 +128,8 @@ def run_session(settings: RunSettings, *, stream=None) -> dict:
         store = ParameterStore()
         live: dict = {}  # the runtime, once built: the control plane starts before it
         try:
+            if stop_on_stdin_eof:  # inside the try: an end of input already there aborts loading here
+                watch_stdin_for_eof(lambda: signals.request_from_thread(signal.SIGTERM))
             config = _stream_config(settings)
             sinks, first_source = _open_transports(settings, config.width, config.height)
             plane = _start_control(settings, store, live)
@@ -89,6 +143,9 @@ def run_session(settings: RunSettings, *, stream=None) -> dict:
                 store.attach_readier(engine.ready)
             runtime = _make_runtime(settings, engine, sinks, first_source, store)
             live["runtime"] = runtime
+            # still inside the try: a stop that lands before this line raises Interrupted, which is
+            # handled here; after it, the handlers ask the runtime to stop instead of raising
+            signals.runtime = runtime
         except Interrupted:
             _close_all(sinks, first_source, plane, store)
             log.info("interrupted while starting")
@@ -96,7 +153,6 @@ def run_session(settings: RunSettings, *, stream=None) -> dict:
         except BaseException:
             _close_all(sinks, first_source, plane, store)
             raise
-        signals.runtime = runtime
         if signals.received is not None:
             runtime.request_stop()
         started = time.monotonic()

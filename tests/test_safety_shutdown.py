@@ -3,14 +3,21 @@ loads, mid-step, just after an OSC prompt change (a TCP client still connected),
 source is being reconnected: it exits with code 0 within 3 s, and the OSC ports (UDP and TCP) and
 the OSCQuery port can be bound again at once. One trial per moment here; bench/shutdown.py runs
 100 trials at random moments on one port. NDI sender names: tests/test_ndi.py
-(test_close_frees_the_name_at_once)."""
+(test_close_frees_the_name_at_once). `--stop-on-stdin-eof` (how the OBS script and the
+TouchDesigner component stop it, also on Windows without a console): closing its standard input
+stops it the same way, while loading and while running."""
 
+import os
 import random
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from shutdown_trials import MOMENTS, free_port_pair, trial
+from shutdown_trials import MOMENTS, REPO, free_port_pair, trial
 
 
 @pytest.mark.slow
@@ -40,3 +47,73 @@ def test_a_stop_during_a_step_longer_than_the_stop_budget_still_exits_0_within_3
     assert result["exit_code"] == 0 and result["exit_seconds"] < 3.0, result
     assert result["ports_free"], result
     assert any("still busy after the stop" in line for line in result["warnings"]), result
+
+
+# ------------------------------------------------------------------ --stop-on-stdin-eof
+
+STDIN_EOF_COMMAND = [sys.executable, "-m", "bridge.cli", "run", "--model", "random:tiny", "--device", "cpu",
+                     "--width", "64", "--height", "64", "--sink", "null", "--no-osc", "--no-status",
+                     "--stop-on-stdin-eof"]
+
+
+def start_with_a_stdin_pipe():
+    """`sdbridge run --stop-on-stdin-eof` as the OBS script and the TouchDesigner component start
+    it: a pipe as its standard input; its stderr lines collected, and an event per line seen."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="2")
+    process = subprocess.Popen(STDIN_EOF_COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lines, running = [], threading.Event()
+
+    def read_stderr():
+        for line in process.stderr:
+            lines.append(line)
+            if "running:" in line:
+                running.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    return process, lines, running, reader
+
+
+def close_stdin_and_time_the_exit(process):
+    started = time.monotonic()
+    process.stdin.close()  # all a supervisor does: no signal at all
+    try:
+        code = process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        code = None
+    return code, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_the_end_of_stdin_while_loading_aborts_the_load_and_exits_0():
+    """The pipe closed at once: the end of input is there when the watcher starts, before the model
+    is built, so the load is aborted the way a signal aborts it ('interrupted while starting')."""
+    process, lines, running, reader = start_with_a_stdin_pipe()
+    code, seconds = close_stdin_and_time_the_exit(process)
+    output = process.stdout.read()
+    reader.join(2)
+    assert code == 0 and seconds < 10.0, (code, seconds, lines[-5:])
+    assert any("interrupted while starting" in line for line in lines), lines
+    assert not running.is_set() and "frames in" not in output
+
+
+@pytest.mark.slow
+def test_the_end_of_stdin_while_running_stops_it_and_exits_0_within_3_s():
+    process, lines, running, reader = start_with_a_stdin_pipe()
+    try:
+        assert running.wait(90), lines[-5:]
+        time.sleep(0.5)  # frames flowing
+        code, seconds = close_stdin_and_time_the_exit(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read()
+    reader.join(2)
+    assert code == 0 and seconds < 3.0, (code, seconds, lines[-5:])
+    assert any("standard input closed: stopping" in line for line in lines), lines
+    assert "frames in" in output  # the summary of a run that was stopped, not one that failed

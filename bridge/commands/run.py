@@ -96,6 +96,11 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="TOML file with the same settings (flags override it)")
     parser.add_argument("--source", help="where frames come from (default testpattern)")
     parser.add_argument("--sink", action="append", help="where frames go; repeat for several")
+    parser.add_argument("--stop-on-stdin-eof", dest="stop_on_stdin_eof", action="store_true",
+                        help="stop (exactly as on SIGTERM, also while the model loads) when standard input "
+                             "ends: for a program that starts the bridge with a pipe as its input and closes "
+                             "the pipe to stop it (the OBS script, the TouchDesigner component), which works "
+                             "where signals do not, e.g. from a Windows program without a console")
     add_engine_flags(parser)
     add_control_arguments(parser)
     parser.set_defaults(handler=handle)
@@ -107,9 +112,6 @@ def settings_from_args(args: argparse.Namespace, **defaults):
     try:
         file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
         flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-        if getattr(args, "zeroconf", None):
-            raise ValueError("zeroconf: mDNS advertising is not implemented; give OSCQuery clients the host and "
-                             "--oscquery-port directly")
         if flags.get("oscquery_port") == "off":
             flags["oscquery"], flags["oscquery_port"] = False, None
         elif flags.get("oscquery_port") is not None:  # a port: OSCQuery on, whatever the file says
@@ -142,7 +144,7 @@ def handle(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     check_presets_against_engine(settings)
-    summary = run_session(settings)
+    summary = run_session(settings, stop_on_stdin_eof=args.stop_on_stdin_eof)
     if summary.get("state") != "interrupted":
         print(format_summary(summary))
     if summary.get("stragglers"):
