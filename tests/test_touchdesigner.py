@@ -3,6 +3,7 @@ against a recorder of the documented TouchDesigner calls, and the guide's comman
 
 import pathlib
 import re
+import subprocess
 import sys
 import time
 
@@ -281,6 +282,97 @@ def test_stop_terminates_and_kills_after_grace(tmp_path):
         time.sleep(0.02)
     sup.stop()
     assert wait_for_state(sup, ("stopped",)) == "stopped"
+
+
+STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(60)")  # ignores SIGTERM and never reads its stdin: only a kill ends it
+
+
+def wait_for_line(path, text, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while text not in "".join(supervisor.tail_lines(str(path))) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in "".join(supervisor.tail_lines(str(path))), supervisor.tail_lines(str(path))
+
+
+@pytest.fixture
+def no_console(monkeypatch):
+    """TouchDesigner on Windows: no console, so CTRL_BREAK_EVENT raises OSError; here the stop
+    signal (terminate, on this OS) does (kill still works, as TerminateProcess does there)."""
+    def refuse(self):
+        raise OSError("GenerateConsoleCtrlEvent failed: the handle is invalid")
+    monkeypatch.setattr(subprocess.Popen, "terminate", refuse)
+
+
+def test_the_bridge_runs_with_the_stop_flag_after_run():
+    argv = command.build_command(command.BridgeOptions(transport="ndi", osc_port=7450, status_port=7452, platform="linux"))
+    sup = supervisor.Supervisor(command=argv, log_path="unused")
+    assert sup.command[:3] == ["sdbridge", "run", supervisor.STOP_FLAG] and sup.command[3:] == argv[2:]
+    assert supervisor.with_stop_flag(sup.command) == sup.command  # never twice
+    assert run_parser().parse_args(sup.command[1:]).stop_on_stdin_eof is True
+
+
+def test_stop_closes_stdin_so_the_bridge_stops_cleanly_without_a_signal(tmp_path, no_console):
+    """The signal fails (OSError, as from a GUI host on Windows) and is ignored anyway: the closed
+    stdin alone stops the bridge, with status 0, long before the grace time would kill it."""
+    code = ("import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "assert '--stop-on-stdin-eof' in sys.argv, sys.argv; print('ready', flush=True); "
+            "sys.stdin.buffer.read(); print('stdin ended', flush=True)")
+    log = tmp_path / "log"
+    sup = supervisor.Supervisor(command=script(code), log_path=str(log), stop_grace=30.0)
+    sup.start()
+    wait_for_line(log, "ready")
+    time.sleep(0.3)
+    assert sup.poll() == "running", sup.message  # its stdin stays open while it runs
+    started = time.monotonic()
+    sup.stop()
+    assert wait_for_state(sup, ("stopped",)) == "stopped"
+    assert sup.exit_code == 0 and time.monotonic() - started < 5.0
+    assert "stdin ended" in "".join(supervisor.tail_lines(str(log)))
+
+
+def test_a_bridge_deaf_to_every_stop_request_is_killed_after_the_grace_time(tmp_path, no_console):
+    log = tmp_path / "log"
+    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=0.3)
+    sup.start()
+    wait_for_line(log, "ready")
+    process = sup._process
+    sup.stop()
+    assert wait_for_state(sup, ("stopped",)) == "stopped"
+    assert process.poll() is not None and sup.exit_code != 0
+
+
+def test_restart_while_running_returns_at_once_and_poll_starts_the_new_bridge(tmp_path):
+    """Start pulsed while a bridge runs (TouchDesigner's main thread): nothing waits; poll(), each
+    frame, kills the old one after the grace time and then starts the new one."""
+    log = tmp_path / "log"
+    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=0.5)
+    sup.start()
+    wait_for_line(log, "ready")
+    old = sup._process
+    started = time.monotonic()
+    sup.restart(command=script("import time; print('second', flush=True); time.sleep(60)"))
+    assert time.monotonic() - started < 0.2
+    assert sup.state == "stopping" and sup.start_when_stopped and sup.starts == 1
+    assert wait_for_state(sup, ("running",)) == "running"
+    assert sup.starts == 2 and old.poll() is not None and sup.pid != old.pid
+    wait_for_line(log, "second")
+    sup.stop()  # a Stop pulse while stopping also cancels a pending start
+    assert wait_for_state(sup, ("stopped",)) == "stopped" and not sup.start_when_stopped
+
+
+def test_close_kills_at_once_without_waiting(tmp_path):
+    """onDestroyTD (extension re-init, quitting): no poll() follows, and the main thread must not
+    stall for the grace time."""
+    log = tmp_path / "log"
+    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=5.0)
+    sup.start()
+    wait_for_line(log, "ready")
+    process = sup._process
+    started = time.monotonic()
+    sup.close()
+    assert time.monotonic() - started < 1.0
+    assert process.wait(5) is not None and process.stdin.closed and sup.state == "stopped"
 
 
 def test_missing_program_is_a_message(tmp_path):

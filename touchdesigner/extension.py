@@ -95,12 +95,13 @@ class SdbridgeExt:
         if not self.ownerComp.par.Launch.eval():
             self._report('not launched here: run the Command on the bridge machine')
             return
-        if self.supervisor is not None:
-            self.supervisor.close()
         log_path = os.path.join(tempfile.gettempdir(), 'sdbridge-touchdesigner.log')
-        self.supervisor = self.lib.supervisor.Supervisor(command=argv, log_path=log_path,
-                                                         auto_restart=bool(self.ownerComp.par.Autorestart.eval()))
-        self.supervisor.start()
+        auto_restart = bool(self.ownerComp.par.Autorestart.eval())
+        if self.supervisor is None:
+            self.supervisor = self.lib.supervisor.Supervisor(command=argv, log_path=log_path, auto_restart=auto_restart)
+        # Never waits here (this is TouchDesigner's main thread): a bridge still running is asked to
+        # stop, and OnFrame's poll() starts the new one once it has exited or been killed.
+        self.supervisor.restart(command=argv, auto_restart=auto_restart)
         self._report(self.supervisor.message + f' (log: {log_path})')
 
     def Stop(self):
@@ -118,6 +119,7 @@ class SdbridgeExt:
         self._send(messages, 'all')
 
     def onDestroyTD(self):
+        # re-initialising or quitting: no poll() will come to finish a stop, so kill now (no waiting)
         if self.supervisor is not None:
             self.supervisor.close()
 
