@@ -97,6 +97,7 @@ class RunSettings:
     status_target: str | None = None  # host:port for OSC status out (None: off)
     oscquery: bool = True  # serve OSCQuery over HTTP
     oscquery_port: int | None = None  # None: OSC port + 1
+    zeroconf: bool = False  # advertise OSCQuery and the OSC ports over mDNS
     presets: dict | None = None  # {cue: {parameter: value}} recalled by /sd/preset i
 
     def __post_init__(self) -> None:
@@ -179,13 +180,16 @@ class RunSettings:
         if not self.osc and self.status_target is not None:  # it would be silently off
             raise ValueError(f"status_target: {self.status_target!r} is sent by the OSC control, which osc = false "
                              "(--no-osc) turns off; drop one of them")
+        if not self.osc and self.zeroconf:
+            raise ValueError("zeroconf: advertises the OSC control, which osc = false (--no-osc) turns off; "
+                             "drop one of them")
         self.control_settings()  # validates the OSC settings (ValueError naming the field)
 
     def control_settings(self) -> ControlSettings:
         return ControlSettings(
             osc_port=self.osc_port, osc_bind=self.osc_bind, osc_allow=self.osc_allow, osc_prefix=self.osc_prefix,
             osc_aliases=self.osc_aliases, status_target=self.status_target, oscquery=self.oscquery,
-            oscquery_port=self.oscquery_port,
+            oscquery_port=self.oscquery_port, zeroconf=self.zeroconf,
         )
 
 

@@ -316,8 +316,7 @@ def test_settings_and_flags():
     assert (defaults.osc_port, defaults.osc_bind, defaults.resolved_oscquery_port) == (7450, "127.0.0.1", 7451)
     assert defaults.status_target is None and defaults.osc_allow is None
     for bad, field in ((dict(osc_port=70000), "osc_port"), (dict(osc_prefix="sd"), "osc_prefix"),
-                       (dict(status_target="nowhere"), "status_target"), (dict(osc_allow=("x",)), "osc_allow"),
-                       (dict(zeroconf=True), "zeroconf")):
+                       (dict(status_target="nowhere"), "status_target"), (dict(osc_allow=("x",)), "osc_allow")):
         with pytest.raises(ValueError, match=field):
             ControlSettings(**bad)
 

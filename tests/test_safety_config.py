@@ -110,6 +110,7 @@ CASES = [
     ("status-target-no-port", {"status_target": '"mixer"'}, "", ["status_target", "mixer"]),
     ("status-target-unknown-host", {"status_target": '"nohost.invalid:9001"'}, "", ["status_target", "nohost.invalid"]),
     ("osc-string-for-bool", {"osc": '"off"'}, "", ["osc", "'off'"]),
+    ("zeroconf-without-osc", {"osc": "false", "zeroconf": "true"}, "", ["zeroconf", "--no-osc"]),
     ("status-target-without-osc", {"osc": "false", "status_target": '"127.0.0.1:9001"'}, "",
      ["status_target", "127.0.0.1:9001", "--no-osc"]),
     # the file itself

@@ -55,7 +55,7 @@ class ControlSettings:
     status_interval: float = 1.0  # seconds between status messages
     oscquery: bool = True  # serve OSCQuery over HTTP
     oscquery_port: int | None = None  # None: osc_port + 1 (any free port when osc_port is 0)
-    zeroconf: bool = False  # advertise over mDNS (not implemented: True is refused)
+    zeroconf: bool = False  # advertise OSCQuery and the OSC ports over mDNS (bridge/control/mdns.py)
 
     def __post_init__(self) -> None:
         for name in ("osc_port", "oscquery_port"):
@@ -74,8 +74,11 @@ class ControlSettings:
         if not 0.05 <= self.status_interval <= 60:
             raise ValueError(f"status_interval: {self.status_interval!r} must be in 0.05..60 seconds")
         if self.zeroconf:
-            raise ValueError("zeroconf: mDNS advertising is not implemented; give OSCQuery clients the "
-                             "host and --oscquery-port directly")
+            from .mdns import zeroconf_problem
+
+            problem = zeroconf_problem()
+            if problem:
+                raise ValueError(problem)
 
     @property
     def resolved_oscquery_port(self) -> int | None:
@@ -142,7 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="send /sd/status/... once a second to this OSC receiver (default off)")
     add("--oscquery-port", dest="oscquery_port", type=_query_port, metavar="PORT|off",
         help="OSCQuery HTTP port on the OSC interface (default: OSC port + 1)")
-    add("--zeroconf", dest="zeroconf", action="store_const", const=True, help="advertise over mDNS (not implemented)")
+    add("--zeroconf", dest="zeroconf", action="store_const", const=True,
+        help="advertise OSCQuery (_oscjson._tcp) and the OSC ports (_osc._udp, _osc._tcp) over mDNS, on the "
+             "--osc-bind interface, so that OSCQuery clients find the bridge (default off)")
 
 
 class ControlPlane:
@@ -197,6 +202,11 @@ class ControlPlane:
             except ValueError as exc:  # e.g. a host name that does not resolve
                 raise UserError(str(exc)) from None
             self._parts.append(sender)
+        if s.zeroconf:
+            from .mdns import Advertiser
+
+            self._parts.append(Advertiser(bind=s.osc_bind, osc_port=udp.port, osc_tcp=s.osc_tcp,
+                                          oscquery_port=self.oscquery_port))
         self._store.add_listener(self._heard)
         log.info("OSC on %s:%d (UDP%s), OSCQuery %s, status %s", s.osc_bind, udp.port, " + TCP" if s.osc_tcp else "",
                  f"http://{s.osc_bind}:{self.oscquery_port}/" if self.oscquery_port else "off",
