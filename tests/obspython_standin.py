@@ -3,8 +3,10 @@ the signatures of OBS's documentation (docs.obsproject.com: scripting, reference
 reference-settings, reference-frontend-api), plus test-only helpers under `standin`.
 
 Behaviour follows OBS where the script depends on it: settings fall back to the defaults set in
-script_defaults; button callbacks are called as callback(props, prop) and may return True to
-ask for a properties refresh; timers are called by the test (standin.run_timers()).
+script_defaults; a button's callback must be a plain Python function (anything else adds no
+button, as in OBS); it is called as callback(props, prop) and the properties are refreshed only
+when it returns exactly True (standin.click returns whether they would be); timers are called by
+the test (standin.run_timers()).
 """
 
 import types
@@ -124,6 +126,10 @@ def obs_property_list_add_string(prop, name, value):
 
 
 def obs_properties_add_button(props, name, text, callback):
+    # OBS (obs-scripting-python.c): `if (!PyFunction_Check(py_cb)) return python_none();`: a bound
+    # method, a functools.partial, a builtin or a callable object adds nothing and returns None
+    if not isinstance(callback, types.FunctionType):
+        return None
     return props.add(_Property("button", name, text, callback=callback))
 
 
@@ -169,8 +175,10 @@ def script_log(level, text):
 # ---- test helpers (not part of obspython)
 
 def _click(props, name):
+    """Click a button; whether OBS would then refresh the properties (`py_ret == Py_True` there:
+    only exactly True does, not 1 or any other true value)."""
     prop = props.items[name]
-    return prop.details["callback"](props, prop)
+    return prop.details["callback"](props, prop) is True
 
 
 def _change_scene(name):

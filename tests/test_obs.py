@@ -3,6 +3,7 @@ from the real parameter table, script_update / buttons / scene changes driven, a
 receiving exactly the expected messages; its hand-written OSC encoder checked against python-osc's
 parser and liblo's oscdump."""
 
+import functools
 import importlib.util
 import pathlib
 import re
@@ -200,6 +201,24 @@ def test_missing_program_shows_a_problem_instead_of_parameters(tmp_path):
     script.script_defaults(settings)
     props = script.script_properties()
     assert "cannot run" in props.items["table_error"].description and "p_prompt" not in props.items
+
+
+def test_the_standin_is_as_strict_as_obs_about_buttons():
+    """OBS adds a button only for a plain function and refreshes the properties only when its
+    callback returns exactly True; the stand-in must not accept what OBS would not."""
+    obs = obspython_standin
+    props = obs.obs_properties_create()
+
+    class Holder:
+        def clicked(self, props, prop):
+            return True
+
+    for name, callback in (("method", Holder().clicked), ("partial", functools.partial(lambda props, prop: True)),
+                           ("builtin", print)):
+        assert obs.obs_properties_add_button(props, name, name, callback) is None and name not in props.items
+    obs.obs_properties_add_button(props, "one", "returns 1", lambda props, prop: 1)
+    obs.obs_properties_add_button(props, "true", "returns True", lambda props, prop: True)
+    assert obs.standin.click(props, "one") is False and obs.standin.click(props, "true") is True
 
 
 # ------------------------------------------------------------------ the hand-written encoder
