@@ -411,3 +411,21 @@ def test_osc_tcp_replaces_an_idle_connection_when_all_are_taken():
         assert closed == 1  # the one idle longest made room
     finally:
         server.close()
+
+
+def test_server_sockets_cannot_be_shared_by_a_second_bridge():
+    """The options each server socket gets: on POSIX, TCP may rebind over TIME_WAIT; on Windows,
+    where SO_REUSEADDR would let a second bridge bind a port already listened on, exclusive use
+    instead (what socket.create_server does there). Checked on real sockets here (Linux)."""
+    from bridge.control.servers import UDP_SOCKET_BUFFER, socket_options
+
+    exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", -5)
+    assert socket_options(socket.SOCK_STREAM, "win32") == [(exclusive, 1)]
+    assert socket_options(socket.SOCK_DGRAM, "win32") == [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER), (exclusive, 1)]
+    assert socket_options(socket.SOCK_STREAM, "linux") == [(socket.SO_REUSEADDR, 1)]
+    assert socket_options(socket.SOCK_DGRAM, "darwin") == [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER)]
+    with ControlPlane(store=ParameterStore(), settings=ControlSettings(osc_port=0)) as first:
+        query = first._parts[-1]._httpd.socket  # the OSCQuery server binds with the same options
+        assert query.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        with pytest.raises(UserError, match=f"osc-port: cannot listen on 127.0.0.1:{first.osc_port}"):
+            ControlPlane(store=ParameterStore(), settings=ControlSettings(osc_port=first.osc_port)).start()

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
+from .servers import socket_options
 from .table import Param, addresses
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,14 @@ def answer(tree: dict, target: str, host_info: dict) -> tuple[int, dict | None]:
     return 200, {query: node[query]}
 
 
+def _server_bind(httpd) -> None:
+    """HTTPServer's bind with the socket options of the OSC servers (servers.socket_options): not
+    SO_REUSEADDR on Windows, where it would let a second bridge bind the port beside this one."""
+    for option, value in socket_options(socket.SOCK_STREAM):
+        httpd.socket.setsockopt(socket.SOL_SOCKET, option, value)
+    ThreadingHTTPServer.server_bind(httpd)
+
+
 class OSCQueryServer:
     """Serves `answer(...)` over HTTP on (host, port). `values()` gives the current values.
     Only peers `allow(peer)` accepts are answered (the OSC servers' allow list); at most
@@ -172,6 +181,7 @@ class OSCQueryServer:
         self.refused_connections = 0
         server_class = type("OSCQueryHTTPServer", (ThreadingHTTPServer,), {
             "address_family": _family(host), "daemon_threads": True,
+            "allow_reuse_address": False, "server_bind": _server_bind,  # the OSC servers' options (Windows)
             "verify_request": lambda httpd, request, peer: allow(peer) and self._take_slot(),
             "process_request_thread": _releasing(ThreadingHTTPServer.process_request_thread, self._slots),
             "handle_error": lambda httpd, request, peer: log.debug("oscquery %s: request failed", peer[0],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Callable
@@ -37,12 +38,29 @@ def _address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _bound_socket(host: str, port: int, kind: int, option: int, value: int) -> socket.socket:
-    """A socket of `kind` with one SOL_SOCKET `option` set, bound to (host, port), polling every
+def socket_options(kind: int, platform: str = sys.platform) -> list[tuple[int, int]]:
+    """The SOL_SOCKET (option, value) pairs a server socket of `kind` gets before binding.
+
+    UDP: a large receive buffer (bursts). TCP on POSIX: SO_REUSEADDR, so that a restart binds
+    while the last run's connections sit in TIME_WAIT. On Windows, SO_REUSEADDR means something
+    else, letting another socket bind a port already listened on (a second bridge would take
+    7450 beside the first, silently): there, as `socket.create_server` does, not that, and
+    SO_EXCLUSIVEADDRUSE, so that no other socket can bind our port while we hold it."""
+    options = [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER)] if kind == socket.SOCK_DGRAM else []
+    if platform == "win32":
+        options.append((getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1))  # -5: ~SO_REUSEADDR, its value in winsock
+    elif kind == socket.SOCK_STREAM:
+        options.append((socket.SO_REUSEADDR, 1))
+    return options
+
+
+def _bound_socket(host: str, port: int, kind: int) -> socket.socket:
+    """A socket of `kind` with its `socket_options`, bound to (host, port), polling every
     POLL_SECONDS; closed again if any step fails."""
     sock = socket.socket(_address_family(host), kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, option, value)
+        for option, value in socket_options(kind):
+            sock.setsockopt(socket.SOL_SOCKET, option, value)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -67,7 +85,7 @@ class UDPServer:
 
     def __init__(self, *, host: str, port: int, handler: Handler) -> None:
         self._handler = handler
-        self._socket = _bound_socket(host, port, socket.SOCK_DGRAM, socket.SO_RCVBUF, UDP_SOCKET_BUFFER)
+        self._socket = _bound_socket(host, port, socket.SOCK_DGRAM)
         self.port = self._socket.getsockname()[1]
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdbridge osc udp", daemon=True)
@@ -103,7 +121,7 @@ class TCPServer:
         self._allow = allow
         self._on_error = on_error
         self._max_packet = max_packet_bytes
-        self._socket = _bound_socket(host, port, socket.SOCK_STREAM, socket.SO_REUSEADDR, 1)
+        self._socket = _bound_socket(host, port, socket.SOCK_STREAM)
         try:
             self._socket.listen(8)
         except OSError:
