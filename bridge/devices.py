@@ -123,8 +123,20 @@ def check_window() -> tuple[str, bool, str]:
     return "window", True, f"Tk {tkinter.TkVersion} (a preview window can open)"
 
 
+def check_mdns() -> tuple[str, bool, str]:
+    from .control.mdns import zeroconf_problem
+
+    problem = zeroconf_problem()
+    if problem:
+        return "mDNS", False, problem.removeprefix("zeroconf: ")
+    import zeroconf
+
+    return "mDNS", True, f"python-zeroconf {zeroconf.__version__} (--zeroconf: OSCQuery clients find the bridge)"
+
+
 CHECKS = (
-    check_gpu, check_compile, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras, check_window,
+    check_gpu, check_compile, check_tensorrt, check_spout, check_syphon, check_ndi, check_virtualcam, check_cameras,
+    check_window, check_mdns,
 )
 
 

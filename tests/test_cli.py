@@ -99,7 +99,8 @@ def test_devices_reports_every_backend_without_a_traceback():
     result = sdbridge("devices")
     assert result.returncode == 0, result.stderr
     names = [line.split(":")[0] for line in result.stdout.splitlines()]
-    assert names == ["GPU", "torch.compile", "TensorRT", "Spout", "Syphon", "NDI", "virtual camera", "cameras", "window"]
+    assert names == ["GPU", "torch.compile", "TensorRT", "Spout", "Syphon", "NDI", "virtual camera", "cameras", "window",
+                     "mDNS"]
 
 
 def make_clip(path, frames=30, fps=15, size=(96, 80)):
