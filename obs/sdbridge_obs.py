@@ -2,25 +2,56 @@
 
 Load it in OBS: Tools > Scripts > + > this file (OBS's own Python; standard library only).
 The properties are generated from the bridge's parameter table (`sdbridge params --json`, run
-with the program set in "sdbridge program"); press "Reload parameters" after changing it.
-It can start and stop `sdbridge run`, re-sends every value when the bridge (re)starts (it
-listens for the bridge's /sd/status messages), and recalls a preset when the scene changes
-("Scene presets": one `Scene name = preset number` per line).
+with the program set in "sdbridge program", on a thread: OBS's UI never waits for it); press
+"Reload parameters" after changing it. Sliders, toggles and menus are sent as they move; text
+boxes (prompts, t_index_list, resolution) once their text has stayed the same for a second, as
+OBS reports every keystroke. It can start and stop `sdbridge run`, re-sends every value when the
+bridge (re)starts (it listens for the bridge's /sd/status messages), and recalls a preset when
+the scene changes ("Scene presets": one `Scene name = preset number` per line).
+
+Threads: OBS calls script_update and button callbacks on its UI thread and timers on its
+graphics thread, so the timer reads shared state into locals before using it.
 """
 
 import json
+import os
 import shlex
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import os
+import threading
+import time
 
 import obspython as obs
 
 STATUS_POLL_MS = 250
 PREFIX_KEY = "p_"  # settings key of a table parameter: p_<name>
+# Text boxes: OBS calls script_update on every keystroke, so typing 1280x720 would send 1280x7 and
+# 1280x72 (size changes the bridge restarts or compiles for) and re-encode a prompt per letter.
+# Their values are sent once unchanged this long (the timer checks); sliders and the rest at once.
+TYPED_KINDS = ("string", "prompt_blend", "int_list", "size")
+DEBOUNCE_SECONDS = 1.0
+STOP_FLAG = "--stop-on-stdin-eof"  # `sdbridge run`: the end of its stdin stops it as SIGTERM does
+STOP_GRACE_SECONDS = 5.0  # after asking the bridge to stop: then it is killed
+PARAMS_TIMEOUT_SECONDS = 60
+RELOAD_WAIT_SECONDS = 0.5  # the Reload button waits this long for `params --json` (usually 0.2 s)
+
+
+def _now():
+    return time.monotonic()
+
+
+def _creation_flags(*names):
+    """The Windows process-creation flags of these names (CREATE_NO_WINDOW: no console window
+    flashes up); 0 elsewhere, where Popen refuses any."""
+    flags = 0
+    if sys.platform.startswith("win"):
+        for name in names:
+            flags |= getattr(subprocess, name, 0)
+    return flags
 
 
 # ------------------------------------------------------------------ OSC, hand-written (1.0)
@@ -93,18 +124,20 @@ def decode_message(data):
 
 
 def load_table(executable):
-    """The parsed JSON of `<executable> params --json`; ValueError with the reason."""
+    """The parsed JSON of `<executable> params --json`; ValueError with the reason. Blocks: called
+    on TableLoad's thread."""
     try:
-        done = subprocess.run([executable, "params", "--json"], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([executable, "params", "--json"], capture_output=True, text=True,
+                              timeout=PARAMS_TIMEOUT_SECONDS, creationflags=_creation_flags("CREATE_NO_WINDOW"))
     except OSError as exc:
         raise ValueError("cannot run %r: %s" % (executable, exc.strerror or exc)) from None
     except subprocess.TimeoutExpired:
-        raise ValueError("%s params --json took over 60 s" % executable) from None
+        raise ValueError("%s params --json took over %d s" % (executable, PARAMS_TIMEOUT_SECONDS)) from None
     if done.returncode != 0:
         raise ValueError("%s params --json failed: %s" % (executable, (done.stderr or done.stdout).strip()[:200]))
     try:
         table = json.loads(done.stdout)
-        table["osc"]["port"], table["parameters"][0]["name"]
+        table["osc"]["port"], table["osc"]["prefix"], table["parameters"][0]["name"]  # all the timer reads
     except (ValueError, KeyError, IndexError, TypeError):
         raise ValueError("%s params --json printed no parameter table" % executable) from None
     return table
@@ -173,12 +206,37 @@ def parse_scene_presets(text):
 # ------------------------------------------------------------------ state
 
 
+class TableLoad:
+    """`<executable> params --json` on a daemon thread: a slow launch (a cold disk, a virus
+    scanner) must not freeze OBS's UI. `result`: (table, error) once done() is True."""
+
+    def __init__(self, executable):
+        self.executable = executable
+        self.result = (None, "%s params --json stopped without an answer" % executable)
+        self._thread = threading.Thread(target=self._run, name="sdbridge params --json", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            self.result = (load_table(self.executable), "")
+        except ValueError as exc:
+            self.result = (None, str(exc))
+
+    def done(self, wait=0.0):
+        """Whether it has finished, after waiting at most `wait` seconds."""
+        self._thread.join(wait)
+        return not self._thread.is_alive()
+
+
 class State:
     def __init__(self):
         self.settings = None
         self.table = None
         self.table_error = ""
+        self.loading = None  # the TableLoad running, until its table is applied
         self.sent = {}  # parameter name -> last value sent (or seen at load)
+        self.pending = {}  # typed parameter name -> (value, when typed): sent once unchanged DEBOUNCE_SECONDS
+        self.lock = threading.Lock()  # pending: written on the UI thread, taken by the timer
         self.socket = None
         self.status_socket = None
         self.status_port = None
@@ -250,20 +308,64 @@ def send_all():
 
 
 def _reload_table():
+    """Start loading the table (the timer applies it); a load of the same program keeps running.
+    The TableLoad."""
     executable = obs.obs_data_get_string(state.settings, "executable") or "sdbridge"
-    try:
-        state.table, state.table_error = load_table(executable), ""
-    except ValueError as exc:
-        state.table, state.table_error = None, str(exc)
-        _log(obs.LOG_WARNING, str(exc))
+    loading = state.loading
+    if loading is None or loading.executable != executable:
+        loading = state.loading = TableLoad(executable)
+    return loading
+
+
+def _apply_loaded_table():
+    """Timer (and the Reload button): a finished load's table, its defaults and a baseline of the
+    current values (applying a table sends nothing). True when one was applied."""
+    loading = state.loading
+    if loading is None or not loading.done():
+        return False
+    if state.loading is loading:  # not a newer load the Reload button started meanwhile
+        state.loading = None
+    state.table, state.table_error = loading.result
+    if state.table_error:
+        _log(obs.LOG_WARNING, state.table_error)
+    if state.settings is not None:
+        _set_table_defaults(state.settings)
+        state.sent = {row["name"]: _setting(row) for row in _stored_rows()}
+        _open_status_socket()  # its default port comes with the table
+    with state.lock:
+        state.pending = {}
+    return True
+
+
+def _note_typed(name, value, now):
+    """A text box's value: sent by the timer once unchanged for DEBOUNCE_SECONDS; typed back to
+    what was last sent, nothing is."""
+    with state.lock:
+        if value == state.sent.get(name):
+            state.pending.pop(name, None)
+        elif name not in state.pending or state.pending[name][0] != value:
+            state.pending[name] = (value, now)
+
+
+def _send_settled(now):
+    """Timer: send each typed value that has stayed unchanged for DEBOUNCE_SECONDS."""
+    with state.lock:
+        settled = [(name, value) for name, (value, typed) in state.pending.items() if now - typed >= DEBOUNCE_SECONDS]
+        for name, _ in settled:
+            del state.pending[name]
+    rows = {row["name"]: row for row in _stored_rows()}
+    for name, value in settled:
+        if name in rows:
+            send_row(rows[name], value)
+            state.sent[name] = value
 
 
 # ------------------------------------------------------------------ the bridge process
 
 
 def bridge_command(settings):
-    """argv of `sdbridge run` for the script's settings."""
-    argv = [obs.obs_data_get_string(settings, "executable") or "sdbridge", "run",
+    """argv of `sdbridge run` for the script's settings (stopped by closing its stdin: STOP_FLAG)."""
+    argv = [obs.obs_data_get_string(settings, "executable") or "sdbridge", "run", STOP_FLAG,
             "--osc-port", str(obs.obs_data_get_int(settings, "osc_port")),
             "--status-target", "127.0.0.1:%d" % obs.obs_data_get_int(settings, "status_port")]
     for key, flag in (("source", "--source"), ("model", "--model"), ("config", "--config")):
@@ -277,16 +379,19 @@ def bridge_command(settings):
 
 
 def start_bridge(*_):
-    if state.process is not None and state.process.poll() is None:
-        _log(obs.LOG_INFO, "the bridge is already running (pid %d)" % state.process.pid)
+    process = state.process
+    if process is not None and process.poll() is None:
+        _log(obs.LOG_INFO, "the bridge is already running (pid %d)" % process.pid)
         return False
     argv = bridge_command(state.settings)
     _open_status_socket()
     try:
         with open(state.log_path, "ab") as log:
-            flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            state.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             creationflags=flags if sys.platform.startswith("win") else 0)
+            # stdin: a pipe only stop_bridge closes, the stop request (STOP_FLAG); own process
+            # group: a CTRL_BREAK_EVENT reaches the bridge only
+            state.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                             creationflags=_creation_flags("CREATE_NEW_PROCESS_GROUP",
+                                                                           "CREATE_NO_WINDOW"))
     except OSError as exc:
         _log(obs.LOG_WARNING, "cannot start %r: %s" % (argv[0], exc.strerror or exc))
         return False
@@ -296,23 +401,46 @@ def start_bridge(*_):
 
 
 def stop_bridge(*_):
+    """Ask the bridge to stop, wait up to STOP_GRACE_SECONDS, then kill it: whatever fails on the
+    way, no bridge is left running with the GPU, the camera and the OSC port."""
     process, state.process = state.process, None
-    if process is None or process.poll() is not None:
+    if process is None:
         return False
-    import signal
+    if process.poll() is None:
+        _ask_to_stop(process)
+        try:
+            process.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            _log(obs.LOG_WARNING, "the bridge did not stop within %g s: killing it" % STOP_GRACE_SECONDS)
+            process.kill()
+            try:
+                process.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:  # stuck in a driver call: it goes when that returns
+                _log(obs.LOG_WARNING, "the bridge (pid %d) has not gone yet after the kill" % process.pid)
+    _close_stdin(process)
+    _log(obs.LOG_INFO, "stopped the bridge (status %s)" % process.returncode)
+    return False
+
+
+def _ask_to_stop(process):
+    """Close its stdin (the bridge runs with STOP_FLAG: works from OBS on every OS), then send
+    SIGTERM / CTRL_BREAK_EVENT as well where that works."""
+    _close_stdin(process)
     try:
         if sys.platform.startswith("win"):
             process.send_signal(signal.CTRL_BREAK_EVENT)
         else:
             process.terminate()
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
     except OSError:
-        pass
-    _log(obs.LOG_INFO, "stopped the bridge (status %s)" % process.returncode)
-    return False
+        pass  # OBS has no console on Windows, so CTRL_BREAK cannot be sent: the closed stdin asks
+
+
+def _close_stdin(process):
+    if process.stdin is not None:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass  # the bridge already gone
 
 
 def _open_status_socket():
@@ -320,6 +448,8 @@ def _open_status_socket():
     if state.status_socket is not None and state.status_port == port:
         return
     _close_status_socket()
+    if port <= 0:  # no port yet (the table, which has its default, is still loading)
+        return
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         listener.bind(("127.0.0.1", port))
@@ -337,9 +467,18 @@ def _close_status_socket():
     state.status_socket = state.status_port = None
 
 
+def tick():
+    """Timer, every STATUS_POLL_MS: a finished table load, typed values that have settled, the
+    bridge's status."""
+    _apply_loaded_table()
+    _send_settled(_now())
+    poll_status()
+
+
 def poll_status():
-    """Timer: read /sd/status messages; the first 'alive' after a start re-sends every value."""
-    prefix = state.table["osc"]["prefix"] if state.table else "/sd"
+    """Read /sd/status messages; the first 'alive' after a start re-sends every value."""
+    table = state.table  # a local: Reload (on the UI thread) may replace it meanwhile
+    prefix = table["osc"]["prefix"] if table else "/sd"
     for _ in range(256):  # bounded: at most this many datagrams per tick
         if state.status_socket is None:
             return
@@ -359,9 +498,12 @@ def poll_status():
             send_all()
         elif address == prefix + "/status/error" and args:
             _log(obs.LOG_WARNING, "bridge: %s" % args[0])
-    if state.process is not None and state.process.poll() is not None:
-        _log(obs.LOG_WARNING, "the bridge exited with status %s; see %s" % (state.process.returncode, state.log_path))
-        state.process, state.alive = None, False
+    process = state.process  # a local: stop_bridge (on the UI thread) may set it to None meanwhile
+    if process is not None and process.poll() is not None:
+        _log(obs.LOG_WARNING, "the bridge exited with status %s; see %s" % (process.returncode, state.log_path))
+        _close_stdin(process)
+        if state.process is process:
+            state.process, state.alive = None, False
 
 
 # ------------------------------------------------------------------ scene changes
@@ -399,8 +541,13 @@ def script_defaults(settings):
     obs.obs_data_set_default_string(settings, "source", "camera:0")
     obs.obs_data_set_default_string(settings, "sinks", "virtualcam")
     state.settings = state.settings or settings
-    if state.table is None and not state.table_error:
-        _reload_table()
+    if state.table is None and state.loading is None and not state.table_error:
+        _reload_table()  # on a thread: the timer sets the table's defaults when it is there
+    _set_table_defaults(settings)
+
+
+def _set_table_defaults(settings):
+    """The defaults that come from the table: the OSC port, the status port and each parameter's."""
     port = state.table["osc"]["port"] if state.table else 0
     obs.obs_data_set_default_int(settings, "osc_port", port)
     obs.obs_data_set_default_int(settings, "status_port", port + 2 if port else 0)
@@ -422,6 +569,10 @@ def script_properties():
     props = obs.obs_properties_create()
     obs.obs_properties_add_text(props, "executable", "sdbridge program", obs.OBS_TEXT_DEFAULT)
     obs.obs_properties_add_button(props, "reload", "Reload parameters", _reload_clicked)
+    loading = state.loading
+    if loading is not None:
+        obs.obs_properties_add_text(props, "table_loading", "Loading the parameters (%s params --json); press "
+                                    "Reload parameters to show them" % loading.executable, obs.OBS_TEXT_INFO)
     if state.table_error:
         obs.obs_properties_add_text(props, "table_error", "Problem: " + state.table_error, obs.OBS_TEXT_INFO)
     obs.obs_properties_add_text(props, "host", "Bridge host", obs.OBS_TEXT_DEFAULT)
@@ -479,8 +630,12 @@ def _recall_callback(row):
 
 
 def _reload_clicked(props, prop):
-    _reload_table()
-    state.sent = {row["name"]: _setting(row) for row in _stored_rows()}
+    loading = _reload_table()
+    # A script cannot refresh its properties from the timer, so wait a moment here: a healthy
+    # `params --json` answers well within it and the new parameters show at once; a slow one
+    # is applied by the timer later (the properties say so; pressing again shows them)
+    if loading.done(RELOAD_WAIT_SECONDS):
+        _apply_loaded_table()
     return True  # rebuild the properties view
 
 
@@ -490,28 +645,36 @@ def _send_all_clicked(props, prop):
 
 
 def script_update(settings):
-    """Called by OBS when a property changes: send each parameter whose value changed."""
+    """Called by OBS when a property changes (a text box: on every keystroke): send each parameter
+    whose value changed; a typed one once it has settled (TYPED_KINDS, sent by the timer)."""
     first = state.settings is None or not state.sent
     state.settings = settings
+    now = _now()
     for row in _stored_rows():
-        value = _setting(row, settings)
-        if not first and state.sent.get(row["name"]) != value:
+        name, value = row["name"], _setting(row, settings)
+        if first:
+            state.sent[name] = value  # the baseline: what OBS loaded is not sent
+        elif row["kind"] in TYPED_KINDS:
+            _note_typed(name, value, now)
+        elif state.sent.get(name) != value:
             send_row(row, value)
-        state.sent[row["name"]] = value
+            state.sent[name] = value
 
 
 def script_load(settings):
     state.settings = settings
-    if state.table is None:
+    if state.table is None and state.loading is None:
         _reload_table()
     state.sent = {}
+    with state.lock:
+        state.pending = {}
     obs.obs_frontend_add_event_callback(on_event)
-    obs.timer_add(poll_status, STATUS_POLL_MS)
+    obs.timer_add(tick, STATUS_POLL_MS)
     _open_status_socket()
 
 
 def script_unload():
-    obs.timer_remove(poll_status)
+    obs.timer_remove(tick)
     stop_bridge()
     _close_status_socket()
     if state.socket is not None:

@@ -5,6 +5,7 @@ parser and liblo's oscdump."""
 
 import functools
 import importlib.util
+import json
 import pathlib
 import re
 import shutil
@@ -68,23 +69,68 @@ class Receiver:
         self.socket.close()
 
 
-@pytest.fixture
-def fake_sdbridge(tmp_path):
-    """An executable answering `params --json` with the real CLI and recording `run`'s arguments."""
-    path = tmp_path / "sdbridge"
+# `sdbridge run` as the fake runs it: like the real bridge it ignores nothing but SIGTERM here, so a
+# stop has to come through its stdin (as from OBS on Windows, where CTRL_BREAK cannot be sent)
+FAKE_RUN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if "--stop-on-stdin-eof" in sys.argv:
+    sys.stdin.buffer.read()
+    sys.exit(0)
+time.sleep(30)
+"""
+DEAF_RUN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(30)
+"""  # deaf to every stop request: only a kill ends it
+
+
+def make_fake_sdbridge(folder, *, run=FAKE_RUN, params="cd '{root}' && exec '{python}' -m bridge.cli \"$@\""):
+    """An executable answering `params --json` (the real CLI by default) and recording `run`'s arguments."""
+    folder.mkdir(exist_ok=True)
+    (folder / "run.py").write_text(run)
+    path = folder / "sdbridge"
     path.write_text(f"""#!/bin/sh
-if [ "$1" = "params" ]; then cd '{ROOT}' && exec '{sys.executable}' -m bridge.cli "$@"; fi
-printf '%s\\n' "$@" > '{tmp_path}/argv.txt'
-exec '{sys.executable}' -c 'import time; time.sleep(30)'
+if [ "$1" = "params" ]; then {params.format(root=ROOT, python=sys.executable)}; fi
+printf '%s\\n' "$@" > '{folder}/argv.txt'
+exec '{sys.executable}' '{folder}/run.py' "$@"
 """)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
 
 
 @pytest.fixture
-def loaded(fake_sdbridge):
+def fake_sdbridge(tmp_path):
+    return make_fake_sdbridge(tmp_path)
+
+
+def wait_for_table(script, seconds=30.0):
+    """Run OBS's timers until the table loading on its thread has been applied."""
+    deadline = time.monotonic() + seconds
+    while getattr(script.state, "loading", None) is not None and time.monotonic() < deadline:
+        obspython_standin.standin.run_timers()
+        time.sleep(0.02)
+    assert getattr(script.state, "loading", None) is None, "the table did not load"
+
+
+class Clock:
+    """The script's clock (its _now), moved by the test: the typing debounce without sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def loaded(fake_sdbridge, monkeypatch):
     obs = obspython_standin
     script = load_script()
+    clock = Clock()
+    monkeypatch.setattr(script, "_now", clock, raising=False)
+    script.clock = clock  # for the tests
     receiver = Receiver()
     settings = obs.obs_data_create()
     obs.obs_data_set_string(settings, "executable", str(fake_sdbridge))
@@ -92,10 +138,17 @@ def loaded(fake_sdbridge):
     obs.obs_data_set_int(settings, "osc_port", receiver.port)
     obs.obs_data_set_int(settings, "status_port", free_port())
     script.script_load(settings)
+    wait_for_table(script)
     script.script_update(settings)  # OBS calls it after loading: the baseline, nothing is sent
     yield script, settings, receiver
     script.script_unload()
     receiver.close()
+
+
+def settle(script):
+    """The typing pause is over: the timer sends what was typed."""
+    script.clock.now += script.DEBOUNCE_SECONDS
+    obspython_standin.standin.run_timers()
 
 
 def test_properties_cover_every_parameter_of_the_table(loaded):
@@ -125,13 +178,48 @@ def test_changes_send_exactly_what_changed(loaded):
     obs.obs_data_set_bool(settings, "p_similarity_filter", True)
     obs.obs_data_set_string(settings, "p_t_index_list", "20, 35")
     script.script_update(settings)
+    assert receiver.messages() == [("/sd/similarity/enable", [True])]  # at once; the texts once settled
+    settle(script)
     assert sorted(receiver.messages()) == sorted([("/sd/prompt", ["a foggy harbour at dawn"]),
-                                                   ("/sd/similarity/enable", [True]), ("/sd/t_index_list", [20, 35])])
+                                                   ("/sd/t_index_list", [20, 35])])
     script.script_update(settings)  # nothing changed
+    settle(script)
     assert receiver.messages(quiet=0.2) == []
     obs.obs_data_set_string(settings, "p_resolution", "768x432")
     script.script_update(settings)
+    settle(script)
     assert receiver.messages() == [("/sd/resolution", [768, 432])]
+
+
+def test_typing_sends_only_the_final_text_once_it_has_settled(loaded):
+    """OBS calls script_update on every keystroke: typing 1280x720 must not send 1280x72 (a size
+    change the bridge restarts or compiles for), t_index_list 2 then 20, nor a prompt per letter."""
+    script, settings, receiver = loaded
+    obs, standin = obspython_standin, obspython_standin.standin
+    typing = {"p_resolution": ["1", "12", "128", "1280", "1280x", "1280x7", "1280x72", "1280x720"],
+              "p_t_index_list": ["2", "20", "20,", "20,4", "20,40"],
+              "p_prompt": ["a", "a c", "a ca", "a cat", "a cat i", "a cat in the rain"]}
+    sent = []
+    for step in range(max(len(texts) for texts in typing.values())):
+        for key, texts in typing.items():
+            obs.obs_data_set_string(settings, key, texts[min(step, len(texts) - 1)])
+        script.script_update(settings)
+        script.clock.now += 0.3  # a keystroke every 0.3 s, the timer between them
+        standin.run_timers()
+        sent += receiver.messages(quiet=0.05)
+    # t_index_list was typed first: it settled (and went, once) while the others were still typed
+    assert sent == [("/sd/t_index_list", [20, 40])]
+    obs.obs_data_set_double(settings, "p_guidance_scale", 3.5)  # a slider meanwhile: at once
+    script.script_update(settings)
+    assert receiver.messages() == [("/sd/guidance", [3.5])]
+    settle(script)
+    assert sorted(receiver.messages()) == [("/sd/prompt", ["a cat in the rain"]), ("/sd/resolution", [1280, 720])]
+    obs.obs_data_set_string(settings, "p_prompt", "a cat in the rain!")
+    script.script_update(settings)
+    obs.obs_data_set_string(settings, "p_prompt", "a cat in the rain")  # typed back before it settled
+    script.script_update(settings)
+    settle(script)
+    assert receiver.messages(quiet=0.2) == []
 
 
 def test_buttons_triggers_presets_and_scenes(loaded):
@@ -182,9 +270,59 @@ def test_start_sends_everything_when_the_bridge_is_alive_and_stop_ends_it(loaded
     assert sent["/sd/prompt"] == ["neon jungle"] and "/sd/t_index_list" in sent
     standin.run_timers()  # still alive: no second snapshot
     assert receiver.messages(quiet=0.2) == []
+    assert argv[1] == "--stop-on-stdin-eof"
     process = script.state.process
+    started = time.monotonic()
     standin.click(props, "stop")
-    assert process.poll() is not None
+    # the fake ignores SIGTERM: its stdin closing stopped it (status 0), long before the kill
+    assert process.returncode == 0 and time.monotonic() - started < 2.0
+
+
+def test_stop_kills_a_bridge_deaf_to_every_request_even_when_the_signal_fails(tmp_path, monkeypatch):
+    """Windows, OBS without a console: CTRL_BREAK_EVENT raises OSError. The bridge must still not
+    be orphaned holding the GPU, camera and OSC port: after the grace time it is killed."""
+    obs, standin = obspython_standin, obspython_standin.standin
+    script = load_script()
+    monkeypatch.setattr(script, "STOP_GRACE_SECONDS", 0.5)
+
+    def no_console(self):
+        raise OSError("GenerateConsoleCtrlEvent failed: the handle is invalid")
+    monkeypatch.setattr(subprocess.Popen, "terminate", no_console)
+    fake = make_fake_sdbridge(tmp_path / "deaf", run=DEAF_RUN)
+    settings = obs.obs_data_create()
+    obs.obs_data_set_string(settings, "executable", str(fake))
+    script.script_defaults(settings)
+    obs.obs_data_set_int(settings, "status_port", free_port())
+    script.script_load(settings)
+    try:
+        wait_for_table(script)
+        standin.click(script.script_properties(), "start")
+        process = script.state.process
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (tmp_path / "deaf" / "argv.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        standin.click(script.script_properties(), "stop")
+        assert process.poll() is not None and process.returncode != 0  # killed
+        assert any("killing it" in text for _, text in standin.log)
+    finally:
+        script.script_unload()
+
+
+def test_the_timer_survives_a_stop_between_its_check_and_its_use(loaded):
+    """Timers run on OBS's graphics thread, buttons on its UI thread: stop_bridge can set
+    state.process to None while the timer is looking at it."""
+    script, settings, receiver = loaded
+
+    class StoppedMeanwhile:
+        returncode, stdin, pid = 3, None, 1
+
+        def poll(self):
+            script.state.process = None  # the Stop button, on the other thread
+            return 3
+
+    script.state.process = StoppedMeanwhile()
+    obspython_standin.standin.run_timers()
+    assert any("exited with status 3" in text for _, text in obspython_standin.standin.log)
 
 
 def test_script_uses_only_what_the_standin_documents():
@@ -193,14 +331,88 @@ def test_script_uses_only_what_the_standin_documents():
     assert not missing
 
 
-def test_missing_program_shows_a_problem_instead_of_parameters(tmp_path):
+def load_with(executable):
     obs = obspython_standin
     script = load_script()
     settings = obs.obs_data_create()
-    obs.obs_data_set_string(settings, "executable", str(tmp_path / "nowhere"))
+    obs.obs_data_set_string(settings, "executable", str(executable))
+    obs.obs_data_set_int(settings, "status_port", free_port())
     script.script_defaults(settings)
-    props = script.script_properties()
-    assert "cannot run" in props.items["table_error"].description and "p_prompt" not in props.items
+    script.script_load(settings)
+    return script, settings
+
+
+def test_missing_program_shows_a_problem_instead_of_parameters(tmp_path):
+    script, settings = load_with(tmp_path / "nowhere")
+    try:
+        wait_for_table(script)
+        props = script.script_properties()
+        assert "cannot run" in props.items["table_error"].description and "p_prompt" not in props.items
+    finally:
+        script.script_unload()
+
+
+def test_a_table_without_the_prefix_the_timer_reads_is_refused(tmp_path):
+    from bridge.commands.params import as_json
+
+    table = as_json()
+    del table["osc"]["prefix"]
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    script, settings = load_with(make_fake_sdbridge(tmp_path, params=f"cat '{tmp_path}/table.json'; exit 0"))
+    try:
+        wait_for_table(script)
+        assert script.state.table is None and "printed no parameter table" in script.state.table_error
+        obspython_standin.standin.run_timers()  # and the timer runs without a table
+    finally:
+        script.script_unload()
+
+
+def test_a_slow_params_launch_never_freezes_obs(tmp_path):
+    """`params --json` runs on a thread: loading the script and pressing Reload return at once (Reload
+    waits RELOAD_WAIT_SECONDS at most); the timer applies the table when it comes."""
+    slow = make_fake_sdbridge(tmp_path, params=f"sleep 2; cd '{ROOT}' && exec '{sys.executable}' -m bridge.cli \"$@\"")
+    started = time.monotonic()
+    script, settings = load_with(slow)
+    try:
+        assert time.monotonic() - started < 0.5 and script.state.table is None
+        props = script.script_properties()
+        assert "table_loading" in props.items and "p_prompt" not in props.items
+        started = time.monotonic()
+        assert obspython_standin.standin.click(props, "reload") is True  # refreshes the view
+        assert time.monotonic() - started < script.RELOAD_WAIT_SECONDS + 0.5
+        wait_for_table(script)
+        props = script.script_properties()
+        assert "p_prompt" in props.items and "table_loading" not in props.items
+        assert obspython_standin.obs_data_get_int(settings, "osc_port") == script.state.table["osc"]["port"]
+    finally:
+        script.script_unload()
+
+
+def test_reload_shows_a_quick_table_at_once(fake_sdbridge):
+    script, settings = load_with(fake_sdbridge)
+    try:
+        wait_for_table(script)
+        props = script.script_properties()
+        assert obspython_standin.standin.click(props, "reload") is True
+        assert "p_prompt" in script.script_properties().items and script.state.loading is None
+    finally:
+        script.script_unload()
+
+
+def test_params_runs_without_a_console_window_on_windows(monkeypatch):
+    from bridge.commands.params import as_json
+
+    script = load_script()
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(kwargs)
+        return subprocess.CompletedProcess(argv, 0, json.dumps(as_json()), "")
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert script.load_table("sdbridge.exe")["osc"]["prefix"] == "/sd"
+    assert calls[0]["creationflags"] == 0x08000000
 
 
 def test_the_standin_is_as_strict_as_obs_about_buttons():
