@@ -229,6 +229,16 @@ def test_status_channel_names_without_slash_and_strangers():
     assert status.parse_status("/sd/status/fps", ["fast"]) is None
 
 
+def test_status_ints_fit_a_touchdesigner_int_and_infinity_is_not_one():
+    assert status.parse_status("/sd/status/frames_dropped", [float("inf")]) is None  # OverflowError, not a crash
+    assert status.parse_status("/sd/status/frames_dropped", [float("nan")]) is None
+    assert status.parse_status("/sd/status/frames_skipped", [2**40]) == ("frames_skipped", 2**31 - 1)
+    assert status.parse_status("/sd/status/osc_refused", [-2**40]) == ("osc_refused", -2**31)
+    assert status.parse_status("/sd/status/frames_skipped", [12.0]) == ("frames_skipped", 12)
+    board = status.StatusBoard()
+    assert board.update("/sd/status/state", [float("-inf")], now=0) is None and board.last_heard is None
+
+
 # ------------------------------------------------------------------ supervisor, real processes
 
 

@@ -21,6 +21,7 @@ FIELDS = (
 STATE_NAMES = {0: "starting", 1: "running", 2: "paused", 3: "source lost", 4: "stopping", 5: "stopped", 6: "stalled",
                7: "updating", -1: "other"}
 ALIVE_TIMEOUT_SECONDS = 3.0  # status comes once a second: three missed ticks mean the bridge is gone
+INT_RANGE = (-2**31, 2**31 - 1)  # a TouchDesigner Int parameter holds a 32-bit int
 
 
 def parse_status(address: str, args: list | tuple, *, prefix: str = "/sd") -> tuple[str, Any] | None:
@@ -36,12 +37,12 @@ def parse_status(address: str, args: list | tuple, *, prefix: str = "/sd") -> tu
     kind = dict(FIELDS).get(name)
     try:
         if kind == "i":
-            value = int(value)
+            value = min(max(int(value), INT_RANGE[0]), INT_RANGE[1])
         elif kind == "f":
             value = float(value)
         elif kind == "s":
             value = str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf): OverflowError, int(nan): ValueError
         return None
     return name, value
 
