@@ -418,13 +418,21 @@ class Recorder:
             return self.set.get("val")
 
     class Pars:
+        # names this TouchDesigner build does not have (AttributeError, as td's ParCollection
+        # raises): by default a 2023 build's, which names the extension slots ext0object / ext0promote
+        ABSENT = frozenset({"extension1", "promoteextension1"})
+
         def __init__(self):
             object.__setattr__(self, "values", {})
 
         def __setattr__(self, key, value):
+            if key in self.ABSENT:
+                raise AttributeError(f"ParCollection has no parameter {key!r}")
             self.values[key] = value
 
         def __getattr__(self, key):
+            if key in self.ABSENT:
+                raise AttributeError(f"ParCollection has no parameter {key!r}")
             holder = type("P", (), {"eval": lambda s: self.values.get(key)})
             return holder()
 
@@ -486,15 +494,21 @@ class Recorder:
                 raise AttributeError(f"OP has no member {key!r}")
 
 
-def test_setup_builds_the_component_from_the_table():
+def build_recorded():
     import json
     import setup_comp
 
     project = Recorder.Op("containerCOMP", "project1")
     types = {op_type: op_type for _, op_type, _, _ in setup_comp.OPERATORS} | {"baseCOMP": "baseCOMP"}
-    comp = setup_comp.build(project, sdbridge="C:/sd/sdbridge.exe", params_json=json.dumps(as_json()), types=types,
+    return setup_comp.build(project, sdbridge="C:/sd/sdbridge.exe", params_json=json.dumps(as_json()), types=types,
                             platform="win32")
+
+
+def test_setup_builds_the_component_from_the_table():
+    comp = build_recorded()
     assert comp.op_type == "baseCOMP" and comp.extensions_initialised
+    assert comp.par.values["ext0object"] == "op('./SdbridgeExt').module.SdbridgeExt(me)"
+    assert comp.par.values["ext0promote"] is True
     pages = component.component_pages(table.load_table(as_json()), platform="win32")
     for page_name, pars in pages.items():
         for par in pars:
@@ -508,6 +522,22 @@ def test_setup_builds_the_component_from_the_table():
     assert comp.op("out1").connections == [comp.op("video_select")]
     assert comp.op("spout_out").par.values["sendername"] == "sdbridge-in"
     assert "onReceiveOSC" in comp.op("status_callbacks").text
+
+
+def test_setup_uses_the_old_extension_names_on_a_build_without_the_new_ones(monkeypatch):
+    monkeypatch.setattr(Recorder.Pars, "ABSENT", frozenset({"ext0object", "ext0promote"}))
+    comp = build_recorded()
+    assert comp.par.values["extension1"] == "op('./SdbridgeExt').module.SdbridgeExt(me)"
+    assert comp.par.values["promoteextension1"] is True and comp.extensions_initialised
+
+
+def test_an_older_python_is_refused_at_import_with_the_touchdesigner_build_it_needs():
+    import sdbridge_td
+
+    with pytest.raises(ImportError, match=r"Python 3\.10 or newer, that is TouchDesigner 2023\.11 or later.*Python 3\.9"):
+        sdbridge_td.check_python((3, 9, 13, "final", 0))
+    sdbridge_td.check_python((3, 11, 4))
+    assert "2023.11" in (TD_FOLDER / "README.md").read_text()
 
 
 def test_extension_and_setup_are_valid_python():
@@ -560,3 +590,23 @@ def check_guide(path):
 
 def test_touchdesigner_guide_matches_the_code():
     check_guide(TD_FOLDER / "README.md")
+
+
+def test_the_guide_shows_the_commands_build_command_produces():
+    """Each `sdbridge run` line of the guide, read back into the Bridge page's settings, is exactly
+    what build_command makes of them (it always adds --width/--height, --osc-bind, --status-target)."""
+    import shlex
+
+    lines = [line for line in guide_commands(TD_FOLDER / "README.md") if line.startswith("sdbridge run ")]
+    assert len(lines) >= 3
+    for line in lines:
+        argv = shlex.split(line)
+        args = run_parser().parse_args(argv[1:])
+        transport, input_name = args.source.split(":", 1)
+        status_host, status_port = args.status_target.rsplit(":", 1)
+        options = command.BridgeOptions(
+            transport=transport, input_name=input_name, output_name=args.sink[0].split(":", 1)[1],
+            model=args.model or "", width=args.width or 0, height=args.height or 0, osc_port=args.osc_port,
+            osc_bind=args.osc_bind or "", status_host=status_host, status_port=int(status_port),
+            platform="win32" if transport == "spout" else "linux")
+        assert command.build_command(options) == argv, line

@@ -72,10 +72,20 @@ def build(parent, *, sdbridge="sdbridge", name="sdbridge", params_json=None, typ
         ops[op_name].nodeX, ops[op_name].nodeY = x, y
     _pages(comp, table, sdbridge, platform)
     _wire(comp, ops, text, table)
-    comp.par.extension1 = "op('./SdbridgeExt').module.SdbridgeExt(me)"
-    comp.par.promoteextension1 = True
+    _set_extension(comp, "op('./SdbridgeExt').module.SdbridgeExt(me)")
     comp.initializeExtensions()
     return comp
+
+
+def _set_extension(comp, expression):
+    """The first extension slot, promoted. TouchDesigner 2022 and later name it ext0object /
+    ext0promote; older builds extension1 / promoteextension1 (a missing name raises AttributeError)."""
+    if getattr(comp.par, "ext0object", None) is not None:
+        comp.par.ext0object = expression
+        comp.par.ext0promote = True
+    else:
+        comp.par.extension1 = expression
+        comp.par.promoteextension1 = True
 
 
 def _td_types():
