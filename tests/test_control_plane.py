@@ -413,19 +413,26 @@ def test_osc_tcp_replaces_an_idle_connection_when_all_are_taken():
         server.close()
 
 
-def test_server_sockets_cannot_be_shared_by_a_second_bridge():
+def test_server_sockets_cannot_be_shared_by_a_second_bridge(monkeypatch):
     """The options each server socket gets: on POSIX, TCP may rebind over TIME_WAIT; on Windows,
-    where SO_REUSEADDR would let a second bridge bind a port already listened on, exclusive use
-    instead (what socket.create_server does there). Checked on real sockets here (Linux)."""
+    where SO_REUSEADDR would let a second bridge bind a port already listened on, none (as
+    socket.create_server does there). Every server, the OSCQuery one too, binds with them."""
+    from bridge.control import oscquery, servers
     from bridge.control.servers import UDP_SOCKET_BUFFER, socket_options
 
-    exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", -5)
-    assert socket_options(socket.SOCK_STREAM, "win32") == [(exclusive, 1)]
-    assert socket_options(socket.SOCK_DGRAM, "win32") == [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER), (exclusive, 1)]
+    assert socket_options(socket.SOCK_STREAM, "win32") == []
+    assert socket_options(socket.SOCK_DGRAM, "win32") == [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER)]
     assert socket_options(socket.SOCK_STREAM, "linux") == [(socket.SO_REUSEADDR, 1)]
     assert socket_options(socket.SOCK_DGRAM, "darwin") == [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER)]
     with ControlPlane(store=ParameterStore(), settings=ControlSettings(osc_port=0)) as first:
-        query = first._parts[-1]._httpd.socket  # the OSCQuery server binds with the same options
-        assert query.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
         with pytest.raises(UserError, match=f"osc-port: cannot listen on 127.0.0.1:{first.osc_port}"):
             ControlPlane(store=ParameterStore(), settings=ControlSettings(osc_port=first.osc_port)).start()
+    # what socket_options says is what every server socket gets (a marker option stands in for
+    # Windows' empty list, whose effect, no SO_REUSEADDR, only Windows can show)
+    marker = [(socket.SO_KEEPALIVE, 1)]
+    monkeypatch.setattr(servers, "socket_options", lambda kind: marker)
+    monkeypatch.setattr(oscquery, "socket_options", lambda kind: marker)
+    with ControlPlane(store=ParameterStore(), settings=ControlSettings(osc_port=0)) as plane:
+        sockets = [part._socket for part in plane._parts[:2]] + [plane._parts[2]._httpd.socket]
+        assert [s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) for s in sockets] == [1, 1, 1]
+        assert [s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) for s in sockets] == [0, 0, 0]

@@ -373,3 +373,18 @@ def test_build_engines_config_builds_what_the_show_loads_at_start(lora_model, st
         engine.update(resolution=size, t_index_list=steps)
         assert engine(_frames(1)[0]).shape == (64, size[0], 3)
     assert len(engine.backend._engines) == 2 * 4  # nothing loaded mid-show
+
+
+@pytest.mark.parametrize("dtype, precision", [("auto", "fp16"), ("FP32", "fp32"), ("half", "fp16"), ("bf16", "bf16")])
+def test_build_engines_plans_a_gpu_show_anywhere_with_its_dtype_as_run_spells_it(tmp_path, dtype, precision):
+    """A show for the GPU (device = "cuda") plans here too (--onnx-only needs no GPU), and its
+    dtype, spelled any way `run` takes it, is the engines' precision."""
+    from bridge.cli import build_parser
+    from bridge.commands.build_engines import plan
+
+    show = tmp_path / "show.toml"
+    show.write_text(f'model = "random:tiny"\nsink = "null"\nbackend = "tensorrt"\ndevice = "cuda"\ndtype = "{dtype}"\n'
+                    "width = 64\nheight = 64\n")
+    build = plan(build_parser().parse_args(["build-engines", "--config", str(show), "--onnx-only"]))
+    assert build.precision == precision
+    assert [(str(c.device), c.dtype) for c in build.configs] == [("cpu", CONFIG.dtype)]  # exported in fp32 here

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 
@@ -80,9 +84,14 @@ def plan(args: argparse.Namespace) -> BuildPlan:
     if widths:  # the sizes given replace the file's size and sizes
         flags.update(width=widths[0], height=heights[0], sizes=tuple(f"{w}x{h}" for w, h in zip(widths, heights)))
     show = merge(file_values, flags, sink=("null",))  # validated as `run` validates it; sinks are not opened
-    precision = args.precision or {dtype: name for name, dtype in PRECISION_DTYPES.items()}.get(show.dtype, "fp16")
+    if args.config and "tensorrt" not in (show.backend, show.backend_fallback):
+        log.warning("%s runs on backend %r: these engines serve `sdbridge run --backend tensorrt`", args.config,
+                    show.backend)
+    precision = args.precision or _show_precision(show.dtype)
     device, dtype = ("cpu", "float32") if args.onnx_only else (_cuda_device(show.device), PRECISION_DTYPES[precision])
-    base = stream_config(show).replace(device=device, dtype=dtype, frame_buffer_size=args.frame_buffer_size)
+    # the show's engine settings on the device that builds (the show's own may not exist here)
+    base = stream_config(dataclasses.replace(show, device=device, dtype=dtype)).replace(
+        frame_buffer_size=args.frame_buffer_size)
     sizes = [(show.width, show.height)] + [parse_size(size) for size in show.sizes]
     configs = []
     for width, height in dict.fromkeys(sizes):
@@ -93,6 +102,16 @@ def plan(args: argparse.Namespace) -> BuildPlan:
     cache = args.cache or Path(show.engines)
     return BuildPlan(model=show.model, model_options={name: getattr(show, name) for name in MODEL_FLAGS},
                      allow_pickle=show.allow_pickle, configs=tuple(configs), precision=precision, cache=cache)
+
+
+def _show_precision(dtype: str) -> str:
+    """The engine precision of a show's dtype as `run` resolves it on a GPU ("auto": fp16; "fp32",
+    "half", "BFloat16" ... as the engine spells them)."""
+    import torch
+    from pipeline.config import resolve_dtype
+
+    resolved = resolve_dtype(dtype, torch.device("cuda"))  # (only the device's kind is read)
+    return next(name for name, spelled in PRECISION_DTYPES.items() if getattr(torch, spelled) == resolved)
 
 
 def _cuda_device(device: str) -> str:

@@ -4,9 +4,9 @@ its host and ports.
 
 What is advertised, as the OSCQuery proposal names it: `_oscjson._tcp` on the OSCQuery HTTP
 port (when OSCQuery is on), and the OSC ports themselves as `_osc._udp` and `_osc._tcp`. The
-instance is "sdbridge on HOST" (the library picks "... (2)" when another bridge took it).
+instance is "sdbridge on HOST (port 7450)": the OSC port keeps two bridges on one machine apart.
 The addresses are the interface's the control plane listens on: 127.0.0.1 reaches only this
-machine (its loopback), 0.0.0.0 (or ::) every address of every interface.
+machine (its loopback), 0.0.0.0 every IPv4 address of every interface (:: every IPv6 one).
 
 Nothing here may stop the show: registering (a second or two of probing) runs on its own
 thread, and a failure is a warning; closing sends the goodbyes within a bounded time.
@@ -38,23 +38,27 @@ def zeroconf_problem() -> str | None:
 
 def advertised_addresses(bind: str, interface_addresses: list[str]) -> list[str]:
     """The addresses to advertise for a control plane bound to `bind`: that address itself, or
-    for a wildcard (0.0.0.0, ::) every one of `interface_addresses` of that family (both for ::),
-    loopback last so that a client on another machine tries a reachable one first."""
+    for a wildcard every one of `interface_addresses` of its family (0.0.0.0: IPv4; "::": IPv6,
+    since a socket bound to it may take IPv6 only, Windows' default), never a link-local one
+    (it needs its scope) and no loopback one unless there is nothing else (a LAN client
+    handed 127.0.0.1 would talk to itself)."""
     if bind == "localhost":
         bind = "127.0.0.1"
     address = ipaddress.ip_address(bind.split("%")[0])
     if not address.is_unspecified:
         return [str(address)]
-    families = (4, 6) if address.version == 6 else (4,)
-    chosen = []
+    routable, loopback = [], []
     for text in interface_addresses:
         try:
             candidate = ipaddress.ip_address(text.split("%")[0])
         except ValueError:
             continue
-        if candidate.version in families and not candidate.is_link_local and str(candidate) not in chosen:
+        if candidate.version != address.version or candidate.is_link_local:
+            continue
+        chosen = loopback if candidate.is_loopback else routable
+        if str(candidate) not in chosen:
             chosen.append(str(candidate))
-    return sorted(chosen, key=lambda text: ipaddress.ip_address(text).is_loopback)
+    return routable or loopback
 
 
 def _interface_addresses() -> list[str]:
@@ -69,8 +73,9 @@ def _interface_addresses() -> list[str]:
 
 
 class Advertiser:
-    """The control plane's services on mDNS, registered on a thread of its own; `close()` takes
-    them back (goodbye packets) within CLOSE_SECONDS."""
+    """The control plane's services on mDNS, registered beside the show (each service's probing
+    takes a second or two; they probe side by side); `close()` takes them back (goodbye packets)
+    within CLOSE_SECONDS, also while they are still being registered."""
 
     def __init__(self, *, bind: str, osc_port: int, osc_tcp: bool, oscquery_port: int | None,
                  instance: str | None = None) -> None:
@@ -80,10 +85,12 @@ class Advertiser:
             self._ports["osc_tcp"] = osc_port
         if oscquery_port is not None:
             self._ports["oscquery"] = oscquery_port
-        self.instance = instance or f"sdbridge on {socket.gethostname().split('.')[0] or 'this machine'}"
+        # unique by itself: two bridges on one machine (python-zeroconf renames a taken name only
+        # when the other's records happen to be in its cache while it probes)
+        host = socket.gethostname().split(".")[0] or "this machine"
+        self.instance = instance or f"sdbridge on {host} (port {osc_port})"
         self.registered: list[str] = []  # the service names registered so far
         self._zeroconf = None
-        self._infos: list = []
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._register, name="sdbridge-mdns", daemon=True)
@@ -97,58 +104,58 @@ class Advertiser:
             if not addresses:
                 log.warning("mDNS: no address to advertise for %s; not advertised", self._bind)
                 return
-            versions = {ipaddress.ip_address(a).version for a in addresses}
-            ip_version = IPVersion.All if versions == {4, 6} else IPVersion.V6Only if versions == {6} else IPVersion.V4Only
+            version = ipaddress.ip_address(addresses[0]).version
+            ip_version = IPVersion.V6Only if version == 6 else IPVersion.V4Only
             specific = not ipaddress.ip_address(self._bind.replace("localhost", "127.0.0.1").split("%")[0]).is_unspecified
-            host = socket.gethostname().split(".")[0] or "sdbridge"
+            server = f"{socket.gethostname().split('.')[0] or 'sdbridge'}.local."
             with self._lock:
                 if self._closed:
                     return
                 # a specific address: its interface only; a wildcard: every interface (the default)
                 self._zeroconf = (Zeroconf(interfaces=addresses, ip_version=ip_version) if specific
                                   else Zeroconf(ip_version=ip_version))
-            for kind, port in self._ports.items():
-                info = ServiceInfo(
-                    SERVICE_TYPES[kind], f"{self.instance}.{SERVICE_TYPES[kind]}", port=port,
-                    parsed_addresses=addresses, server=f"{host}.local.",
-                    properties={"txtvers": "1"} if kind == "oscquery" else {},
-                )
-                with self._lock:
-                    if self._closed:
-                        return
-                self._zeroconf.register_service(info, allow_name_change=True)
-                with self._lock:
-                    self._infos.append(info)
-                    self.registered.append(info.name)
-            log.info("advertised over mDNS as %r (%s) at %s", self.instance,
-                     ", ".join(f"{SERVICE_TYPES[kind].split('.')[0]} {port}" for kind, port in self._ports.items()),
-                     ", ".join(addresses))
+            infos = [ServiceInfo(SERVICE_TYPES[kind], f"{self.instance}.{SERVICE_TYPES[kind]}", port=port,
+                                 parsed_addresses=addresses, server=server,
+                                 properties={"txtvers": "1"} if kind == "oscquery" else {})
+                     for kind, port in self._ports.items()]
+            threads = [threading.Thread(target=self._register_one, args=(info,), name="sdbridge-mdns-probe",
+                                        daemon=True) for info in infos]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if self.registered and not self._closed:
+                log.info("advertised over mDNS at %s: %s", ", ".join(addresses), "; ".join(self.registered))
         except Exception as exc:  # advertising is a convenience: never the show's problem
             if not self._closed:
                 log.warning("mDNS advertising failed (%s: %s); clients need the host and ports given to them",
                             type(exc).__name__, exc)
 
+    def _register_one(self, info) -> None:
+        try:
+            self._zeroconf.register_service(info, allow_name_change=True)
+        except Exception as exc:  # (closed meanwhile: the close took it back)
+            if not self._closed:
+                log.warning("mDNS: could not advertise %s (%s: %s)", info.name, type(exc).__name__, exc)
+            return
+        with self._lock:
+            self.registered.append(info.name)
+
     def close(self) -> None:
-        """Take the services back (goodbyes) and stop; bounded by CLOSE_SECONDS."""
+        """Take the services back (goodbyes) and stop, within CLOSE_SECONDS: a registration still
+        probing is cut short (the library's close unregisters what it holds)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        closer = threading.Thread(target=self._unregister, name="sdbridge-mdns-close", daemon=True)
+            zeroconf = self._zeroconf
+            announced = bool(self.registered)
+        if zeroconf is None:
+            return
+        closer = threading.Thread(target=zeroconf.close, name="sdbridge-mdns-close", daemon=True)
         closer.start()
+        if not announced:  # nothing to say goodbye to yet: the library's close (about 1 s while
+            return  # probes run) finishes beside the stop, or not at all if the process ends first
         closer.join(CLOSE_SECONDS)
         if closer.is_alive():
             log.warning("mDNS: the goodbyes took over %.1f s; left to finish in the background", CLOSE_SECONDS)
-
-    def _unregister(self) -> None:
-        self._thread.join(CLOSE_SECONDS)  # a registration under way ends at its next service
-        zeroconf = self._zeroconf
-        if zeroconf is None:
-            return
-        try:
-            if self._infos:
-                zeroconf.unregister_all_services()
-        except Exception as exc:
-            log.debug("mDNS unregister failed: %s", exc)
-        finally:
-            zeroconf.close()

@@ -42,14 +42,14 @@ def socket_options(kind: int, platform: str = sys.platform) -> list[tuple[int, i
     """The SOL_SOCKET (option, value) pairs a server socket of `kind` gets before binding.
 
     UDP: a large receive buffer (bursts). TCP on POSIX: SO_REUSEADDR, so that a restart binds
-    while the last run's connections sit in TIME_WAIT. On Windows, SO_REUSEADDR means something
-    else, letting another socket bind a port already listened on (a second bridge would take
-    7450 beside the first, silently): there, as `socket.create_server` does, not that, and
-    SO_EXCLUSIVEADDRUSE, so that no other socket can bind our port while we hold it."""
+    while the last run's connections sit in TIME_WAIT. Not on Windows, where SO_REUSEADDR means
+    something else: it lets a socket bind a port another one already listens on (a second
+    bridge would take 7450 beside the first, silently). There, as `socket.create_server` does,
+    no option: a second bind of the port fails. (Not SO_EXCLUSIVEADDRUSE either: Microsoft
+    documents that its port stays taken while the closed socket's connections linger, which
+    would refuse a quick Stop-then-Start from TouchDesigner or OBS.)"""
     options = [(socket.SO_RCVBUF, UDP_SOCKET_BUFFER)] if kind == socket.SOCK_DGRAM else []
-    if platform == "win32":
-        options.append((getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1))  # -5: ~SO_REUSEADDR, its value in winsock
-    elif kind == socket.SOCK_STREAM:
+    if kind == socket.SOCK_STREAM and platform != "win32":
         options.append((socket.SO_REUSEADDR, 1))
     return options
 
