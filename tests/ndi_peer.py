@@ -325,6 +325,47 @@ def scenario_lost() -> dict:
     return result
 
 
+def scenario_closed_while_lost() -> dict:
+    """A source closed after its sender vanished must not reconnect when the sender comes back.
+
+    NDI keeps a receiver pointed at its source and reconnects it by itself; cyndilib's
+    disconnect() only tells NDI to let go while a connection is up. The garbage collector is off,
+    as in `sdbridge run` after gc.freeze() (the first source is frozen, full collections are
+    rare): a receiver left pointed at the sender lives on and pulls its video."""
+    import gc
+
+    from bridge.transports.base import SourceLost
+    from bridge.transports.ndi import NDISink, NDISource
+
+    gc.disable()
+    result: dict = {}
+    width, height = 64, 32
+    sink = NDISink(name="sdbridge-closed", width=width, height=height)
+    source = NDISource(name="sdbridge-closed", timeout=0.5)
+    pacer = Pacer(sink, first=0, count=300, fps=30, width=width, height=height)
+    pacer.start()
+    result["before"] = [decode(f) for f in read_until(source, count=3, seconds=8)]
+    pacer.stop()
+    sink.close()
+    started, result["lost"] = time.monotonic(), None
+    while time.monotonic() - started < 5:
+        try:
+            source.read(timeout=0.1)
+        except SourceLost as exc:
+            result["lost"] = error_text(exc)
+            break
+    source.close()
+    # the sender comes back; nothing of ours is open: it must have no connection
+    with NDISink(name="sdbridge-closed", width=width, height=height) as sink2:
+        connections, deadline = [], time.monotonic() + 3
+        while time.monotonic() < deadline:  # 3 s at 10 fps
+            sink2.send(encode(900, width, height))
+            connections.append(sink2._sender.get_num_connections(0.1))
+            time.sleep(0.1)
+    result["connections"] = connections
+    return result
+
+
 def scenario_adaptive() -> dict:
     """A sink without a size follows the frames: RGB then BGR of another size, colours kept; and
     the sink the runtime opens (`open_sink`, at the engine's size at start) follows them too."""
@@ -433,6 +474,7 @@ SCENARIOS = {
     "rename": scenario_rename,
     "lost": scenario_lost,
     "adaptive": scenario_adaptive,
+    "closed_while_lost": scenario_closed_while_lost,
     "bridge": scenario_bridge,
 }
 

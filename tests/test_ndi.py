@@ -204,6 +204,19 @@ def test_read_gives_none_then_source_lost(ndi_namespace):
 
 
 @pytest.mark.timeout(90)
+def test_a_source_closed_after_its_sender_vanished_does_not_reconnect_to_it(ndi_namespace):
+    """close() left the receiver pointed at the vanished sender (cyndilib's disconnect() is a
+    no-op without a live connection): when the sender came back, the closed source connected
+    and pulled its video for as long as the receiver lived (for the first source of a run,
+    frozen by gc.freeze(), until the process ended)."""
+    result = run_peer(ndi_namespace, "closed_while_lost")
+    assert result["before"], "no frames before the sender went away"
+    assert result["lost"] and "lost: no connection" in result["lost"], result["lost"]
+    assert result["connections"] and max(result["connections"]) == 0, (
+        f"the returning sender had connections from a closed source: {result['connections']}")
+
+
+@pytest.mark.timeout(90)
 def test_sink_without_size_follows_the_frames_and_so_does_the_runtimes(ndi_namespace):
     """The runtime's NDI sink (open_sink: opened at the engine's size) follows /sd/resolution."""
     result = run_peer(ndi_namespace, "adaptive")

@@ -228,7 +228,11 @@ class NDISource(Source):
             receiver, self._receiver = self._receiver, None
             self._video = None
             self._finder = None  # the last reference: NDI destroys the finder
+            # NDI keeps a receiver pointed at its sender and reconnects it when the sender comes
+            # back; cyndilib's disconnect() only tells NDI to let go while a connection is up.
+            # It does clear the receiver's source, so reconnect() then connects it to nothing.
             receiver.disconnect()
+            receiver.reconnect()
             del receiver  # the last reference: destroys the frame-sync, then the NDI receiver
 
 
