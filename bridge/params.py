@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable
 
 from . import openmp
+from .ratelimit import RateLimitedLog
 from .control.table import BY_NAME, ENGINE_NAMES
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_metho
 # Setting one of a group replaces any pending value of the others (they describe the same thing).
 EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"})
 
-REJECTION_LOG_SECONDS = 5.0  # a parameter's refusals are logged at most this often
 CLOSE_SECONDS = 0.5  # how long close() waits for a prompt encode in progress (shutdown stays under 3 s)
 # Python's GIL switch interval while the readier compiles (the default is 5 ms). Every torch call
 # on the frame thread lets go of the GIL and must take it back from the compiling thread, which
@@ -133,7 +133,7 @@ class ParameterStore:
         self.readier: _Readier | None = None  # compiles for changes beside the frames (attach_readier)
         self._generations: dict[str, int] = {}  # per setting (a name and its EXCLUSIVE group): values set so far
         self._taken_generations: dict[str, int] = {}  # the same when `take` last took the pending values
-        self._rejection_logged: dict[str, float] = {}  # name -> when its last refusal was logged
+        self._rejections_log = RateLimitedLog(log)  # per parameter: a storm of bad values must not flood the log
 
     def set(self, name: str, value: Any) -> None:
         """Queue `value` for the next frame; ValueError (naming the parameter) for a wrong type."""
@@ -227,15 +227,9 @@ class ParameterStore:
             self._notify(listeners, name, value, None)
 
     def report_rejected(self, name: str, value: Any, reason: str) -> None:
-        """Keep and announce a refusal; logged at most once every REJECTION_LOG_SECONDS per
-        parameter (a storm of bad values must not flood the show's log)."""
-        now = time.monotonic()
-        with self._lock:
-            logged = now - self._rejection_logged.get(name, -1e9) >= REJECTION_LOG_SECONDS
-            if logged:
-                self._rejection_logged[name] = now
-        if logged:
-            log.warning("parameter %s=%r rejected: %s", name, value, reason)
+        """Keep and announce a refusal; logged at most once every 5 s per parameter (a storm of
+        bad values must not flood the show's log)."""
+        self._rejections_log.warning(name, "parameter %s=%r rejected: %s", name, value, reason)
         with self._lock:
             self._rejected[name] = (value, reason)
             listeners = list(self._listeners)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 from typing import Any
 
+from .ratelimit import RateLimitedLog
 from .telemetry import Telemetry
 
 log = logging.getLogger("bridge.runtime")
 
 ROLLBACK_AFTER = 3  # failed frames in a row before the engine is rolled back (or reset)
-LOG_INTERVAL_SECONDS = 5.0  # repeated failures are logged at most this often (all are counted)
 
 
 def runtime_settings() -> frozenset[str]:
@@ -89,7 +88,7 @@ class EngineGuard:
         self.engine, self.telemetry, self.params, self._holding = engine, telemetry, params, holding
         self.good_config = getattr(engine, "config", None)  # the last configuration that produced a good frame
         self.failures = 0  # failed frames in a row
-        self._last_log = -1e9
+        self._log = RateLimitedLog(log)  # repeated failures at most every 5 s (all are counted)
 
     def good_frame(self) -> None:
         """A frame came out: its configuration is the one to come back to."""
@@ -104,10 +103,7 @@ class EngineGuard:
         self.telemetry.count("bad_frames")
         text = f"engine: {what}" if exc is None else f"engine: {what}: {describe(exc)}"
         self.telemetry.error(text)
-        now = time.monotonic()
-        if now - self._last_log >= LOG_INTERVAL_SECONDS:
-            self._last_log = now
-            log.warning("%s (frame dropped, output holds the last good frame)", text)
+        self._log.warning("failed", "%s (frame dropped, output holds the last good frame)", text)
         if exc is not None:
             free_memory(exc)
         if self.failures >= ROLLBACK_AFTER:

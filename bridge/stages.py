@@ -19,6 +19,7 @@ import numpy as np
 
 from .frames import Frame, FrameFormat, convert, swizzle
 from .params import ParameterStore, apply_pending
+from .ratelimit import RateLimitedLog
 from .recovery import EngineGuard, describe
 from .slots import LatestSlot
 from .telemetry import Telemetry
@@ -60,23 +61,6 @@ def current_format(shared: Shared) -> FrameFormat:
     return FrameFormat(width, height, "RGB")
 
 
-class _RateLimitedLog:
-    """Logs the first occurrence and then at most once every `interval` seconds."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self._interval = interval
-        self._last = -1e9
-
-    def warning(self, message: str, *args) -> None:
-        self.log(logging.WARNING, message, *args)
-
-    def log(self, level: int, message: str, *args, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            log.log(level, message, *args, exc_info=exc_info)
-
-
 def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Source | None) -> None:
     """Read frames into the input slot until stopped; reconnect with backoff when the source is
     lost. The backoff doubles with each failed open or read and starts again from
@@ -84,7 +68,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
     (a busy camera, a broken stream) is retried at the backoff's pace, not in a busy loop."""
     config, telemetry = shared.config, shared.telemetry
     backoff = config.reconnect_initial_seconds
-    warn, lost = _RateLimitedLog(), _RateLimitedLog()
+    warn = RateLimitedLog(log)
     try:
         while not shared.stop.is_set():
             if source is None:
@@ -105,7 +89,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 return
             except Exception as exc:  # SourceLost, or a transport's own bug: both mean reopen
                 level = logging.WARNING if isinstance(exc, SourceLost) else logging.ERROR
-                lost.log(level, "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
+                warn.log(level, "lost", "source lost: %s; reconnecting", exc, exc_info=not isinstance(exc, SourceLost))
                 telemetry.count("source_lost")
                 telemetry.error(f"source lost: {describe(exc)}")
                 telemetry.state = "source lost"
@@ -121,7 +105,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                     _check_picture(frame)
                 except Exception as exc:  # a transport's malformed frame: skip it, keep reading
                     telemetry.error(f"source: unusable frame: {describe(exc)}")
-                    warn.warning("source gave an unusable frame: %s", describe(exc))
+                    warn.warning("unusable", "source gave an unusable frame: %s", describe(exc))
                     continue
                 backoff = config.reconnect_initial_seconds
                 telemetry.frame_in()
@@ -138,11 +122,11 @@ def _check_picture(frame: Frame) -> None:
         raise ValueError(f"frame: an empty picture ({frame.width}x{frame.height})")
 
 
-def _reopen(open_source: Callable[[], Source], warn: _RateLimitedLog) -> Source | None:
+def _reopen(open_source: Callable[[], Source], warn: RateLimitedLog) -> Source | None:
     try:
         return open_source()
     except Exception as exc:
-        warn.warning("source not available yet: %s", exc)
+        warn.warning("reopen", "source not available yet: %s", exc)
         return None
 
 
@@ -188,7 +172,7 @@ def inference_loop(shared: Shared) -> None:
     A failing frame is dropped and reported; repeated failures roll the engine back (see recovery).
     Anything else that goes wrong in a pass (a bug, a failing recovery) is reported and the loop
     goes on: the thread ends only when stopped, at the source's end or at the frame limit."""
-    inference, warn = _Inference(shared), _RateLimitedLog()
+    inference, warn = _Inference(shared), RateLimitedLog(log)
     try:
         while not shared.stop.is_set():
             try:
@@ -196,7 +180,7 @@ def inference_loop(shared: Shared) -> None:
                     break
             except Exception as exc:
                 shared.telemetry.error(f"inference: {describe(exc)}")
-                warn.log(logging.ERROR, "inference pass failed: %s", describe(exc), exc_info=True)
+                warn.log(logging.ERROR, "pass", "inference pass failed: %s", describe(exc), exc_info=True)
                 shared.stop.wait(0.01)
     finally:
         shared.inference_done.set()
@@ -322,7 +306,7 @@ class OutputLoop:
         self._tokens_time = time.monotonic()
         self._owed = self.REPEAT_OWED  # sends the output's clock is owed (see the class docstring)
         self._owed_time = self._tokens_time
-        self._warn = _RateLimitedLog()
+        self._warn = RateLimitedLog(log)
         self._converted: list[tuple[Frame, Frame] | None] = [None] * len(shared.sinks)
 
     def run(self) -> None:
@@ -335,7 +319,7 @@ class OutputLoop:
                     self._step()
                 except Exception as exc:  # a bug here must not end the output: report, go on
                     shared.telemetry.error(f"output: {describe(exc)}")
-                    self._warn.warning("output step failed: %s", describe(exc))
+                    self._warn.warning("step", "output step failed: %s", describe(exc))
                     shared.stop.wait(self.period / 4)
         finally:
             shared.finished.set()
@@ -415,7 +399,7 @@ class OutputLoop:
                 sink.send(self._for_sink(index, frame))
             except Exception as exc:
                 self.shared.telemetry.count("sink_errors")
-                self._warn.warning("sink %s failed: %s: %s", type(sink).__name__, type(exc).__name__, exc)
+                self._warn.warning(f"sink {id(sink)}", "sink %s failed: %s: %s", type(sink).__name__, type(exc).__name__, exc)
         latency_ms = (now - frame.timestamp) * 1000.0 if fresh else None
         stalled = not fresh and now - self.last_fresh_time > self.shared.config.stall_seconds
         if stalled and self.shared.telemetry.state == "running":

@@ -4,7 +4,7 @@
     router.handle(packet_bytes, ("127.0.0.1", 50123))
 
 `handle` never raises and never blocks on anything but the store's lock: every refusal is
-counted (`counters`) and logged at most once per `LOG_INTERVAL_SECONDS` per reason. All values of
+counted (`counters`) and logged at most once per `LOG_INTERVAL_SECONDS` (bridge/ratelimit.py) per reason. All values of
 one packet (a message, or a bundle with everything nested in it) are written with one
 `store.update`, so they reach the engine together, between two frames.
 """
@@ -17,13 +17,13 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+from ..ratelimit import RateLimitedLog
 from .osc import DEFAULT_LIMITS, Limits, Message, OSCError, decode_packet
 from .patterns import PatternError, compile_pattern, has_wildcards, matches
 from .table import Ignored, Param, addresses, check_presets, check_prefix, convert
 
 log = logging.getLogger(__name__)
 
-LOG_INTERVAL_SECONDS = 5.0  # each kind of refusal is logged at most this often
 COUNTERS = (
     "packets",  # packets handed to the router
     "messages",  # messages decoded from them
@@ -38,30 +38,6 @@ COUNTERS = (
     "internal_errors",  # bugs caught so that the receive loop keeps going
 )
 _LIMIT_REASONS = ("too_large", "too_deep", "too_long", "too_many_arguments", "too_many_messages")
-
-
-class RateLimitedLog:
-    """log.warning at most once per interval per key; the suppressed count is reported next time."""
-
-    def __init__(self, logger: logging.Logger, *, interval: float = LOG_INTERVAL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger, self._interval, self._clock = logger, interval, clock
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args: Any) -> None:
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            message += f" (and {suppressed} more like it in the last {self._interval:g} s)"
-        self._logger.warning(message, *args)
 
 
 def parse_allow(entries: Iterable[str] | None) -> tuple | None:

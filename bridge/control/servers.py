@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable
 
+from ..ratelimit import RateLimitedLog
 from .osc import OSCError, slip_decode
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class TCPServer:
         self._connections: dict[threading.Thread, socket.socket] = {}
         self._last_heard: dict[threading.Thread, float] = {}  # time.monotonic() of each one's last bytes
         self.refused_connections = 0
-        self._logged_refusal = -1e9  # when a refusal or an accept error was last logged
+        self._log = RateLimitedLog(log)  # refusals and accept errors, at most every 5 s each
         self._thread = threading.Thread(target=self._accept, name="sdbridge osc tcp", daemon=True)
         self._thread.start()
 
@@ -146,7 +147,7 @@ class TCPServer:
             except OSError as exc:  # e.g. out of file descriptors: the connection stays queued, so wait
                 if self._closed.is_set():
                     return
-                self._log_at_most_every_5s("OSC TCP: accepting a connection failed: %s", exc)
+                self._log.warning("accept", "OSC TCP: accepting a connection failed: %s", exc)
                 self._closed.wait(POLL_SECONDS)
                 continue
             if not self._allow(peer):
@@ -158,7 +159,7 @@ class TCPServer:
                 if len(self._connections) >= self._max_connections or self._closed.is_set():
                     self.refused_connections += 1
                     connection.close()
-                    self._log_at_most_every_5s("OSC TCP connection from %s refused: %d already open (%d refused so far)",
+                    self._log.warning("refused", "OSC TCP connection from %s refused: %d already open (%d refused so far)",
                                                peer[0], self._max_connections, self.refused_connections)
                     continue
                 connection.settimeout(POLL_SECONDS)
@@ -182,12 +183,6 @@ class TCPServer:
             connection.shutdown(socket.SHUT_RDWR)
         except OSError:  # already gone
             pass
-
-    def _log_at_most_every_5s(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._logged_refusal >= 5.0:
-            self._logged_refusal = now
-            log.warning(message, *args)
 
     def _serve(self, connection: socket.socket, peer: tuple) -> None:
         framer = StreamFramer(max_packet_bytes=self._max_packet)
