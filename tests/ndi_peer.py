@@ -366,6 +366,51 @@ def scenario_closed_while_lost() -> dict:
     return result
 
 
+def scenario_reopen() -> dict:
+    """Threads and file descriptors over 50 open-read-close cycles of a source (the runtime's
+    reconnect), then 10 of a source whose sender is missing (SourceLost each time), with the
+    garbage collector off as in `sdbridge run` after gc.freeze(): what close() leaves to the
+    collector stays. Each cycle's first frame must be newer than the source's opening."""
+    import gc
+
+    from bridge.transports.base import SourceLost
+    from bridge.transports.ndi import NDISink, NDISource
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    result: dict = {"stale": [], "counts": {}}
+    width, height = 64, 32
+    deadline = time.monotonic() + 60
+    with NDISink(name="sdbridge-reopen", width=width, height=height) as sink:
+        pacer = Pacer(sink, first=0, count=100000, fps=30, width=width, height=height)
+        pacer.start()
+        cycles = 0
+        while cycles < 50 and time.monotonic() < deadline:
+            sent_before = len(pacer.send_seconds)  # frames 0 .. sent_before-1 were sent already
+            with NDISource(name="sdbridge-reopen", timeout=2.0) as source:
+                frames = read_until(source, count=1, seconds=2)
+            if frames and decode(frames[0]) < sent_before - 1:  # the sender's last frame may come again
+                result["stale"].append([cycles, decode(frames[0]), sent_before])
+            cycles += 1
+            if cycles in (5, 25, 50):
+                result["counts"][cycles] = counts()
+            time.sleep(0.05)
+        result["cycles"] = cycles
+        pacer.stop()
+    lost = 0
+    for _ in range(10):
+        with NDISource(name="sdbridge-nobody", timeout=0.1) as source:
+            try:
+                read_until(source, count=1, seconds=1)
+            except SourceLost:
+                lost += 1
+    result["lost"] = lost
+    result["counts"]["lost"] = counts()
+    return result
+
+
 def scenario_adaptive() -> dict:
     """A sink without a size follows the frames: RGB then BGR of another size, colours kept; and
     the sink the runtime opens (`open_sink`, at the engine's size at start) follows them too."""
@@ -475,6 +520,7 @@ SCENARIOS = {
     "lost": scenario_lost,
     "adaptive": scenario_adaptive,
     "closed_while_lost": scenario_closed_while_lost,
+    "reopen": scenario_reopen,
     "bridge": scenario_bridge,
 }
 

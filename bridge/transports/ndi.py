@@ -10,7 +10,13 @@ cyndilib notes that shape this module:
   polls and sleeps in Python, the sender is not clocked (`clock_video=False`);
 - NDI refuses a second sender with a name already used on the machine, and cyndilib crashes the
   process on that refusal unless the sender also holds an audio frame; the sink attaches an
-  unused one so the refusal arrives as an exception.
+  unused one so the refusal arrives as an exception;
+- a cyndilib Finder (with its Source objects) and a Receiver (with its frame-sync and PTZ) are
+  reference cycles, and cyndilib has no call that destroys them: dropping one frees its NDI
+  threads and sockets only at a full garbage collection, which a show process seldom runs (and
+  never for objects frozen by `sdbridge run`'s gc.freeze()). So sources share one finder for the
+  process, and a closed source's receiver, disconnected, waits for the next source opened with
+  the same settings: a reconnect reuses it instead of leaving one more behind.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ _FIND_INTERVAL = 0.05  # seconds between source-list refreshes while not connect
 # sender names open in this process: NDI refuses duplicates, so say so before asking it
 _open_sender_names: set[str] = set()
 _open_sender_names_lock = threading.Lock()
+
+# what sources reuse (see the module docstring); the lock also covers the finder's Source objects,
+# whose NDI pointers the next update_sources() replaces, from the update until connect_to copies one
+_ndi_lock = threading.Lock()
+_finder = None  # the process's one cyndilib.Finder, made by the first source
+_idle_receivers: dict[tuple, list] = {}  # (color format, bandwidth, name) -> [(Receiver, VideoFrameSync)]
 
 
 def import_cyndilib():
@@ -82,6 +94,31 @@ def _flag(field: str, value: object) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{field}: {value!r} must be true or false")
+
+
+def _shared_finder(cyndilib):
+    global _finder
+    with _ndi_lock:
+        if _finder is None:
+            _finder = cyndilib.Finder()
+        return _finder
+
+
+def _take_receiver(cyndilib, key: tuple) -> tuple:
+    """(Receiver, VideoFrameSync) for `key`: an idle one a closed source left, or a new one."""
+    with _ndi_lock:
+        idle = _idle_receivers.get(key)
+        if idle:
+            return idle.pop()
+    color_format, bandwidth, receiver_name = key
+    receiver = cyndilib.Receiver(
+        color_format=getattr(cyndilib.RecvColorFormat, color_format),
+        bandwidth=getattr(cyndilib.RecvBandwidth, bandwidth),
+        recv_name=receiver_name,
+    )
+    video = cyndilib.VideoFrameSync()
+    receiver.frame_sync.set_video_frame(video)
+    return receiver, video
 
 
 def matches_ndi_name(full_name: str, name: str) -> bool:
@@ -130,14 +167,13 @@ class NDISource(Source):
         self._next_find = 0.0
         self._last_connected: float | None = None  # the lost-clock starts at the first read
         color_format = {"RGBA": "RGBX_RGBA", "BGRA": "BGRX_BGRA"}[pixel_format]
-        self._finder = cyndilib.Finder()
-        self._receiver = cyndilib.Receiver(
-            color_format=getattr(cyndilib.RecvColorFormat, color_format),
-            bandwidth=getattr(cyndilib.RecvBandwidth, bandwidth),
-            recv_name=receiver_name,
-        )
-        self._video = cyndilib.VideoFrameSync()
-        self._receiver.frame_sync.set_video_frame(self._video)
+        self._finder = _shared_finder(cyndilib)
+        self._receiver_key = (color_format, bandwidth, receiver_name)
+        self._receiver, self._video = _take_receiver(cyndilib, self._receiver_key)
+        # a reused receiver's frame-sync still holds the last frame it received: not a new one
+        self._receiver.frame_sync.capture_video()
+        if self._video.xres > 0:
+            self._last_timestamp = self._video.get_timestamp_posix()
 
     def read(self, timeout: float = 0.1) -> Frame | None:
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -163,16 +199,17 @@ class NDISource(Source):
 
     def _connect_if_found(self) -> None:
         """Connect the receiver to the first sender whose name matches, if one is visible."""
-        self._finder.update_sources()
-        found = sorted(n for n in self._finder.get_source_names() if matches_ndi_name(n, self.name))
-        if not found:
-            return
+        with _ndi_lock:  # another source's update would replace the pointer connect_to copies
+            self._finder.update_sources()
+            found = sorted(n for n in self._finder.get_source_names() if matches_ndi_name(n, self.name))
+            if not found:
+                return
+            source = self._finder.get_source(found[0])
+            if source is None:
+                return
+            self._receiver.connect_to(source)
         if len(found) > 1:
             logger.warning("NDI: %d senders match %r (%s); using %r", len(found), self.name, ", ".join(found), found[0])
-        source = self._finder.get_source(found[0])
-        if source is None:
-            return
-        self._receiver.connect_to(source)
         self.full_name = found[0]
         self._last_connected = time.monotonic()  # give the connection `timeout` to come up
         logger.info("NDI source %r: connecting to %r", self.name, self.full_name)
@@ -226,14 +263,14 @@ class NDISource(Source):
                 return
             self._closed = True
             receiver, self._receiver = self._receiver, None
-            self._video = None
-            self._finder = None  # the last reference: NDI destroys the finder
+            video, self._video = self._video, None
             # NDI keeps a receiver pointed at its sender and reconnects it when the sender comes
             # back; cyndilib's disconnect() only tells NDI to let go while a connection is up.
             # It does clear the receiver's source, so reconnect() then connects it to nothing.
             receiver.disconnect()
             receiver.reconnect()
-            del receiver  # the last reference: destroys the frame-sync, then the NDI receiver
+            with _ndi_lock:  # kept for the next source (see the module docstring)
+                _idle_receivers.setdefault(self._receiver_key, []).append((receiver, video))
 
 
 class NDISink(Sink):
