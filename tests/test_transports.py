@@ -186,3 +186,44 @@ def test_syphon_says_it_is_not_supported():
         open_source("syphon:TD")
     with pytest.raises(TransportUnavailable, match="Syphon is not supported yet"):
         open_sink("syphon:sdbridge", width=64, height=64)
+
+
+def corrupt_packets(path, indices):
+    """Overwrite the first bytes of the video packets at `indices` (an H.264 NAL length in mp4:
+    the decoder refuses the packet with InvalidDataError)."""
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = bytearray(open(path, "rb").read())
+    for index in indices:
+        position, _ = packets[index]
+        data[position:position + 4] = b"\xff\xff\xff\xff"
+    open(path, "wb").write(bytes(data))
+    return len(packets)
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="needs an H.264 encoder")
+def test_an_undecodable_packet_is_skipped_not_the_rest_of_the_file(tmp_path):
+    """One packet the decoder refused (avcodec_send_packet: InvalidDataError) made the whole
+    source lost: the runtime reopened the file, played it from the start into the same packet,
+    and a clip never got past it (nor, without loop, ever ended)."""
+    rng = np.random.default_rng(0)
+    clip = write_clip(tmp_path / "bad.mp4", [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(30)],
+                      fps=30, codec="libx264")
+    assert corrupt_packets(clip, [15]) == 30
+    with open_source(f"video:{clip}?realtime=0") as source:
+        frames = read_all(source)  # SourceEnded, not SourceLost
+    assert len(frames) >= 25, f"{len(frames)} of 30 frames"
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="needs an H.264 encoder")
+def test_a_stream_of_undecodable_packets_is_still_lost(tmp_path):
+    rng = np.random.default_rng(1)
+    clip = write_clip(tmp_path / "broken.mp4", [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(60)],
+                      fps=30, codec="libx264")
+    corrupt_packets(clip, range(1, 60))
+    with open_source(f"video:{clip}?realtime=0&loop=1") as source:
+        with pytest.raises(SourceLost) as caught:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                source.read(timeout=0.1)
+    assert not isinstance(caught.value, SourceEnded) and "InvalidDataError" in str(caught.value)

@@ -8,10 +8,14 @@ import time
 from typing import Callable
 
 from ..frames import Frame
+from ..ratelimit import RateLimitedLog
 from ..slots import LatestSlot
 from .base import SourceEnded, SourceLost
 
 log = logging.getLogger(__name__)
+
+#: undecodable packets in a row before the source counts as lost (a second of video at 30 fps)
+MAX_BAD_PACKETS = 30
 
 
 class AVReader:
@@ -30,6 +34,7 @@ class AVReader:
         self._stop = threading.Event()
         self._failure: SourceLost | None = None
         self._sequence = 0
+        self._warn = RateLimitedLog(log)
         self._container = open_container()  # errors reach the caller at open time
         self._thread = threading.Thread(target=self._run, name=f"av-reader {name}", daemon=True)
         self._started = False  # playback starts at the first read, not at open
@@ -75,7 +80,7 @@ class AVReader:
         frame_seconds = 1.0 / float(stream.average_rate or 30)
         start = time.monotonic()
         first_time = last_time = None
-        for index, video_frame in enumerate(self._container.decode(stream)):
+        for index, video_frame in enumerate(self._decode(stream)):
             if self._stop.is_set():
                 return None
             if self._realtime:
@@ -90,6 +95,25 @@ class AVReader:
         if last_time is None:
             return None
         return start + (last_time - first_time) + frame_seconds
+
+    def _decode(self, stream):
+        """The stream's frames, as `container.decode(stream)` gives them, except that a packet the
+        decoder refuses (InvalidDataError: a corrupt frame in a file, a garbled MJPEG frame from a
+        webcam) is skipped; only more than MAX_BAD_PACKETS of them in a row end the source."""
+        import av
+
+        bad = 0
+        for packet in self._container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError as exc:
+                bad += 1
+                if bad > MAX_BAD_PACKETS:
+                    raise
+                self._warn.warning(self._name, "%s: skipped a packet the decoder refused: %s", self._name, exc)
+                continue
+            bad = 0
+            yield from frames
 
     def close(self, timeout: float = 1.0) -> None:
         self._stop.set()
