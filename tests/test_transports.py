@@ -227,3 +227,36 @@ def test_a_stream_of_undecodable_packets_is_still_lost(tmp_path):
             while time.monotonic() < deadline:
                 source.read(timeout=0.1)
     assert not isinstance(caught.value, SourceEnded) and "InvalidDataError" in str(caught.value)
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="needs an H.264 encoder")
+@pytest.mark.parametrize("kind", ["cut inside its first frame", "every packet refused"])
+def test_a_looping_file_without_a_decodable_frame_is_lost_not_reopened_in_a_busy_loop(tmp_path, kind):
+    """A pass that decoded nothing returned no end time, and the reader reopened the file at
+    once, over and over (a thousand times a second, most of a core and the GIL) while read()
+    gave None forever."""
+    rng = np.random.default_rng(2)
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w", options={"movflags": "faststart"}) as container:  # the index first
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(10):
+            picture = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            picture.pts = index
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    if kind == "every packet refused":
+        corrupt_packets(clip, range(10))
+    else:  # a half-copied file
+        with av.open(str(clip)) as container:
+            first = next(p for p in container.demux(video=0) if p.size)
+        clip.write_bytes(clip.read_bytes()[: first.pos + first.size // 2])
+    with open_source(f"video:{clip}?loop=1") as source:
+        started = time.monotonic()
+        with pytest.raises(SourceLost) as caught:
+            while time.monotonic() - started < 3:
+                source.read(timeout=0.1)
+    assert not isinstance(caught.value, SourceEnded), caught.value  # the runtime retries it, with backoff
+    assert time.monotonic() - started < 1.0

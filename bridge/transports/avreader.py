@@ -53,9 +53,13 @@ class AVReader:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                decoded = self._sequence
                 ends = self._decode_once()
                 if not self._loop or self._stop.is_set():
                     break
+                if self._sequence == decoded:  # reopening it at once would spin: the runtime retries with backoff
+                    self._failure = SourceLost(f"{self._name}: no frame could be decoded")
+                    return
                 if ends is not None and self._stop.wait(max(0.0, ends - time.monotonic())):
                     break  # (realtime: the last frame is shown for its duration before the next pass)
                 self._container.close()
