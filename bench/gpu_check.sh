@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issues 3 and 5 in prepared runs on an H100/H200 (the `device` tool), each
-# step with a time limit, JSON and a log per step under $OUT, a short table printed last.
+# step with a time limit, a short table printed last; the JSON and log of each step go into
+# $OUT/results.tar.gz as soon as the step ends (so a call cut short keeps every finished step).
 #
 # Here, once, in the repository root (the device has torch, transformers, numpy, safetensors,
 # zipp, but no diffusers):
@@ -64,6 +65,14 @@ fi
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results/gpu}"
 mkdir -p "$OUT"
+# each step's JSON and log go to WORK, and after each step all of them into $OUT/results.tar.gz
+# (the device tool brings back at most 8 files, and a call cut short by its time limit must still
+# bring back every step that finished)
+WORK="${GPU_CHECK_WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
+pack() {
+  tar czf "$OUT/results.tar.gz.partial" -C "$WORK" . && mv -f "$OUT/results.tar.gz.partial" "$OUT/results.tar.gz"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 
@@ -86,10 +95,11 @@ bench() {  # bench SECONDS NAME ARGS...: one configuration set, killed after SEC
   if [ "$seconds" -eq 0 ]; then echo "== $name: skipped, the budget is spent"; return; fi
   echo "== $name (limit ${seconds}s): sdbridge bench $*"
   local started=$SECONDS
-  timeout -k 5 "$seconds" python3 -m bridge.cli bench --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 5 "$seconds" python3 -m bridge.cli bench --json "$WORK/$name.json" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "   exit $rc after $((SECONDS - started)) s"
-  [ $rc -eq 0 ] || tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || tail -n 25 "$WORK/$name.log"
+  pack
 }
 
 graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed after SECONDS; a failure is said loudly,
@@ -99,11 +109,12 @@ graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed a
   shift
   if [ "$seconds" -eq 0 ]; then echo "== graph_check $*: skipped, the budget is spent"; return; fi  # (timeout 0: none)
   echo "== graph_check $* (limit ${seconds}s)"
-  timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$OUT/graph_check.json" "$@" > "$OUT/graph_check.log" 2>&1
+  timeout -k 5 "$seconds" python3 bench/graph_check.py --json "$WORK/graph_check.json" "$@" > "$WORK/graph_check.log" 2>&1
   local rc=$?
   echo "   exit $rc"
-  tail -n 3 "$OUT/graph_check.log"
+  tail -n 3 "$WORK/graph_check.log"
   if [ $rc -ne 0 ]; then echo "GRAPH CHECK FAILED (exit $rc): the step-graph figures below come from graphs that differ"; fi
+  pack
 }
 
 TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
@@ -227,8 +238,8 @@ case "$PART" in
       --warmup 10 --time-limit 5 --profile 10
     # inductor's tuning on top of the faster of the two above
     faster=""
-    [ "$(python3 bench/faster.py "$OUT/sd15_4step_self_compiled_step_defaults.json" \
-      "$OUT/sd15_4step_self_compiled_step_fp8.json")" = "$OUT/sd15_4step_self_compiled_step_fp8.json" ] && faster="--fp8"
+    [ "$(python3 bench/faster.py "$WORK/sd15_4step_self_compiled_step_defaults.json" \
+      "$WORK/sd15_4step_self_compiled_step_fp8.json")" = "$WORK/sd15_4step_self_compiled_step_fp8.json" ] && faster="--fp8"
     echo "   the faster: ${faster:-fp16}"
     sd15_step 220 sd15_4step_self_compiled_step_coordinate_descent --inductor coordinate_descent_tuning=true $faster
     sd15_step 300 sd15_4step_self_compiled_step_autotune_mm --inductor max_autotune_gemm=true $faster
@@ -277,10 +288,11 @@ case "$PART" in
       [ "$seconds" -eq 0 ] && echo "== ready_check_$variant skipped (budget)" && continue
       echo "== ready_check_$variant (limit ${seconds}s)"
       flags="--no-fuse-math"; [ "$variant" = fused ] && flags="--fuse-math"
-      timeout -k 5 "$seconds" python3 bench/ready_check.py --json "$OUT/ready_check_$variant.json" --arch sd-turbo \
-        --steps 1 --to-steps 2 $flags > "$OUT/ready_check_$variant.log" 2>&1
+      timeout -k 5 "$seconds" python3 bench/ready_check.py --json "$WORK/ready_check_$variant.json" --arch sd-turbo \
+        --steps 1 --to-steps 2 $flags > "$WORK/ready_check_$variant.log" 2>&1
       echo "   exit $?"
-      tail -n 1 "$OUT/ready_check_$variant.log"
+      tail -n 1 "$WORK/ready_check_$variant.log"
+      pack
     done
     ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
@@ -290,7 +302,7 @@ case "$PART" in
   *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap)"; exit 2 ;;
 esac
 
-python3 - "$OUT" <<'PY'
+python3 - "$WORK" <<'PY'
 import json, pathlib, sys
 sys.path.insert(0, ".")
 from bridge.commands.bench import format_table
@@ -304,7 +316,5 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
 print(format_table(results) if results else "no results")
 PY
 
-# the device tool brings back at most 8 files: more than 7 here (besides a tee'd gpu_check*.log) go into one archive
-cd "$OUT" && files=$(ls | grep -v '^gpu_check' | grep -v '^results.tar.gz$') && [ "$(echo "$files" | wc -l)" -gt 7 ] \
-  && tar czf results.tar.gz --remove-files $files && echo "(JSON and logs packed into $OUT/results.tar.gz)"
+echo "(each step's JSON and log: $OUT/results.tar.gz)"
 true

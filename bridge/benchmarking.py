@@ -9,6 +9,7 @@ import platform
 import resource
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def time_calls(call, frames: list, *, count: int, warmup: int, device: torch.dev
         call(frames[k % len(frames)])
         _synchronize(device)
         times.append((time.perf_counter() - begin) * 1000.0)
-        if time_limit and time.perf_counter() - started > time_limit:
+        if time_limit and k + 1 < count and time.perf_counter() - started > time_limit:
             log.warning("time limit of %.0f s reached after %d of %d frames", time_limit, k + 1, count)
             break
     return times
@@ -125,7 +126,7 @@ def _time_pipelined(submit, frames: list, *, count: int, time_limit: float) -> l
         now = time.perf_counter()
         times.append((now - last) * 1000.0)
         last, pending = now, following
-        if time_limit and now - started > time_limit:
+        if time_limit and k < count and now - started > time_limit:
             log.warning("time limit of %.0f s reached after %d of %d frames", time_limit, k, count)
             break
     pending.result()
@@ -175,8 +176,11 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
 
 def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False,
                   prompt_changes: int = 0, size_changes: int = 0, other_size: tuple[int, int] | None = None,
-                  components=None) -> list[dict]:
+                  components=None, checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time the stream-batch path (and the sequential path too, when asked); one dict per run.
+
+    `checkpoint(rows so far)`: called after each row and each measurement added to one, so that a
+    caller can write what is measured at once (a script's time limit may kill the rest).
 
     `runtime`: also run the same engine through the bridge runtime (testpattern -> engine -> null)
     and report what the threads and slots add per frame, under "runtime_overhead".
@@ -203,7 +207,8 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
     with kernel_choices(cudnn_benchmark=settings.cudnn_benchmark, sdpa=settings.sdpa):
         for batched in (True, False) if sequential else (True,):
             _run_one(settings, base, components, frames, results, batched=batched, runtime=runtime,
-                     prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size)
+                     prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size,
+                     checkpoint=checkpoint or (lambda rows: None))
     if sequential:
         rows = [r for r in results if not r["pipelined"]]
         rows[0]["speedup_vs_sequential"] = rows[0]["fps"] / rows[1]["fps"]
@@ -211,8 +216,10 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
 
 
 def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: list, results: list, *, batched: bool,
-             runtime: bool, prompt_changes: int, size_changes: int, other_size: tuple[int, int] | None) -> None:
-    """One engine of `settings` (stream batch or sequential): its rows appended to `results`."""
+             runtime: bool, prompt_changes: int, size_changes: int, other_size: tuple[int, int] | None,
+             checkpoint: Callable[[list[dict]], None]) -> None:
+    """One engine of `settings` (stream batch or sequential): its rows appended to `results`,
+    `checkpoint(results)` after each row and each measurement added."""
     config = base.replace(use_denoising_batch=batched)
     options = {"cuda_graphs": settings.cuda_graphs} if settings.cuda_graphs is not None else {}
     if settings.inductor:
@@ -228,8 +235,6 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         options["fuse_qkv"] = settings.fuse_qkv
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
-    if base.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(base.device)
     log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
              "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,
              settings.warmup, settings.frames)
@@ -237,6 +242,9 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
     for pipelined in (False, True) if settings.pipelined and batched else (False,):
         load_before = _load_average()
         gc.collect()
+        if base.device.type == "cuda":  # each row's own peak (its warm-up's included), after what is freed
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(base.device)
         gc.freeze()  # as `sdbridge run` does: the models' objects are never collected, pauses stay short
         times = time_calls(engine, frames, count=settings.frames, warmup=settings.warmup, device=base.device,
                            time_limit=settings.time_limit, submit=engine.submit if pipelined else None)
@@ -251,6 +259,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             "device_type": base.device.type,
             "torch": torch.__version__,
             **summarize(times, settings.frame_buffer_size),
+            "time_limited": len(times) < settings.frames,  # --time-limit cut it short (frames_measured says how)
             "peak_mem_gib": peak,
             "peak_mem_kind": peak_kind,
             "frames_skipped": engine.stats.frames_skipped,
@@ -266,10 +275,12 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             "host_cpus": os.cpu_count(),
         })
         synchronous = synchronous or results[-1]
+        checkpoint(results)
     if settings.profile_frames and batched:
         from .profiling import profile_frames
 
         synchronous["profile"] = profile_frames(engine, frames, count=settings.profile_frames, device=base.device)
+        checkpoint(results)
     if runtime and batched:
         from .runtime_bench import measure_runtime_overhead
 
@@ -278,6 +289,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
             timeout=settings.time_limit or 300.0,
         )
+        checkpoint(results)
     if prompt_changes and batched:
         from .runtime_bench import measure_prompt_changes
 
@@ -286,6 +298,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
             timeout=max(30.0, prompt_changes * 0.5 + 30.0),
         )
+        checkpoint(results)
     if size_changes and batched:
         from .runtime_bench import measure_size_changes
 
@@ -297,7 +310,9 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
             engine, [other if k % 2 == 0 else own for k in range(size_changes)], warmup=settings.warmup,
             input_size=own, timeout=max(30.0, size_changes * 0.5 + 30.0),
         )
+        checkpoint(results)
     if settings.fp8 and batched:
         log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
         synchronous["fp8_output_change"] = measure_fp8_change(components, config, frames, scaling=settings.fp8_scaling)
+        checkpoint(results)
     gc.unfreeze()  # the runtime figures above ran frozen too, as in `sdbridge run`

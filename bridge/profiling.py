@@ -24,7 +24,9 @@ log = logging.getLogger("sdbridge.bench")
 # those come first; cuDNN's convolution kernels are implicit GEMMs ("..._fprop_implicit_gemm_..."),
 # so convolution is looked for before matrix products
 KINDS = (
-    ("fused (inductor)", ("triton_poi", "triton_per", "triton_red", "cpp_fused", "compiledfxgraph")),
+    ("fused (inductor)", ("triton_poi", "triton_per", "triton_red", "cpp_fused", "compiledfxgraph")),  # (the last:
+    # on a CPU, the own time of inductor's call range is its fused C++ code; on a GPU the range is
+    # an annotation, left out: kernel_entries)
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("convolution", ("conv", "fprop", "implicit_gemm", "winograd", "dgrad", "wgrad")),
     ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
@@ -91,13 +93,13 @@ def profile_frames(call, frames: list, *, count: int, device) -> dict:
     wall_ms = (time.perf_counter() - started) * 1000.0 / count
     from pipeline.stream import STAGE_RANGE_PREFIX
 
-    averages = [a for a in profiler.key_averages() if not a.key.startswith(STAGE_RANGE_PREFIX)]  # ranges, not work
+    averages = profiler.key_averages()
     if on_cuda:
-        entries = [(a.key, a.self_device_time_total, a.count) for a in averages
-                   if a.device_type == torch.autograd.DeviceType.CUDA and a.self_device_time_total > 0]
+        entries = kernel_entries(averages, STAGE_RANGE_PREFIX)
         source = "cuda kernels"
     else:
-        entries = [(a.key, a.self_cpu_time_total, a.count) for a in averages if a.self_cpu_time_total > 0]
+        entries = [(a.key, a.self_cpu_time_total, a.count) for a in averages
+                   if a.self_cpu_time_total > 0 and not a.key.startswith(STAGE_RANGE_PREFIX)]  # ranges, not work
         source = "cpu operators (own time)"
     result = {"frames": count, "source": source, "wall_ms_per_frame": wall_ms, **summarize_times(entries, count)}
     stages = stage_times(profiler.events(), STAGE_RANGE_PREFIX, on_cuda=on_cuda)
@@ -110,6 +112,19 @@ def profile_frames(call, frames: list, *, count: int, device) -> dict:
         result["note"] = ("no kernels recorded: CUDA graph replays can hide them from the profiler; "
                           "--cuda-graphs off profiles the same kernels launched one by one")
     return result
+
+
+def kernel_entries(averages, prefix: str) -> list[tuple[str, float, int]]:
+    """(name, µs, calls) of each GPU kernel, copy and memset among the profiler's key averages;
+    not the GPU-side spans of ranges (the stream's stages, named `prefix` + stage, or any user
+    annotation such as inductor's "## Call CompiledFxGraph ... ##"), which cover their kernels'
+    time again, and idle time too (`device_intervals` leaves out the same)."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    return [(a.key, a.self_device_time_total, a.count) for a in averages
+            if a.device_type == cuda and a.self_device_time_total > 0 and not a.key.startswith(prefix)
+            and not getattr(a, "is_user_annotation", False)]
 
 
 def busy_us(intervals) -> float:

@@ -150,6 +150,43 @@ def test_bench_pipelined_runs_the_engine_through_submit(tiny_components):
     assert pipelined["frames_measured"] == synchronous["frames_measured"] == 6 and pipelined["fps"] > 0
 
 
+def test_each_row_is_handed_out_as_soon_as_it_is_measured(tiny_components):
+    """`checkpoint`: the rows so far after each row and each figure added to one (a script's
+    timeout that kills the profile keeps the timings), and a cut-short row says so."""
+    import copy
+
+    from bridge.benchmarking import BenchSettings, run_benchmark
+
+    snapshots = []
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=4, warmup=1, device="cpu",
+                             pipelined=True, profile_frames=2)
+    rows = run_benchmark(settings, components=tiny_components, checkpoint=lambda r: snapshots.append(copy.deepcopy(r)))
+    assert [len(snapshot) for snapshot in snapshots] == [1, 2, 2]  # synchronous, pipelined, then its profile
+    assert "profile" not in snapshots[1][0] and "profile" in snapshots[2][0] and snapshots[2] == rows
+    assert not any(row["time_limited"] for row in rows)
+    limited = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=1000, warmup=1, device="cpu",
+                            time_limit=0.2)
+    (row,) = run_benchmark(limited, components=tiny_components)
+    assert row["time_limited"] and row["frames_measured"] < 1000
+
+
+def test_a_bench_json_is_whole_after_every_row(tmp_path):
+    """The JSON holds each configuration's rows as they come, written whole each time (no
+    .partial left behind)."""
+    from test_cli import sdbridge
+
+    target = tmp_path / "rows.json"
+    result = sdbridge("-q", "bench", "--arch", "tiny", "--device", "cpu", "--width", "32", "--height", "32",
+                      "--frames", "3", "--warmup", "1", "--steps", "1", "2", "--time-limit", "0.000001",
+                      "--json", str(target), timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(target.read_text())
+    assert [row["steps"] for row in rows] == [1, 2] and all(row["commit"] and row["command"] for row in rows)
+    assert all(row["time_limited"] and row["frames_measured"] == 1 for row in rows)
+    assert "cut short by --time-limit: 1 of 3 frames measured" in result.stdout
+    assert [path.name for path in tmp_path.iterdir()] == ["rows.json"]
+
+
 def test_prompt_and_size_changes_through_the_runtime_report_the_gaps(tiny_components):
     """--prompt-changes and --size-changes: each change reaches the engine through the parameter
     store while frames flow, and the gaps between frames are reported (no timing is asserted)."""

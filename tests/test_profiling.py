@@ -119,6 +119,32 @@ def test_device_intervals_are_the_kernels_not_the_ranges_or_cpu_work():
     assert "GPU busy 0.03 ms (0.01 side by side)" in profile_line(profile)
 
 
+def test_kernel_entries_leave_out_the_gpu_spans_of_annotations_and_stages():
+    """Inductor's "## Call CompiledFxGraph ##" range has a GPU-side span covering its kernels: summed
+    with them it doubled the kernel time and made up a "side by side" share."""
+    import torch
+    from torch.autograd.profiler_util import FunctionEvent, FunctionEventAvg
+
+    from bridge.profiling import kernel_entries
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def average(name, microseconds, **kind):
+        event = FunctionEventAvg()
+        event.add(FunctionEvent(1, name, 0, 0.0, microseconds, **kind))
+        event.self_device_time_total = microseconds  # (the profiler sums its kernels' time here)
+        return event
+
+    averages = [average("sm90_xmma_fprop_implicit_gemm", 20.0, device_type=cuda),
+                average("triton_poi_fused_silu_0", 10.0, device_type=cuda),
+                average("## Call CompiledFxGraph abc ##", 30.0, device_type=cuda, is_user_annotation=True),
+                average("sdbridge.unet", 30.0, device_type=cuda),
+                average("aten::conv2d", 25.0, device_type=cpu)]
+    entries = kernel_entries(averages, "sdbridge.")
+    assert entries == [("sm90_xmma_fprop_implicit_gemm", 20.0, 1), ("triton_poi_fused_silu_0", 10.0, 1)]
+    assert summarize_times(entries, 1)["ms_per_frame"] == 0.03  # not 0.06
+
+
 def test_a_negative_profile_count_is_refused_before_anything_runs():
     refused = sdbridge("bench", "--arch", "tiny", "--profile", "-1", timeout=60)
     assert refused.returncode == 2 and "--profile >= 0" in refused.stderr and "Traceback" not in refused.stderr

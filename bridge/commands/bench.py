@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -149,7 +150,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # before any measuring: a path that cannot be written is found in a second, not after the run
         _check_writable(args.json)
     command = "sdbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sdbridge bench"
+    commit = _commit()
     results = []
+
+    def checkpoint(runs: list[dict]) -> None:
+        """Each row written as soon as it is measured (and again with each figure added to it):
+        a script's `timeout` that kills a later measurement keeps what came before."""
+        for result in runs:
+            result.update(commit=commit, command=command)
+        if args.json:
+            _write(args.json, results + runs)
+
     for arch, steps, cfg_type in itertools.product(args.arch, args.steps, args.cfg):
         settings = BenchSettings(
             arch=arch, steps=steps, cfg_type=cfg_type, guidance_scale=args.guidance, strength=args.strength,
@@ -166,14 +177,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
                                  prompt_changes=args.prompt_changes, size_changes=args.size_changes,
-                                 other_size=other_size)
+                                 other_size=other_size, checkpoint=checkpoint)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        for result in runs:
-            result.update(commit=_commit(), command=command)
+        checkpoint(runs)
         results.extend(runs)
-        if args.json:  # written after each configuration, so a time-limited script keeps what finished
-            _write(args.json, results)
     print(format_table(results))
     return 0
 
@@ -192,8 +200,11 @@ def _check_writable(path: Path) -> None:
 
 
 def _write(path: Path, results: list[dict]) -> None:
+    """`results` as JSON at `path`, replaced in one step: a kill mid-write leaves the last whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _commit() -> str:
@@ -242,6 +253,9 @@ def format_table(results: list[dict]) -> str:
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
             f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
         )
+        if r.get("time_limited"):
+            lines.append(f"{'':<9} cut short by --time-limit: {r['frames_measured']} of "
+                         f"{r['frames'] * r.get('frame_buffer_size', 1)} frames measured")
         if "runtime_overhead" in r:
             o = r["runtime_overhead"]
             lines.append(
