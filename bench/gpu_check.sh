@@ -113,11 +113,16 @@ graph_check() {  # graph_check SECONDS [ARGS...]: bench/graph_check.py, killed a
   local rc=$?
   echo "   exit $rc"
   tail -n 3 "$WORK/graph_check.log"
-  if [ $rc -ne 0 ]; then echo "GRAPH CHECK FAILED (exit $rc): the step-graph figures below come from graphs that differ"; fi
+  if [ $rc -eq 3 ]; then echo "   (skipped: no CUDA here)"
+  elif [ $rc -ne 0 ]; then echo "GRAPH CHECK FAILED (exit $rc): the step-graph figures below come from graphs that differ"; fi
   pack
 }
 
-TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"  # overridable for a CPU dry run
+# overridable for a CPU dry run of a part, which then takes the step graph's path too (its CPU replay):
+#   GPU_CHECK_SD15="--arch tiny --steps 4 --cfg self --width 64 --height 64 --device cpu --step-graph-replay eager" \
+#   GPU_CHECK_TURBO="--arch tiny --steps 1 --cfg none --width 64 --height 64 --device cpu --step-graph-replay eager" \
+#   BUDGET=500 OUT=/tmp/dry bash bench/gpu_check.sh overlap
+TURBO="${GPU_CHECK_TURBO:---arch sd-turbo --steps 1 --cfg none --width 512 --height 512}"
 SD15="${GPU_CHECK_SD15:---arch sd15 --steps 4 --cfg self --width 512 --height 512}"
 sd15_step() {  # sd15_step SECONDS NAME [ARGS...]: sd15 4 steps compiled with the step graph, a frame in flight too
   local seconds=$1 name=$2

@@ -57,6 +57,9 @@ class BenchSettings:
     # A result reports what ran.
     overlap_decode: bool = False  # each frame's decode beside the next frame's step (one frame later out)
     overlap_encode: bool = False  # each frame's encode beside the previous frame's UNet (one frame later out)
+    # "eager": where the backend captures no step graph (a CPU), the step graph's replay on the CPU,
+    # so that a dry run of a GPU script goes through the step graph's path (buffers, fill, replay)
+    step_graph_replay: str | None = None
 
 
 def _load_average() -> float | None:
@@ -234,6 +237,11 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
     if settings.fuse_qkv is not None and settings.backend in ("eager", "compiled"):
         options["fuse_qkv"] = settings.fuse_qkv
     engine = StreamDiffusion(components, config, backend=settings.backend, backend_options=options)
+    if settings.step_graph_replay == "eager" and engine._graphs is None:
+        from pipeline.step_graph import StepGraphs
+
+        engine._graphs = StepGraphs(engine, replay="eager")
+        engine.warm_up()  # its "graphs" captured, as the CUDA ones are at construction
     engine.set_prompt("a photograph of a city street at night, neon lights", negative_prompt="blurry")
     log.info("%s %s, %d step(s), cfg %s: %d warm-up + %d frames ...", settings.arch,
              "stream batch" if batched else "sequential", settings.steps, settings.cfg_type,

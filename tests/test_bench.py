@@ -282,3 +282,17 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path
                           "--frames", "3", "--warmup", "1", "--json", str(target), timeout=60)
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
             f"sdbridge bench: error: --json {target}: " + ("Is a directory" if target == tmp_path else "File exists")]
+
+
+def test_a_cpu_dry_run_can_take_the_step_graph_path(tiny_components):
+    """--step-graph-replay eager: where no CUDA graph is captured, the bench's frames go through
+    the step graph's path anyway (its CPU replay), as gpu_check's dry run needs to."""
+    from bridge.benchmarking import BenchSettings, run_benchmark
+
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=3, warmup=2, device="cpu",
+                             overlap_decode=True, step_graph_replay="eager")
+    (row,) = run_benchmark(settings, components=tiny_components)
+    assert row["step_graph_replays"] >= 3
+    (plain,) = run_benchmark(settings.__class__(**{**settings.__dict__, "step_graph_replay": None}),
+                             components=tiny_components)
+    assert plain["step_graph_replays"] == 0

@@ -96,6 +96,9 @@ def register(subparsers) -> None:
     parser.add_argument("--overlap-encode", action="store_true",
                         help="encode each frame during the previous frame's UNet, which the next step denoises (on "
                              "CUDA the same way): one frame more latency")
+    parser.add_argument("--step-graph-replay", choices=("eager",),
+                        help="for a CPU dry run of a GPU script: where no CUDA step graph is captured, replay the "
+                             "step graph's body on the CPU, so the run takes the step graph's path")
     parser.add_argument("--sdpa", choices=SDPA_KERNELS, default="auto",
                         help="the attention kernels: torch's choice (auto), or one family only, with the math "
                              "fallback for shapes it does not take (compiled graphs are compiled with it)")
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             profile_frames=args.profile,
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv, overlap_decode=args.overlap_decode,
-            overlap_encode=args.overlap_encode,
+            overlap_encode=args.overlap_encode, step_graph_replay=args.step_graph_replay,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
