@@ -15,7 +15,6 @@ Opt-in: an mDNS announcement tells every machine on the network that a control p
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import logging
 import socket
@@ -30,9 +29,10 @@ CLOSE_SECONDS = 1.5  # at most this long for the goodbyes at close (the whole st
 def zeroconf_problem() -> str | None:
     """Why `--zeroconf` cannot work here (the package missing), or None."""
     try:
-        importlib.import_module("zeroconf")
+        import zeroconf
     except ImportError:
         return "zeroconf: the zeroconf package is not installed: pip install 'sdbridge[zeroconf]'"
+    log.debug("python-zeroconf %s", zeroconf.__version__)
     return None
 
 
