@@ -298,6 +298,15 @@ STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);
             "time.sleep(60)")  # ignores SIGTERM and never reads its stdin: only a kill ends it
 
 
+def stubborn_bridge(tmp_path, stop_grace):
+    """A Supervisor running STUBBORN, once it printed "ready"; (supervisor, its process)."""
+    log = tmp_path / "log"
+    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=stop_grace)
+    sup.start()
+    wait_for_line(log, "ready")
+    return sup, sup._process
+
+
 def wait_for_line(path, text, seconds=10.0):
     deadline = time.monotonic() + seconds
     while text not in "".join(supervisor.tail_lines(str(path))) and time.monotonic() < deadline:
@@ -342,11 +351,7 @@ def test_stop_closes_stdin_so_the_bridge_stops_cleanly_without_a_signal(tmp_path
 
 
 def test_a_bridge_deaf_to_every_stop_request_is_killed_after_the_grace_time(tmp_path, no_console):
-    log = tmp_path / "log"
-    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=0.3)
-    sup.start()
-    wait_for_line(log, "ready")
-    process = sup._process
+    sup, process = stubborn_bridge(tmp_path, stop_grace=0.3)
     sup.stop()
     assert wait_for_state(sup, ("stopped",)) == "stopped"
     assert process.poll() is not None and sup.exit_code != 0
@@ -355,11 +360,8 @@ def test_a_bridge_deaf_to_every_stop_request_is_killed_after_the_grace_time(tmp_
 def test_restart_while_running_returns_at_once_and_poll_starts_the_new_bridge(tmp_path):
     """Start pulsed while a bridge runs (TouchDesigner's main thread): nothing waits; poll(), each
     frame, kills the old one after the grace time and then starts the new one."""
+    sup, old = stubborn_bridge(tmp_path, stop_grace=0.5)
     log = tmp_path / "log"
-    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=0.5)
-    sup.start()
-    wait_for_line(log, "ready")
-    old = sup._process
     started = time.monotonic()
     sup.restart(command=script("import time; print('second', flush=True); time.sleep(60)"))
     assert time.monotonic() - started < 0.2
@@ -374,11 +376,7 @@ def test_restart_while_running_returns_at_once_and_poll_starts_the_new_bridge(tm
 def test_close_kills_at_once_without_waiting(tmp_path):
     """onDestroyTD (extension re-init, quitting): no poll() follows, and the main thread must not
     stall for the grace time."""
-    log = tmp_path / "log"
-    sup = supervisor.Supervisor(command=script(STUBBORN), log_path=str(log), stop_grace=5.0)
-    sup.start()
-    wait_for_line(log, "ready")
-    process = sup._process
+    sup, process = stubborn_bridge(tmp_path, stop_grace=5.0)
     started = time.monotonic()
     sup.close()
     assert time.monotonic() - started < 1.0
