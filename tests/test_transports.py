@@ -260,3 +260,55 @@ def test_a_looping_file_without_a_decodable_frame_is_lost_not_reopened_in_a_busy
                 source.read(timeout=0.1)
     assert not isinstance(caught.value, SourceEnded), caught.value  # the runtime retries it, with backoff
     assert time.monotonic() - started < 1.0
+
+
+def test_a_live_device_that_stops_delivering_without_an_error_is_lost(tmp_path):
+    """A capture card that loses its signal, a webcam driver that hangs: the decoder just waits for
+    bytes that never come. Here a real MJPEG stream through a real pipe (a FIFO), whose writer
+    sends 10 frames and then nothing, without closing: the reader (as the camera source makes it,
+    live) says lost once nothing came for its stall time, so the runtime reports it and reopens."""
+    import io
+    import os
+    import threading
+
+    from bridge.transports.avreader import AVReader
+
+    encoded = io.BytesIO()
+    with av.open(encoded, "w", format="mjpeg") as container:
+        stream = container.add_stream("mjpeg", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for k in range(10):
+            pixels = np.full((48, 64, 3), 20 * k, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    fifo = tmp_path / "camera.mjpeg"
+    os.mkfifo(fifo)
+    release = threading.Event()
+
+    def device() -> None:  # writes, then stays open and silent until the test is done
+        with open(fifo, "wb") as pipe:
+            pipe.write(encoded.getvalue())
+            pipe.flush()
+            release.wait(30)
+
+    writer = threading.Thread(target=device, daemon=True)
+    writer.start()
+    # (a device is opened without probing its stream for seconds: no probing here either)
+    options = {"probesize": "32", "analyzeduration": "0"}
+    reader = AVReader(open_container=lambda: av.open(str(fifo), format="mjpeg", options=options), name="camera test",
+                      realtime=False, loop=False, stall_seconds=1.0)
+    try:
+        frames, lost, deadline = 0, None, time.monotonic() + 15
+        while lost is None and time.monotonic() < deadline:
+            try:
+                frames += reader.read(timeout=0.1) is not None
+            except SourceLost as exc:
+                lost = exc
+        assert frames >= 1 and lost is not None, frames
+        assert "no frame for 1 s (the device stopped delivering)" in str(lost)
+    finally:
+        release.set()  # the writer closes: the blocked decoder sees the end, and the reader stops
+        writer.join(5)
+        reader.close()

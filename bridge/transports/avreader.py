@@ -25,8 +25,14 @@ class AVReader:
     paces itself. loop: start again at the end instead of ending.
     """
 
-    def __init__(self, *, open_container: Callable[[], object], name: str, realtime: bool, loop: bool) -> None:
+    def __init__(self, *, open_container: Callable[[], object], name: str, realtime: bool, loop: bool,
+                 stall_seconds: float | None = None) -> None:
+        """`stall_seconds`: a live device that delivers no frame for this long, without an error (a
+        capture card that lost its signal, a webcam's driver hanging: the decoder just waits), is
+        lost (SourceLost), so that the runtime says so and tries to reopen it."""
         self._open_container = open_container
+        self._stall_seconds = stall_seconds
+        self._last_frame: float | None = None  # when read() last got a frame (or first ran)
         self._name = name
         self._realtime = realtime
         self._loop = loop
@@ -43,11 +49,15 @@ class AVReader:
         if not self._started:
             self._started = True
             self._thread.start()
+            self._last_frame = time.monotonic()
         frame = self._slot.take(timeout)
         if frame is not None:
+            self._last_frame = time.monotonic()
             return frame
         if self._failure is not None:
             raise self._failure
+        if self._stall_seconds is not None and time.monotonic() - self._last_frame > self._stall_seconds:
+            raise SourceLost(f"{self._name}: no frame for {self._stall_seconds:g} s (the device stopped delivering)")
         return None
 
     def _run(self) -> None:

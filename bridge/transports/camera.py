@@ -30,9 +30,12 @@ def camera_input(device: str) -> tuple[str, str]:
     raise TransportUnavailable(f"cameras are not supported on {sys.platform}")
 
 
+STALL_SECONDS = 5.0  # a camera silent this long (no frame, no error) is lost, and reopened with backoff
+
+
 class CameraSource(Source):
-    """Frames as the camera delivers them (newest wins). A camera that disappears raises
-    SourceLost; the runtime reopens it with backoff."""
+    """Frames as the camera delivers them (newest wins). A camera that disappears, or delivers
+    nothing for STALL_SECONDS, raises SourceLost; the runtime reopens it with backoff."""
 
     def __init__(self, *, device: str = "0", width: int | None = None, height: int | None = None, fps: float | None = None) -> None:
         file, input_format = camera_input(str(device))
@@ -53,7 +56,8 @@ class CameraSource(Source):
         self.format = None
         self._lock = threading.Lock()
         self._closed = False
-        self._reader = AVReader(open_container=open_container, name=f"camera {device}", realtime=False, loop=False)
+        self._reader = AVReader(open_container=open_container, name=f"camera {device}", realtime=False, loop=False,
+                                stall_seconds=STALL_SECONDS)
 
     def read(self, timeout: float = 0.1) -> Frame | None:
         if self._closed:
