@@ -168,6 +168,7 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
     values = np.asarray(times_ms)
     return {
         "frames_measured": int(values.size * frames_per_call),
+        "frames_per_call": frames_per_call,  # the ms figures are per call (of this many frames)
         "fps": float(frames_per_call * 1000.0 * values.size / values.sum()),
         "ms_mean": float(values.mean()),
         "ms_median": float(np.percentile(values, 50)),

@@ -163,7 +163,7 @@ def test_each_row_is_handed_out_as_soon_as_it_is_measured(tiny_components):
     rows = run_benchmark(settings, components=tiny_components, checkpoint=lambda r: snapshots.append(copy.deepcopy(r)))
     assert [len(snapshot) for snapshot in snapshots] == [1, 2, 2]  # synchronous, pipelined, then its profile
     assert "profile" not in snapshots[1][0] and "profile" in snapshots[2][0] and snapshots[2] == rows
-    assert not any(row["time_limited"] for row in rows)
+    assert not any(row["time_limited"] for row in rows) and {row["frames_per_call"] for row in rows} == {1}
     limited = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=1000, warmup=1, device="cpu",
                             time_limit=0.2)
     (row,) = run_benchmark(limited, components=tiny_components)

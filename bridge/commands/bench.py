@@ -256,6 +256,8 @@ def format_table(results: list[dict]) -> str:
             f"{r['width']}x{r['height']:<5} {r['fps']:>7.1f} {r['ms_median']:>8.2f} {r['ms_p95']:>8.2f} "
             f"{r['ms_p99']:>8.2f} {r['peak_mem_gib']:>8.2f}"
         )
+        if r.get("frames_per_call", 1) > 1:
+            lines.append(f"{'':<9} (the ms figures are per call of {r['frames_per_call']} frames)")
         if r.get("time_limited"):
             lines.append(f"{'':<9} cut short by --time-limit: {r['frames_measured']} of "
                          f"{r['frames'] * r.get('frame_buffer_size', 1)} frames measured")
