@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -43,29 +44,34 @@ class StopSignals:
         self.received: int | None = None
         self._previous = {}
         self._active = False  # between __enter__ and __exit__: a late request must not hit the old handlers
+        self._raised = False  # Interrupted raised once: a second stop while the first unwinds waits for it
         self._lock = threading.Lock()
 
     def _handle(self, signum, _frame) -> None:
         self.received = signum
-        if self.runtime is None:
+        if self.runtime is not None:
+            self.runtime.request_stop()
+        elif not self._raised:  # (a supervisor closes stdin and signals too: the second must not
+            self._raised = True  # interrupt the cleanup of the first with a traceback)
             raise Interrupted(signal.Signals(signum).name)
-        self.runtime.request_stop()
 
     def request_from_thread(self, signum: int = signal.SIGTERM) -> None:
         """What `signum` arriving does, asked from another thread. Running: the runtime is asked to
-        stop (request_stop is thread-safe). Loading: the main thread runs our handler as if the
-        signal had arrived (_thread.interrupt_main: Python's own pending-signal path, no OS signal,
-        so it works on Windows without a console too), which raises Interrupted there. Without our
-        handlers (not the main thread), `received` alone makes run_session stop once loaded."""
+        stop (request_stop is thread-safe). Loading: the main thread gets the signal itself
+        (pthread_kill: a real signal, which also ends a blocking call such as a sleep or a socket
+        wait; on Windows, which has none, _thread.interrupt_main: Python's own pending-signal path,
+        no console needed), and our handler raises Interrupted there. Without our handlers (not
+        the main thread), `received` alone makes run_session stop once loaded."""
         with self._lock:
             if not self._active:
                 return
+            first = self.received is None
             self.received = signum
             runtime = self.runtime
             if runtime is not None:
                 runtime.request_stop()
-            elif signum in self._previous:
-                _thread.interrupt_main(signum)
+            elif first and signum in self._previous:
+                _signal_main_thread(signum)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -82,6 +88,13 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def _signal_main_thread(signum: int) -> None:
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    else:  # Windows
+        _thread.interrupt_main(signum)
+
+
 def watch_stdin_for_eof(on_eof) -> threading.Thread:
     """--stop-on-stdin-eof: a daemon thread reading standard input until its end (the supervisor
     closed the pipe, or died), then on_eof(). What arrives before is read and ignored. It reads the
@@ -90,8 +103,14 @@ def watch_stdin_for_eof(on_eof) -> threading.Thread:
     <_io.BufferedReader name='<stdin>'> at interpreter shutdown")."""
     try:
         fd = sys.stdin.fileno()
+        mode = os.fstat(fd).st_mode
     except (AttributeError, OSError, ValueError):  # no stdin at all (pythonw), or not a real file
         raise UserError("--stop-on-stdin-eof: this process has no standard input to watch") from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):  # (Windows reports its pipes as FIFOs)
+        # /dev/null or a file ends at once (the run would stop as it starts); a terminal never
+        # ends, and reading it from the background stops the whole process (SIGTTIN)
+        raise UserError("--stop-on-stdin-eof: standard input is not a pipe (a terminal, a file or /dev/null); the "
+                        "flag is for a program that starts the bridge with a pipe as its input")
 
     def read_until_eof() -> None:
         try:

@@ -104,6 +104,50 @@ def test_the_end_of_stdin_while_loading_aborts_the_load_and_exits_0():
     assert not running.is_set() and "frames in" not in output
 
 
+def test_a_second_stop_while_the_first_unwinds_the_load_is_not_a_traceback():
+    """A supervisor closes stdin and signals too: the second request arrives while the first one's
+    Interrupted is cleaning up (closing transports); it must not raise again out of that cleanup."""
+    from bridge.session import Interrupted, StopSignals
+
+    cleaned = False
+    with StopSignals() as signals:
+        try:
+            signals._handle(signal.SIGTERM, None)
+        except Interrupted:
+            signals._handle(signal.SIGTERM, None)  # the second stop, during the cleanup: no raise
+            signals.request_from_thread(signal.SIGTERM)  # nor a third, from the stdin watcher
+            time.sleep(0.1)  # (where a signal it sent would land)
+            cleaned = True
+    assert cleaned
+
+
+def test_the_end_of_stdin_wakes_a_load_blocked_in_a_wait_as_a_signal_does():
+    """While loading, the watcher's stop reaches the main thread as a real signal: a blocking wait
+    there (a sleep, a socket, a lock) ends at once, as it would for SIGTERM."""
+    from bridge.session import Interrupted, StopSignals
+
+    with StopSignals() as signals:
+        threading.Timer(0.2, signals.request_from_thread).start()
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            time.sleep(5)
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("stdin", ["devnull", "file"])
+def test_stop_on_stdin_eof_without_a_pipe_is_refused_in_one_line(stdin, tmp_path):
+    """/dev/null or a file would end at once (the run stopping as it starts); a terminal never
+    ends, and read from the background stops the whole process: only a pipe is taken."""
+    source = open(os.devnull, "rb") if stdin == "devnull" else open(tmp_path.joinpath("in").open("wb").name, "rb")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with source:
+        result = subprocess.run(STDIN_EOF_COMMAND, stdin=source, capture_output=True, text=True, env=env, cwd=REPO,
+                                timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "--stop-on-stdin-eof: standard input is not a pipe" in errors[0]
+
+
 @pytest.mark.slow
 def test_the_end_of_stdin_while_running_stops_it_and_exits_0_within_3_s():
     process, lines, running, reader = start_with_a_stdin_pipe()

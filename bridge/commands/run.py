@@ -100,7 +100,8 @@ def register(subparsers) -> None:
                         help="stop (exactly as on SIGTERM, also while the model loads) when standard input "
                              "ends: for a program that starts the bridge with a pipe as its input and closes "
                              "the pipe to stop it (the OBS script, the TouchDesigner component), which works "
-                             "where signals do not, e.g. from a Windows program without a console")
+                             "where signals do not, e.g. from a Windows program without a console; standard "
+                             "input must be a pipe")
     add_engine_flags(parser)
     add_control_arguments(parser)
     parser.set_defaults(handler=handle)
