@@ -213,6 +213,7 @@ class TableLoad:
     def __init__(self, executable):
         self.executable = executable
         self.result = (None, "%s params --json stopped without an answer" % executable)
+        self.applied = False  # set (under State.lock) by the one _apply_loaded_table that applies it
         self._thread = threading.Thread(target=self._run, name="sdbridge params --json", daemon=True)
         self._thread.start()
 
@@ -236,7 +237,9 @@ class State:
         self.loading = None  # the TableLoad running, until its table is applied
         self.sent = {}  # parameter name -> last value sent (or seen at load)
         self.pending = {}  # typed parameter name -> (value, when typed): sent once unchanged DEBOUNCE_SECONDS
-        self.lock = threading.Lock()  # pending: written on the UI thread, taken by the timer
+        # pending (written on the UI thread, taken by the timer) and applying a table (obs_data_t
+        # defaults and the status socket), which the Reload button and the timer may both try
+        self.lock = threading.Lock()
         self.socket = None
         self.status_socket = None
         self.status_port = None
@@ -308,8 +311,8 @@ def send_all():
 
 
 def _reload_table():
-    """Start loading the table (the timer applies it); a load of the same program keeps running.
-    The TableLoad."""
+    """Start loading the table (the timer or the Reload button applies it); a load of the same
+    program keeps running. The TableLoad."""
     executable = obs.obs_data_get_string(state.settings, "executable") or "sdbridge"
     loading = state.loading
     if loading is None or loading.executable != executable:
@@ -318,21 +321,24 @@ def _reload_table():
 
 
 def _apply_loaded_table():
-    """Timer (and the Reload button): a finished load's table, its defaults and a baseline of the
-    current values (applying a table sends nothing). True when one was applied."""
-    loading = state.loading
-    if loading is None or not loading.done():
-        return False
-    if state.loading is loading:  # not a newer load the Reload button started meanwhile
-        state.loading = None
-    state.table, state.table_error = loading.result
-    if state.table_error:
-        _log(obs.LOG_WARNING, state.table_error)
-    if state.settings is not None:
-        _set_table_defaults(state.settings)
-        state.sent = {row["name"]: _setting(row) for row in _stored_rows()}
-        _open_status_socket()  # its default port comes with the table
+    """Timer (graphics thread) and the Reload button (UI thread): a finished load's table, its
+    defaults and a baseline of the current values (applying a table sends nothing). Under
+    state.lock, and once per TableLoad: whichever comes second finds it applied. True when this
+    call applied one."""
     with state.lock:
+        loading = state.loading
+        if loading is None or loading.applied or not loading.done():
+            return False
+        loading.applied = True
+        if state.loading is loading:  # not a newer load the Reload button started meanwhile
+            state.loading = None
+        state.table, state.table_error = loading.result
+        if state.table_error:
+            _log(obs.LOG_WARNING, state.table_error)
+        if state.settings is not None:
+            _set_table_defaults(state.settings)
+            state.sent = {row["name"]: _setting(row) for row in _stored_rows()}
+            _open_status_socket()  # its default port comes with the table
         state.pending = {}
     return True
 
@@ -384,7 +390,8 @@ def start_bridge(*_):
         _log(obs.LOG_INFO, "the bridge is already running (pid %d)" % process.pid)
         return False
     argv = bridge_command(state.settings)
-    _open_status_socket()
+    with state.lock:  # not at the same time as the timer applying a table
+        _open_status_socket()
     try:
         with open(state.log_path, "ab") as log:
             # stdin: a pipe only stop_bridge closes, the stop request (STOP_FLAG); own process
@@ -543,7 +550,8 @@ def script_defaults(settings):
     state.settings = state.settings or settings
     if state.table is None and state.loading is None and not state.table_error:
         _reload_table()  # on a thread: the timer sets the table's defaults when it is there
-    _set_table_defaults(settings)
+    with state.lock:  # the timer may be applying a table to the same obs_data_t
+        _set_table_defaults(settings)
 
 
 def _set_table_defaults(settings):
@@ -633,9 +641,10 @@ def _reload_clicked(props, prop):
     loading = _reload_table()
     # A script cannot refresh its properties from the timer, so wait a moment here: a healthy
     # `params --json` answers well within it and the new parameters show at once; a slow one
-    # is applied by the timer later (the properties say so; pressing again shows them)
+    # is applied by the timer later (the properties say so; pressing again shows them). The
+    # wait is outside state.lock, so the timer is never held up by it
     if loading.done(RELOAD_WAIT_SECONDS):
-        _apply_loaded_table()
+        _apply_loaded_table()  # does nothing when the timer has applied it meanwhile
     return True  # rebuild the properties view
 
 
@@ -670,7 +679,8 @@ def script_load(settings):
         state.pending = {}
     obs.obs_frontend_add_event_callback(on_event)
     obs.timer_add(tick, STATUS_POLL_MS)
-    _open_status_socket()
+    with state.lock:  # the timer just added may be applying a table already
+        _open_status_socket()
 
 
 def script_unload():

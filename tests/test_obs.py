@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -395,6 +396,44 @@ def test_reload_shows_a_quick_table_at_once(fake_sdbridge):
         props = script.script_properties()
         assert obspython_standin.standin.click(props, "reload") is True
         assert "p_prompt" in script.script_properties().items and script.state.loading is None
+    finally:
+        script.script_unload()
+
+
+@pytest.mark.parametrize("first", ["reload", "timer"])
+def test_a_finished_load_is_applied_once_when_the_button_and_the_timer_race(fake_sdbridge, monkeypatch, first):
+    """The Reload button (OBS's UI thread) and the timer (its graphics thread) both find the same
+    finished load: the second, run on another thread right after the first has checked the load,
+    applies nothing: one set of defaults on the obs_data_t, one status socket."""
+    script, settings = load_with(fake_sdbridge)
+    try:
+        loading = script.state.loading
+        assert loading is not None and loading.done(30)  # finished, not applied: no timer ran yet
+        applied = {"defaults": 0, "status socket": 0}
+        for name, key in (("_set_table_defaults", "defaults"), ("_open_status_socket", "status socket")):
+            def counted(*args, _real=getattr(script, name), _key=key):
+                applied[_key] += 1
+                return _real(*args)
+            monkeypatch.setattr(script, name, counted)
+        props = script.script_properties()
+        clicks = []
+        actions = {"reload": lambda: clicks.append(obspython_standin.standin.click(props, "reload")),
+                   "timer": obspython_standin.standin.run_timers}
+        second = threading.Thread(target=actions["timer" if first == "reload" else "reload"])
+        real_done = loading.done
+
+        def done(wait=0.0):  # the first apply's check of the load: now the other thread tries
+            finished = real_done(wait)
+            if wait == 0.0 and second.ident is None:
+                second.start()
+                second.join(0.5)  # it finishes unless a lock holds it back
+            return finished
+        monkeypatch.setattr(loading, "done", done)
+        actions[first]()
+        second.join(10)
+        assert not second.is_alive() and clicks == [True]
+        assert applied == {"defaults": 1, "status socket": 1} and loading.applied and script.state.loading is None
+        assert "p_prompt" in script.script_properties().items
     finally:
         script.script_unload()
 

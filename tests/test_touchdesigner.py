@@ -369,8 +369,21 @@ def test_restart_while_running_returns_at_once_and_poll_starts_the_new_bridge(tm
     assert wait_for_state(sup, ("running",)) == "running"
     assert sup.starts == 2 and old.poll() is not None and sup.pid != old.pid
     wait_for_line(log, "second")
-    sup.stop()  # a Stop pulse while stopping also cancels a pending start
+    sup.stop()
     assert wait_for_state(sup, ("stopped",)) == "stopped" and not sup.start_when_stopped
+
+
+def test_stop_while_stopping_cancels_the_pending_start(tmp_path):
+    """Start then Stop pulsed before the old bridge has gone: once it has, nothing starts."""
+    sup, old = stubborn_bridge(tmp_path, stop_grace=0.3)
+    new = tmp_path / "new-started"
+    sup.restart(command=script(f"open({str(new)!r}, 'w').close(); import time; time.sleep(60)"))
+    assert sup.state == "stopping" and sup.start_when_stopped
+    sup.stop()  # before any poll() could start the new command
+    assert wait_for_state(sup, ("stopped",)) == "stopped" and old.poll() is not None
+    for _ in range(5):  # later frames start nothing either
+        assert sup.poll() == "stopped"
+    assert sup.starts == 1 and not sup.start_when_stopped and sup.pid is None and not new.exists()
 
 
 def test_close_kills_at_once_without_waiting(tmp_path):
@@ -381,6 +394,15 @@ def test_close_kills_at_once_without_waiting(tmp_path):
     sup.close()
     assert time.monotonic() - started < 1.0
     assert process.wait(5) is not None and process.stdin.closed and sup.state == "stopped"
+
+
+def test_close_closes_the_stdin_of_a_bridge_that_exited_on_its_own(tmp_path):
+    sup = supervisor.Supervisor(command=script("pass"), log_path=str(tmp_path / "log"))
+    sup.start()
+    process = sup._process
+    process.wait(10)  # gone, and no poll() has noticed yet
+    sup.close()
+    assert process.stdin.closed and sup.state == "stopped" and sup.pid is None
 
 
 def test_missing_program_is_a_message(tmp_path):

@@ -221,9 +221,10 @@ class Supervisor:
     def close(self) -> None:
         """For unload (the extension re-initialising, TouchDesigner quitting): close its stdin and
         kill it at once, without waiting (TouchDesigner's main thread must not stall)."""
-        if self._process is not None and self._process.poll() is None:
-            self._close_stdin()
-            self._process.kill()
+        if self._process is not None:
+            self._close_stdin()  # also when it exited on its own: the pipe is not left to the collector
+            if self._process.poll() is None:
+                self._process.kill()
         self._process = None
         self.start_when_stopped = False
         self.state = "stopped"
