@@ -307,7 +307,9 @@ def test_a_live_device_that_stops_delivering_without_an_error_is_lost(tmp_path):
             except SourceLost as exc:
                 lost = exc
         assert frames >= 1 and lost is not None, frames
-        assert "no frame for 1 s (the device stopped delivering)" in str(lost)
+        assert not isinstance(lost, SourceEnded) and "no frame for 1 s (the device stopped delivering)" in str(lost)
+        # (the decode thread itself stays blocked in its read until the device gives bytes or goes
+        # away: FFmpeg's read timeout is not checked inside a blocking read; close() waits 1 s only)
     finally:
         release.set()  # the writer closes: the blocked decoder sees the end, and the reader stops
         writer.join(5)

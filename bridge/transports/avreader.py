@@ -29,7 +29,10 @@ class AVReader:
                  stall_seconds: float | None = None) -> None:
         """`stall_seconds`: a live device that delivers no frame for this long, without an error (a
         capture card that lost its signal, a webcam's driver hanging: the decoder just waits), is
-        lost (SourceLost), so that the runtime says so and tries to reopen it."""
+        lost (SourceLost), so that the runtime says so and tries to reopen it. The decode thread
+        itself stays in its blocking read until the device gives bytes or goes away (FFmpeg checks
+        its read timeout only between reads), so a reopen may find the device busy until then: the
+        runtime retries with backoff."""
         self._open_container = open_container
         self._stall_seconds = stall_seconds
         self._last_frame: float | None = None  # when read() last got a frame (or first ran)
