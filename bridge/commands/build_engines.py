@@ -13,7 +13,7 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-PRECISION_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+PRECISIONS = ("fp16", "fp32", "bf16")  # pipeline.backends.tensorrt_build.PRECISION_DTYPES (kept here: --help without torch)
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                         help="other step counts the show switches to, e.g. 1,2,4: their UNet batches are built too")
     parser.add_argument("--cfg", choices=("none", "full", "self", "initialize"), help="guidance type (default self)")
     parser.add_argument("--frame-buffer-size", type=int, default=1)
-    parser.add_argument("--precision", choices=tuple(PRECISION_DTYPES),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="default fp16, or the config's dtype")
     parser.add_argument("--cache", type=Path, help="engine cache folder (default ./engines, or the config's engines)")
     parser.add_argument("--onnx-only", action="store_true", help="only export ONNX (no TensorRT needed)")
@@ -87,8 +87,11 @@ def plan(args: argparse.Namespace) -> BuildPlan:
     if args.config and "tensorrt" not in (show.backend, show.backend_fallback):
         log.warning("%s runs on backend %r: these engines serve `sdbridge run --backend tensorrt`", args.config,
                     show.backend)
+    from pipeline.backends.tensorrt_build import PRECISION_DTYPES
+
     precision = args.precision or _show_precision(show.dtype)
-    device, dtype = ("cpu", "float32") if args.onnx_only else (_cuda_device(show.device), PRECISION_DTYPES[precision])
+    device, dtype = ("cpu", "float32") if args.onnx_only else (
+        _cuda_device(show.device), str(PRECISION_DTYPES[precision]).removeprefix("torch."))
     # the show's engine settings on the device that builds (the show's own may not exist here)
     base = stream_config(dataclasses.replace(show, device=device, dtype=dtype)).replace(
         frame_buffer_size=args.frame_buffer_size)
@@ -108,10 +111,10 @@ def _show_precision(dtype: str) -> str:
     """The engine precision of a show's dtype as `run` resolves it on a GPU ("auto": fp16; "fp32",
     "half", "BFloat16" ... as the engine spells them)."""
     import torch
+    from pipeline.backends.tensorrt import PRECISIONS as ENGINE_PRECISIONS  # torch dtype -> its name here
     from pipeline.config import resolve_dtype
 
-    resolved = resolve_dtype(dtype, torch.device("cuda"))  # (only the device's kind is read)
-    return next(name for name, spelled in PRECISION_DTYPES.items() if getattr(torch, spelled) == resolved)
+    return ENGINE_PRECISIONS[resolve_dtype(dtype, torch.device("cuda"))]  # (only the device's kind is read)
 
 
 def _cuda_device(device: str) -> str:

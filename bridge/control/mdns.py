@@ -72,6 +72,11 @@ def _interface_addresses() -> list[str]:
     return found
 
 
+def _host_name() -> str:
+    """This machine's name without its domain (what mDNS names a host)."""
+    return socket.gethostname().split(".")[0] or "sdbridge"
+
+
 class Advertiser:
     """The control plane's services on mDNS, registered beside the show (each service's probing
     takes a second or two; they probe side by side); `close()` takes them back (goodbye packets)
@@ -87,8 +92,7 @@ class Advertiser:
             self._ports["oscquery"] = oscquery_port
         # unique by itself: two bridges on one machine (python-zeroconf renames a taken name only
         # when the other's records happen to be in its cache while it probes)
-        host = socket.gethostname().split(".")[0] or "this machine"
-        self.instance = instance or f"sdbridge on {host} (port {osc_port})"
+        self.instance = instance or f"sdbridge on {_host_name()} (port {osc_port})"
         self.registered: list[str] = []  # the service names registered so far
         self._zeroconf = None
         self._lock = threading.Lock()
@@ -107,7 +111,7 @@ class Advertiser:
             version = ipaddress.ip_address(addresses[0]).version
             ip_version = IPVersion.V6Only if version == 6 else IPVersion.V4Only
             specific = not ipaddress.ip_address(self._bind.replace("localhost", "127.0.0.1").split("%")[0]).is_unspecified
-            server = f"{socket.gethostname().split('.')[0] or 'sdbridge'}.local."
+            server = f"{_host_name()}.local."
             with self._lock:
                 if self._closed:
                     return
