@@ -10,9 +10,9 @@ import torch
 from pipeline.backends.engine_cache import EngineCache, EngineCacheError, EngineKey, model_weights_hash
 
 KEY = EngineKey(component="unet", model_hash="ab" * 32, width=512, height=512, batch=2, precision="fp16",
-                tensorrt_version="10.7.0", compute_capability="9.0")
+                tensorrt_version="10.7.0", compute_capability="9.0", gpu="NVIDIA H100 80GB HBM3")
 CHANGES = dict(component="vae_decoder", model_hash="cd" * 32, width=768, height=256, batch=4, precision="fp32",
-               tensorrt_version="10.8.0", compute_capability="8.9")
+               tensorrt_version="10.8.0", compute_capability="8.9", gpu="NVIDIA H200")
 
 
 @pytest.mark.parametrize("field", list(CHANGES))
@@ -43,6 +43,31 @@ def test_round_trip_and_refusals(tmp_path):
     (tmp_path / other.filename).write_bytes(b"foreign engine")  # not in the manifest
     with pytest.raises(EngineCacheError, match="build it first"):
         cache.load(other)
+
+
+def test_a_missing_engine_names_what_the_folder_holds_it_for_instead(tmp_path):
+    """Engines of the same size built on another GPU or with another TensorRT: the refusal says
+    which (the user moved the folder to another machine, or upgraded TensorRT), not only 'none'."""
+    cache = EngineCache(tmp_path, rebuild_hint="sdbridge build-engines --model M")
+    cache.store(KEY, b"built on an H100")
+    cache.store(dataclasses.replace(KEY, width=768), b"another size")
+    elsewhere = dataclasses.replace(KEY, gpu="NVIDIA GeForce RTX 4090", compute_capability="8.9")
+    with pytest.raises(EngineCacheError) as refused:
+        cache.load(elsewhere)
+    assert str(refused.value) == (
+        f"no unet engine for 512x512 batch 2 fp16 in {tmp_path} (it holds one built for another GPU compute "
+        "capability and GPU; this machine: compute capability 8.9, NVIDIA GeForce RTX 4090); build it first with: "
+        "sdbridge build-engines --model M")
+    same_card_model = dataclasses.replace(KEY, gpu="NVIDIA H100 PCIe")  # same compute capability, another card
+    with pytest.raises(EngineCacheError, match=r"another GPU; this machine: NVIDIA H100 PCIe\)"):
+        cache.load(same_card_model)
+    upgraded = dataclasses.replace(KEY, tensorrt_version="10.9.0")
+    with pytest.raises(EngineCacheError, match=r"another TensorRT version; this machine: TensorRT 10.9.0\)"):
+        cache.load(upgraded)
+    with pytest.raises(EngineCacheError, match=r"another model weights\); build it first"):
+        cache.load(dataclasses.replace(KEY, model_hash="ef" * 32))
+    with pytest.raises(EngineCacheError, match=r"batch 4 fp16 in \S+; build it first"):  # nothing of that batch
+        cache.load(dataclasses.replace(KEY, batch=4))
 
 
 def test_renamed_engine_is_refused(tmp_path):

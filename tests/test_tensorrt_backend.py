@@ -21,10 +21,15 @@ CONFIG = StreamConfig(width=SIZE, height=SIZE, device="cpu", dtype="float32", cf
                       t_index_list=(20, 40), guidance_scale=1.5, seed=3)
 
 
+def _identity(version: str):
+    """tensorrt_identity for a machine with TensorRT `version` (the stand-in has no GPU)."""
+    return lambda device=None: tensorrt_build.TensorRTIdentity(version, "0.0", "stand-in GPU")
+
+
 def _use_standin(monkeypatch):
     """The stand-in as `tensorrt`, and a machine identity for the cache keys (it has no GPU)."""
     module = tensorrt_standin.install(monkeypatch)
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: (module.__version__, "0.0"))
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", _identity(module.__version__))
     return module
 
 
@@ -84,7 +89,7 @@ def test_engines_are_built_strongly_typed_in_the_precision_the_graph_was_exporte
 
 def test_tensorrt_11_without_precision_flags_builds_and_runs_the_engines(tiny_components, tmp_path, monkeypatch):
     module = tensorrt_standin.install(monkeypatch, major=11)
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: (module.__version__, "0.0"))
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", _identity(module.__version__))
     assert not hasattr(module.BuilderFlag, "FP16")
     config = CONFIG.replace(cfg_type="none")  # one UNet batch: a quicker build
     paths = tensorrt_build.build_engines(tiny_components, config, EngineCache(tmp_path), work_folder=tmp_path / "onnx",
@@ -176,8 +181,9 @@ def test_tampered_and_foreign_engines_are_refused(tiny_components, built, standi
     with pytest.raises(ValueError, match="does not match its recorded sha256"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(copy)})
     # the same engines under another TensorRT version are not looked at
-    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", lambda device=None: ("11.0.0", "0.0"))
-    with pytest.raises(ValueError, match="no unet engine for 64x64 batch 2 fp32"):
+    monkeypatch.setattr(tensorrt_build, "tensorrt_identity", _identity("11.0.0"))
+    with pytest.raises(ValueError, match=r"no unet engine for 64x64 batch 2 fp32 in \S+ \(it holds one built for another "
+                                          r"TensorRT version; this machine: TensorRT 11.0.0\)"):
         StreamDiffusion(tiny_components, CONFIG, backend="tensorrt", backend_options={"engines": str(folder)})
 
 

@@ -1,7 +1,8 @@
 """A folder of prebuilt engines, each under a key that says exactly what it was built for.
 
 An engine is only valid for one model, resolution, batch, precision, TensorRT version and GPU
-compute capability; TensorRT does not check most of that itself. The key holds all of them,
+(TensorRT documents plans as specific to the GPU model they were built on, not only to its
+compute capability); TensorRT does not check most of that itself. The key holds all of them,
 the file name is derived from the key, and `manifest.json` records each file's key and sha256.
 `load` refuses anything that does not match (a foreign file, a tampered one, another key),
 naming the command that rebuilds it. Nothing here unpickles or executes what it reads.
@@ -42,6 +43,7 @@ class EngineKey:
     precision: str  # fp16, fp32, bf16, fp8
     tensorrt_version: str  # e.g. "10.7.0"
     compute_capability: str  # e.g. "9.0" (H100/H200), "8.9" (RTX 4090)
+    gpu: str  # the GPU's name, e.g. "NVIDIA GeForce RTX 4090" (an L40 shares its compute capability)
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
@@ -56,6 +58,8 @@ class EngineKey:
             value = getattr(self, name)
             if not isinstance(value, str) or not value or any(c in value for c in "/\\\0"):
                 raise ValueError(f"{name}: {value!r} must be a non-empty string without path separators")
+        if not isinstance(self.gpu, str) or not self.gpu.strip():
+            raise ValueError(f"gpu: {self.gpu!r} must be the GPU's name")
 
     @property
     def digest(self) -> str:
@@ -150,7 +154,7 @@ class EngineCache:
         entry = self._manifest().get(key.filename)
         what = f"{key.component} engine for {key.width}x{key.height} batch {key.batch} {key.precision}"
         if entry is None or not path.exists():
-            raise EngineCacheError(f"no {what} in {self.folder}; build it first with: {self.rebuild_hint}")
+            raise EngineCacheError(f"no {what} in {self.folder}{self._nearest(key)}; build it first with: {self.rebuild_hint}")
         if not (isinstance(entry, dict) and isinstance(entry.get("key"), dict) and isinstance(entry.get("sha256"), str)):
             raise EngineCacheError(f"{path.name}: its {MANIFEST} entry is malformed; refusing it; "
                                    f"rebuild with: {self.rebuild_hint}")
@@ -164,6 +168,32 @@ class EngineCache:
             raise EngineCacheError(f"{path.name} does not match its recorded sha256 (changed or damaged); "
                                    f"refusing it; rebuild with: {self.rebuild_hint}")
         return path
+
+    def _nearest(self, key: EngineKey) -> str:
+        """Where the folder holds engines of the same component, size, batch and precision for
+        something else (another TensorRT, another GPU, other weights): what differs, as
+        ' (its engines ... were built for another X)'; '' where it holds none (or no readable manifest)."""
+        try:
+            entries = self._manifest().values()
+        except EngineCacheError:
+            return ""
+        same = ("component", "width", "height", "batch", "precision")
+        differing = []
+        for entry in entries:
+            recorded = entry.get("key") if isinstance(entry, dict) else None
+            if not isinstance(recorded, dict) or any(recorded.get(name) != getattr(key, name) for name in same):
+                continue
+            differing.append([f.name for f in fields(key) if f.name not in same and recorded.get(f.name) != getattr(key, f.name)])
+        if not differing:
+            return ""
+        changed = min(differing, key=len)
+        described = {"model_hash": "model weights", "tensorrt_version": "TensorRT version",
+                     "compute_capability": "GPU compute capability", "gpu": "GPU"}
+        now = {"tensorrt_version": f"TensorRT {key.tensorrt_version}", "gpu": key.gpu,
+               "compute_capability": f"compute capability {key.compute_capability}"}
+        here = [now[name] for name in changed if name in now]
+        return (f" (it holds one built for another {' and '.join(described.get(n, n) for n in changed)}"
+                f"{'; this machine: ' + ', '.join(here) if here else ''})")
 
     def load(self, key: EngineKey) -> bytes:
         """The verified engine bytes for `key` (read once, then checked, so nothing changes in between)."""

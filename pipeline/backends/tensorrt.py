@@ -121,7 +121,7 @@ class TensorRTBackend(StaticPrompt):
             raise ValueError(f"backend_options: cuda_graphs {cuda_graphs!r} must be one of "
                              f"{', '.join(EAGER_CUDA_GRAPH_MODES)} for the tensorrt backend")
         try:
-            self._version, self._capability = tensorrt_build.tensorrt_identity(next(components.unet.parameters()).device)
+            self._identity = tensorrt_build.tensorrt_identity(next(components.unet.parameters()).device)
         except tensorrt_build.TensorRTUnavailable as exc:
             raise BackendUnavailable(f"backend: 'tensorrt' cannot run here: {exc}; use 'compiled' or 'eager'") from None
         import tensorrt as trt
@@ -182,8 +182,8 @@ class TensorRTBackend(StaticPrompt):
 
     def _engine(self, component: str, batch: int, width: int, height: int) -> _Engine:
         key = EngineKey(component=component, model_hash=self._model_hash, width=int(width), height=int(height),
-                        batch=int(batch), precision=self.precision, tensorrt_version=self._version,
-                        compute_capability=self._capability)
+                        batch=int(batch), precision=self.precision, tensorrt_version=self._identity.version,
+                        compute_capability=self._identity.capability, gpu=self._identity.gpu)
         engine = self._engines.get(key)
         if engine is None:
             what = f"{component} engine for {width}x{height} batch {batch} {self.precision}"

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -39,8 +40,16 @@ def on_device(device: torch.device):
 MINIMUM_MAJOR = 10  # the named-tensor API with strong typing (pyproject's tensorrt>=10)
 
 
-def tensorrt_identity(device: torch.device | str | None = None) -> tuple[str, str]:
-    """(TensorRT version, compute capability of `device`, default the current CUDA device), or
+class TensorRTIdentity(NamedTuple):
+    """What an engine is built for, besides the model and its shapes (see EngineKey)."""
+
+    version: str  # TensorRT's, e.g. "10.7.0"
+    capability: str  # the GPU's compute capability, e.g. "8.9"
+    gpu: str  # the GPU's name, e.g. "NVIDIA GeForce RTX 4090"
+
+
+def tensorrt_identity(device: torch.device | str | None = None) -> TensorRTIdentity:
+    """TensorRT's version and the GPU of `device` (default the current CUDA device), or
     TensorRTUnavailable."""
     try:
         import tensorrt
@@ -54,7 +63,7 @@ def tensorrt_identity(device: torch.device | str | None = None) -> tuple[str, st
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT engines need a CUDA GPU, and torch sees none")
     major, minor = torch.cuda.get_device_capability(device)
-    return version, f"{major}.{minor}"
+    return TensorRTIdentity(version, f"{major}.{minor}", torch.cuda.get_device_name(device))
 
 
 def _strongly_typed_flag(trt) -> int:
@@ -91,12 +100,15 @@ def build_engines(components: Components, config: StreamConfig, cache: EngineCac
                   precision: str = "fp16", onnx_only: bool = False, force: bool = False) -> list[Path]:
     """Export and build every engine `config` needs that `cache` does not hold yet; their paths."""
     parameter = next(components.unet.parameters())
-    identity = ("none", "none") if onnx_only else tensorrt_identity(parameter.device)
+    identity = TensorRTIdentity("none", "none", "none") if onnx_only else tensorrt_identity(parameter.device)
     dtype = parameter.dtype
     if not onnx_only and PRECISION_DTYPES.get(precision) != dtype:  # the graph's types are the engine's
         raise ValueError(f"precision {precision!r} needs the model loaded in {PRECISION_DTYPES.get(precision)}, "
                          f"not {dtype}")
     started = time.perf_counter()
+    if not onnx_only:
+        log.info("engines for %s (compute capability %s) with TensorRT %s; they run only there",
+                 identity.gpu, identity.capability, identity.version)
     log.info("hashing the model's weights ...")
     model_hash = model_weights_hash(components.unet, components.vae)
     built = []
@@ -110,7 +122,8 @@ def build_engines(components: Components, config: StreamConfig, cache: EngineCac
         for component, onnx_path in paths.items():
             rows = batch if component == "unet" else config.frame_buffer_size
             key = EngineKey(component=component, model_hash=model_hash, width=config.width, height=config.height,
-                            batch=rows, precision=precision, tensorrt_version=identity[0], compute_capability=identity[1])
+                            batch=rows, precision=precision, tensorrt_version=identity.version,
+                            compute_capability=identity.capability, gpu=identity.gpu)
             if cache.has(key) and not force:
                 log.info("%s: already built", key.filename)
                 continue
