@@ -41,6 +41,7 @@ class Telemetry:
         self._arrivals = {"in": deque(), "out": deque(), "processed": deque()}
         self._inference_ms: deque[float] = deque(maxlen=SAMPLES)
         self._latency_ms: deque[float] = deque(maxlen=SAMPLES)
+        self._latencies_seen = 0  # every latency sample so far, the ones the deque let go included
         self._engine_stats: dict[str, int] = {}
         self._slots: list = []  # hand-off slots whose overwritten values count as dropped frames
         self._last_error: str | None = None  # the latest fault, one line (status out sends it)
@@ -88,6 +89,7 @@ class Telemetry:
                 self._counters["fallback_frames"] += 1
             if latency_ms is not None:
                 self._latency_ms.append(latency_ms)
+                self._latencies_seen += 1
             self._arrive("out", self._clock())
 
     def engine_stats(self, frames_skipped: int, nonfinite_caught: int) -> None:
@@ -99,6 +101,13 @@ class Telemetry:
         if len(times) < 2:
             return 0.0
         return (len(times) - 1) / max(1e-6, times[-1] - times[0])
+
+    def latency_samples(self, skip: int = 0) -> list[float]:
+        """The recent capture-to-publish latencies (ms, oldest first, at most SAMPLES), less the
+        first `skip` fresh frames of the run (a warm-up)."""
+        with self._lock:
+            kept = max(0, min(len(self._latency_ms), self._latencies_seen - skip))
+            return list(self._latency_ms)[len(self._latency_ms) - kept:]
 
     def snapshot(self) -> dict:
         """Every figure as a plain dict (ms as floats, None before the first sample)."""

@@ -76,6 +76,9 @@ def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
     assert figures["frames"] == 3 * 3  # intervals between the 4 measured frames of each round
     assert figures["engine_ms"] >= 80.0 and figures["runtime_frame_ms"] >= 80.0
     assert figures["latency_ms_median"] is not None and figures["runtime_inference_ms"] >= 80.0
+    # the latency figures pool every round's published frames after its warm-up (3 rounds of 4)
+    assert figures["latency_frames"] == 3 * 4
+    assert figures["latency_ms_median"] >= 80.0 and figures["latency_ms_p95"] >= figures["latency_ms_median"]
     assert figures["source_fps"] == 30.0
     # lag 0 (one step): the budget is one engine call plus one input period
     assert figures["latency_budget_ms"] == pytest.approx(figures["engine_ms"] + 1000.0 / 30.0)

@@ -218,6 +218,20 @@ def test_status_line_shows_the_figures():
     assert "infer 41/41 ms" in line and "latency 55 ms" in line and "\n" not in line
 
 
+def test_latency_samples_skip_the_warm_up_and_keep_only_the_recent_window():
+    from bridge.telemetry import SAMPLES, Telemetry
+
+    telemetry = Telemetry()
+    for ms in (500.0, 400.0, 10.0, 11.0):
+        telemetry.frame_out(ms)
+    telemetry.frame_out(None)  # a repeat has no latency
+    assert telemetry.latency_samples(skip=2) == [10.0, 11.0]
+    assert telemetry.latency_samples() == [500.0, 400.0, 10.0, 11.0] and telemetry.latency_samples(skip=9) == []
+    for index in range(SAMPLES):  # the warm-up has left the window: nothing more to skip
+        telemetry.frame_out(float(index))
+    assert telemetry.latency_samples(skip=2) == [float(i) for i in range(SAMPLES)]
+
+
 def test_parameters_apply_between_frames_newest_wins_and_bad_values_are_reported():
     engine, sink = StandInEngine(size=64, cost=0.01), RecordingSink()
     runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
