@@ -262,6 +262,66 @@ def test_a_looping_file_without_a_decodable_frame_is_lost_not_reopened_in_a_busy
     assert time.monotonic() - started < 1.0
 
 
+class _PacedDemux:
+    """A real container whose packets arrive one every `interval` seconds, as a live device's do
+    (the decoder is FFmpeg's own); `arrivals[k]` is when packet k came."""
+
+    def __init__(self, path, interval: float) -> None:
+        self._container = av.open(str(path))
+        self._interval = interval
+        self.streams = self._container.streams
+        self.arrivals: list[float] = []
+
+    def demux(self, stream):
+        for packet in self._container.demux(stream):
+            if packet.size:
+                time.sleep(self._interval)
+                self.arrivals.append(time.monotonic())
+            yield packet
+
+    def close(self) -> None:
+        self._container.close()
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_live_device_decodes_each_frame_before_its_next_packet_arrives(tmp_path, live):
+    """FFmpeg's frame threads keep thread_count - 1 frames inside the decoder: for a camera
+    sending MPEG-4 or H.264, frames a quarter of a second late. The camera's reader (live) decodes
+    with slice threads: each frame is out before the next packet arrives. A file keeps frame
+    threads (decoded ahead of its pacing); the test shows they do hold frames back here."""
+    from bridge.transports.avreader import AVReader
+    from clips import write_clip
+
+    # MPEG-4 Part 2: in every FFmpeg build, frame-threaded, and no B-frames by default
+    clip = write_clip(tmp_path / "camera.mp4", [np.full((48, 64, 3), 20 * k, np.uint8) for k in range(12)],
+                      fps=30, codec="mpeg4")
+    opened: list[_PacedDemux] = []
+
+    def open_container():
+        opened.append(_PacedDemux(clip, interval=0.06))
+        opened[-1].streams.video[0].thread_count = 4  # as on a 4-core machine (FFmpeg's auto: cores + 1)
+        return opened[-1]
+
+    reader = AVReader(open_container=open_container, name="camera test", realtime=False, loop=False, live=live)
+    try:
+        received, deadline = [], time.monotonic() + 10
+        while len(received) < 12 and time.monotonic() < deadline:
+            frame = reader.read(timeout=0.2)
+            if frame is not None:
+                received.append(frame)
+    except SourceEnded:
+        pass
+    finally:
+        reader.close()
+    arrivals = opened[0].arrivals
+    # how many packets had arrived after frame k's own when it came out of the decoder
+    late = [sum(1 for t in arrivals[frame.sequence + 1:] if t < frame.timestamp) for frame in received]
+    if live:
+        assert len(received) == 12 and max(late) == 0, late
+    else:
+        assert max(late) >= 1, late
+
+
 def test_a_live_device_that_stops_delivering_without_an_error_is_lost(tmp_path):
     """A capture card that loses its signal, a webcam driver that hangs: the decoder just waits for
     bytes that never come. Here a real MJPEG stream through a real pipe (a FIFO), whose writer

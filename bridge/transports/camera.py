@@ -57,7 +57,7 @@ class CameraSource(Source):
         self._lock = threading.Lock()
         self._closed = False
         self._reader = AVReader(open_container=open_container, name=f"camera {device}", realtime=False, loop=False,
-                                stall_seconds=STALL_SECONDS)
+                                stall_seconds=STALL_SECONDS, live=True)
 
     def read(self, timeout: float = 0.1) -> Frame | None:
         if self._closed:
