@@ -111,8 +111,11 @@ class HostStaging:
     crosses streams is kept until both are done with it (`record_stream`). Several frames may be
     in flight at once; each holds its own buffers."""
 
+    SHAPES_KEPT = 8  # free buffers are kept for this many (direction, shape, dtype), the most recently used
+
     def __init__(self) -> None:
-        self._free: dict[tuple, list] = {}  # (direction, shape, dtype) -> [(pinned buffer, its last copy's event)]
+        # (direction, shape, dtype) -> [(pinned buffer, its last copy's event)], least recently used first
+        self._free: dict[tuple, list] = {}
         self._streams: dict[torch.device, tuple] = {}  # device -> (upload stream, download stream)
 
     def _side_streams(self, device: torch.device) -> tuple:
@@ -122,7 +125,9 @@ class HostStaging:
 
     def _take(self, key: tuple):
         """A pinned buffer whose last copy has finished (a new one when none is)."""
-        pool = self._free.setdefault(key, [])
+        pool = self._free.pop(key, [])
+        self._free[key] = pool  # now the most recently used
+        release_unused(self._free, self.SHAPES_KEPT)
         for index, (buffer, event) in enumerate(pool):
             if event is None or event.query():
                 del pool[index]
@@ -177,6 +182,19 @@ class HostStaging:
     def download(self, tensor: torch.Tensor) -> np.ndarray:
         """A host copy of device `tensor` (waits for the device: the frame's one synchronisation)."""
         return self.download_async(tensor).result()
+
+
+def release_unused(free: dict[tuple, list], kept: int) -> None:
+    """Drop the free buffers of the least recently used keys of `free` (oldest first) beyond
+    `kept` keys, except those whose copy may still run (an event not yet done): a size sweep (an
+    operator's /sd/resolution fader) would otherwise keep pinned memory for every size it passed.
+    Torch's pinned-memory cache then reuses what they held."""
+    for key in list(free)[:-kept] if len(free) > kept else []:
+        pending = [(buffer, event) for buffer, event in free[key] if event is not None and not event.query()]
+        if pending:
+            free[key] = pending
+        else:
+            del free[key]
 
 
 def tensor_from_numpy(frame: np.ndarray) -> torch.Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -49,6 +50,12 @@ log = logging.getLogger(__name__)
 
 
 SOURCES = ("pixels", "images")  # what a step graph takes: 8-bit RGB at the engine's size, or model input
+
+#: step graphs captured on demand (a size or step count an operator changed to mid-show, not readied
+#: at start) kept at most; beyond it the least recently used is released (captured again if used).
+#: Each holds its inputs, outputs and state buffers (about 4 MB at 512x512, 60 MB at 2048x2048):
+#: a fader sweeping /sd/resolution would otherwise grow GPU memory by that for every size it passed.
+ON_DEMAND_LIMIT = 8
 
 
 @dataclass
@@ -68,6 +75,12 @@ def graph_key(config) -> tuple:
             config.use_denoising_batch, config.width, config.height, config.overlap_decode, config.overlap_encode)
 
 
+def _beside_guidance(key: tuple) -> tuple:
+    """A graph key less its guidance on/off: the settings whose two graphs a change of guidance
+    scale switches between."""
+    return key[:2] + key[3:]
+
+
 class StepGraphs:
     """The step graphs of one StreamDiffusion, keyed by `graph_key`; see the module docstring."""
 
@@ -77,6 +90,7 @@ class StepGraphs:
         self._stream = stream
         self._replay = replay
         self._steps: dict[tuple, _Step] = {}
+        self._on_demand: OrderedDict[tuple, None] = OrderedDict()  # keys captured with keep=False, oldest use first
         self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None  # one pool for every step
         self._high_priority: torch.cuda.Stream | None = None  # see _capture_stream
         self.captures = 0  # steps captured so far
@@ -87,9 +101,13 @@ class StepGraphs:
     def __contains__(self, config) -> bool:
         return (graph_key(config), SOURCES[0]) in self._steps
 
-    def capture(self, config) -> None:
-        """Capture the step of `config` (no frames needed: the buffers are filled at the first replay)."""
+    def capture(self, config, *, keep: bool = True) -> None:
+        """Capture the step of `config` (no frames needed: the buffers are filled at the first replay).
+        `keep`: hold it for the stream's life (what was readied at start); else it is one of the
+        ON_DEMAND_LIMIT most recently used on-demand graphs, released beyond that."""
         key = graph_key(config)
+        if keep:
+            self._on_demand.pop(key, None)
         if (key, SOURCES[0]) in self._steps or config.mode != "img2img" or self.failed:
             return
         stream = self._stream
@@ -116,6 +134,28 @@ class StepGraphs:
         self.captures += 1
         log.info("captured the %s step graph (%s, %d step(s), guidance %s) in %.2f s", self._replay, config.cfg_type,
                  config.denoising_steps, "on" if config.guidance_active else "off", time.perf_counter() - started)
+        if not keep:
+            self._on_demand[key] = None
+            self._release_beyond_limit(current=graph_key(stream.config))
+
+    def _release_beyond_limit(self, current: tuple) -> None:
+        """Release the least recently used on-demand graphs beyond ON_DEMAND_LIMIT (never those of
+        the `current` key's settings, guidance on or off)."""
+        for key in list(self._on_demand):
+            if len(self._on_demand) <= ON_DEMAND_LIMIT:
+                return
+            if _beside_guidance(key) == _beside_guidance(current):
+                continue
+            del self._on_demand[key]
+            for source in SOURCES:
+                self._steps.pop((key, source), None)
+            log.info("released the step graph for %dx%d, %d step(s) (more than %d captured since start; "
+                     "captured again when used)", key[6], key[7], key[3], ON_DEMAND_LIMIT)
+
+    @property
+    def held(self) -> int:
+        """Step graphs held now (each for both sources)."""
+        return len(self._steps) // len(SOURCES)
 
     def run(self, inputs: torch.Tensor, *, source: str = "images") -> tuple[torch.Tensor, torch.Tensor] | None:
         """Replay the current settings' step on `inputs`, "images" (b, 3, H, W) in [-1, 1] or
@@ -123,9 +163,12 @@ class StepGraphs:
         valid until the next replay; None when this frame must run without the graph (no graph
         for these settings, or a state that does not fit it)."""
         stream = self._stream
-        step = None if self.failed else self._steps.get((graph_key(stream.config), source))
+        key = graph_key(stream.config)
+        step = None if self.failed else self._steps.get((key, source))
         if step is None or not self._load_state(step, inputs, source):
             return None
+        for used in [k for k in self._on_demand if _beside_guidance(k) == _beside_guidance(key)]:
+            self._on_demand.move_to_end(used)  # guidance on and off of these settings: used together
         stream._prepare_conditions()
         step.inputs.copy_(inputs)
         self.replaying = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import threading
@@ -274,7 +275,7 @@ class StreamDiffusion:
             self._configure(new_config, previous)
             resized = new_config.size != previous.size
             if unet_batches(new_config) != unet_batches(previous) or not self._stepped(new_config) or resized:
-                self.warm_up()
+                self.warm_up(keep=False)
         except BaseException:  # all or nothing: derive everything from the previous settings again, and
             self.config = previous  # put back what the change had restarted (the frames in flight, ...)
             self._configure(previous, new_config)
@@ -346,7 +347,7 @@ class StreamDiffusion:
         images = (b, 3, config.height, config.width) if config.mode == "img2img" else None
         return {"latents": (b, 4, config.height // scale, config.width // scale), "images": images}
 
-    def warm_up(self, step_counts=(), sizes=()) -> None:
+    def warm_up(self, step_counts=(), sizes=(), *, keep: bool = True) -> None:
         """Ready the backend for every UNet batch the current cfg type and step count can reach,
         guidance on or off, so that no frame waits (the compiled backend compiles here; eager has
         nothing to do). Called by __init__ and by `update` when those batches or the size change.
@@ -354,7 +355,10 @@ class StreamDiffusion:
         `step_counts`: other numbers of denoising steps to ready now as well, so that a later
         t_index_list of that length (an operator's change during a show) compiles nothing and,
         with step graphs, captures nothing. `sizes`: other (width, height) to ready the same way
-        (the tensorrt backend loads their engines now: a size without engines is refused here)."""
+        (the tensorrt backend loads their engines now: a size without engines is refused here).
+        `keep`: hold the step graphs captured here for the stream's life; `update` passes False, so
+        that graphs of sizes and step counts reached mid-show are released beyond a few
+        (step_graph.ON_DEMAND_LIMIT)."""
         config = self.config
         limit = min(16, config.num_inference_steps)
         for count in step_counts:
@@ -374,7 +378,7 @@ class StreamDiffusion:
         for sized in [config, *resized]:
             self._warm_up_backend(sized, sorted(batches))
         if self._graphs is not None:
-            ready = self._capture  # each configuration's step graph
+            ready = functools.partial(self._capture, keep=keep)  # each configuration's step graph
         elif self._math.fused:
             ready = self._dry_run  # no graph's capture runs the step: a dry run compiles the fused math
         else:
@@ -404,9 +408,9 @@ class StreamDiffusion:
         for side in _both_sides(config):
             ready(side)
 
-    def _capture(self, config: StreamConfig) -> None:
+    def _capture(self, config: StreamConfig, keep: bool = True) -> None:
         """`config`'s step graph captured (its capture runs the step: the fused math compiles then)."""
-        self._graphs.capture(config)
+        self._graphs.capture(config, keep=keep)
         if self._math.fused:
             self._math_ran.add(graph_key(config))
 

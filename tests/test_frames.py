@@ -75,3 +75,29 @@ def test_slot_take_waits_at_most_its_timeout_and_wakes_on_put_or_close():
     assert slot.take(2.0) is None
     assert time.monotonic() - started < 1.0
 
+
+
+class _Copy:
+    """What release_unused asks of a torch.cuda.Event: whether its copy has finished."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_staging_keeps_free_buffers_for_the_most_recent_shapes_only_and_never_one_still_copying():
+    from pipeline.frames import release_unused
+
+    copying = ("down", (96, 96, 3), "uint8")  # the oldest: one of its buffers is still being copied to
+    free = {copying: [("copying", _Copy(False)), ("copied", _Copy(True))]}
+    free.update({("up", (side, side, 3), "uint8"): [(f"buffer {side}", None)] for side in (64, 128, 256, 512)})
+    release_unused(free, kept=2)
+    assert list(free) == [copying, ("up", (256, 256, 3), "uint8"), ("up", (512, 512, 3), "uint8")]
+    assert [buffer for buffer, _ in free[copying]] == ["copying"]
+    free[copying][0][1].done = True
+    release_unused(free, kept=2)
+    assert list(free) == [("up", (256, 256, 3), "uint8"), ("up", (512, 512, 3), "uint8")]
+    release_unused(free, kept=2)  # nothing beyond the limit: nothing dropped
+    assert len(free) == 2

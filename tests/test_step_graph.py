@@ -415,3 +415,33 @@ def test_a_refilled_frame_replays_and_a_bad_output_then_falls_back_to_the_input(
     assert np.abs(outputs[0].astype(int) - frames[0].astype(int)).max() <= 1  # the input, back through 8 bits
     assert np.array_equal(outputs[3], outputs[2])  # after the seed change: the last good output
     assert graphed._graphs.replays == len(frames) and graphed.stats.nonfinite_caught == 2
+
+
+def test_graphs_of_sizes_reached_mid_show_are_released_beyond_the_limit_readied_ones_never(tiny_components, monkeypatch):
+    """A fader sweeping /sd/resolution captures graphs for each size it passes; each holds its own
+    buffers, so only the ON_DEMAND_LIMIT most recently used ones captured mid-show stay. What was
+    readied at start stays for good, and a released size captured again gives the same frames."""
+    from pipeline import step_graph
+
+    monkeypatch.setattr(step_graph, "ON_DEMAND_LIMIT", 4)  # two sizes, guidance on and off each
+    plain, graphed = _pair(tiny_components, cfg_type="self")
+    graphs = graphed._graphs
+    start = StreamConfig(**{**BASE, "cfg_type": "self"})
+    graphed.warm_up(sizes=[(48, 48)])  # readied at start, as --sizes does: kept
+    assert graphs.held == 4 and graphs.captures == 4
+
+    def held_sizes():
+        return {side for side in (32, 48, 64, 80, 96) if start.replace(width=side, height=side) in graphs}
+
+    rng = np.random.default_rng(5)
+    for side in (32, 80, 48, 32, 96, 80):
+        for engine in (plain, graphed):
+            engine.update(resolution=(side, side))
+        for _ in range(2):
+            frame = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            assert np.array_equal(plain(frame), graphed(frame)), side
+        assert graphs.held <= 4 + 4, side
+        if side == 96:  # 80 was the least recently used of those captured mid-show (32 ran again since)
+            assert held_sizes() == {32, 48, 64, 96} and graphs.captures == 4 + 2 * 3
+    assert held_sizes() == {48, 64, 80, 96}  # 80 captured again; 32's graphs went for it
+    assert graphs.captures == 4 + 2 * 4
