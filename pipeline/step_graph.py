@@ -53,8 +53,9 @@ SOURCES = ("pixels", "images")  # what a step graph takes: 8-bit RGB at the engi
 
 #: step graphs captured on demand (a size or step count an operator changed to mid-show, not readied
 #: at start) kept at most; beyond it the least recently used is released (captured again if used).
-#: Each holds its inputs, outputs and state buffers (about 4 MB at 512x512, 60 MB at 2048x2048):
-#: a fader sweeping /sd/resolution would otherwise grow GPU memory by that for every size it passed.
+#: Each holds its inputs, outputs and state buffers for both sources (about 10 MB at 512x512 in
+#: float16, 16 times that at 2048x2048): a fader sweeping /sd/resolution would otherwise grow GPU
+#: memory by that for every size it passed.
 ON_DEMAND_LIMIT = 8
 
 
