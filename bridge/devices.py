@@ -68,9 +68,14 @@ def check_spout() -> tuple[str, bool, str]:
 
 
 def check_syphon() -> tuple[str, bool, str]:
-    from .transports.syphon import MESSAGE
+    from .transports.base import TransportUnavailable
+    from .transports.syphon import import_syphon, metal_device
 
-    return "Syphon", False, MESSAGE
+    try:
+        device = metal_device(import_syphon())
+    except TransportUnavailable as exc:
+        return "Syphon", False, str(exc)
+    return "Syphon", True, f"syphon-python installed, Metal device {device.name()}"
 
 
 def check_ndi() -> tuple[str, bool, str]:

@@ -181,13 +181,6 @@ def test_null_sink_counts():
     sink.close()
 
 
-def test_syphon_says_it_is_not_supported():
-    with pytest.raises(TransportUnavailable, match="Syphon is not supported yet; use NDI on macOS"):
-        open_source("syphon:TD")
-    with pytest.raises(TransportUnavailable, match="Syphon is not supported yet"):
-        open_sink("syphon:sdbridge", width=64, height=64)
-
-
 def corrupt_packets(path, indices):
     """Overwrite the first bytes of the video packets at `indices` (an H.264 NAL length in mp4:
     the decoder refuses the packet with InvalidDataError)."""

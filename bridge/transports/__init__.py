@@ -4,6 +4,7 @@
     null                   file:out.mp4              file:frames/%05d.png           virtualcam
     spout:sdbridge         ndi:sdbridge              virtualcam?backend=obs&device=OBS Virtual Camera
     window                 window:Preview            window:Preview?scale=0.5
+    syphon:TDSyphonSpoutOut                          syphon:sdbridge                syphon:?flip=1
 
 Each transport module is imported only when used, so a missing platform library affects only
 the transport that needs it, and says so in one line (TransportUnavailable).
@@ -114,9 +115,11 @@ def open_source(text: str, *, fps: float = 30.0) -> Source:
         if "timeout" in spec.options:
             options["timeout"] = _option(spec, "timeout", float, None)
         return NDISource(name=spec.target, **options)
+    _check_options(spec, ("timeout", "flip"))
     from .syphon import SyphonSource
 
-    return SyphonSource(name=spec.target)
+    options = {"timeout": _option(spec, "timeout", float, None)} if "timeout" in spec.options else {}
+    return SyphonSource(name=spec.target, flip=_option(spec, "flip", bool, False), **options)
 
 
 def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
@@ -157,6 +160,7 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
 
         return WindowSink(title=spec.target or "sdbridge", scale=_option(spec, "scale", float, 1.0),
                           width=width, height=height)
+    _check_options(spec, ("flip",))
     from .syphon import SyphonSink
 
-    return SyphonSink(name=spec.target)
+    return SyphonSink(name=spec.target, flip=_option(spec, "flip", bool, False))
