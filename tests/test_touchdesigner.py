@@ -177,7 +177,8 @@ def test_command_line_uses_the_real_flags(td_table):
 
 @pytest.mark.parametrize("changes, message", [
     ({"transport": "spout", "platform": "darwin"}, "spout exists only on Windows"),
-    ({"transport": "syphon"}, "Syphon is not supported"),
+    ({"transport": "syphon"}, "syphon exists only on macOS; use ndi here"),
+    ({"transport": "syphon", "platform": "win32"}, "syphon exists only on macOS"),
     ({"output_name": "sdbridge-in"}, "must differ"),
     ({"width": 500}, "width"),
     ({"status_port": 7450}, "status_port"),
@@ -187,6 +188,14 @@ def test_bad_settings_are_one_line_errors(changes, message):
     fields = dict(transport="ndi", osc_port=7450, status_port=7452, platform="linux") | changes
     with pytest.raises(ValueError, match=message):
         command.BridgeOptions(**fields)
+
+
+def test_a_mac_gets_syphon_as_windows_gets_spout(td_table):
+    assert {par.name: par.default for par in component.bridge_page(td_table, platform="darwin")}["Transport"] == "syphon"
+    assert {par.name: par.default for par in component.bridge_page(td_table, platform="win32")}["Transport"] == "spout"
+    assert {par.name: par.default for par in component.bridge_page(td_table, platform="linux")}["Transport"] == "ndi"
+    argv = command.build_command(command.BridgeOptions(transport="syphon", osc_port=7450, status_port=7452, platform="darwin"))
+    assert argv[2:6] == ["--source", "syphon:sdbridge-in", "--sink", "syphon:sdbridge-out"]
 
 
 def test_command_text_quotes_names():
@@ -514,14 +523,14 @@ class Recorder:
                 raise AttributeError(f"OP has no member {key!r}")
 
 
-def build_recorded():
+def build_recorded(platform="win32"):
     import json
     import setup_comp
 
     project = Recorder.Op("containerCOMP", "project1")
     types = {op_type: op_type for _, op_type, _, _ in setup_comp.OPERATORS} | {"baseCOMP": "baseCOMP"}
     return setup_comp.build(project, sdbridge="C:/sd/sdbridge.exe", params_json=json.dumps(as_json()), types=types,
-                            platform="win32")
+                            platform=platform)
 
 
 def test_setup_builds_the_component_from_the_table():
@@ -542,6 +551,14 @@ def test_setup_builds_the_component_from_the_table():
     assert comp.op("out1").connections == [comp.op("video_select")]
     assert comp.op("spout_out").par.values["sendername"] == "sdbridge-in"
     assert "onReceiveOSC" in comp.op("status_callbacks").text
+
+
+def test_setup_on_a_mac_sends_video_through_the_syphon_spout_tops():
+    comp = build_recorded(platform="darwin")
+    assert comp.par.values["Transport"] == "syphon"
+    active = {name: comp.op(name).par.values["active"] for name in ("spout_out", "spout_in", "ndi_out", "ndi_in")}
+    assert active == {"spout_out": True, "spout_in": True, "ndi_out": False, "ndi_in": False}
+    assert comp.op("video_select").par.values["index"] == 0
 
 
 def test_setup_uses_the_old_extension_names_on_a_build_without_the_new_ones(monkeypatch):
@@ -628,5 +645,5 @@ def test_the_guide_shows_the_commands_build_command_produces():
             transport=transport, input_name=input_name, output_name=args.sink[0].split(":", 1)[1],
             model=args.model or "", width=args.width or 0, height=args.height or 0, osc_port=args.osc_port,
             osc_bind=args.osc_bind or "", status_host=status_host, status_port=int(status_port),
-            platform="win32" if transport == "spout" else "linux")
+            platform={"spout": "win32", "syphon": "darwin"}.get(transport, "linux"))
         assert command.build_command(options) == argv, line

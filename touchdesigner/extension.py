@@ -144,7 +144,7 @@ class SdbridgeExt:
 
     def _apply_transport(self):
         comp = self.ownerComp
-        spout = comp.par.Transport.eval() == 'spout'
+        spout = comp.par.Transport.eval() in ('spout', 'syphon')  # the Syphon Spout TOPs: Spout on Windows, Syphon on macOS
         comp.op('spout_out').par.active = spout
         comp.op('spout_in').par.active = spout
         comp.op('ndi_out').par.active = not spout

@@ -150,7 +150,7 @@ def _wire(comp, ops, table_text, table):
     ops["spout_in"].outputConnectors[0].connect(ops["video_select"])
     ops["ndi_in"].outputConnectors[0].connect(ops["video_select"])
     ops["out1"].inputConnectors[0].connect(ops["video_select"])
-    spout = comp.par.Transport.eval() == "spout"
+    spout = comp.par.Transport.eval() in ("spout", "syphon")  # the Syphon Spout TOPs: Spout on Windows, Syphon on macOS
     ops["spout_out"].par.sendername = comp.par.Inputname.eval()
     ops["spout_in"].par.sendername = comp.par.Outputname.eval()
     ops["ndi_out"].par.name = comp.par.Inputname.eval()

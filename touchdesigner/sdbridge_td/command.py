@@ -4,7 +4,8 @@
     argv = build_command(options)     # ['sdbridge', 'run', '--source', 'spout:sdbridge-in', ...]
 
 Video goes TouchDesigner -> bridge on `input_name` and back on `output_name`: Spout on Windows,
-NDI anywhere (the bridge has no Syphon yet, so macOS uses NDI, also on one machine).
+Syphon on macOS (both through TouchDesigner's Syphon Spout In/Out TOPs), NDI anywhere (also
+across machines).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-TRANSPORTS = ("spout", "ndi")
+TRANSPORTS = ("spout", "syphon", "ndi")
+TRANSPORT_PLATFORMS = {"spout": ("win", "Windows"), "syphon": ("darwin", "macOS")}  # sys.platform prefix, name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,7 +23,7 @@ class BridgeOptions:
     """What the component's Bridge page holds; validated on construction."""
 
     executable: str = "sdbridge"  # the sdbridge program (a path when it is not on PATH)
-    transport: str = "spout"  # spout (Windows) or ndi
+    transport: str = "spout"  # spout (Windows), syphon (macOS) or ndi
     input_name: str = "sdbridge-in"  # sender TouchDesigner publishes and the bridge reads
     output_name: str = "sdbridge-out"  # sender the bridge publishes and TouchDesigner reads
     model: str = ""  # --model ('' leaves the bridge's default / config file)
@@ -40,10 +42,10 @@ class BridgeOptions:
         if not self.executable.strip():
             raise ValueError("executable: give the path of the sdbridge program")
         if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport: {self.transport!r} must be one of {', '.join(TRANSPORTS)}"
-                             + ("; Syphon is not supported by the bridge yet, use ndi" if self.transport == "syphon" else ""))
-        if self.transport == "spout" and not self.platform.startswith("win"):
-            raise ValueError("transport: spout exists only on Windows; use ndi here")
+            raise ValueError(f"transport: {self.transport!r} must be one of {', '.join(TRANSPORTS)}")
+        prefix, system = TRANSPORT_PLATFORMS.get(self.transport, ("", ""))
+        if not self.platform.startswith(prefix):
+            raise ValueError(f"transport: {self.transport} exists only on {system}; use ndi here")
         for field in ("input_name", "output_name"):
             if not getattr(self, field).strip():
                 raise ValueError(f"{field}: give a sender name")

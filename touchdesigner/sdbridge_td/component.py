@@ -20,12 +20,12 @@ STATUS_PORT_OFFSET = 2  # OSC port + 1 is the bridge's OSCQuery port
 
 def bridge_page(table: Table, *, platform: str = sys.platform) -> list[TDPar]:
     """Settings of the bridge process and the video path; pulses that act on it."""
-    transport = "spout" if platform.startswith("win") else "ndi"
+    transport = "spout" if platform.startswith("win") else "syphon" if platform == "darwin" else "ndi"
     return [
         TDPar("Executable", "sdbridge program", "Str", default="sdbridge",
               help="path of sdbridge (e.g. C:/sdbridge/.venv/Scripts/sdbridge.exe)"),
         TDPar("Transport", "Video transport", "Menu", default=transport, menu=TRANSPORTS,
-              help="spout: Windows, same machine; ndi: any OS, also across machines"),
+              help="spout: Windows, same machine; syphon: macOS, same machine; ndi: any OS, also across machines"),
         TDPar("Inputname", "Sender to the bridge", "Str", default="sdbridge-in"),
         TDPar("Outputname", "Sender from the bridge", "Str", default="sdbridge-out"),
         TDPar("Model", "Model", "Str", default="", help="--model: hub id, folder or .safetensors; empty: the bridge's default"),
