@@ -30,7 +30,7 @@ from .frames import FrameFormat
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
 from .telemetry import Telemetry
-from .transports.base import Sink, Source
+from .transports.base import Sink, Source, run_main_thread_work
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class Runtime:
             step = WAIT_STEP_SECONDS if deadline is None else min(WAIT_STEP_SECONDS, deadline - now)
             if self.config.duration is not None and self._started_at is not None:
                 step = min(step, max(0.001, self._started_at + self.config.duration - now))
-            self._shared.finished.wait(step)  # signal handlers still run at once (POSIX)
+            if not run_main_thread_work(step):  # (macOS's run loop for Syphon's directory, on the main thread)
+                self._shared.finished.wait(step)  # signal handlers still run at once (POSIX)
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import syphon_standin
 from bridge.frames import Frame
 from bridge.transports import TransportUnavailable, open_sink, open_source
+from bridge.transports import base
 from bridge.transports import syphon as syphon_module
 from bridge.transports.base import SourceLost
 
@@ -21,6 +22,8 @@ def syphon(monkeypatch):
     syphon_standin.reset()
     for name, module in syphon_standin.MODULES.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(syphon_module, "_loaded", None)  # what a test imports and registers ends with it
+    monkeypatch.setattr(base, "_main_thread_work", [])
     yield syphon_standin
     assert syphon_standin.clients_open == 0  # every client stopped
     assert syphon_standin.autorelease_violations == []  # Cocoa's autoreleased objects drained
@@ -291,3 +294,30 @@ def test_devices_reports_syphon_truthfully(syphon, monkeypatch):
     monkeypatch.setitem(sys.modules, "syphon", None)
     monkeypatch.setattr(sys, "platform", "linux")
     assert check_syphon() == ("Syphon", False, "Syphon is macOS-only; use NDI to share video on other systems")
+
+
+def test_a_server_started_after_the_bridge_is_found_by_the_runtimes_reconnect(syphon):
+    """The show's order reversed: the bridge runs first, TouchDesigner's Syphon output comes (or
+    comes back) later. macOS tells only the main thread; the runtime's wait runs its run loop
+    there, so the capture thread's reconnect finds the new server and frames flow."""
+    from bridge.runtime import Runtime, RuntimeConfig
+    from test_runtime import RecordingSink, StandInEngine
+
+    sink = RecordingSink()
+    runtime = Runtime(engine=StandInEngine(size=8, cost=0.001),
+                      open_source=lambda: open_source("syphon:later?timeout=0.2"), sinks=[sink],
+                      config=RuntimeConfig(fps=30, reconnect_initial_seconds=0.05, reconnect_max_seconds=0.1))
+    td_out = None
+    with runtime:
+        runtime.wait(timeout=0.5)  # on the main thread: the source is not found, and retried
+        assert runtime.snapshot()["source_lost"] >= 1
+        td_out = open_sink("syphon:later", width=8, height=8)
+        lit = np.full((8, 8, 4), 200, np.uint8)
+
+        def flowing():
+            td_out.send(Frame(lit, "BGRA"))
+            runtime.wait(timeout=0.05)  # the main thread's wait: where macOS delivers the announcement
+            return any(int(frame.pixels[..., :3].min()) == 200 for _, frame in sink.sent[-5:])
+
+        assert wait_for(flowing, 5.0), runtime.snapshot()
+    td_out.close()

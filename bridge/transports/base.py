@@ -8,8 +8,26 @@ device, sender name or port; later calls do nothing).
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 from ..frames import Frame, FrameFormat, swizzle
+
+
+_main_thread_work: list[Callable[[float], bool]] = []  # see run_main_thread_work
+
+
+def needs_main_thread(work: Callable[[float], bool]) -> None:
+    """Have `work(seconds)` run on the main thread whenever the runtime waits there (once per
+    function): a transport whose platform delivers events to the main thread only (Syphon's
+    directory on macOS). `work` returns False, at once, when it has nothing to do."""
+    if work not in _main_thread_work:
+        _main_thread_work.append(work)
+
+
+def run_main_thread_work(seconds: float) -> bool:
+    """On the main thread: what transports asked to run there, for about `seconds`; False, at
+    once, when none did (the caller then waits its own way)."""
+    return any(work(seconds) for work in list(_main_thread_work))
 
 
 def claim_close(transport) -> bool:

@@ -19,8 +19,9 @@ delivers on the main thread's run loop only (syphon-python's `servers` runs the 
 thread's run loop; its examples run on the main thread). A source opened on the main thread
 (as `sdbridge run` opens its first one) runs that loop until its server shows up, at most
 DISCOVERY_SECONDS; elsewhere it reads the directory as the main thread last saw it. Servers that
-appear later, and other apps' requests to list ours, are seen only while the main thread runs
-`run_main_run_loop` (the runtime's main thread does not call it yet: it waits on an Event). A
+appear later, and other apps' requests to list ours, are seen while the main thread runs
+`run_main_run_loop`: the runtime's wait on the main thread does (transports.base.needs_main_thread),
+so a source reopened on the capture thread finds a server started after the bridge. A
 client's frames and its server's retirement come on Syphon's own threads. Threads without an
 AppKit event loop drain no autorelease pool by themselves: each pass of a worker runs inside
 `objc.autorelease_pool()` (Metal's command buffers and the directory's lists are autoreleased).
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..frames import Frame, swizzle
 from ..slots import LatestSlot
-from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close
+from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close, needs_main_thread
 
 POLL_SECONDS = 1.0 / 240  # how often the client asks for a new frame
 FIND_SECONDS = 0.1  # how often a source without a server looks at the directory again
@@ -86,6 +87,7 @@ def import_syphon() -> SyphonModules:
         raise TransportUnavailable(f"syphon-python failed to load: {type(exc).__name__}: {exc}") from None
     _loaded = SyphonModules(syphon, Metal, objc.autorelease_pool, create_mtl_texture, copy_image_to_mtl_texture,
                             copy_mtl_texture_to_image)
+    needs_main_thread(run_main_run_loop)  # the runtime's wait runs it: servers announced later are seen
     return _loaded
 
 
