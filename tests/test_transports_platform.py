@@ -155,10 +155,10 @@ def test_spout_sink_sends_any_pixel_format_and_follows_a_size_change(spout):
 
 def test_spout_sink_converts_a_repeated_frame_once(spout, monkeypatch):
     """The output repeats its last frame to fill its rate: one conversion (40 ms at 1080p here), not one a send."""
-    from bridge.transports import spout as spout_module
+    from bridge.transports import base
 
-    conversions = []
-    monkeypatch.setattr(spout_module, "swizzle", lambda *args: conversions.append(1) or swizzle(*args))
+    conversions = []  # (WorkerSink, Spout's and Syphon's sending half, converts)
+    monkeypatch.setattr(base, "swizzle", lambda *args: conversions.append(1) or swizzle(*args))
     sink = open_sink("spout:repeats", width=8, height=8)
     frame = Frame(np.zeros((8, 8, 3), np.uint8), "RGB")
     for _ in range(3):

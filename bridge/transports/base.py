@@ -8,9 +8,14 @@ device, sender name or port; later calls do nothing).
 from __future__ import annotations
 
 import abc
+import logging
+import threading
 from typing import Callable
 
 from ..frames import Frame, FrameFormat, swizzle
+from ..slots import LatestSlot
+
+log = logging.getLogger(__name__)
 
 
 _main_thread_work: list[Callable[[float], bool]] = []  # see run_main_thread_work
@@ -110,3 +115,93 @@ class Sink(_ClosedOnExit):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the device, sender name or file. Safe to call more than once."""
+
+
+class DeviceThread:
+    """Runs `body(handle, stop_event)` on a daemon thread that owns a device, where `handle` is
+    what `setup()` returned there (Spout's OpenGL context lives on the thread that made it); an
+    error in `setup` is raised to the constructor's caller, and one that ends the body is kept in
+    `died` and logged once (the transport then says so, never looks alive)."""
+
+    def __init__(self, name: str, setup: Callable[[], object], body: Callable[[object, threading.Event], None]) -> None:
+        self._setup = setup
+        self._body = body
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.died: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join(1.0)
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            handle = self._setup()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._body(handle, self._stop)
+        except BaseException as exc:  # kept for read/send to raise; logged once here
+            self.died = exc
+            log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("%s did not stop within %.1f s", self._thread.name, timeout)
+
+
+class WorkerSink(Sink):
+    """A sink whose device lives on a worker thread of its own (Spout's OpenGL context, Syphon's
+    server): `send` converts each frame to BGRA (a repeat of the last frame once) and leaves it in
+    a newest-frame-wins slot for that thread, which publishes from `self._slot` and keeps in
+    `self._failed` what the device raised on a frame; `send` reports that at its next call, and a
+    worker that died (`self._worker.died`) at every call. `what` names it in those messages, as in
+    "Spout sender 'x'". Subclasses call `_start_queue()` before starting `self._worker` (which has
+    `died` and `stop()`), and take `self._lock` and `self._closed` from it."""
+
+    what = "sink"
+
+    def _start_queue(self) -> None:
+        self._failed: Exception | None = None
+        self._converted: tuple = (None, None)  # (the last frame sent, it in BGRA)
+        self._slot = LatestSlot()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _queued(self, stop: threading.Event):
+        """For the worker: each frame `send` queued (the newest, when several came meanwhile), until `stop`."""
+        while not stop.is_set():
+            frame = self._slot.take(0.1)
+            if frame is not None:
+                yield frame
+
+    def send(self, frame: Frame) -> None:
+        """Queue `frame` for the worker (any pixel format: BGRA is sent as it is). Raises what the
+        device failed on since the last call, or that the worker has stopped."""
+        if self._worker.died is not None:
+            raise RuntimeError(f"{self.what} stopped: {self._worker.died}")
+        failed, self._failed = self._failed, None
+        if frame.pixel_format != "BGRA":
+            if self._converted[0] is not frame:  # a repeat of the last frame is converted once
+                bgra = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
+                self._converted = (frame, bgra)
+            frame = self._converted[1]
+        self._slot.put(frame)
+        if failed is not None:
+            raise RuntimeError(f"{self.what} could not send a frame: {type(failed).__name__}: {failed}")
+
+    def close(self) -> None:
+        if not claim_close(self):
+            return
+        self._slot.close()
+        self._worker.stop()
+

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from ..frames import Frame, swizzle
+from ..frames import Frame
 from ..slots import LatestSlot
-from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close
+from .base import DeviceThread, Source, SourceLost, TransportUnavailable, WorkerSink, claim_close
 
 POLL_SECONDS = 1.0 / 240  # how often the receiver asks for a new frame
 
@@ -36,45 +36,7 @@ def import_spoutgl():
     return SpoutGL
 
 
-class _SpoutThread:
-    """Runs `body(stop_event)` on a thread that owns an OpenGL context; start errors re-raised,
-    and an error that ends the body kept in `died` (the transport then says so, never looks alive)."""
-
-    def __init__(self, name: str, setup, body) -> None:
-        self._setup = setup
-        self._body = body
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.died: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            self._thread.join(1.0)
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            handle = self._setup()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            self._body(handle, self._stop)
-        except BaseException as exc:  # kept for read/send to raise; logged once here
-            self.died = exc
-            log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc)
-
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-
-class SpoutSink(Sink):
+class SpoutSink(WorkerSink):
     """Publishes frames under the sender name `name`, each at its own size (receivers follow a
     size change), as BGRA (other pixel formats are converted)."""
 
@@ -83,14 +45,11 @@ class SpoutSink(Sink):
             raise ValueError("name: a Spout sender name is needed, as in spout:sdbridge")
         self._spoutgl = import_spoutgl()
         self.name = name
+        self.what = f"Spout sender {name!r}"
         self.format = None  # any size and pixel format
         self.frames_sent = 0
-        self._failed: Exception | None = None  # what SpoutGL raised on the last frame, for `send` to report
-        self._converted: tuple = (None, None)  # (the last frame sent, it in BGRA)
-        self._slot: LatestSlot[Frame] = LatestSlot()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = _SpoutThread(f"spout sender {name}", self._open_sender, self._send_loop)
+        self._start_queue()
+        self._worker = DeviceThread(f"spout sender {name}", self._open_sender, self._send_loop)
 
     def _open_sender(self):
         spoutgl = self._spoutgl
@@ -113,10 +72,7 @@ class SpoutSink(Sink):
         `send` to raise, and the sender goes on with the next one."""
         gl_bgra = self._spoutgl.enums.GL_BGRA_EXT
         try:
-            while not stop.is_set():
-                frame = self._slot.take(0.1)
-                if frame is None:
-                    continue
+            for frame in self._queued(stop):
                 try:
                     pixels = np.ascontiguousarray(frame.pixels)  # (H, W, 4) BGRA
                     if sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
@@ -127,27 +83,6 @@ class SpoutSink(Sink):
         finally:
             sender.releaseSender()
             sender.closeOpenGL()
-
-    def send(self, frame: Frame) -> None:
-        """Queue `frame` for the sender thread (any pixel format: BGRA is sent as it is). Raises
-        what SpoutGL failed on since the last call, or that the sender thread has stopped."""
-        if self._thread.died is not None:
-            raise RuntimeError(f"Spout sender {self.name!r} stopped: {self._thread.died}")
-        failed, self._failed = self._failed, None
-        if frame.pixel_format != "BGRA":
-            if self._converted[0] is not frame:  # a repeat of the last frame is converted once
-                bgra = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
-                self._converted = (frame, bgra)
-            frame = self._converted[1]
-        self._slot.put(frame)
-        if failed is not None:
-            raise RuntimeError(f"Spout sender {self.name!r} could not send a frame: {type(failed).__name__}: {failed}")
-
-    def close(self) -> None:
-        if not claim_close(self):
-            return
-        self._slot.close()
-        self._thread.stop()
 
 
 class SpoutSource(Source):
@@ -166,7 +101,7 @@ class SpoutSource(Source):
         self._sequence = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._thread = _SpoutThread(f"spout receiver {name}", self._open_receiver, self._receive_loop)
+        self._thread = DeviceThread(f"spout receiver {name}", self._open_receiver, self._receive_loop)
 
     def _open_receiver(self):
         receiver = self._spoutgl.SpoutReceiver()

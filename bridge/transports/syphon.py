@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..frames import Frame, swizzle
+from ..frames import Frame
 from ..slots import LatestSlot
-from .base import Sink, Source, SourceLost, TransportUnavailable, claim_close, needs_main_thread
+from .base import DeviceThread, Source, SourceLost, TransportUnavailable, WorkerSink, claim_close, needs_main_thread
 
 POLL_SECONDS = 1.0 / 240  # how often the client asks for a new frame
 FIND_SECONDS = 0.1  # how often a source without a server looks at the directory again
@@ -137,33 +137,7 @@ def matching_servers(servers: Sequence, target: str) -> list:
     return []
 
 
-class _Worker:
-    """Runs `body(stop_event)` on a daemon thread; an error that ends it is kept in `died` (the
-    transport then says so, never looks alive) and logged once."""
-
-    def __init__(self, name: str, body: Callable[[threading.Event], None]) -> None:
-        self._body = body
-        self._stop = threading.Event()
-        self.died: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._body(self._stop)
-        except BaseException as exc:  # kept for read/send to raise
-            self.died = exc
-            log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc)
-
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("%s did not stop within %.1f s", self._thread.name, timeout)
-
-
-class SyphonSink(Sink):
+class SyphonSink(WorkerSink):
     """Publishes frames as the Syphon server `name`, each at its own size (the texture is made
     again when the size changes), as BGRA (other pixel formats are converted). `flip`: publish
     upside down."""
@@ -174,27 +148,21 @@ class SyphonSink(Sink):
         modules = import_syphon()
         device = metal_device(modules)
         self.name = name
+        self.what = f"Syphon server {name!r}"
         self.flip = flip
         self.format = None  # any size and pixel format
         self.frames_sent = 0
         self._modules = modules
-        self._failed: Exception | None = None  # what syphon-python raised on the last frame, for `send` to report
-        self._converted: tuple = (None, None)  # (the last frame sent, it in BGRA)
-        self._slot: LatestSlot[Frame] = LatestSlot()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._start_queue()
         self._server = modules.syphon.SyphonMetalServer(name, device=device)  # announced now
-        self._worker = _Worker(f"syphon server {name}", self._publish_loop)
+        self._worker = DeviceThread(f"syphon server {name}", lambda: None, lambda _, stop: self._publish_loop(stop))
 
     def _publish_loop(self, stop: threading.Event) -> None:
         """Publishes each frame; a frame syphon-python fails on is kept in `_failed` for the next
         `send` to raise, and the server goes on with the next one."""
         modules, texture = self._modules, None
         try:
-            while not stop.is_set():
-                frame = self._slot.take(0.1)
-                if frame is None:
-                    continue
+            for frame in self._queued(stop):
                 try:
                     with modules.autorelease_pool():  # Metal's command buffers are autoreleased: drained each frame
                         # 1. a texture of the frame's size (made again when the size changes)
@@ -209,27 +177,6 @@ class SyphonSink(Sink):
                     self._failed = exc
         finally:
             self._server.stop()
-
-    def send(self, frame: Frame) -> None:
-        """Queue `frame` for the server thread (any pixel format: BGRA is sent as it is). Raises
-        what syphon-python failed on since the last call, or that the server thread has stopped."""
-        if self._worker.died is not None:
-            raise RuntimeError(f"Syphon server {self.name!r} stopped: {self._worker.died}")
-        failed, self._failed = self._failed, None
-        if frame.pixel_format != "BGRA":
-            if self._converted[0] is not frame:  # a repeat of the last frame is converted once
-                bgra = Frame(swizzle(frame.pixels, frame.pixel_format, "BGRA"), "BGRA", frame.timestamp, frame.sequence)
-                self._converted = (frame, bgra)
-            frame = self._converted[1]
-        self._slot.put(frame)
-        if failed is not None:
-            raise RuntimeError(f"Syphon server {self.name!r} could not send a frame: {type(failed).__name__}: {failed}")
-
-    def close(self) -> None:
-        if not claim_close(self):
-            return
-        self._slot.close()
-        self._worker.stop()
 
 
 class SyphonSource(Source):
@@ -262,8 +209,8 @@ class SyphonSource(Source):
         self._lock = threading.Lock()
         self._closed = False
         description = self._discover()
-        self._worker = _Worker(f"syphon client {name or '(first server)'}",
-                               lambda stop: self._receive_loop(description, stop))
+        self._worker = DeviceThread(f"syphon client {name or '(first server)'}", lambda: None,
+                                    lambda _, stop: self._receive_loop(description, stop))
 
     def _find(self):
         """One look at the directory: the server to connect to, or None."""
