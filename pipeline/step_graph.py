@@ -168,8 +168,9 @@ class StepGraphs:
         step = None if self.failed else self._steps.get((key, source))
         if step is None or not self._load_state(step, inputs, source):
             return None
-        for used in [k for k in self._on_demand if _beside_guidance(k) == _beside_guidance(key)]:
-            self._on_demand.move_to_end(used)  # guidance on and off of these settings: used together
+        if self._on_demand:  # (none at all in a show that stays with what it readied at start)
+            for used in [k for k in self._on_demand if _beside_guidance(k) == _beside_guidance(key)]:
+                self._on_demand.move_to_end(used)  # guidance on and off of these settings: used together
         stream._prepare_conditions()
         step.inputs.copy_(inputs)
         self.replaying = True

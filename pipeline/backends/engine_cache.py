@@ -90,7 +90,7 @@ def model_weights_hash(*modules: torch.nn.Module) -> str:
         for name, tensor in sorted(module.state_dict().items()):
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{index}:{name}:{data.dtype}:{tuple(data.shape)}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")  # (the buffer: no copy of it)
     return digest.hexdigest()
 
 
