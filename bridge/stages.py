@@ -69,6 +69,8 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
     config, telemetry = shared.config, shared.telemetry
     backoff = config.reconnect_initial_seconds
     warn = RateLimitedLog(log)
+    lost = False  # since a loss, until a frame comes again: an NDI or Syphon source reopens at
+    # once while its sender is still away, so "back" is said at its first frame, not at the reopen
     try:
         while not shared.stop.is_set():
             if source is None:
@@ -79,8 +81,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                     shared.stop.wait(backoff)
                     backoff = min(2 * backoff, config.reconnect_max_seconds)
                     continue
-                log.info("source is back")
-                telemetry.state = "running"
+                warn.log(logging.INFO, "reopened", "source reopened; waiting for its frames")
             try:
                 frame = source.read(timeout=0.05)
             except SourceEnded as exc:
@@ -93,6 +94,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 telemetry.count("source_lost")
                 telemetry.error(f"source lost: {describe(exc)}")
                 telemetry.state = "source lost"
+                lost = True
                 _close_quietly(source)
                 source = None
                 shared.stop.wait(backoff)
@@ -108,6 +110,11 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                     warn.warning("unusable", "source gave an unusable frame: %s", describe(exc))
                     continue
                 backoff = config.reconnect_initial_seconds
+                if lost:
+                    lost = False
+                    log.info("source is back")
+                    if telemetry.state == "source lost":  # not over a pause, a stop or a settings change
+                        telemetry.state = "running"
                 telemetry.frame_in()
                 shared.input_slot.put(frame)
     finally:

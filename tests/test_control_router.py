@@ -217,6 +217,19 @@ def test_refusals_are_counted_and_logged_at_most_once_per_interval(caplog):
     assert len(caplog.records) == 2
 
 
+def test_refused_values_are_logged_once_per_interval_per_parameter(caplog):
+    """An operator who mistypes two parameters in a row sees both in the log; a flood of one
+    bad value is still one line."""
+    router, store, _ = make_router()
+    with caplog.at_level(logging.WARNING, logger="bridge.control.router"):
+        for _ in range(200):
+            router.handle(encode_message("/sd/guidance", "abc"), SENDER)
+        router.handle(encode_message("/sd/t_index_list", 40, 20), SENDER)
+    assert router.counters["rejected"] == 201
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and "guidance_scale" in lines[0] and "strictly increasing" in lines[1], lines
+
+
 @pytest.mark.parametrize("name,packet", sorted(handmade_malformed().items()))
 def test_handmade_malformed_packets_then_a_valid_one_still_works(name, packet):
     router, store, _ = make_router()

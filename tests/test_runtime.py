@@ -164,6 +164,51 @@ def test_source_loss_20_times_output_never_pauses_and_processing_resumes():
     assert 6 <= snapshot["source_lost"] <= 10 and len(opened) > snapshot["source_lost"]
 
 
+class SilentReopenSource(Source):
+    """Like an NDI or Syphon receiver: it opens at once even while its sender is away, then
+    gives nothing until the sender is back (`gone` seconds after the first loss)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.pattern = TestPatternSource(width=64, height=64, fps=30)
+
+    def read(self, timeout=0.1):
+        now = time.monotonic()
+        if self.state.get("lost_at") is None and now - self.state["t0"] > 0.3:
+            self.state["lost_at"] = now
+            raise SourceLost("sender vanished")
+        if self.state.get("lost_at") is not None and now - self.state["lost_at"] < self.state["gone"]:
+            time.sleep(timeout)
+            return None
+        return self.pattern.read(timeout)
+
+    def close(self):
+        self.pattern.close()
+
+
+def test_a_reopened_source_is_back_at_its_first_frame_not_at_the_reopen(caplog):
+    state = {"t0": time.monotonic(), "gone": 0.8}
+    states = []
+    config = RuntimeConfig(fps=30, reconnect_initial_seconds=0.01, stall_seconds=0.2)
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005), open_source=lambda: SilentReopenSource(state),
+                      sinks=[RecordingSink()], config=config)
+    with caplog.at_level("INFO", logger="bridge"), runtime:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            lost_at = state.get("lost_at")
+            if lost_at is not None:
+                states.append((time.monotonic() - lost_at, runtime.snapshot()["state"]))
+            time.sleep(0.02)
+    while_away = [name for since, name in states if 0.1 < since < 0.7]
+    after = [name for since, name in states if since > 1.0]
+    assert while_away and set(while_away) == {"source lost"}, while_away  # reopened, but nothing came
+    assert after and set(after) == {"running"}, after
+    messages = [(record.created, record.getMessage()) for record in caplog.records]
+    back = [created for created, text in messages if text == "source is back"]
+    assert len(back) == 1 and back[0] - state["lost_at"] >= state["gone"] - 0.05, messages
+    assert any(text == "source reopened; waiting for its frames" for _, text in messages)
+
+
 def test_fallback_black_and_raw_when_the_source_stalls():
     for fallback in ("black", "raw"):
         t0 = time.monotonic()

@@ -4,7 +4,8 @@
     router.handle(packet_bytes, ("127.0.0.1", 50123))
 
 `handle` never raises and never blocks on anything but the store's lock: every refusal is
-counted (`counters`) and logged at most once per `LOG_INTERVAL_SECONDS` (bridge/ratelimit.py) per reason. All values of
+counted (`counters`) and logged at most once per `LOG_INTERVAL_SECONDS` (bridge/ratelimit.py) per reason
+(a refused value: per parameter, so a bad guidance does not hide a bad t_index_list). All values of
 one packet (a message, or a bundle with everything nested in it) are written with one
 `store.update`, so they reach the engine together, between two frames.
 """
@@ -168,7 +169,7 @@ class Router:
                 continue
             except ValueError as exc:
                 self._count("rejected")
-                self._refuse("rejected", sender, f"{message.address[:64]} ,{message.typetags[:16]}: {exc}")
+                self._refuse(f"rejected {param.name}", sender, f"{message.address[:64]} ,{message.typetags[:16]}: {exc}")
                 continue
             if param.target == "runtime" and param.name == "preset":
                 self._recall(value, sender, values)
@@ -198,7 +199,7 @@ class Router:
                     self._store.set(name, value)
                 except ValueError as exc:
                     self._count("rejected")
-                    self._refuse("store", sender, str(exc))
+                    self._refuse(f"rejected {name}", sender, str(exc))
                 else:
                     self._count("applied")
             return
