@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PARAMETERS = {name: BY_NAME[name] for name in ENGINE_NAMES}
 PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
 # Setting one of a group replaces any pending value of the others (they describe the same thing).
-EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"})
+EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"}, {"seed", "seed_blend"})
 
 CLOSE_SECONDS = 0.5  # how long close() waits for a prompt encode in progress (shutdown stays under 3 s)
 # Python's GIL switch interval while the readier compiles (the default is 5 ms). Every torch call
@@ -108,6 +108,13 @@ def _blend(param, value: Any) -> tuple[tuple[str, float], ...]:
     return pairs
 
 
+def _seed_blend(param, value: Any) -> tuple[tuple[int, float], ...]:
+    pairs = tuple((_whole(seed), float(weight)) for seed, weight in value)
+    if not pairs:
+        raise TypeError
+    return pairs
+
+
 def _choice(param, value: Any) -> str:
     if value not in param.choices:
         raise ValueError
@@ -116,7 +123,8 @@ def _choice(param, value: Any) -> str:
 
 _COERCE = {
     "string": _string, "float": _number, "int": lambda p, v: _whole(v), "bool": _boolean,
-    "int_list": _int_list, "size": _size, "prompt_blend": _blend, "choice": _choice,
+    "int_list": _int_list, "size": _size, "prompt_blend": _blend, "seed_blend": _seed_blend,
+    "choice": _choice,
 }
 
 
@@ -218,7 +226,12 @@ class ParameterStore:
             self.readier.close()
 
     def report_applied(self, values: dict[str, Any]) -> None:
+        """The engine took `values`; each replaces its EXCLUSIVE partners' applied values (a seed
+        the blend of seeds, a strength the t_index_list it was given before)."""
         with self._lock:
+            for name in values:
+                for other in _same_thing(name) - values.keys():
+                    self._applied.pop(other, None)
             self._applied.update(values)
             for name in values:
                 self._rejected.pop(name, None)

@@ -32,7 +32,7 @@ PREFIX_KEY = "p_"  # settings key of a table parameter: p_<name>
 # Text boxes: OBS calls script_update on every keystroke, so typing 1280x720 would send 1280x7 and
 # 1280x72 (size changes the bridge restarts or compiles for) and re-encode a prompt per letter.
 # Their values are sent once unchanged this long (the timer checks); sliders and the rest at once.
-TYPED_KINDS = ("string", "prompt_blend", "int_list", "size")
+TYPED_KINDS = ("string", "prompt_blend", "seed_blend", "int_list", "size")
 DEBOUNCE_SECONDS = 1.0
 STOP_FLAG = "--stop-on-stdin-eof"  # `sdbridge run`: the end of its stdin stops it as SIGTERM does
 STOP_GRACE_SECONDS = 5.0  # after asking the bridge to stop: then it is killed
@@ -184,6 +184,17 @@ def value_arguments(row, value):
             except ValueError:
                 raise ValueError("%s: %r must be 'prompt:weight'" % (row["name"], part)) from None
         return arguments or None
+    if kind == "seed_blend":
+        arguments = []
+        for part in [p.strip() for p in str(value).split("|") if p.strip()]:
+            seed, separator, weight = part.partition(":")
+            try:
+                if not separator:
+                    raise ValueError
+                arguments += [int(seed), float(weight)]
+            except ValueError:
+                raise ValueError("%s: %r must be 'seed:weight', e.g. 2:0.7" % (row["name"], part)) from None
+        return arguments or None
     raise ValueError("%s: kind %r is not known to this script; update it" % (row["name"], kind))
 
 
@@ -303,9 +314,9 @@ def send_all():
     """Every stored parameter that has a value worth restoring (not actions, not empty texts)."""
     for row in _stored_rows():
         value = _setting(row)
-        if row["kind"] in ("string", "int_list", "size", "prompt_blend") and not str(value).strip():
+        if row["kind"] in TYPED_KINDS and not str(value).strip():
             continue
-        if row["kind"] not in ("string", "prompt_blend") and row.get("default") is None:
+        if row["kind"] not in ("string", "prompt_blend", "seed_blend") and row.get("default") is None:
             continue  # e.g. strength: sent when moved, never forced over the configured steps
         send_row(row, value)
 
@@ -617,7 +628,7 @@ def _add_property(props, row):
             obs.obs_property_list_add_string(prop, choice, choice)
     elif kind == "trigger":
         prop = obs.obs_properties_add_button(props, key, label, _trigger_callback(row))
-    else:  # string, int_list, size, prompt_blend
+    else:  # string, int_list, size, prompt_blend, seed_blend
         text_type = obs.OBS_TEXT_MULTILINE if row["name"] in ("prompt", "negative_prompt") else obs.OBS_TEXT_DEFAULT
         prop = obs.obs_properties_add_text(props, key, label, text_type)
     obs.obs_property_set_long_description(prop, "%s (%s)" % (row.get("description", ""), row["address"]))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .noise import MAX_SEEDS
+
 MODES = ("img2img", "txt2img")
 CFG_TYPES = ("none", "full", "self", "initialize")
 _DTYPES = {
@@ -69,7 +71,8 @@ class StreamConfig:
     cfg_type: str = "self"  # "none", "full" (CFG), "self" (RCFG self-negative), "initialize" (RCFG onetime-negative)
     guidance_scale: float = 1.2  # CFG scale; guidance is off at 1.0 or below
     delta: float = 1.0  # RCFG: scale of the virtual residual noise used as the negative prediction
-    seed: int = 2  # seeds the stream's noise and the similarity filter's draws
+    seed: int = 2  # seeds the stream's noise (unless seed_blend is given) and the similarity filter's draws
+    seed_blend: tuple[tuple[int, float], ...] = ()  # (seed, weight) pairs: the noise blended from them (pipeline/noise.py); () uses `seed`
     similarity_filter: bool = False  # skip frames that are nearly the same as the last processed one
     similarity_threshold: float = 0.98  # cosine similarity above which skipping becomes possible, in [0, 1)
     similarity_max_skip: int = 10  # at most this many consecutive frames skipped
@@ -88,6 +91,8 @@ class StreamConfig:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
         if isinstance(self.t_index_list, (list, tuple)):
             object.__setattr__(self, "t_index_list", tuple(self.t_index_list))
+        if isinstance(self.seed_blend, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in self.seed_blend):
+            object.__setattr__(self, "seed_blend", tuple(tuple(pair) for pair in self.seed_blend))
         self._validate()
 
     def _validate(self) -> None:
@@ -123,6 +128,7 @@ class StreamConfig:
             raise ValueError(f"delta: {self.delta!r} must be a number in 0..5")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: {self.seed!r} must be a non-negative integer")
+        self._validate_seed_blend()
         if not _is_number(self.similarity_threshold) or not 0.0 <= self.similarity_threshold < 1.0:
             raise ValueError(f"similarity_threshold: {self.similarity_threshold!r} must be in [0, 1)")
         if not _is_int(self.similarity_max_skip) or not 0 <= self.similarity_max_skip <= 10_000:
@@ -131,6 +137,19 @@ class StreamConfig:
             raise ValueError(f"prompt_cache_size: {self.prompt_cache_size!r} must be an integer in 1..256")
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+
+    def _validate_seed_blend(self) -> None:
+        blend = self.seed_blend
+        shape_ok = isinstance(blend, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in blend)
+        if not shape_ok or len(blend) > MAX_SEEDS:
+            raise ValueError(f"seed_blend: {blend!r} must be a list of up to {MAX_SEEDS} (seed, weight) pairs")
+        for seed, weight in blend:
+            if not _is_int(seed) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed_blend: seed {seed!r} must be a non-negative integer")
+            if not _is_number(weight) or weight < 0.0:
+                raise ValueError(f"seed_blend: weight {weight!r} (seed {seed}) must be a finite number >= 0")
+        if blend and not any(weight > 0.0 for _, weight in blend):
+            raise ValueError(f"seed_blend: {[list(pair) for pair in blend]}: at least one weight must be above 0")
 
     def _validate_t_index_list(self) -> None:
         steps = self.t_index_list

@@ -26,6 +26,7 @@ from .frames import (
 from .faults import output_faults
 from .guidance import RULES, unet_batches, unet_calls
 from .models import Components
+from .noise import blended_noise, seeded_noise
 from .prompts import PromptEncoder, blend_embeddings
 from .schedule import StepCoefficients, step_coefficients
 from .similarity import SimilarityFilter
@@ -47,7 +48,7 @@ def _stage(name: str):
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
-        "guidance_scale", "delta", "seed", "t_index_list", "num_inference_steps", "cfg_type",
+        "guidance_scale", "delta", "seed", "seed_blend", "t_index_list", "num_inference_steps", "cfg_type",
         "similarity_filter", "similarity_threshold", "similarity_max_skip", "width", "height",
     }
 )
@@ -193,7 +194,8 @@ class StreamDiffusion:
             )
             self._rows: StepCoefficients = self._kept_tensors("rows", coefficients.repeat_per_frame(b))  # (n*b,) step-major
         resized = previous is not None and previous.size != config.size
-        if previous is None or previous.seed != config.seed or previous.denoising_steps != n or resized:
+        new_noise = previous is None or (previous.seed, previous.seed_blend) != (config.seed, config.seed_blend)
+        if new_noise or previous.denoising_steps != n or resized:
             self._noise = self._kept_tensors("noise", self._make_noise(config))  # (n*b, 4, h, w)
             self._txt2img_generator = torch.Generator(device=config.device).manual_seed(config.seed + 1)
             self.similarity.reseed(config.seed)
@@ -221,8 +223,9 @@ class StreamDiffusion:
     def _make_noise(self, config: StreamConfig) -> torch.Tensor:
         scale = self.components.vae_scale_factor
         shape = (config.denoising_steps * config.frame_buffer_size, 4, config.height // scale, config.width // scale)
-        generator = torch.Generator(device=config.device).manual_seed(config.seed)
-        return torch.randn(shape, generator=generator, device=config.device, dtype=config.dtype)
+        if config.seed_blend:
+            return blended_noise(shape, config.seed_blend, device=config.device, dtype=config.dtype)
+        return seeded_noise(shape, config.seed, device=config.device, dtype=config.dtype)
 
     def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
         """Use these prompts from the next frame on (encoded once, cached; no reload)."""
@@ -290,6 +293,8 @@ class StreamDiffusion:
             if "width" in params or "height" in params:
                 raise ValueError("update: give resolution or width and height, not both")
             params["width"], params["height"] = parse_resolution(params.pop("resolution"))
+        if "seed" in params and "seed_blend" not in params:
+            params["seed_blend"] = ()  # a seed replaces a blend
         if "strength" in params:
             if "t_index_list" in params:
                 raise ValueError("update: give strength or t_index_list, not both")

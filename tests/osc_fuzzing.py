@@ -42,6 +42,8 @@ def valid_messages(prefix: str = "/sd") -> list[bytes]:
             messages += [encode_message(address, 10, 20, 30), encode_message(address, "32,45")]
         elif param.kind == "prompt_blend":
             messages.append(encode_message(address, "a cat", 0.25, "a dog", 0.75))
+        elif param.kind == "seed_blend":
+            messages += [encode_message(address, 7, 0.25, 42, 0.75), encode_message(address, "7", 1)]
         elif param.kind == "choice":
             messages.append(encode_message(address, "slerp"))
         elif param.kind == "cue":

@@ -242,8 +242,9 @@ def test_every_advertised_address_works_when_sent(plane):
     assert plane.test_actions.calls == ["pause", "resume"]
     got = pending(plane.test_store, {})
     assert got["prompt"] == "preset zero"  # /sd/preset 0 came after /sd/prompt
-    # each exclusive pair keeps the one set last: the preset's prompt, then t_index_list after strength
-    superseded = {"prompt_blend", "strength"}
+    # each exclusive pair keeps the one set last: the preset's prompt, seed_blend after seed, then
+    # t_index_list after strength
+    superseded = {"prompt_blend", "seed", "strength"}
     assert set(got) == {p.name for p in PARAMETERS if p.target == "engine"} - superseded
     assert set(STORE_PARAMETERS) == {p.name for p in PARAMETERS if p.target == "engine"}
 

@@ -156,7 +156,7 @@ def test_properties_cover_every_parameter_of_the_table(loaded):
     script, settings, receiver = loaded
     props = script.script_properties()
     kinds = {"string": "text", "float": "float_slider", "int": "int", "bool": "bool", "int_list": "text", "size": "text",
-             "prompt_blend": "text", "choice": "list", "trigger": "button", "cue": "int"}
+             "prompt_blend": "text", "seed_blend": "text", "choice": "list", "trigger": "button", "cue": "int"}
     for param in PARAMETERS:
         prop = props.items.get("p_" + param.name)
         assert prop is not None, f"{param.name}: no OBS property"
@@ -470,6 +470,34 @@ def test_the_standin_is_as_strict_as_obs_about_buttons():
     obs.obs_properties_add_button(props, "one", "returns 1", lambda props, prop: 1)
     obs.obs_properties_add_button(props, "true", "returns True", lambda props, prop: True)
     assert obs.standin.click(props, "one") is False and obs.standin.click(props, "true") is True
+
+
+TYPED_SAMPLES = {"string": "a watercolor city", "int_list": "10, 20", "size": "768x432",
+                 "prompt_blend": "a castle:0.7 | a forest:0.3", "seed_blend": "2:0.7 | 9:0.3"}
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.kind in TYPED_SAMPLES], ids=lambda p: p.name)
+def test_each_typed_text_reaches_the_bridge_as_its_value(param):
+    """What a user types in a text box, through the script's own encoder, into the real router."""
+    from bridge.control.router import Router
+    from bridge.params import ParameterStore
+
+    script, store = load_script(), ParameterStore()
+    router = Router(store=store)
+    row = {"name": param.name, "kind": param.kind}
+    router.handle(script.encode_message("/sd" + param.address, script.value_arguments(row, TYPED_SAMPLES[param.kind])),
+                  ("127.0.0.1", 1))
+    assert router.counters["rejected"] == router.counters["malformed"] == 0, router.last_error
+    assert param.name in store.take()
+    if param.kind != "string":
+        assert script.value_arguments(row, "  ") is None  # an empty box sends nothing
+
+
+def test_a_mistyped_seed_blend_says_what_is_wrong():
+    script = load_script()
+    for bad in ("2", "two:0.5", "2:0.5 | 3"):
+        with pytest.raises(ValueError, match="seed_blend: .* must be 'seed:weight'"):
+            script.value_arguments({"name": "seed_blend", "kind": "seed_blend"}, bad)
 
 
 # ------------------------------------------------------------------ the hand-written encoder

@@ -37,7 +37,7 @@ def wait_until(check, seconds: float):
     while time.monotonic() < deadline:
         try:
             value = check()
-        except OSError:
+        except (OSError, ValueError):  # not answering yet, or no value yet (an empty answer)
             value = None
         if value:
             return value
@@ -89,6 +89,9 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         send("/sd/t_index_list", "ii", "40", "10")  # not increasing: refused, the run goes on
         send("/sd/seed", "i", "5")
         assert wait_until(lambda: query(query_port, "/sd/seed?VALUE")["VALUE"] == [5], 30)
+        send("/sd/seed_blend", "ifif", "5", "0.6", "11", "0.4")
+        blend = [5, pytest.approx(0.6), 11, pytest.approx(0.4)]
+        assert wait_until(lambda: query(query_port, "/sd/seed_blend?VALUE").get("VALUE") == blend, 30)
         assert process.poll() is None
     finally:
         process.send_signal(signal.SIGTERM)

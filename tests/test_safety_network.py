@@ -118,7 +118,7 @@ def test_no_parameter_takes_a_path():
         text = f"{param.name} {param.address} {' '.join(param.aliases)}".lower()
         assert not any(word in text for word in ("path", "file", "folder", "dir", "model", "vae", "lora", "config")), param
         assert param.kind in ("string", "prompt_blend", "choice", "float", "int", "bool", "int_list", "size", "trigger",
-                              "cue")
+                              "cue", "seed_blend")  # seed_blend: numbers only
         if param.kind in ("string", "prompt_blend"):
             assert param.name in FREE_TEXT and param.target == "engine", param
     assert set(RUNTIME_NAMES) == {"pause", "resume", "preset"}  # actions: no argument reaches a file

@@ -55,7 +55,7 @@ def sample_value(spec):
         middle = spec.minimum + (min(spec.maximum, 1000) - spec.minimum) / 3
         return round(middle) if spec.kind == "int" else middle
     return {"string": "a watercolor city", "bool": True, "int_list": "10, 20", "size": "768x432", "prompt_blend": "a castle:0.7 | a forest:0.3",
-            "choice": spec.choices[-1] if spec.choices else "", "trigger": 1, "cue": 7}.get(spec.kind)
+            "seed_blend": "2:0.7 | 9:0.3", "choice": spec.choices[-1] if spec.choices else "", "trigger": 1, "cue": 7}.get(spec.kind)
 
 
 # ------------------------------------------------------------------ the table -> page, every entry
@@ -128,6 +128,12 @@ def test_texts_parse_or_say_what_is_wrong(td_table):
     assert table.parse_prompt_blend(blend, "") is None
     with pytest.raises(ValueError, match="prompt:weight"):
         table.parse_prompt_blend(blend, "a castle")
+    seeds = td_table.by_name("seed_blend")
+    assert table.parse_seed_blend(seeds, " 2:0.7 | 9 : 0.3 ") == [2, 0.7, 9, 0.3]
+    assert table.parse_seed_blend(seeds, " ") is None
+    for bad in ("2", "two:0.5", "2:half", "2:0.5 | 3"):
+        with pytest.raises(ValueError, match="seed_blend: .* must be 'seed:weight'"):
+            table.parse_seed_blend(seeds, bad)
     size = td_table.by_name("resolution")
     assert table.parse_size(size, "768 x 432") == [768, 432]
     assert table.parse_size(size, " ") is None

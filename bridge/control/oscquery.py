@@ -21,7 +21,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from .servers import socket_options
-from .table import Param, addresses
+from .table import INT32_MAX, Param, addresses
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _as_list(param: Param, value: Any) -> list | None:
         return None
     if param.kind in ("int_list", "size"):
         return [int(v) for v in value]
-    if param.kind == "prompt_blend":
+    if param.kind in ("prompt_blend", "seed_blend"):
         return [item for pair in value for item in pair]
     return [value]
 
@@ -68,8 +68,8 @@ def _as_list(param: Param, value: Any) -> list | None:
 def _type_for(param: Param, values: list | None) -> str:
     if param.kind == "int_list" and values:
         return "i" * len(values)
-    if param.kind == "prompt_blend" and values:
-        return "sf" * (len(values) // 2)
+    if param.kind in ("prompt_blend", "seed_blend") and values:
+        return param.osc_type * (len(values) // 2)
     return param.osc_type
 
 
@@ -83,6 +83,8 @@ def _ranges(param: Param, count: int | None) -> list | None:
         return [numeric, numeric]
     if param.kind == "prompt_blend":
         return [{}, numeric] * max(1, (count or 2) // 2)
+    if param.kind == "seed_blend":
+        return [{"MIN": 0, "MAX": INT32_MAX}, numeric] * max(1, (count or 2) // 2)
     if param.kind == "choice":
         return [{"VALS": list(param.choices)}]
     return None

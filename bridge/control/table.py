@@ -23,7 +23,7 @@ from typing import Any
 
 from .osc import IMPULSE
 
-KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "choice", "trigger", "cue")
+KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "seed_blend", "choice", "trigger", "cue")
 INT32_MAX = 2**31 - 1
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 
@@ -43,7 +43,7 @@ class Param:
     unit: str = ""
     aliases: tuple[str, ...] = ()  # absolute addresses StreamDiffusionTD users already send
     fader: bool = False  # also listens on address + "/norm": 0..1 mapped onto minimum..maximum
-    max_items: int = 1  # int_list items, prompt_blend pairs
+    max_items: int = 1  # int_list items, prompt_blend and seed_blend pairs
     choices: tuple[str, ...] = ()  # choice: the accepted strings
     max_length: int = 2048  # string: characters
 
@@ -61,7 +61,7 @@ class Param:
         if self.kind == "int_list":
             return "i" * len(self.default or (0,))
         return {"string": "s", "float": "f", "int": "i", "bool": "T", "size": "ii", "prompt_blend": "sf",
-                "choice": "s", "trigger": "I", "cue": "i"}[self.kind]
+                "seed_blend": "if", "choice": "s", "trigger": "I", "cue": "i"}[self.kind]
 
 
 PARAMETERS: tuple[Param, ...] = (
@@ -79,6 +79,10 @@ PARAMETERS: tuple[Param, ...] = (
           default=1.0, aliases=("/delta",), fader=True),
     Param("seed", "/seed", "int", "noise seed", minimum=0, maximum=INT32_MAX, default=2,
           aliases=("/seed",), fader=True),
+    Param("seed_blend", "/seed_blend", "seed_blend",
+          "blend of noise seeds: up to 8 pairs of (seed, weight 0..1); replaces the seed. Moving the "
+          "weight from one seed to another morphs the picture where a new seed jumps",
+          minimum=0.0, maximum=1.0, max_items=8),
     Param("strength", "/strength", "float",
           "img2img strength: how far from the input (sets the timestep indices)",
           minimum=0.01, maximum=1.0, fader=True),
@@ -159,6 +163,8 @@ def convert(param: Param, args: tuple, *, normalized: bool = False) -> Any:
         return _size(param, args)
     if param.kind == "prompt_blend":
         return _prompt_blend(param, args)
+    if param.kind == "seed_blend":
+        return _seed_blend(param, args)
     if param.kind == "choice":
         value = _string(param, _single(param, args)).strip().lower()
         if value not in param.choices:
@@ -281,6 +287,23 @@ def _prompt_blend(param: Param, args: tuple) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def _seed_blend(param: Param, args: tuple) -> tuple[tuple[int, float], ...]:
+    """Pairs (seed, weight); seeds whole numbers in 0..INT32_MAX (refused outside: another seed
+    is another picture), weights clamped to 0..1, at least one above 0."""
+    if not args or len(args) % 2 or len(args) // 2 > param.max_items:
+        raise ValueError(f"{param.name}: expects 1 to {param.max_items} (seed, weight) pairs, got {len(args)} arguments")
+    pairs = []
+    for seed, weight in zip(args[::2], args[1::2]):
+        whole = _whole(param, _number(param, seed))
+        if not 0 <= whole <= INT32_MAX:
+            raise ValueError(f"{param.name}: seed {whole} is outside 0..{INT32_MAX}")
+        number = float(_number(param, weight))
+        pairs.append((whole, min(max(number, param.minimum), param.maximum)))
+    if not any(weight > 0 for _, weight in pairs):
+        raise ValueError(f"{param.name}: at least one weight must be above 0")
+    return tuple(pairs)
+
+
 def check_presets(presets: dict) -> dict[int, dict[str, Any]]:
     """Presets from a config file ({cue: {name: value}}), validated strictly (no clamping
     surprises at show time: an out-of-range value is an error here, naming cue and field)."""
@@ -294,7 +317,7 @@ def check_presets(presets: dict) -> dict[int, dict[str, Any]]:
             raise ValueError(f"presets.{number}: must be a non-empty table of parameter values")
         if number in checked:
             raise ValueError(f"presets: cue {cue!r} is cue {number} again")
-        for pair in (("strength", "t_index_list"), ("prompt", "prompt_blend")):
+        for pair in (("strength", "t_index_list"), ("prompt", "prompt_blend"), ("seed", "seed_blend")):
             if set(pair) <= values.keys():  # two views of one setting: which would win is not what was meant
                 raise ValueError(f"presets.{number}: give {pair[0]} or {pair[1]}, not both")
         checked[number] = {name: _preset_value(number, name, value) for name, value in values.items()}
@@ -305,7 +328,7 @@ def _preset_value(cue: int, name: str, value: Any) -> Any:
     param = BY_NAME.get(name)
     if param is None or param.target != "engine":
         raise ValueError(f"presets.{cue}.{name}: unknown parameter; known: {', '.join(ENGINE_NAMES)}")
-    if param.kind == "prompt_blend" and isinstance(value, (list, tuple)):
+    if param.kind in ("prompt_blend", "seed_blend") and isinstance(value, (list, tuple)):
         args = tuple(item for pair in value for item in pair)
     else:
         args = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -319,6 +342,6 @@ def _preset_value(cue: int, name: str, value: Any) -> Any:
     given = args[0].replace(",", " ").split() if len(args) == 1 and isinstance(args[0], str) else args
     if param.kind == "int_list" and [float(item) for item in given] != [float(item) for item in converted]:
         raise ValueError(f"presets.{cue}.{name}: {value!r} has an index outside {param.minimum:g}..{param.maximum:g}")
-    if param.kind == "prompt_blend" and [weight for _, weight in converted] != list(args[1::2]):
+    if param.kind in ("prompt_blend", "seed_blend") and [weight for _, weight in converted] != list(args[1::2]):
         raise ValueError(f"presets.{cue}.{name}: {value!r} has a weight outside {param.minimum:g}..{param.maximum:g}")
     return converted

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 STYLES = ("Str", "Float", "Int", "Toggle", "Pulse", "Menu")
-BLEND_SEPARATOR = "|"  # prompt_blend as text: "a castle:0.7 | a forest:0.3"
+TEXT_KINDS = ("string", "int_list", "size", "prompt_blend", "seed_blend")  # a Str parameter
+BLEND_SEPARATOR = "|"  # prompt_blend as text: "a castle:0.7 | a forest:0.3"; seed_blend: "2:0.7 | 9:0.3"
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Spec:
 
     name: str  # the bridge's parameter name, e.g. guidance_scale
     address: str  # full OSC address, e.g. /sd/guidance
-    kind: str  # string, float, int, bool, int_list, size, prompt_blend, choice, trigger, cue
+    kind: str  # string, float, int, bool, int_list, size, prompt_blend, seed_blend, choice, trigger, cue
     description: str = ""
     norm_address: str | None = None  # the 0..1 fader form, when there is one
     minimum: float | None = None
@@ -103,10 +104,11 @@ def parameter_page(table: Table) -> list[TDPar]:
     page: list[TDPar] = []
     for spec in table.specs:
         name, label = td_name(spec.name), _label(spec.name)
-        if spec.kind in ("string", "int_list", "size", "prompt_blend"):
+        if spec.kind in TEXT_KINDS:
             default = ",".join(str(v) for v in spec.default) if isinstance(spec.default, tuple) else (spec.default or "")
             help_text = spec.description + {
                 "prompt_blend": f" (as text: 'prompt:weight {BLEND_SEPARATOR} prompt:weight')",
+                "seed_blend": f" (as text: 'seed:weight {BLEND_SEPARATOR} seed:weight', e.g. '2:0.7 {BLEND_SEPARATOR} 9:0.3')",
                 "size": " (as text: '768x432'; empty: the size the bridge started with)",
             }.get(spec.kind, "")
             page.append(TDPar(name, label, "Str", spec.name, default=default, help=help_text))
@@ -170,6 +172,8 @@ def _arguments(spec: Spec, value: Any) -> list | None:
         return parse_size(spec, value)
     if spec.kind == "prompt_blend":
         return parse_prompt_blend(spec, value)
+    if spec.kind == "seed_blend":
+        return parse_seed_blend(spec, value)
     raise ValueError(f"{spec.name}: kind {spec.kind!r} is not handled")
 
 
@@ -219,6 +223,25 @@ def parse_prompt_blend(spec: Spec, text: Any) -> list | None:
     return arguments
 
 
+def parse_seed_blend(spec: Spec, text: Any) -> list | None:
+    """'2:0.7 | 9:0.3' -> [2, 0.7, 9, 0.3]; '' -> None (nothing sent)."""
+    parts = [part.strip() for part in str(text).split(BLEND_SEPARATOR) if part.strip()]
+    if not parts:
+        return None
+    if len(parts) > spec.max_items:
+        raise ValueError(f"{spec.name}: at most {spec.max_items} seeds, got {len(parts)}")
+    arguments: list = []
+    for part in parts:
+        seed, separator, weight = part.partition(":")
+        try:
+            arguments += [int(seed), float(weight)]
+        except ValueError:
+            raise ValueError(f"{spec.name}: {part[:40]!r} must be 'seed:weight', e.g. '2:0.7'") from None
+        if not separator:
+            raise ValueError(f"{spec.name}: {part[:40]!r} must be 'seed:weight', e.g. '2:0.7'")
+    return arguments
+
+
 def snapshot_messages(table: Table, values: dict[str, Any], *, page: list[TDPar] | None = None) -> list[tuple[str, list]]:
     """Every value worth restoring after the bridge (re)starts: stored parameters with a default,
     non-empty texts; never actions (pause, preset). `values` maps TouchDesigner names to values."""
@@ -229,9 +252,9 @@ def snapshot_messages(table: Table, values: dict[str, Any], *, page: list[TDPar]
         spec = table.by_name(par.spec)
         if spec.target != "engine":
             continue
-        if spec.kind in ("string", "prompt_blend", "int_list", "size") and not str(values[par.name]).strip():
+        if spec.kind in TEXT_KINDS and not str(values[par.name]).strip():
             continue
-        if spec.kind not in ("string", "prompt_blend") and spec.default is None:
+        if spec.kind not in ("string", "prompt_blend", "seed_blend") and spec.default is None:
             continue  # e.g. strength: sent when changed, never forced over the configured steps
         messages += osc_messages(table, par, values[par.name])
     return messages
