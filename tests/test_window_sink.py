@@ -20,7 +20,7 @@ from bridge import framecode
 from bridge.frames import Frame, resize_nearest, swizzle
 from bridge.runtime import Runtime, RuntimeConfig
 from bridge.transports import TransportUnavailable, open_sink, parse_spec
-from bridge.transports.base import Sink
+from bridge.transports.base import Sink, run_main_thread_work
 from bridge.transports.testpattern import TestPatternSource
 from bridge.transports.window import WindowSink, check_display
 
@@ -259,8 +259,7 @@ def test_which_platforms_count_as_having_a_display():
     check_display(platform="win32", environ={})
     with pytest.raises(TransportUnavailable, match=r"\$DISPLAY is not set"):
         check_display(platform="linux", environ={})
-    with pytest.raises(TransportUnavailable, match="macOS"):
-        check_display(platform="darwin", environ={"DISPLAY": ":0"})
+    check_display(platform="darwin", environ={})  # Aqua: no X server (the window lives on the main thread)
 
 
 @pytest.mark.skipif(tkinter_missing(), reason="tkinter not installed: apt-get install python3-tk")
@@ -357,6 +356,80 @@ def test_a_runtime_shows_its_output_in_the_window_and_goes_on_when_it_is_closed(
         assert wait_until(lambda: keeping.count >= sent_at_close + 5, 3.0), "the output stopped with the window"
         assert window.frames_sent >= sent_at_close + 5 and runtime.snapshot()["sink_errors"] == 0
     assert not window.running
+
+
+# --- main-thread mode (how macOS must run Tk), here against the same X server
+
+
+def turns(seconds, step=0.02):
+    """The main thread's turns for about `seconds`, as the runtime's wait gives them."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run_main_thread_work(step)
+
+
+def test_main_thread_mode_opens_at_the_first_turn_and_shows_every_size(display):
+    before = len(window_threads())
+    sink = WindowSink(title="main thread", width=32, height=24, main_thread=True)
+    try:
+        assert len(window_threads()) == before  # no thread of its own
+        with pytest.raises(RuntimeError, match="not open yet"):
+            sink.shown_picture()
+        turns(0.05)
+        assert sink.call_in_window(lambda view: view.root.title()) == "main thread"
+        assert shows(sink, np.zeros((24, 32, 3), np.uint8))
+        for index, (height, width) in enumerate([(24, 32), (40, 56), (16, 16)]):
+            expected = picture(height, width, index)
+            sink.send(Frame(expected, "RGB"))
+            turns(0.05)
+            assert shows(sink, expected), (height, width)
+        assert sink.frames_shown == 3 and sink.running
+    finally:
+        sink.close()
+    assert not sink.running
+    with pytest.raises(RuntimeError, match="closed"):
+        sink.shown_picture()
+    turns(0.03)  # released: its turns are over
+    sink.close()
+
+
+def test_main_thread_mode_under_a_runtime_shows_frames_and_survives_closing_by_hand(display):
+    """The runtime's wait on the main thread is what drives the window (sdbridge run on macOS)."""
+    window, keeping = WindowSink(width=128, height=128, main_thread=True), KeepingSink()
+    runtime = Runtime(engine=IdentityEngine(128), open_source=lambda: TestPatternSource(width=128, height=128, fps=30),
+                      sinks=[window, keeping], config=RuntimeConfig(fps=30))
+    with runtime:
+
+        def shows_a_frame_sent():
+            runtime.wait(0.05)
+            shown = window.shown_picture()
+            sequence, _ = framecode.decode(shown)
+            sent = keeping.frames.get(sequence)
+            return shown.any() and sent is not None and np.array_equal(shown, sent)
+
+        runtime.wait(0.1)
+        assert wait_until(shows_a_frame_sent, 5.0, 0.001), "no frame of the runtime reached the window"
+        close_by_hand(window)
+        assert window.user_closed and not window.running
+        sent_at_close = keeping.count
+        runtime.wait(0.5)
+        assert keeping.count >= sent_at_close + 5, "the output stopped with the window"
+        assert window.frames_sent >= sent_at_close + 5 and runtime.snapshot()["sink_errors"] == 0
+
+
+@pytest.mark.skipif(tkinter_missing(), reason="tkinter not installed: apt-get install python3-tk")
+def test_main_thread_mode_that_cannot_open_logs_once_and_takes_frames(monkeypatch, caplog):
+    number = next(n for n in range(4000, 4100) if not os.path.exists(f"/tmp/.X11-unix/X{n}"))
+    monkeypatch.setenv("DISPLAY", f":{number}")
+    sink = WindowSink(main_thread=True)  # opens at the first turn: nothing to raise yet
+    with caplog.at_level(logging.WARNING, logger="bridge.transports.window"):
+        turns(0.05)
+        turns(0.05)
+    assert [record.getMessage().startswith("window: cannot open a window: ") for record in caplog.records] == [True]
+    assert not sink.running
+    sink.send(numbered(1))  # the show goes on
+    assert sink.frames_sent == 1
+    sink.close()
 
 
 X_GONE_PEER = r"""

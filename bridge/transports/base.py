@@ -29,10 +29,18 @@ def needs_main_thread(work: Callable[[float], bool]) -> None:
         _main_thread_work.append(work)
 
 
+def release_main_thread(work: Callable[[float], bool]) -> None:
+    """`work` no longer runs on the main thread (its transport closed)."""
+    if work in _main_thread_work:
+        _main_thread_work.remove(work)
+
+
 def run_main_thread_work(seconds: float) -> bool:
-    """On the main thread: what transports asked to run there, for about `seconds`; False, at
-    once, when none did (the caller then waits its own way)."""
-    return any(work(seconds) for work in list(_main_thread_work))
+    """On the main thread: what transports asked to run there, for about `seconds` in all
+    (shared out: a Syphon directory and a preview window each get their turn); False, at once,
+    when none did (the caller then waits its own way)."""
+    works = list(_main_thread_work)
+    return any([work(seconds / len(works)) for work in works]) if works else False
 
 
 def claim_close(transport) -> bool:

@@ -1,14 +1,18 @@
 """`window[:TITLE]`: an on-screen preview of the output in a Tk window (standard library only).
 
-Tk is used from one thread only: a daemon thread started by the sink creates the interpreter,
-the window and its picture, runs Tk's event loop, and looks for a new frame every few
-milliseconds (`after`). `send` only leaves the frame in a newest-wins slot and returns, so a
-slow or stuck window never holds the output. Closing the window by hand stops the preview,
-not the show: `send` keeps accepting frames and the other sinks keep getting them.
+Tk is used from one thread only. On Windows and Linux a daemon thread started by the sink
+creates the interpreter, the window and its picture, runs Tk's event loop, and looks for a new
+frame every few milliseconds (`after`). macOS creates windows on the main thread only (a window
+made from any other thread aborts the process), so there the sink has no thread of its own: it
+asks for the main thread (transports.base.needs_main_thread), which `sdbridge run` keeps free
+while frames flow, and there creates the window at its first turn and pumps Tk's events and the
+newest frame in each turn (`main_thread=True`). Either way `send` only leaves the frame in a
+newest-wins slot and returns, so a slow or stuck window never holds the output. Closing the
+window by hand stops the preview, not the show: `send` keeps accepting frames and the other
+sinks keep getting them.
 
-Where: Windows, and Linux with an X server (X11 or XWayland). Not macOS: its Tk creates
-windows only on the main thread, and a window made from any other thread aborts the process.
-When the X server goes away under the window, only the preview ends (`_survive_a_lost_display`).
+Where: Windows, Linux with an X server (X11 or XWayland), macOS (not yet run on a Mac). When
+the X server goes away under the window, only the preview ends (`_survive_a_lost_display`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import os
 import queue
 import sys
 import threading
+import time
 
 import numpy as np
 
 from ..frames import Frame, resize_nearest, swizzle
 from ..slots import LatestSlot
-from .base import Sink, TransportUnavailable, claim_close
+from .base import Sink, TransportUnavailable, claim_close, needs_main_thread, release_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,7 @@ def check_display(platform: str | None = None, environ=None) -> None:
     """Raise TransportUnavailable when this OS or session has nowhere to show a window."""
     platform = platform or sys.platform
     environ = os.environ if environ is None else environ
-    if platform == "darwin":
-        raise TransportUnavailable("window: not available on macOS (Tk windows must live on the main thread); "
-                                   "watch the output through ndi or virtualcam")
-    if platform == "win32":
+    if platform in ("win32", "darwin"):  # (macOS: Aqua, no X server needed)
         return
     if not environ.get("DISPLAY") and not environ.get("WAYLAND_DISPLAY"):
         raise TransportUnavailable("window: no display to open a window on ($DISPLAY is not set)")
@@ -144,9 +146,14 @@ class WindowSink(Sink):
 
     `frames_sent` counts `send` calls, `frames_shown` the pictures put on screen, and
     `frames_dropped` those replaced by a newer one before the window got to them.
+
+    `main_thread` (default: on macOS only): drive the window from the main thread's turns
+    (`transports.base.run_main_thread_work`) instead of a thread of its own; the window opens at
+    the first turn, so a failure to open is logged then, not raised here.
     """
 
-    def __init__(self, *, title: str = "sdbridge", scale: float = 1.0, width: int = 512, height: int = 512) -> None:
+    def __init__(self, *, title: str = "sdbridge", scale: float = 1.0, width: int = 512, height: int = 512,
+                 main_thread: bool | None = None) -> None:
         if not isinstance(title, str):
             raise ValueError(f"title: {title!r} must be a string")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_SCALE:
@@ -171,6 +178,13 @@ class WindowSink(Sink):
         self._open_error: str | None = None
         self._show_failed = False
         first_picture = ppm_bytes(np.zeros((height, width, 3), np.uint8), "RGB", self.scale)
+        self._main_thread = sys.platform == "darwin" if main_thread is None else bool(main_thread)
+        self._view: _View | None = None  # main-thread mode: the window, once its first turn made it
+        if self._main_thread:
+            self._tkinter, self._first_picture = tkinter, first_picture
+            self._thread = None
+            needs_main_thread(self._turn)
+            return
         self._thread = threading.Thread(target=self._run, args=(tkinter, first_picture), name="sdbridge-window",
                                         daemon=True)
         self._thread.start()
@@ -192,7 +206,11 @@ class WindowSink(Sink):
 
     @property
     def running(self) -> bool:
-        """True while the GUI thread is alive and its display is there."""
+        """True while the window can show frames (main-thread mode: until it is closed; before
+        the first turn opens it too), or the GUI thread is alive, and its display is there."""
+        if self._main_thread:
+            return not (self._stop.is_set() or self._user_closed.is_set() or self._open_error is not None
+                        or (self._view is not None and self._view.destroyed))
         return self._thread.is_alive() and not _display_lost.is_set()
 
     def send(self, frame: Frame) -> None:
@@ -207,14 +225,26 @@ class WindowSink(Sink):
             return
         self._stop.set()
         self._slot.close()
+        if self._main_thread:  # Tk only on the main thread: destroyed here if this is it, else at its next turn
+            if threading.current_thread() is threading.main_thread():
+                self._turn(0.0)
+            return
         self._thread.join(0.0 if _display_lost.is_set() else CLOSE_TIMEOUT_SECONDS)
         if self._thread.is_alive() and not _display_lost.is_set():  # (parked for good when the display went)
             log.warning("window: the window thread did not end within %g s", CLOSE_TIMEOUT_SECONDS)
 
     def call_in_window(self, function, timeout: float = 1.0):
         """Run `function(view)` on the GUI thread and return what it returns (`view` has `root`,
-        `photo`, `label`). For tests and diagnostics; raises TimeoutError or RuntimeError."""
-        if not self._thread.is_alive():
+        `photo`, `label`). For tests and diagnostics; raises TimeoutError or RuntimeError. In
+        main-thread mode, called on the main thread it runs at once (the window must be open)."""
+        if self._main_thread:
+            if threading.current_thread() is threading.main_thread():
+                if self._view is None or self._view.destroyed:
+                    raise RuntimeError("window: the window is closed" if self._view else "window: not open yet")
+                return function(self._view)
+            if not self.running:
+                raise RuntimeError("window: the window is closed")
+        elif not self._thread.is_alive():
             raise RuntimeError("window: the window is closed")
         request = _Request(function)
         self._requests.put(request)
@@ -231,7 +261,60 @@ class WindowSink(Sink):
         width, height = (int(value) for value in size.split())
         return np.frombuffer(pixels, np.uint8).reshape(height, width, 3)
 
-    # --- everything below runs on the GUI thread
+    # --- everything below runs on the GUI thread (main-thread mode: on the main thread)
+
+    def _turn(self, seconds: float) -> bool:
+        """Main-thread mode, the main thread's turn: open the window the first time, then for
+        about `seconds` answer requests, show the newest frame and run Tk's events, every
+        POLL_MILLISECONDS. False, at once, when there is nothing to do (closed, failed) or this
+        is not the main thread (the runtime's wait may run anywhere; Tk must stay on one thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if self._stop.is_set():
+            if self._view is not None:
+                self._view.destroy()
+            self._fail_requests()
+            release_main_thread(self._turn)
+            return False
+        if self._open_error is not None or self._user_closed.is_set():
+            return False
+        view = self._view or self._open_on_main_thread()
+        if view is None:
+            return False
+        deadline = time.monotonic() + seconds
+        while not view.destroyed:
+            try:
+                self._serve_requests(view)
+                frame = self._slot.take(timeout=0)
+                if frame is not None:
+                    self._show(view, frame)
+                view.root.update()  # Tk's events: drawing, moves, the close button
+            except self._tkinter.TclError as exc:  # the window went away under it
+                if not view.destroyed:
+                    log.warning("window: the window failed: %s", exc)
+                    view.destroyed = True
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                break
+            time.sleep(min(POLL_MILLISECONDS / 1000.0, remaining))
+        if view.destroyed:
+            self._fail_requests()
+        return True
+
+    def _open_on_main_thread(self) -> _View | None:
+        tkinter = self._tkinter
+        try:
+            root = _new_root(tkinter)
+            view = _View(tkinter, root, self.title, self._first_picture)
+        except Exception as exc:  # (an Aqua or X failure): the preview is off, the show goes on
+            self._open_error = " ".join(str(exc).split()) or type(exc).__name__
+            log.warning("window: cannot open a window: %s; the output goes on to the other sinks", self._open_error)
+            self._fail_requests()
+            return None
+        root.protocol("WM_DELETE_WINDOW", lambda: self._on_user_close(view))
+        self._view = view
+        return view
 
     def _run(self, tkinter, first_picture: bytes) -> None:
         try:
