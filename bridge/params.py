@@ -491,8 +491,8 @@ def apply_pending(store: ParameterStore, engine) -> None:
     if not changes:
         return
     prompts = {name: changes.pop(name) for name in PROMPT_NAMES if name in changes}
-    if prompts:
-        _apply_prompts(store, engine, prompts)
+    if prompts:  # with the transition sent beside them, if any (it applies to them, not to the next)
+        _apply_prompts(store, engine, prompts, transition=changes.get("prompt_transition"))
     if store.readier is not None:
         changes = _route(store, engine, changes)
     if not changes:
@@ -541,10 +541,11 @@ def _restore(engine, before) -> str:
     return "; previous settings restored" if restored else ""
 
 
-def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any]) -> None:
+def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any], *, transition: float | None = None) -> None:
     """The prompt side as one change: a plain prompt or a blend (whichever was set last; the
     store keeps one of them), with the negative prompt and blend method kept when not given."""
     applied = store.applied
+    fade = {} if transition is None else {"transition": transition}  # (an engine without transitions takes none)
     negative = prompts.get("negative_prompt", applied.get("negative_prompt"))
     if "prompt" in prompts:
         blend = None
@@ -553,9 +554,9 @@ def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any]) -> No
     try:
         if blend is not None:
             method = prompts.get("prompt_blend_method", applied.get("prompt_blend_method", "linear"))
-            engine.set_prompt_blend(list(blend), negative_prompt=negative, method=method)
+            engine.set_prompt_blend(list(blend), negative_prompt=negative, method=method, **fade)
         else:
-            engine.set_prompt(prompts.get("prompt", applied.get("prompt", "")), negative_prompt=negative)
+            engine.set_prompt(prompts.get("prompt", applied.get("prompt", "")), negative_prompt=negative, **fade)
     except Exception as exc:
         for name, value in prompts.items():
             store.report_rejected(name, value, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")

@@ -67,6 +67,7 @@ class RunSettings:
     seed: int | None = None
     prompt: str = ""
     negative_prompt: str | None = None
+    prompt_transition: float | None = None  # seconds a prompt change fades in (None: the engine's, 0)
     similarity_filter: bool | None = None
     similarity_threshold: float | None = None
     backend: str = "eager"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .noise import MAX_SEEDS
+from .prompts import MAX_TRANSITION_SECONDS
 
 MODES = ("img2img", "txt2img")
 CFG_TYPES = ("none", "full", "self", "initialize")
@@ -73,6 +74,7 @@ class StreamConfig:
     delta: float = 1.0  # RCFG: scale of the virtual residual noise used as the negative prediction
     seed: int = 2  # seeds the stream's noise (unless seed_blend is given) and the similarity filter's draws
     seed_blend: tuple[tuple[int, float], ...] = ()  # (seed, weight) pairs: the noise blended from them (pipeline/noise.py); () uses `seed`
+    prompt_transition: float = 0.0  # seconds a new prompt (or blend) takes to fade in from the one shown; 0: at once
     similarity_filter: bool = False  # skip frames that are nearly the same as the last processed one
     similarity_threshold: float = 0.98  # cosine similarity above which skipping becomes possible, in [0, 1)
     similarity_max_skip: int = 10  # at most this many consecutive frames skipped
@@ -129,6 +131,9 @@ class StreamConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: {self.seed!r} must be a non-negative integer")
         self._validate_seed_blend()
+        if not _is_number(self.prompt_transition) or not 0.0 <= self.prompt_transition <= MAX_TRANSITION_SECONDS:
+            raise ValueError(f"prompt_transition: {self.prompt_transition!r} must be a number of seconds in "
+                             f"0..{MAX_TRANSITION_SECONDS:g}")
         if not _is_number(self.similarity_threshold) or not 0.0 <= self.similarity_threshold < 1.0:
             raise ValueError(f"similarity_threshold: {self.similarity_threshold!r} must be in [0, 1)")
         if not _is_int(self.similarity_max_skip) or not 0 <= self.similarity_max_skip <= 10_000:

@@ -63,6 +63,16 @@ class PromptEncoder:
 
 
 BLEND_METHODS = ("linear", "slerp")
+MAX_TRANSITION_SECONDS = 60.0
+
+
+def transition_weight(elapsed: float, seconds: float) -> float:
+    """How far a prompt transition of `seconds` is after `elapsed` seconds: 0 at the start, 1 at
+    the end and after, eased in and out (smoothstep: no jolt when it starts or lands)."""
+    if seconds <= 0.0 or elapsed >= seconds:
+        return 1.0
+    x = max(0.0, elapsed / seconds)
+    return x * x * (3.0 - 2.0 * x)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

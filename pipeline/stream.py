@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,7 +28,7 @@ from .faults import output_faults
 from .guidance import RULES, unet_batches, unet_calls
 from .models import Components
 from .noise import blended_noise, seeded_noise
-from .prompts import PromptEncoder, blend_embeddings
+from .prompts import MAX_TRANSITION_SECONDS, PromptEncoder, blend_embeddings, transition_weight
 from .schedule import StepCoefficients, step_coefficients
 from .similarity import SimilarityFilter
 from .step_math import PLAIN
@@ -48,7 +49,7 @@ def _stage(name: str):
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
-        "guidance_scale", "delta", "seed", "seed_blend", "t_index_list", "num_inference_steps", "cfg_type",
+        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "t_index_list", "num_inference_steps", "cfg_type",
         "similarity_filter", "similarity_threshold", "similarity_max_skip", "width", "height",
     }
 )
@@ -78,6 +79,16 @@ class StreamState:
     last_output: torch.Tensor | None = None  # (b, 3, H, W) in [-1, 1]: the last good output
     undecoded: torch.Tensor | None = None  # (b, 4, h, w): overlap_decode: the last x_0, decoded by the next step
     encoded: torch.Tensor | None = None  # (b, 4, h, w): overlap_encode: the last frame's latents, the next UNet's
+
+
+@dataclass(frozen=True)
+class _Transition:
+    """A prompt change fading in: from the prompt side shown when it began to its target."""
+
+    start: "_PromptState"
+    target: "_PromptState"
+    began: float  # StreamDiffusion.clock() when it began
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,8 @@ class StreamDiffusion:
         self._math_ran: set[tuple] = set()
         self.config = config
         self._configure(config, previous=None)
+        self.clock = time.monotonic  # what prompt transitions are timed by (a test may set its own)
+        self._transition: _Transition | None = None
         self.set_prompt("")
         self.warm_up()
 
@@ -227,18 +240,25 @@ class StreamDiffusion:
             return blended_noise(shape, config.seed_blend, device=config.device, dtype=config.dtype)
         return seeded_noise(shape, config.seed, device=config.device, dtype=config.dtype)
 
-    def set_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
-        """Use these prompts from the next frame on (encoded once, cached; no reload)."""
+    def set_prompt(self, prompt: str, negative_prompt: str | None = None, *, transition: float | None = None) -> None:
+        """Use these prompts from the next frame on (encoded once, cached; no reload).
+
+        `transition`: seconds the change takes, fading from the prompt shown to this one (None:
+        `config.prompt_transition`; see `_switch_prompt`)."""
+        seconds = self._transition_seconds(transition)
         negative_prompt = "" if negative_prompt is None else negative_prompt
         cond = self.prompts.encode(prompt)  # (1, 77, D)
         uncond = self.prompts.encode(negative_prompt)  # (1, 77, D)
         self.prompt, self.negative_prompt = prompt, negative_prompt
-        self._prompt_state = _PromptState(uncond, cond)
+        self._switch_prompt(_PromptState(uncond, cond), seconds)
 
     def set_prompt_blend(
-        self, prompts: list[tuple[str, float]], *, negative_prompt: str | None = None, method: str = "linear"
+        self, prompts: list[tuple[str, float]], *, negative_prompt: str | None = None, method: str = "linear",
+        transition: float | None = None,
     ) -> None:
-        """Blend several weighted prompts' embeddings ("linear" mean or "slerp") from the next frame on."""
+        """Blend several weighted prompts' embeddings ("linear" mean or "slerp") from the next frame
+        on (`transition` as for `set_prompt`)."""
+        seconds = self._transition_seconds(transition)
         if not isinstance(prompts, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in prompts
         ):
@@ -255,7 +275,45 @@ class StreamDiffusion:
         uncond = self.prompts.encode(negative_prompt)
         self.prompt = " | ".join(f"{prompt}:{weight:g}" for prompt, weight in prompts)
         self.negative_prompt = negative_prompt
-        self._prompt_state = _PromptState(uncond, cond)
+        self._switch_prompt(_PromptState(uncond, cond), seconds)
+
+    def _transition_seconds(self, transition: float | None) -> float:
+        if transition is None:
+            return self.config.prompt_transition
+        if not isinstance(transition, (int, float)) or isinstance(transition, bool) or not (
+            0.0 <= transition <= MAX_TRANSITION_SECONDS
+        ):
+            raise ValueError(f"transition: {transition!r} must be a number of seconds in 0..{MAX_TRANSITION_SECONDS:g}")
+        return float(transition)
+
+    def _switch_prompt(self, target: _PromptState, seconds: float) -> None:
+        """Show `target` from the next frame on: at once, or over `seconds` from the prompt shown
+        now (a blend, if a transition was under way: a change during a transition never jumps),
+        eased in and out, by the clock `self.clock` (time.monotonic). Before the first frame a
+        change is immediate: there is no picture to fade from."""
+        if seconds > 0.0 and self._counts["frames_in"] > 0:
+            self._transition = _Transition(self._prompt_state, target, self.clock(), seconds)
+        else:
+            self._transition = None
+            self._prompt_state = target
+
+    def _advance_transition(self) -> None:
+        """Before a frame: the prompt side at this moment of a transition (its end: the target)."""
+        transition = self._transition
+        if transition is None:
+            return
+        weight = transition_weight(self.clock() - transition.began, transition.seconds)
+        if weight >= 1.0:
+            self._prompt_state, self._transition = transition.target, None
+            return
+        start, target = transition.start, transition.target
+        uncond = target.uncond if start.uncond is target.uncond else torch.lerp(start.uncond, target.uncond, weight)
+        self._prompt_state = _PromptState(uncond, torch.lerp(start.cond, target.cond, weight))
+
+    @property
+    def in_transition(self) -> bool:
+        """True while a prompt change is fading in."""
+        return self._transition is not None
 
     def prepare_prompt(self, prompt: str) -> None:
         """Encode and cache `prompt` now. Thread-safe: a control thread can call it so that the
@@ -520,6 +578,7 @@ class StreamDiffusion:
         between two submits (`update`, `set_prompt`) apply from the second one on."""
         if self.config.mode != "img2img":
             raise ValueError("mode: this stream is 'txt2img'; call txt2img() (it takes no input frame)")
+        self._advance_transition()
         frame = as_tensor(frame)
         kind = frame_kind(frame, self.config.frame_buffer_size)
         config = self.config
@@ -614,6 +673,7 @@ class StreamDiffusion:
     def txt2img(self):
         """One generated frame as uint8 (H, W, 3) numpy RGB; (b, H, W, 3) when frame_buffer_size b > 1."""
         b = self.config.frame_buffer_size
+        self._advance_transition()
         self._counts["frames_in"] += 1
         output = self._finish(self._denoise(latents=None), fallback=None)
         self._counts["frames_processed"] += 1

@@ -40,6 +40,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, help="noise seed")
     add("--prompt", help="the prompt")
     add("--negative-prompt", dest="negative_prompt", help="the negative prompt")
+    add("--prompt-transition", dest="prompt_transition", type=float, metavar="SECONDS",
+        help="seconds a prompt change takes to fade in from the prompt shown (default 0: at once)")
     add("--similarity-filter", dest="similarity_filter", action=argparse.BooleanOptionalAction, default=None,
         help="skip nearly unchanged frames")
     add("--similarity-threshold", dest="similarity_threshold", type=float, help="similarity above which to skip")
