@@ -73,7 +73,7 @@ class StreamConfig:
     guidance_scale: float = 1.2  # CFG scale; guidance is off at 1.0 or below
     delta: float = 1.0  # RCFG: scale of the virtual residual noise used as the negative prediction
     seed: int = 2  # seeds the stream's noise (unless seed_blend is given) and the similarity filter's draws
-    seed_blend: tuple[tuple[int, float], ...] = ()  # (seed, weight) pairs: the noise blended from them (pipeline/noise.py); () uses `seed`
+    seed_blend: tuple[tuple[int, float], ...] = ()  # (seed, weight) pairs: their noise blended (pipeline/noise.py)
     prompt_transition: float = 0.0  # seconds a new prompt (or blend) takes to fade in from the one shown; 0: at once
     similarity_filter: bool = False  # skip frames that are nearly the same as the last processed one
     similarity_threshold: float = 0.98  # cosine similarity above which skipping becomes possible, in [0, 1)

@@ -54,8 +54,9 @@ def sample_value(spec):
     if spec.kind in ("float", "int"):
         middle = spec.minimum + (min(spec.maximum, 1000) - spec.minimum) / 3
         return round(middle) if spec.kind == "int" else middle
-    return {"string": "a watercolor city", "bool": True, "int_list": "10, 20", "size": "768x432", "prompt_blend": "a castle:0.7 | a forest:0.3",
-            "seed_blend": "2:0.7 | 9:0.3", "choice": spec.choices[-1] if spec.choices else "", "trigger": 1, "cue": 7}.get(spec.kind)
+    return {"string": "a watercolor city", "bool": True, "int_list": "10, 20", "size": "768x432",
+            "prompt_blend": "a castle:0.7 | a forest:0.3", "seed_blend": "2:0.7 | 9:0.3",
+            "choice": spec.choices[-1] if spec.choices else "", "trigger": 1, "cue": 7}.get(spec.kind)
 
 
 # ------------------------------------------------------------------ the table -> page, every entry

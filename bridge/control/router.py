@@ -169,7 +169,8 @@ class Router:
                 continue
             except ValueError as exc:
                 self._count("rejected")
-                self._refuse(f"rejected {param.name}", sender, f"{message.address[:64]} ,{message.typetags[:16]}: {exc}")
+                text = f"{message.address[:64]} ,{message.typetags[:16]}: {exc}"
+                self._refuse(f"rejected {param.name}", sender, text)  # per parameter: one bad fader hides no other
                 continue
             if param.target == "runtime" and param.name == "preset":
                 self._recall(value, sender, values)

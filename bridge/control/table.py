@@ -294,7 +294,8 @@ def _seed_blend(param: Param, args: tuple) -> tuple[tuple[int, float], ...]:
     """Pairs (seed, weight); seeds whole numbers in 0..INT32_MAX (refused outside: another seed
     is another picture), weights clamped to 0..1, at least one above 0."""
     if not args or len(args) % 2 or len(args) // 2 > param.max_items:
-        raise ValueError(f"{param.name}: expects 1 to {param.max_items} (seed, weight) pairs, got {len(args)} arguments")
+        raise ValueError(f"{param.name}: expects 1 to {param.max_items} (seed, weight) pairs, "
+                         f"got {len(args)} arguments")
     pairs = []
     for seed, weight in zip(args[::2], args[1::2]):
         whole = _whole(param, _number(param, seed))

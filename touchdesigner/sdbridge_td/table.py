@@ -108,7 +108,8 @@ def parameter_page(table: Table) -> list[TDPar]:
             default = ",".join(str(v) for v in spec.default) if isinstance(spec.default, tuple) else (spec.default or "")
             help_text = spec.description + {
                 "prompt_blend": f" (as text: 'prompt:weight {BLEND_SEPARATOR} prompt:weight')",
-                "seed_blend": f" (as text: 'seed:weight {BLEND_SEPARATOR} seed:weight', e.g. '2:0.7 {BLEND_SEPARATOR} 9:0.3')",
+                "seed_blend": f" (as text: 'seed:weight {BLEND_SEPARATOR} seed:weight', "
+                              f"e.g. '2:0.7 {BLEND_SEPARATOR} 9:0.3')",
                 "size": " (as text: '768x432'; empty: the size the bridge started with)",
             }.get(spec.kind, "")
             page.append(TDPar(name, label, "Str", spec.name, default=default, help=help_text))
