@@ -51,6 +51,9 @@
 #          frame's encode beside the previous frame's UNet), graph_check of both, sd-turbo with both, sd15 with
 #          --overlap-encode alone (about 9 min on a fresh machine: BUDGET=560); the defaults and both with
 #          --profile: the GPU's busy time and how much of the kernels' time ran side by side
+#   transition: prompt changes that fade in (--prompt-transition 0.4: every frame of a fade builds its cross-attention
+#          K/V outside the step graph) against cuts, sd-turbo and sd15 compiled at 60 fps (issue 5: no frame later
+#          than two periods)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -300,11 +303,18 @@ case "$PART" in
       pack
     done
     ;;
+  transition)  # prompt changes fading in over 0.4 s (each frame of a fade: new K/V, copied into the graph's buffers)
+    bench 180 sd_turbo_1step_compiled_step_transition $TURBO --backend compiled --frames 300 --warmup 30 \
+      --time-limit 5 --prompt-changes 8 --prompt-transition 0.4
+    bench 60 sd_turbo_1step_compiled_step_cut $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 5 \
+      --prompt-changes 8
+    sd15_step 170 sd15_4step_self_compiled_step_transition --prompt-changes 8 --prompt-transition 0.4
+    ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap, transition)"; exit 2 ;;
 esac
 
 python3 - "$WORK" <<'PY'

@@ -57,6 +57,7 @@ class BenchSettings:
     # A result reports what ran.
     overlap_decode: bool = False  # each frame's decode beside the next frame's step (one frame later out)
     overlap_encode: bool = False  # each frame's encode beside the previous frame's UNet (one frame later out)
+    prompt_transition: float = 0.0  # seconds each prompt change fades in (measured by prompt_changes)
     # "eager": where the backend captures no step graph (a CPU), the step graph's replay on the CPU,
     # so that a dry run of a GPU script goes through the step graph's path (buffers, fill, replay)
     step_graph_replay: str | None = None
@@ -200,6 +201,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         frame_buffer_size=settings.frame_buffer_size, similarity_filter=settings.similarity_filter,
         kv_cache=settings.kv_cache, text_encoder_graph=settings.text_encoder_graph,
         overlap_decode=settings.overlap_decode, overlap_encode=settings.overlap_encode,
+        prompt_transition=settings.prompt_transition,
     )
     if components is None:
         started = time.perf_counter()

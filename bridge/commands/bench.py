@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                         help="also run the engine through the runtime's threads (testpattern -> null): the overhead per frame")
     parser.add_argument("--prompt-changes", type=int, default=0, metavar="N",
                         help="also change the prompt N times through the runtime at 60 fps: the largest gap between frames")
+    parser.add_argument("--prompt-transition", type=float, default=0.0, metavar="SECONDS",
+                        help="each prompt change fades in over this time (with --prompt-changes: the gaps while "
+                             "fading, each frame's cross-attention K/V built outside the step graph)")
     parser.add_argument("--size-changes", type=int, default=0, metavar="N",
                         help="also switch the size N times through the runtime at 60 fps (/sd/resolution's path), "
                              "between --width x --height and --other-size, readied at start: the largest gap")
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv, overlap_decode=args.overlap_decode,
             overlap_encode=args.overlap_encode, step_graph_replay=args.step_graph_replay,
+            prompt_transition=args.prompt_transition,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -280,7 +284,8 @@ def format_table(results: list[dict]) -> str:
                 lines.append(f"{'':<9} CPU ms per processed frame by thread: {cpu}")
         if "prompt_changes" in r:
             c = r["prompt_changes"]
-            lines.append(_changes_line(c, "prompt changes", "prompt", c["last_prompt_applied"]))
+            fading = f" (each fading in over {r['prompt_transition']:g} s)" if r.get("prompt_transition") else ""
+            lines.append(_changes_line(c, "prompt changes" + fading, "prompt", c["last_prompt_applied"]))
         if "size_changes" in r:
             c = r["size_changes"]
             lines.append(_changes_line(c, f"size changes ({' <-> '.join(c['sizes'][:2])})", "size", c["last_applied"]))
