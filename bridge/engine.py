@@ -19,7 +19,8 @@ def stream_config(settings: RunSettings):
     """The engine's StreamConfig (validated there: a bad value raises ValueError naming it)."""
     from pipeline import StreamConfig, t_index_list_from_strength
 
-    values = {"width": settings.width, "height": settings.height, "device": settings.device, "dtype": settings.dtype,
+    values = {"width": settings.width, "height": settings.height, "mode": settings.mode,
+              "device": settings.device, "dtype": settings.dtype,
               "overlap_decode": settings.overlap_decode, "overlap_encode": settings.overlap_encode}
     optional = {
         "cfg_type": settings.cfg, "guidance_scale": settings.guidance, "delta": settings.delta, "seed": settings.seed,

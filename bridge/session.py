@@ -20,6 +20,7 @@ from .runtime import Runtime, RuntimeConfig
 from .settings import RunSettings
 from .telemetry import status_line
 from .transports import TransportUnavailable, open_sink, open_source
+from .transports.base import Source, SourceLost
 
 log = logging.getLogger("bridge")
 
@@ -150,7 +151,7 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
             if stop_on_stdin_eof:  # inside the try: an end of input already there aborts loading here
                 watch_stdin_for_eof(lambda: signals.request_from_thread(signal.SIGTERM))
             config = _stream_config(settings)
-            sinks, first_source = _open_transports(settings, config.width, config.height)
+            sinks, first_source = _open_transports(settings, config.width, config.height, txt2img=config.mode == "txt2img")
             plane = _start_control(settings, store, live)
             engine = _build_engine(settings, config)
             _check_preset_sizes(settings, engine)
@@ -177,7 +178,8 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
         started = time.monotonic()
         try:
             runtime.start()
-            log.info("running: %s -> %s (%dx%d, %s) -> %s; Ctrl+C stops", settings.source, settings.model,
+            origin = "txt2img" if config.mode == "txt2img" else settings.source
+            log.info("running: %s -> %s (%dx%d, %s) -> %s; Ctrl+C stops", origin, settings.model,
                      config.width, config.height, runtime.telemetry.backend, ", ".join(settings.sink))
             _watch(runtime, stream, settings.status)
         finally:
@@ -269,12 +271,31 @@ def _stream_config(settings: RunSettings):
         raise UserError(str(exc)) from None
 
 
-def _open_transports(settings: RunSettings, width: int, height: int):
-    """(sinks, source), or UserError with the transport's one-line reason."""
+class NoInput(Source):
+    """txt2img's source: nothing to read (the engine makes its pictures from the prompt alone)."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    def read(self, timeout: float = 0.1):
+        if self._closed.wait(max(timeout, 0.0)):
+            raise SourceLost("closed")
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _open_transports(settings: RunSettings, width: int, height: int, *, txt2img: bool = False):
+    """(sinks, source), or UserError with the transport's one-line reason. txt2img: no source
+    is opened (NoInput stands in: the runtime's capture thread then reads nothing)."""
     sinks = []
     try:
         for spec in settings.sink:
             sinks.append(open_sink(spec, width=width, height=height, fps=settings.fps))
+        if txt2img:
+            log.info("txt2img: pictures from the prompt alone, at most %g a second; no source is read", settings.fps)
+            return sinks, NoInput()
         return sinks, open_source(settings.source, fps=settings.fps)
     except (TransportUnavailable, ValueError) as exc:
         _close_all(sinks, None)
@@ -298,7 +319,9 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: Par
     opened = [first_source]
 
     def source_factory():
-        return opened.pop() if opened else open_source(settings.source, fps=settings.fps)
+        if opened:
+            return opened.pop()
+        return NoInput() if isinstance(first_source, NoInput) else open_source(settings.source, fps=settings.fps)
 
     config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
                            duration=settings.duration)

@@ -33,6 +33,8 @@ from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
 from .control.table import check_presets
 from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
+
+MODES = ("img2img", "txt2img")  # as pipeline.StreamConfig's (not imported here: it would load torch)
 from .transports import parse_spec
 
 
@@ -49,7 +51,8 @@ MAX_FPS = 1000.0  # the runtime's limit
 class RunSettings:
     """Everything one run needs. None for an engine setting means the engine's default."""
 
-    source: str = "testpattern"  # where frames come from (see bridge.transports)
+    source: str = "testpattern"  # where frames come from (see bridge.transports); txt2img reads none
+    mode: str = "img2img"  # img2img (the source's frames turned by the prompt) or txt2img (the prompt alone)
     sink: tuple[str, ...] = ()  # where frames go; several allowed
     model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
@@ -141,6 +144,8 @@ class RunSettings:
             value = getattr(self, name)
             if not 0 < value <= MAX_SIZE:
                 raise ValueError(f"{name}: {value!r} must be a positive multiple of 8 up to {MAX_SIZE}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(MODES)}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: {self.fallback!r} must be one of {', '.join(FALLBACKS)}")
         for name in ("fps", "duration"):

@@ -214,11 +214,23 @@ class _Inference:
         self.guard = EngineGuard(engine=engine, telemetry=shared.telemetry, params=shared.params,
                                  holding=lambda: _holding_output(shared))
         self.txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
+        self.due = 0.0  # txt2img: when the next picture is due (time.monotonic; see `_txt2img_due`)
         self.origins = Origins(engine)
         self.processed = self.skipped_so_far = 0
         from .engine import backend_label  # here, as in runtime.py: bridge.settings imports the runtime
 
         self.backend_label = backend_label
+
+    def _txt2img_due(self) -> bool:
+        """txt2img: whether a picture is due now (at most the output's fps of them: with no input to
+        wait for, the engine would otherwise make pictures as fast as it can, most of them never
+        sent); else wait a little (at most 50 ms, so parameters still apply between waits)."""
+        now, period = time.monotonic(), 1.0 / self.shared.config.fps
+        if now < self.due:
+            self.shared.stop.wait(min(self.due - now, 0.05))
+            return False
+        self.due = max(self.due + period, now)  # an engine slower than fps: the next one at once
+        return True
 
     def step(self) -> bool:
         """Parameters, then one frame through the engine into the output slot; False when done."""
@@ -243,7 +255,9 @@ class _Inference:
             telemetry.state = "running"
         size = current_format(shared)  # after the parameters: a new size applies from this frame
         expected_shape = (size.height, size.width, 3)
-        if self.txt2img:  # 2. the input frame (txt2img has none)
+        if self.txt2img:  # 2. the input frame (txt2img has none: its pictures are paced to the output's fps)
+            if not self._txt2img_due():
+                return True
             frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), self.processed)
         else:
             frame = shared.input_slot.take(timeout=0.05)

@@ -2,6 +2,7 @@
 and the tiny random-weight model; plus settings merging and one-line errors."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,26 @@ def test_a_clip_through_run_into_a_file(tmp_path):
     assert frames[0].shape == (64, 64, 3)
     assert any(not np.array_equal(frames[0], f) for f in frames[1:])
     assert "processed" in result.stdout
+
+
+def test_txt2img_runs_from_the_prompt_alone_paced_to_the_output_rate(tmp_path):
+    """--mode txt2img: no source opened (a camera that does not exist is never touched), pictures
+    at most --fps a second (unpaced, the tiny model makes several times as many), each new."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    result = sdbridge("run", "--mode", "txt2img", "--source", "camera:97", "--sink", f"file:{frames}/%05d.png", *TINY,
+                      "--fps", "8", "--duration", "3", "--prompt", "a red fox")
+    assert result.returncode == 0, result.stderr
+    assert "txt2img: pictures from the prompt alone" in result.stderr
+    assert "running: txt2img -> random:tiny" in result.stderr
+    processed = int(re.search(r"(\d+) processed", result.stdout).group(1))
+    assert 8 <= processed <= 8 * 3 + 4, result.stdout  # paced: about 24 in 3 s
+    pictures = []
+    for path in sorted(frames.iterdir())[:6]:
+        with av.open(str(path)) as container:
+            pictures.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
+    assert len(pictures) == 6 and pictures[0].shape == (64, 64, 3)
+    assert len({picture.tobytes() for picture in pictures}) > 1  # new pictures, not one repeated
 
 
 @pytest.mark.slow

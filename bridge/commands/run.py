@@ -29,6 +29,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="a single .safetensors checkpoint's configs: a diffusers folder (offline) or hub id")
     add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
         help="allow pickle weights (.ckpt/.bin/.pt); they can run code")
+    add("--mode", choices=("img2img", "txt2img"),
+        help="img2img (default): the source's frames turned by the prompt; txt2img: pictures from the prompt "
+             "alone, at most --fps a second, no source read")
     add("--width", type=int, help="processing and output width (a multiple of 64 for the SD models)")
     add("--height", type=int, help="processing and output height (a multiple of 64 for the SD models)")
     add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")
