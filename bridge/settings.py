@@ -53,6 +53,7 @@ class RunSettings:
 
     source: str = "testpattern"  # where frames come from (see bridge.transports); txt2img reads none
     mode: str = "img2img"  # img2img (the source's frames turned by the prompt) or txt2img (the prompt alone)
+    txt2img_noise: str | None = None  # txt2img: "new" noise each frame (the default) or the "seed"'s: a still picture
     sink: tuple[str, ...] = ()  # where frames go; several allowed
     model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)

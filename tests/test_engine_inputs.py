@@ -102,6 +102,23 @@ def test_txt2img_mode_refuses_frames_and_generates(tiny_components):
     assert not np.array_equal(frames[1], frames[2])  # fresh noise every frame
 
 
+def test_txt2img_from_the_seeds_noise_is_a_still_picture_that_morphs_with_a_seed_blend(tiny_components):
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", mode="txt2img", t_index_list=(0, 30),
+                          txt2img_noise="seed")
+    engine = StreamDiffusion(tiny_components, config)
+    frames = [engine.txt2img() for _ in range(4)]
+    assert np.array_equal(frames[2], frames[3])  # once the frames in flight are its own: the same picture
+    engine.update(seed_blend=[(2, 0.5), (9, 0.5)])
+    halfway = [engine.txt2img() for _ in range(3)][-1]
+    engine.update(seed=9)
+    nine = [engine.txt2img() for _ in range(3)][-1]
+    assert not np.array_equal(halfway, frames[3]) and not np.array_equal(halfway, nine)
+    engine.update(txt2img_noise="new")
+    assert not np.array_equal(engine.txt2img(), engine.txt2img())
+    with pytest.raises(ValueError, match="txt2img_noise: 'fixed' must be one of new, seed"):
+        engine.update(txt2img_noise="fixed")
+
+
 def test_size_that_does_not_fit_the_model(tiny_components):
     with pytest.raises(ValueError, match="width: 72 must be a multiple of 16"):
         StreamDiffusion(tiny_components, StreamConfig(width=72, height=64, device="cpu"))

@@ -32,6 +32,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--mode", choices=("img2img", "txt2img"),
         help="img2img (default): the source's frames turned by the prompt; txt2img: pictures from the prompt "
              "alone, at most --fps a second, no source read")
+    add("--txt2img-noise", dest="txt2img_noise", choices=("new", "seed"),
+        help="txt2img: new noise each frame (default: a new picture each frame), or the seed's (a still "
+             "picture that changes as the prompt or the seed do: with --prompt-transition or /sd/seed_blend, "
+             "it morphs)")
     add("--width", type=int, help="processing and output width (a multiple of 64 for the SD models)")
     add("--height", type=int, help="processing and output height (a multiple of 64 for the SD models)")
     add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")
