@@ -204,15 +204,18 @@ def parse_size(spec: Spec, text: Any) -> list[int] | None:
     return values
 
 
+def _blend_parts(spec: Spec, text: Any, noun: str) -> list[str] | None:
+    """The 'x:weight | y:weight' text's parts, stripped; None when there are none."""
+    parts = [part.strip() for part in str(text).split(BLEND_SEPARATOR) if part.strip()]
+    if len(parts) > spec.max_items:
+        raise ValueError(f"{spec.name}: at most {spec.max_items} {noun}, got {len(parts)}")
+    return parts or None
+
+
 def parse_prompt_blend(spec: Spec, text: Any) -> list | None:
     """'a castle:0.7 | a forest:0.3' -> ['a castle', 0.7, 'a forest', 0.3]; '' -> None (nothing sent)."""
-    parts = [part.strip() for part in str(text).split(BLEND_SEPARATOR) if part.strip()]
-    if not parts:
-        return None
-    if len(parts) > spec.max_items:
-        raise ValueError(f"{spec.name}: at most {spec.max_items} prompts, got {len(parts)}")
     arguments: list = []
-    for part in parts:
+    for part in _blend_parts(spec, text, "prompts") or ():
         prompt, separator, weight = part.rpartition(":")
         try:
             number = float(weight) if separator else None
@@ -221,26 +224,21 @@ def parse_prompt_blend(spec: Spec, text: Any) -> list | None:
         if number is None or not prompt.strip():
             raise ValueError(f"{spec.name}: {part[:40]!r} must be 'prompt:weight', e.g. 'a castle:0.7'")
         arguments += [prompt.strip(), number]
-    return arguments
+    return arguments or None
 
 
 def parse_seed_blend(spec: Spec, text: Any) -> list | None:
     """'2:0.7 | 9:0.3' -> [2, 0.7, 9, 0.3]; '' -> None (nothing sent)."""
-    parts = [part.strip() for part in str(text).split(BLEND_SEPARATOR) if part.strip()]
-    if not parts:
-        return None
-    if len(parts) > spec.max_items:
-        raise ValueError(f"{spec.name}: at most {spec.max_items} seeds, got {len(parts)}")
     arguments: list = []
-    for part in parts:
+    for part in _blend_parts(spec, text, "seeds") or ():
         seed, separator, weight = part.partition(":")
         try:
+            if not separator:
+                raise ValueError(part)
             arguments += [int(seed), float(weight)]
         except ValueError:
             raise ValueError(f"{spec.name}: {part[:40]!r} must be 'seed:weight', e.g. '2:0.7'") from None
-        if not separator:
-            raise ValueError(f"{spec.name}: {part[:40]!r} must be 'seed:weight', e.g. '2:0.7'")
-    return arguments
+    return arguments or None
 
 
 def snapshot_messages(table: Table, values: dict[str, Any], *, page: list[TDPar] | None = None) -> list[tuple[str, list]]:
