@@ -303,11 +303,16 @@ class WindowSink(Sink):
         return True
 
     def _open_on_main_thread(self) -> _View | None:
-        tkinter = self._tkinter
+        tkinter, root = self._tkinter, None
         try:
             root = _new_root(tkinter)
             view = _View(tkinter, root, self.title, self._first_picture)
         except Exception as exc:  # (an Aqua or X failure): the preview is off, the show goes on
+            if root is not None:
+                try:
+                    root.destroy()
+                except tkinter.TclError:
+                    pass
             self._open_error = " ".join(str(exc).split()) or type(exc).__name__
             log.warning("window: cannot open a window: %s; the output goes on to the other sinks", self._open_error)
             self._fail_requests()
