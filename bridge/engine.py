@@ -8,11 +8,12 @@ import time
 from typing import Callable
 
 from .errors import UserError
-from .settings import RANDOM_PREFIX, RunSettings, parse_size
+from .settings import RANDOM_PREFIX, RunSettings, parse_lora, parse_size
 
 log = logging.getLogger(__name__)
 
-MODEL_FLAGS = {"vae": "--vae", "lcm_lora": "--lcm-lora", "single_file_config": "--single-file-config"}
+MODEL_FLAGS = {"vae": "--vae", "lcm_lora": "--lcm-lora", "lora": "--lora",  # the loader's options: they change the
+               "single_file_config": "--single-file-config"}  # weights, so build-engines must be given them too
 
 
 def stream_config(settings: RunSettings):
@@ -105,7 +106,7 @@ def backend_label(engine) -> str:
 
 
 def load_model(model: str, *, dtype, device, allow_pickle: bool = False, vae: str | None = None,
-               lcm_lora: str | None = None, single_file_config: str | None = None,
+               lcm_lora: str | None = None, lora: tuple[str, ...] = (), single_file_config: str | None = None,
                progress: Callable[[str], None] = log.info):
     """The Components of `model`: built with random weights for "random:ARCH", else loaded
     (pipeline.load_components; `vae` None: its default, TAESD). Raises what the loader raises."""
@@ -118,7 +119,8 @@ def load_model(model: str, *, dtype, device, allow_pickle: bool = False, vae: st
     progress(f"loading model {model} on {device} (first use may take minutes) ...")
     options = {"vae": vae} if vae is not None else {}
     return load_components(model, dtype=dtype, device=device, allow_pickle=allow_pickle, lcm_lora=lcm_lora,
-                           single_file_config=single_file_config, **options)
+                           loras=[parse_lora(text) for text in lora], single_file_config=single_file_config,
+                           **options)
 
 
 def model_arguments(model: str, **options: str | None) -> str:
@@ -127,8 +129,8 @@ def model_arguments(model: str, **options: str | None) -> str:
     weights (an LCM-LoRA fused in, another VAE: their hash differs)."""
     words = [model]
     for name, value in options.items():
-        if value is not None:
-            words += [MODEL_FLAGS[name], value]
+        for item in value if isinstance(value, tuple) else () if value is None else (value,):
+            words += [MODEL_FLAGS[name], item]  # (a repeatable flag once per value)
     return shlex.join(words)
 
 

@@ -34,7 +34,8 @@ from .control.table import check_presets
 from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
 
-MODES = ("img2img", "txt2img")  # as pipeline.StreamConfig's (not imported here: it would load torch)
+MODES = ("img2img", "txt2img")
+MAX_LORA_SCALE = 10.0  # as pipeline.loading's  # as pipeline.StreamConfig's (not imported here: it would load torch)
 from .transports import parse_spec
 
 
@@ -58,6 +59,7 @@ class RunSettings:
     model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
     lcm_lora: str | None = None  # LCM-LoRA weights fused into the UNet
+    lora: tuple[str, ...] = ()  # style LoRAs "FILE[:SCALE]" fused after it (StreamDiffusion's lora_dict)
     single_file_config: str | None = None  # a single-file checkpoint's configs: a diffusers folder or hub id
     allow_pickle: bool = False  # allow .ckpt/.bin/.pt weights (they can run code)
     width: int = 512  # processing and output size
@@ -135,7 +137,9 @@ class RunSettings:
         if self.model.startswith(RANDOM_PREFIX) and self.model[len(RANDOM_PREFIX):] not in RANDOM_ARCHS:
             raise ValueError(f"model: {self.model!r} is not a random-weight architecture; one of "
                              f"{', '.join(RANDOM_PREFIX + arch for arch in RANDOM_ARCHS)}")
-        refused = random_model_refuses(self.model, vae=self.vae, lcm_lora=self.lcm_lora,
+        for text in self.lora:
+            parse_lora(text)
+        refused = random_model_refuses(self.model, vae=self.vae, lcm_lora=self.lcm_lora, lora=self.lora,
                                        single_file_config=self.single_file_config)
         if refused:
             raise ValueError(refused)
@@ -204,12 +208,29 @@ def random_model_refuses(model: str, **options: str | None) -> str | None:
     """Why `options` (the loader's vae, lcm_lora, single_file_config, named as the caller's user
     names them) cannot go with `model`, or None: a random-weight model is built, not loaded, so a
     VAE, LCM-LoRA or checkpoint config given for it would be silently ignored."""
-    given = [name for name, value in options.items() if value is not None]
+    given = [name for name, value in options.items() if value not in (None, ())]
     if not model.startswith(RANDOM_PREFIX) or not given:
         return None
     return (f"{', '.join(given)}: {model!r} is a random-weight model, built rather than loaded, so "
             f"{'this does' if len(given) == 1 else 'these do'} not apply; drop {'it' if len(given) == 1 else 'them'} "
             f"or name a real model")
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); without a scale, 1.0. A colon not
+    followed by a number belongs to the path (C:\\loras\\style.safetensors)."""
+    path, separator, scale = str(text).rpartition(":")
+    try:
+        value = float(scale) if separator and path else None
+    except ValueError:
+        value = None
+    if value is None:
+        path, value = str(text), 1.0
+    if not path.strip():
+        raise ValueError(f"lora: {text!r} names no file; give FILE[:SCALE]")
+    if not math.isfinite(value) or abs(value) > MAX_LORA_SCALE:
+        raise ValueError(f"lora: {text!r}: the scale must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
+    return path, value
 
 
 def parse_size(text: str, name: str = "sizes") -> tuple[int, int]:

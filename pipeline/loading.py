@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ def load_components(
     *,
     vae: str | None = DEFAULT_VAE,
     lcm_lora: str | None = None,
+    loras: Sequence[tuple[str, float]] = (),
     allow_pickle: bool = False,
     single_file_config: str | None = None,
     dtype: torch.dtype,
@@ -74,8 +77,11 @@ def load_components(
     `vae`: "taesd-default" (TAESD from the hub), "model" or None (the checkpoint's own
     AutoencoderKL), or a folder / hub id of an AutoencoderTiny or AutoencoderKL.
     `lcm_lora`: LoRA weights (folder, file or hub id) fused into the UNet's plain weights.
+    `loras`: (weights, scale) pairs: style LoRAs fused after it, each at its scale (StreamDiffusion's
+    `lora_dict`), into the UNet and, where they have one, the text encoder's part too.
     """
     _check_arguments(model_id_or_path, vae=vae, lcm_lora=lcm_lora, single_file_config=single_file_config, dtype=dtype)
+    loras = _check_loras(loras)
     started = time.perf_counter()
     with_model_vae = vae in (None, MODEL_VAE)
     source = _resolve_model(model_id_or_path, with_vae=with_model_vae, allow_pickle=allow_pickle)
@@ -86,8 +92,9 @@ def load_components(
         config_folder = _resolve_config(single_file_config, allow_pickle=allow_pickle)
     vae_folder = None if with_model_vae else _resolve_vae(vae, allow_pickle=allow_pickle)
     lora_file = None if lcm_lora is None else _resolve_lora(lcm_lora, allow_pickle=allow_pickle)
+    style_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="lora"), name, scale) for name, scale in loras]
 
-    load_dtype = torch.float32 if lora_file is not None else dtype  # fuse in full precision
+    load_dtype = torch.float32 if lora_file is not None or style_files else dtype  # fuse in full precision
     if source.is_file():
         loaded = _load_single_file(source, config=config_folder, with_vae=with_model_vae, dtype=load_dtype)
     else:
@@ -97,6 +104,9 @@ def load_components(
     _check_compatible(loaded, model_id_or_path)
     if lora_file is not None:
         _fuse_lora(loaded, lora_file, lora_name=lcm_lora, model_name=model_id_or_path, allow_pickle=allow_pickle)
+    for index, (style_file, name, scale) in enumerate(style_files):
+        _fuse_lora(loaded, style_file, lora_name=name, model_name=model_id_or_path, allow_pickle=allow_pickle,
+                   what="lora", adapter=f"style{index}", scale=scale)
 
     arch = detect_arch(loaded.unet.config)
     components = Components(
@@ -120,6 +130,27 @@ def _check_arguments(model_id_or_path, *, vae, lcm_lora, single_file_config, dty
             raise ValueError(f"{name}: {value!r} must be a non-empty string")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: {dtype!r} must be a floating-point torch.dtype")
+
+
+MAX_LORA_SCALE = 10.0
+
+
+def _check_loras(loras) -> list[tuple[str, float]]:
+    """`loras` as a list of (weights, scale); ValueError naming what is wrong."""
+    if isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence):
+        raise ValueError(f"loras: {loras!r} must be a list of (weights, scale) pairs")
+    checked = []
+    for pair in loras:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"loras: {pair!r} must be a (weights, scale) pair")
+        name, scale = pair
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"loras: {name!r} must be a non-empty path or hub id")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or \
+                abs(scale) > MAX_LORA_SCALE:
+            raise ValueError(f"loras: {name}: scale {scale!r} must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
+        checked.append((name, float(scale)))
+    return checked
 
 
 def detect_arch(unet_config) -> str:
@@ -282,25 +313,25 @@ def _resolve_vae(name: str, *, allow_pickle: bool) -> Path:
     return path
 
 
-def _resolve_lora(name: str, *, allow_pickle: bool) -> Path:
+def _resolve_lora(name: str, *, allow_pickle: bool, what: str = "lcm_lora") -> Path:
     """The LoRA weights file: a file, or the one weights file of a folder or hub repository."""
     path = Path(name).expanduser()
     if not path.exists():
         if not _looks_like_hub_id(name):
-            raise ModelLoadError(f"lcm_lora path not found: {str(path)!r}")
+            raise ModelLoadError(f"{what} path not found: {str(path)!r}")
         suffixes = [SAFE_SUFFIX] + ([".bin"] if allow_pickle else [])
         path = _hub_snapshot(
-            name, patterns=[LORA_WEIGHT_NAME + s for s in suffixes], subject=f"lcm_lora {name!r} is not a local file",
-            hint="pass lcm_lora=<a local LoRA .safetensors file>",
+            name, patterns=[LORA_WEIGHT_NAME + s for s in suffixes], subject=f"{what} {name!r} is not a local file",
+            hint=f"pass {what}=<a local LoRA .safetensors file>",
         )
     if path.is_dir():
         files = sorted(path.glob(f"*{SAFE_SUFFIX}"))
         files = files or sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         preferred = [p for p in files if p.stem == LORA_WEIGHT_NAME]
         if len(preferred) != 1 and len(files) != 1:
-            raise ModelLoadError(f"lcm_lora {name!r}: expected one weights file in {str(path)!r}, found {len(files)}")
+            raise ModelLoadError(f"{what} {name!r}: expected one weights file in {str(path)!r}, found {len(files)}")
         path = (preferred or files)[0]
-    return _check_single_file(path, what="lcm_lora", allow_pickle=allow_pickle)
+    return _check_single_file(path, what=what, allow_pickle=allow_pickle)
 
 
 def _weight_patterns(components: list[str], *, allow_pickle: bool, root_too: bool = False) -> list[str]:
@@ -463,28 +494,30 @@ class _WarningCollector(logging.Handler):
             self.problems.append(message.strip().splitlines()[0].split(". ")[0][:300])
 
 
-def _fuse_lora(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: str, allow_pickle: bool) -> None:
-    """load_lora_weights + fuse_lora + unload: the UNet (and text encoder) keep plain, merged weights."""
+def _fuse_lora(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: str, allow_pickle: bool,
+               what: str = "lcm_lora", adapter: str = "lcm", scale: float = 1.0) -> None:
+    """load_lora_weights + fuse_lora (at `scale`) + unload: the UNet (and text encoder) keep plain,
+    merged weights."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=loaded.vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
         scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    misfit = f"lcm_lora {lora_name!r} does not fit the UNet of {model_name!r}"
+    misfit = f"{what} {lora_name!r} does not fit the UNet of {model_name!r}"
     collector = _WarningCollector()
     diffusers_logger = logging.getLogger("diffusers")
     diffusers_logger.addHandler(collector)
     try:
-        with _loading("lcm_lora", lora_file, failure=misfit):
+        with _loading(what, lora_file, failure=misfit):
             pipe.load_lora_weights(
-                str(lora_file.parent), weight_name=lora_file.name, adapter_name="lcm",
+                str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter,
                 use_safetensors=None if allow_pickle else True, local_files_only=True,
             )
     finally:
         diffusers_logger.removeHandler(collector)
-    if collector.problems or "lcm" not in getattr(loaded.unet, "peft_config", {}):
+    if collector.problems or adapter not in getattr(loaded.unet, "peft_config", {}):
         raise ModelLoadError(f"{misfit}: {collector.problems[0] if collector.problems else 'it has no UNet weights'}")
-    pipe.fuse_lora(lora_scale=1.0, adapter_names=["lcm"])
+    pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
     pipe.unload_lora_weights()
-    log.info("fused lcm_lora %r into the UNet", lora_name)
+    log.info("fused %s %r into the UNet%s", what, lora_name, "" if scale == 1.0 else f" at scale {scale:g}")

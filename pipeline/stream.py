@@ -174,6 +174,7 @@ class StreamDiffusion:
         *,
         vae: str | None = "taesd-default",
         lcm_lora: str | None = None,
+        loras=(),
         allow_pickle: bool = False,
         single_file_config: str | None = None,
         backend: str = "eager",
@@ -183,12 +184,13 @@ class StreamDiffusion:
 
         `vae`: TAESD by default, "model" for the checkpoint's own AutoencoderKL, or a folder/hub id.
         `lcm_lora`: LoRA weights merged into the UNet (LCM-LoRA for SD 1.5 models).
+        `loras`: (weights, scale) pairs, style LoRAs merged after it at their scales.
         `allow_pickle`: opt in to .ckpt/.pt/.bin files, which can run code when loaded.
         """
         from .loading import load_components
 
         components = load_components(
-            model_id_or_path, vae=vae, lcm_lora=lcm_lora, allow_pickle=allow_pickle,
+            model_id_or_path, vae=vae, lcm_lora=lcm_lora, loras=loras, allow_pickle=allow_pickle,
             single_file_config=single_file_config, dtype=config.dtype, device=config.device,
         )
         return cls(components, config, backend=backend, backend_options=backend_options)

@@ -50,6 +50,9 @@ def error_lines(result):
     (["bench", "--fuse-qkv", "--fp8"], "--fuse-qkv and --fp8 cannot be combined"),
     (["bench", "--time-limit", "nan"], "--time-limit: nan must be a number of seconds >= 0"),
     (["bench", "--time-limit", "-1"], "--time-limit: -1.0 must be"),
+    (["run", "--sink", "null", "--lora", "style.safetensors:20"], "lora: 'style.safetensors:20': the scale must be"),
+    (["run", "--sink", "null", "--model", "random:tiny", "--lora", "style.safetensors"],
+     "lora: 'random:tiny' is a random-weight model"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message):
     result = sdbridge(*args)

@@ -278,7 +278,7 @@ def test_default_taesd_offline_says_what_to_pass(monkeypatch, model_folder):
 # LCM-LoRA
 
 
-def write_lora(folder: Path, *, unet_config: dict, rank: int = 4, alpha: int = 8):
+def write_lora(folder: Path, *, unet_config: dict, rank: int = 4, alpha: int = 8, seed: int = 5):
     """A random LoRA on to_q/to_k/to_v/to_out.0 made with peft, saved in diffusers' LoRA format."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -286,7 +286,7 @@ def write_lora(folder: Path, *, unet_config: dict, rank: int = 4, alpha: int = 8
     from peft.utils import get_peft_model_state_dict
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_config)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
         unet.add_adapter(config)
@@ -316,6 +316,52 @@ def test_lcm_lora_is_fused(tmp_path, model_folder, original):
     assert type(merged) is torch.nn.Linear  # plain weights after fuse + unload
     torch.testing.assert_close(merged.weight, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(unet_output(components.unet), unet_output(original.unet))
+
+
+def test_style_loras_are_fused_after_the_lcm_lora_each_at_its_scale(tmp_path, model_folder, original):
+    """StreamDiffusion's lora_dict: W = W0 + 1.0 * dW_lcm + 0.5 * dW_a - 0.25 * dW_b, plain weights after."""
+    files, unets = [], []
+    for index, (rank, alpha) in enumerate([(4, 8), (2, 2), (4, 4)]):
+        folder = tmp_path / f"lora{index}"
+        folder.mkdir()
+        lora_file, lora_unet = write_lora(folder, unet_config=UNET_CONFIGS["tiny"], rank=rank, alpha=alpha,
+                                          seed=100 + index)
+        files.append(lora_file)
+        unets.append((lora_unet, alpha / rank))
+    components = load_components(str(model_folder), vae="model", lcm_lora=str(files[0]),
+                                 loras=[(str(files[1]), 0.5), (str(files[2]), -0.25)], dtype=torch.float32, device=CPU)
+
+    def to_q(unet):
+        return unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+
+    expected = to_q(original.unet).weight.clone()
+    for (lora_unet, scaling), scale in zip(unets, (1.0, 0.5, -0.25)):
+        layer = to_q(lora_unet)
+        expected += scale * scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    merged = to_q(components.unet)
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged.weight, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loras, message", [
+    ([("x.safetensors", float("nan"))], "scale nan must be a number in -10..10"),
+    ([("x.safetensors", 11)], "scale 11 must be"),
+    ([("", 1.0)], "must be a non-empty path"),
+    ("x.safetensors", "must be a list of"),
+    ([("x.safetensors",)], "must be a .weights, scale. pair"),
+])
+def test_bad_lora_arguments_are_one_clear_error(model_folder, loras, message):
+    with pytest.raises(ValueError, match=message):
+        load_components(str(model_folder), vae="model", loras=loras, dtype=torch.float32, device=CPU)
+
+
+def test_a_style_lora_that_is_missing_or_does_not_fit_is_named(tmp_path, model_folder):
+    with pytest.raises(ModelLoadError, match="lora path not found: .*nope.safetensors"):
+        load_components(str(model_folder), vae="model", loras=[(str(tmp_path / "nope.safetensors"), 1.0)],
+                        dtype=torch.float32, device=CPU)
+    wrong, _ = write_lora(tmp_path, unet_config=dict(UNET_CONFIGS["tiny"], cross_attention_dim=48))
+    with pytest.raises(ModelLoadError, match="^lora .* does not fit the UNet of .*size mismatch"):
+        load_components(str(model_folder), vae="model", loras=[(str(wrong), 0.8)], dtype=torch.float32, device=CPU)
 
 
 @pytest.mark.parametrize(

@@ -323,6 +323,12 @@ def test_engines_built_with_an_lcm_lora_are_the_ones_a_run_with_it_finds(lora_mo
     assert "no unet engine" in message and "\n" not in message
     assert f"sdbridge build-engines --model {lora_model.model} --vae {lora_model.taesd} --cache {tmp_path}" in message
     assert "--lcm-lora" not in message
+    # a style LoRA on top changes the weights again: refused, naming every flag that builds its engines
+    styled = RunSettings(**settings, lcm_lora=lora_model.lora, lora=(f"{lora_model.lora}:0.5",))
+    with pytest.raises(UserError) as refused:
+        build_engine(styled, stream_config(styled), progress=lambda _: None)
+    assert (f"--model {lora_model.model} --vae {lora_model.taesd} --lcm-lora {lora_model.lora} "
+            f"--lora {lora_model.lora}:0.5 --cache {tmp_path}") in str(refused.value)
 
 
 def test_build_engines_cli_takes_the_run_flags_that_change_the_weights(lora_model, tmp_path):
@@ -352,7 +358,7 @@ def test_build_engines_config_builds_what_the_show_loads_at_start(lora_model, st
     show = tmp_path / "show.toml"
     show.write_text("\n".join([
         f'model = "{lora_model.model}"', f'vae = "{lora_model.taesd}"', f'lcm_lora = "{lora_model.lora}"',
-        'sink = "null"', 'backend = "tensorrt"', f'engines = "{tmp_path / "show-engines"}"', 'device = "cpu"',
+        f'lora = ["{lora_model.lora}:0.5"]', 'sink = "null"', 'backend = "tensorrt"', f'engines = "{tmp_path / "show-engines"}"', 'device = "cpu"',
         'dtype = "float32"', "width = 64", "height = 64", 'sizes = ["96x64"]', 'cfg = "none"',
         "t_index_list = [20, 40]", "compile_steps = [1]",
     ]) + "\n")
@@ -361,7 +367,8 @@ def test_build_engines_config_builds_what_the_show_loads_at_start(lora_model, st
     assert [(c.width, c.height, c.denoising_steps, c.cfg_type) for c in build.configs] == [
         (64, 64, 2, "none"), (64, 64, 1, "none"), (96, 64, 2, "none"), (96, 64, 1, "none")]
     assert build.cache == tmp_path / "show-engines" and build.precision == "fp32"  # the show's dtype
-    assert build.model_options == {"vae": lora_model.taesd, "lcm_lora": lora_model.lora, "single_file_config": None}
+    assert build.model_options == {"vae": lora_model.taesd, "lcm_lora": lora_model.lora,
+                                   "lora": (f"{lora_model.lora}:0.5",), "single_file_config": None}
     flags = plan(parser.parse_args(["build-engines", "--config", str(show), "--onnx-only", "--width", "128",
                                     "--height", "64", "--cfg", "full", "--cache", str(tmp_path / "other")]))
     assert [(c.width, c.denoising_steps, c.cfg_type) for c in flags.configs] == [(128, 2, "full"), (128, 1, "full")]

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         description="Export the UNet and the VAE to ONNX and build one TensorRT engine per resolution and batch "
         "the stream needs, into --cache (keyed by model, resolution, batch, precision, TensorRT version and GPU). "
         "`sdbridge run --backend tensorrt --engines FOLDER` runs them; --onnx-only works anywhere. "
-        "--config SHOW.toml builds what that show needs: its model (with its VAE and LCM-LoRA), its size and "
+        "--config SHOW.toml builds what that show needs: its model (with its VAE and LoRAs), its size and "
         "--sizes, its step counts and --compile-steps, its cfg, dtype and engines folder; flags override it.",
     )
     parser.add_argument("--config", help="the show's TOML file (as `sdbridge run --config` takes it)")
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                         "or a folder/hub id (engines are built for this model's weights with this VAE)")
     parser.add_argument("--lcm-lora", dest="lcm_lora",
                         help="LCM-LoRA weights fused into the UNet, as `sdbridge run --lcm-lora` fuses them")
+    parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                        help="style LoRAs fused at their scales, as `sdbridge run --lora` fuses them")
     parser.add_argument("--single-file-config", dest="single_file_config",
                         help="a single-file checkpoint's configs: a diffusers folder or hub id")
     parser.add_argument("--width", type=int, action="append",
@@ -79,6 +81,7 @@ def plan(args: argparse.Namespace) -> BuildPlan:
         raise ValueError("--model: none given; name the model (or a show's --config that does)")
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name) and name not in ("width", "height")}
     flags["cfg"] = args.cfg
+    flags["lora"] = tuple(args.lora) if args.lora else None
     flags["t_index_list"] = _index_list(args.t_index_list, "--t-index-list") if args.t_index_list else None
     flags["compile_steps"] = _index_list(args.compile_steps, "--compile-steps") if args.compile_steps else None
     if widths:  # the sizes given replace the file's size and sizes

@@ -25,6 +25,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--model", help="hub id, folder, single .safetensors file, or random:tiny|sd15|sd-turbo")
     add("--vae", help="VAE: taesd-default, model, or a folder/hub id")
     add("--lcm-lora", dest="lcm_lora", help="LCM-LoRA weights to fuse into the UNet")
+    add("--lora", action="append", metavar="FILE[:SCALE]",
+        help="a style LoRA fused into the model at SCALE (default 1), after any LCM-LoRA; repeat for several")
     add("--single-file-config", dest="single_file_config",
         help="a single .safetensors checkpoint's configs: a diffusers folder (offline) or hub id")
     add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
@@ -128,8 +130,9 @@ def settings_from_args(args: argparse.Namespace, **defaults):
             flags["oscquery"] = True
         if flags.get("osc_allow") is not None:
             flags["osc_allow"] = tuple(a for item in flags["osc_allow"] for a in item.split(",") if a)
-        if flags.get("sink") is not None:
-            flags["sink"] = tuple(flags["sink"])
+        for name in ("sink", "lora"):  # repeatable flags: lists from argparse, tuples in the settings
+            if flags.get(name) is not None:
+                flags[name] = tuple(flags[name])
         return merge(file_values, flags, **defaults)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
