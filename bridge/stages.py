@@ -258,6 +258,7 @@ class _Inference:
         if self.txt2img:  # 2. the input frame (txt2img has none: its pictures are paced to the output's fps)
             if not self._txt2img_due():
                 return True
+            telemetry.frame_in()  # a picture asked for: txt2img's "in" (the status's fps, not a stuck 0)
             frame = Frame(np.zeros(expected_shape, np.uint8), "RGB", time.monotonic(), self.processed)
         else:
             frame = shared.input_slot.take(timeout=0.05)
