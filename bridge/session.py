@@ -151,7 +151,8 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
             if stop_on_stdin_eof:  # inside the try: an end of input already there aborts loading here
                 watch_stdin_for_eof(lambda: signals.request_from_thread(signal.SIGTERM))
             config = _stream_config(settings)
-            sinks, first_source = _open_transports(settings, config.width, config.height, txt2img=config.mode == "txt2img")
+            sinks, first_source = _open_transports(settings, config.width, config.height,
+                                                   txt2img=config.mode == "txt2img")
             plane = _start_control(settings, store, live)
             engine = _build_engine(settings, config)
             _check_preset_sizes(settings, engine)

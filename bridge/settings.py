@@ -33,10 +33,11 @@ from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
 from .control.table import check_presets
 from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
-
-MODES = ("img2img", "txt2img")
-MAX_LORA_SCALE = 10.0  # as pipeline.loading's  # as pipeline.StreamConfig's (not imported here: it would load torch)
 from .transports import parse_spec
+
+# as pipeline's (StreamConfig's modes, pipeline.loading's LoRA scale limit): not imported, which would load torch
+MODES = ("img2img", "txt2img")
+MAX_LORA_SCALE = 10.0
 
 
 RANDOM_PREFIX = "random:"

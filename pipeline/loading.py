@@ -92,7 +92,8 @@ def load_components(
         config_folder = _resolve_config(single_file_config, allow_pickle=allow_pickle)
     vae_folder = None if with_model_vae else _resolve_vae(vae, allow_pickle=allow_pickle)
     lora_file = None if lcm_lora is None else _resolve_lora(lcm_lora, allow_pickle=allow_pickle)
-    style_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="lora"), name, scale) for name, scale in loras]
+    style_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="lora"), name, scale)
+                   for name, scale in loras]
 
     load_dtype = torch.float32 if lora_file is not None or style_files else dtype  # fuse in full precision
     if source.is_file():
@@ -146,9 +147,10 @@ def _check_loras(loras) -> list[tuple[str, float]]:
         name, scale = pair
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"loras: {name!r} must be a non-empty path or hub id")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or \
-                abs(scale) > MAX_LORA_SCALE:
-            raise ValueError(f"loras: {name}: scale {scale!r} must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+        if not number or abs(scale) > MAX_LORA_SCALE:
+            limit = f"{MAX_LORA_SCALE:g}"
+            raise ValueError(f"loras: {name}: scale {scale!r} must be a number in -{limit}..{limit}")
         checked.append((name, float(scale)))
     return checked
 

@@ -358,7 +358,8 @@ def test_build_engines_config_builds_what_the_show_loads_at_start(lora_model, st
     show = tmp_path / "show.toml"
     show.write_text("\n".join([
         f'model = "{lora_model.model}"', f'vae = "{lora_model.taesd}"', f'lcm_lora = "{lora_model.lora}"',
-        f'lora = ["{lora_model.lora}:0.5"]', 'sink = "null"', 'backend = "tensorrt"', f'engines = "{tmp_path / "show-engines"}"', 'device = "cpu"',
+        f'lora = ["{lora_model.lora}:0.5"]', 'sink = "null"', 'backend = "tensorrt"',
+        f'engines = "{tmp_path / "show-engines"}"', 'device = "cpu"',
         'dtype = "float32"', "width = 64", "height = 64", 'sizes = ["96x64"]', 'cfg = "none"',
         "t_index_list = [20, 40]", "compile_steps = [1]",
     ]) + "\n")
