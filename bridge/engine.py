@@ -107,7 +107,7 @@ def backend_label(engine) -> str:
 
 def load_model(model: str, *, dtype, device, allow_pickle: bool = False, vae: str | None = None,
                lcm_lora: str | None = None, lora: tuple[str, ...] = (), single_file_config: str | None = None,
-               progress: Callable[[str], None] = log.info):
+               live_lora: tuple[str, ...] = (), progress: Callable[[str], None] = log.info):
     """The Components of `model`: built with random weights for "random:ARCH", else loaded
     (pipeline.load_components; `vae` None: its default, TAESD). Raises what the loader raises."""
     from pipeline import load_components, random_components
@@ -120,6 +120,7 @@ def load_model(model: str, *, dtype, device, allow_pickle: bool = False, vae: st
     options = {"vae": vae} if vae is not None else {}
     return load_components(model, dtype=dtype, device=device, allow_pickle=allow_pickle, lcm_lora=lcm_lora,
                            loras=[parse_lora(text) for text in lora], single_file_config=single_file_config,
+                           live_loras=[parse_lora(text, name="live_lora") for text in live_lora],
                            **options)
 
 
@@ -144,7 +145,7 @@ def build_engine(settings: RunSettings, config, progress: Callable[[str], None] 
     started = time.perf_counter()
     try:
         components = load_model(settings.model, dtype=config.dtype, device=config.device,
-                                allow_pickle=settings.allow_pickle, progress=progress,
+                                allow_pickle=settings.allow_pickle, progress=progress, live_lora=settings.live_lora,
                                 **{name: getattr(settings, name) for name in MODEL_FLAGS})
         progress(f"model ready in {time.perf_counter() - started:.1f} s; preparing the {settings.backend} backend ...")
         engine = _stream(components, config, settings)

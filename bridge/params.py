@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PARAMETERS = {name: BY_NAME[name] for name in ENGINE_NAMES}
 PROMPT_NAMES = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
+LORA_NAMES = tuple(name for name in ENGINE_NAMES if name.startswith("lora_"))  # lora_1 ..: live LoRA strengths
 # Setting one of a group replaces any pending value of the others (they describe the same thing).
 EXCLUSIVE = ({"strength", "t_index_list"}, {"prompt", "prompt_blend"}, {"seed", "seed_blend"})
 
@@ -490,6 +491,9 @@ def apply_pending(store: ParameterStore, engine) -> None:
     changes = store.take()
     if not changes:
         return
+    loras = {name: changes.pop(name) for name in LORA_NAMES if name in changes}
+    if loras:  # before the prompts: a LoRA with a text-encoder part encodes the prompt shown again
+        _apply_loras(store, engine, loras)
     prompts = {name: changes.pop(name) for name in PROMPT_NAMES if name in changes}
     if prompts:  # with the transition sent beside them, if any (it applies to them, not to the next)
         _apply_prompts(store, engine, prompts, transition=changes.get("prompt_transition"))
@@ -539,6 +543,27 @@ def _restore(engine, before) -> str:
         log.error("restoring the engine's settings after a failed update failed: %s", describe(exc))
         return "; restoring the previous settings failed"
     return "; previous settings restored" if restored else ""
+
+
+def lora_values(scales) -> dict[str, float]:
+    """Live LoRA strengths (engine.lora_scales) under their parameters' names."""
+    return {f"lora_{index + 1}": scale for index, scale in enumerate(scales)}
+
+
+def _apply_loras(store: ParameterStore, engine, loras: dict[str, float]) -> None:
+    """Live LoRA strengths in one engine.set_lora_scales; when refused, each alone."""
+    scales = {int(name.removeprefix("lora_")) - 1: value for name, value in loras.items()}
+    try:
+        engine.set_lora_scales(scales)
+    except Exception as exc:
+        if len(loras) > 1 and isinstance(exc, ValueError):
+            for name, value in loras.items():
+                _apply_loras(store, engine, {name: value})
+            return
+        for name, value in loras.items():
+            store.report_rejected(name, value, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+        return
+    store.report_applied(loras)
 
 
 def _apply_prompts(store: ParameterStore, engine, prompts: dict[str, Any], *, transition: float | None = None) -> None:

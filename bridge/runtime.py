@@ -121,7 +121,10 @@ class Runtime:
             telemetry=self.telemetry, config=config,
         )
         self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
-        self.params.report_applied(engine_values(engine_config))  # what OSCQuery and status report at first
+        from .params import lora_values
+
+        # what OSCQuery and status report at first
+        self.params.report_applied({**engine_values(engine_config), **lora_values(getattr(engine, "lora_scales", ()))})
         self.params.add_listener(self._heard)
         self._threads: list[threading.Thread] = []
         self._started_at: float | None = None

@@ -30,7 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
-from .control.table import check_presets
+from .control.table import LIVE_LORA_SLOTS, check_presets
 from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
 from .transports import parse_spec
@@ -61,6 +61,7 @@ class RunSettings:
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
     lcm_lora: str | None = None  # LCM-LoRA weights fused into the UNet
     lora: tuple[str, ...] = ()  # style LoRAs "FILE[:SCALE]" fused after it (StreamDiffusion's lora_dict)
+    live_lora: tuple[str, ...] = ()  # style LoRAs "FILE[:SCALE]" whose strength /sd/lora/N changes (up to 4)
     single_file_config: str | None = None  # a single-file checkpoint's configs: a diffusers folder or hub id
     allow_pickle: bool = False  # allow .ckpt/.bin/.pt weights (they can run code)
     width: int = 512  # processing and output size
@@ -140,7 +141,19 @@ class RunSettings:
                              f"{', '.join(RANDOM_PREFIX + arch for arch in RANDOM_ARCHS)}")
         for text in self.lora:
             parse_lora(text)
+        for text in self.live_lora:
+            parse_lora(text, name="live_lora")
+        if len(self.live_lora) > LIVE_LORA_SLOTS:
+            raise ValueError(f"live_lora: {len(self.live_lora)} given; at most {LIVE_LORA_SLOTS} can be live "
+                             f"(/sd/lora/1 .. /sd/lora/{LIVE_LORA_SLOTS}); fuse the others with --lora")
+        if self.live_lora and "tensorrt" in (self.backend, self.backend_fallback):
+            raise ValueError("live_lora: TensorRT engines hold fixed weights, so their strengths cannot change; "
+                             "fuse the LoRAs with --lora (and build the engines with them) or run --backend compiled")
+        if self.live_lora and self.fp8:
+            raise ValueError("live_lora: fp8 runs on a quantized copy of the weights that a strength change cannot "
+                             "reach; run without --fp8 or fuse the LoRAs with --lora")
         refused = random_model_refuses(self.model, vae=self.vae, lcm_lora=self.lcm_lora, lora=self.lora,
+                                       live_lora=self.live_lora,
                                        single_file_config=self.single_file_config)
         if refused:
             raise ValueError(refused)
@@ -217,7 +230,7 @@ def random_model_refuses(model: str, **options: str | None) -> str | None:
             f"or name a real model")
 
 
-def parse_lora(text: str) -> tuple[str, float]:
+def parse_lora(text: str, *, name: str = "lora") -> tuple[str, float]:
     """'style.safetensors:0.8' -> ('style.safetensors', 0.8); without a scale, 1.0. A colon not
     followed by a number belongs to the path (C:\\loras\\style.safetensors)."""
     path, separator, scale = str(text).rpartition(":")
@@ -228,9 +241,9 @@ def parse_lora(text: str) -> tuple[str, float]:
     if value is None:
         path, value = str(text), 1.0
     if not path.strip():
-        raise ValueError(f"lora: {text!r} names no file; give FILE[:SCALE]")
+        raise ValueError(f"{name}: {text!r} names no file; give FILE[:SCALE]")
     if not math.isfinite(value) or abs(value) > MAX_LORA_SCALE:
-        raise ValueError(f"lora: {text!r}: the scale must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
+        raise ValueError(f"{name}: {text!r}: the scale must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
     return path, value
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError, UnsafeWeightsError
+from .live_lora import MAX_LIVE_LORAS, Factors, LiveLoras, peft_factors
 from .models import UNET_CONFIGS, Components
 from .schedule import NoiseSchedule
 
@@ -64,6 +65,7 @@ def load_components(
     vae: str | None = DEFAULT_VAE,
     lcm_lora: str | None = None,
     loras: Sequence[tuple[str, float]] = (),
+    live_loras: Sequence[tuple[str, float]] = (),
     allow_pickle: bool = False,
     single_file_config: str | None = None,
     dtype: torch.dtype,
@@ -79,9 +81,14 @@ def load_components(
     `lcm_lora`: LoRA weights (folder, file or hub id) fused into the UNet's plain weights.
     `loras`: (weights, scale) pairs: style LoRAs fused after it, each at its scale (StreamDiffusion's
     `lora_dict`), into the UNet and, where they have one, the text encoder's part too.
+    `live_loras`: (weights, scale) pairs, up to 4: style LoRAs whose strength can change while
+    frames flow (`Components.live_loras`, see pipeline.live_lora), starting at these scales.
     """
     _check_arguments(model_id_or_path, vae=vae, lcm_lora=lcm_lora, single_file_config=single_file_config, dtype=dtype)
     loras = _check_loras(loras)
+    live_loras = _check_loras(live_loras, name="live_loras")
+    if len(live_loras) > MAX_LIVE_LORAS:
+        raise ValueError(f"live_loras: {len(live_loras)} given; at most {MAX_LIVE_LORAS} can be live")
     started = time.perf_counter()
     with_model_vae = vae in (None, MODEL_VAE)
     source = _resolve_model(model_id_or_path, with_vae=with_model_vae, allow_pickle=allow_pickle)
@@ -94,8 +101,10 @@ def load_components(
     lora_file = None if lcm_lora is None else _resolve_lora(lcm_lora, allow_pickle=allow_pickle)
     style_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="lora"), name, scale)
                    for name, scale in loras]
+    live_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="live_lora"), name, scale)
+                  for name, scale in live_loras]
 
-    load_dtype = torch.float32 if lora_file is not None or style_files else dtype  # fuse in full precision
+    load_dtype = torch.float32 if lora_file is not None or style_files or live_files else dtype  # fuse in full precision
     if source.is_file():
         loaded = _load_single_file(source, config=config_folder, with_vae=with_model_vae, dtype=load_dtype)
     else:
@@ -108,6 +117,9 @@ def load_components(
     for index, (style_file, name, scale) in enumerate(style_files):
         _fuse_lora(loaded, style_file, lora_name=name, model_name=model_id_or_path, allow_pickle=allow_pickle,
                    what="lora", adapter=f"style{index}", scale=scale)
+    live_factors = [_live_lora_factors(loaded, live_file, lora_name=name, model_name=model_id_or_path,
+                                       allow_pickle=allow_pickle, adapter=f"live{index}")
+                    for index, (live_file, name, _) in enumerate(live_files)]
 
     arch = detect_arch(loaded.unet.config)
     components = Components(
@@ -120,6 +132,13 @@ def load_components(
         source=model_id_or_path,
     )
     components.to(device, dtype)
+    if live_files:
+        components.live_loras = LiveLoras(
+            [name for _, name, _ in live_files], [scale for _, _, scale in live_files], live_factors,
+            {"unet": components.unet, "text_encoder": components.text_encoder},
+        )
+        log.info("live loras: %d layers, %.0f MB kept for them", components.live_loras.layers,
+                 components.live_loras.kept_bytes / 1e6)
     log.info("loaded %r (%s) in %.1f s", model_id_or_path, arch, time.perf_counter() - started)
     return components
 
@@ -136,22 +155,22 @@ def _check_arguments(model_id_or_path, *, vae, lcm_lora, single_file_config, dty
 MAX_LORA_SCALE = 10.0
 
 
-def _check_loras(loras) -> list[tuple[str, float]]:
-    """`loras` as a list of (weights, scale); ValueError naming what is wrong."""
+def _check_loras(loras, *, name: str = "loras") -> list[tuple[str, float]]:
+    """`loras` as a list of (weights, scale); ValueError naming what is wrong (as `name`)."""
     if isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence):
-        raise ValueError(f"loras: {loras!r} must be a list of (weights, scale) pairs")
+        raise ValueError(f"{name}: {loras!r} must be a list of (weights, scale) pairs")
     checked = []
     for pair in loras:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"loras: {pair!r} must be a (weights, scale) pair")
-        name, scale = pair
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"loras: {name!r} must be a non-empty path or hub id")
+            raise ValueError(f"{name}: {pair!r} must be a (weights, scale) pair")
+        weights, scale = pair
+        if not isinstance(weights, str) or not weights.strip():
+            raise ValueError(f"{name}: {weights!r} must be a non-empty path or hub id")
         number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
         if not number or abs(scale) > MAX_LORA_SCALE:
             limit = f"{MAX_LORA_SCALE:g}"
-            raise ValueError(f"loras: {name}: scale {scale!r} must be a number in -{limit}..{limit}")
-        checked.append((name, float(scale)))
+            raise ValueError(f"{name}: {weights}: scale {scale!r} must be a number in -{limit}..{limit}")
+        checked.append((weights, float(scale)))
     return checked
 
 
@@ -500,6 +519,35 @@ def _fuse_lora(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: 
                what: str = "lcm_lora", adapter: str = "lcm", scale: float = 1.0) -> None:
     """load_lora_weights + fuse_lora (at `scale`) + unload: the UNet (and text encoder) keep plain,
     merged weights."""
+    pipe = _load_adapter(loaded, lora_file, lora_name=lora_name, model_name=model_name, allow_pickle=allow_pickle,
+                         what=what, adapter=adapter)
+    pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
+    pipe.unload_lora_weights()
+    log.info("fused %s %r into the UNet%s", what, lora_name, "" if scale == 1.0 else f" at scale {scale:g}")
+
+
+def _live_lora_factors(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: str, allow_pickle: bool,
+                       adapter: str) -> dict[tuple[str, str], Factors]:
+    """load_lora_weights, then the adapter's factors per (model, module path), then unload: the
+    weights stay as they were (see pipeline.live_lora)."""
+    pipe = _load_adapter(loaded, lora_file, lora_name=lora_name, model_name=model_name, allow_pickle=allow_pickle,
+                         what="live_lora", adapter=adapter)
+    try:
+        factors = {("unet", path): f for path, f in peft_factors(loaded.unet, adapter, lora_name=lora_name).items()}
+        factors.update({("text_encoder", path): f
+                        for path, f in peft_factors(loaded.text_encoder, adapter, lora_name=lora_name).items()})
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    finally:
+        pipe.unload_lora_weights()
+    log.info("live lora %r: %d layers", lora_name, len(factors))
+    return factors
+
+
+def _load_adapter(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: str, allow_pickle: bool,
+                  what: str, adapter: str):
+    """The pipeline with `lora_file` loaded as peft adapter `adapter` (not merged); ModelLoadError
+    naming it where it does not fit."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -519,7 +567,6 @@ def _fuse_lora(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_name: 
     finally:
         diffusers_logger.removeHandler(collector)
     if collector.problems or adapter not in getattr(loaded.unet, "peft_config", {}):
+        pipe.unload_lora_weights()
         raise ModelLoadError(f"{misfit}: {collector.problems[0] if collector.problems else 'it has no UNet weights'}")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
-    pipe.unload_lora_weights()
-    log.info("fused %s %r into the UNet%s", what, lora_name, "" if scale == 1.0 else f" at scale {scale:g}")
+    return pipe

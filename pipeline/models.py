@@ -36,6 +36,7 @@ class Components:
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # the model's training noise schedule
     arch: str = "custom"  # "tiny", "sd15", "sd-turbo", or "custom" for loaded models
     source: str = ""  # where the weights came from, for status and logs
+    live_loras: object = None  # pipeline.live_lora.LiveLoras: LoRAs whose strength changes at run time
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Components":
         """Move the three networks in place, eval mode, no gradients; returns self."""
@@ -45,6 +46,8 @@ class Components:
                 module.to(dtype=dtype)
             module.eval()
             module.requires_grad_(False)
+        if self.live_loras is not None:
+            self.live_loras.place()
         return self
 
     def check_fits(self, config) -> None:

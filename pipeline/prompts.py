@@ -27,8 +27,17 @@ class PromptEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by clear()
         self.max_length = min(int(getattr(tokenizer, "model_max_length", 77)), 77)
         self.graph = encoder_graph(text_encoder, self.max_length, replay=graph) if graph else None
+
+    def clear(self) -> None:
+        """Forget every cached embedding (the text encoder's weights changed). An encode running
+        meanwhile on another thread keeps its result out of the cache: it may have read the old
+        weights."""
+        with self._lock:
+            self._cache.clear()
+            self._generation += 1
 
     def cached(self, prompt: str) -> bool:
         with self._lock:
@@ -42,8 +51,11 @@ class PromptEncoder:
             if prompt in self._cache:
                 self._cache.move_to_end(prompt)
                 return self._cache[prompt]
+            generation = self._generation
         embedding = self._run_encoder(prompt)
         with self._lock:
+            if generation != self._generation:
+                return embedding
             self._cache[prompt] = embedding
             self._cache.move_to_end(prompt)
             while len(self._cache) > self.cache_size:

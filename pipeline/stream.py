@@ -137,6 +137,7 @@ class StreamDiffusion:
         self._capturing = _Capturing()
         self.components = components.to(config.device, config.dtype)
         self.backend = make_backend(backend, self.components, kv_cache=config.kv_cache, **(backend_options or {}))
+        _check_live_loras(self.components, self.backend)
         self._math = getattr(self.backend, "step_math", PLAIN)  # the arithmetic between the modules, maybe fused
         replay = getattr(self.backend, "step_graphs", None)  # "cuda": the step, and the text encoder, as CUDA graphs
         self.prompts = PromptEncoder(
@@ -175,6 +176,7 @@ class StreamDiffusion:
         vae: str | None = "taesd-default",
         lcm_lora: str | None = None,
         loras=(),
+        live_loras=(),
         allow_pickle: bool = False,
         single_file_config: str | None = None,
         backend: str = "eager",
@@ -185,12 +187,14 @@ class StreamDiffusion:
         `vae`: TAESD by default, "model" for the checkpoint's own AutoencoderKL, or a folder/hub id.
         `lcm_lora`: LoRA weights merged into the UNet (LCM-LoRA for SD 1.5 models).
         `loras`: (weights, scale) pairs, style LoRAs merged after it at their scales.
+        `live_loras`: (weights, scale) pairs, up to 4 style LoRAs whose strengths
+        `set_lora_scales` changes while frames flow (not with tensorrt or fp8).
         `allow_pickle`: opt in to .ckpt/.pt/.bin files, which can run code when loaded.
         """
         from .loading import load_components
 
         components = load_components(
-            model_id_or_path, vae=vae, lcm_lora=lcm_lora, loras=loras, allow_pickle=allow_pickle,
+            model_id_or_path, vae=vae, lcm_lora=lcm_lora, loras=loras, live_loras=live_loras, allow_pickle=allow_pickle,
             single_file_config=single_file_config, dtype=config.dtype, device=config.device,
         )
         return cls(components, config, backend=backend, backend_options=backend_options)
@@ -250,10 +254,14 @@ class StreamDiffusion:
         `config.prompt_transition`; see `_switch_prompt`)."""
         seconds = self._transition_seconds(transition)
         negative_prompt = "" if negative_prompt is None else negative_prompt
-        cond = self.prompts.encode(prompt)  # (1, 77, D)
-        uncond = self.prompts.encode(negative_prompt)  # (1, 77, D)
+        source = functools.partial(self._plain_prompt, prompt, negative_prompt)
+        target = source()
         self.prompt, self.negative_prompt = prompt, negative_prompt
-        self._switch_prompt(_PromptState(uncond, cond), seconds)
+        self._prompt_source = source
+        self._switch_prompt(target, seconds)
+
+    def _plain_prompt(self, prompt: str, negative_prompt: str) -> "_PromptState":
+        return _PromptState(self.prompts.encode(negative_prompt), self.prompts.encode(prompt))  # (1, 77, D) each
 
     def set_prompt_blend(
         self, prompts: list[tuple[str, float]], *, negative_prompt: str | None = None, method: str = "linear",
@@ -271,14 +279,19 @@ class StreamDiffusion:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {type(negative_prompt).__name__} "
                              f"{negative_prompt!r}")
-        weights = [float(weight) for _, weight in prompts]
-        embeddings = [self.prompts.encode(prompt) for prompt, _ in prompts]
-        cond = blend_embeddings(embeddings, weights, method)  # (1, 77, D)
+        pairs = tuple((prompt, float(weight)) for prompt, weight in prompts)
         negative_prompt = "" if negative_prompt is None else negative_prompt
-        uncond = self.prompts.encode(negative_prompt)
+        source = functools.partial(self._blended_prompt, pairs, negative_prompt, method)
+        target = source()
         self.prompt = " | ".join(f"{prompt}:{weight:g}" for prompt, weight in prompts)
         self.negative_prompt = negative_prompt
-        self._switch_prompt(_PromptState(uncond, cond), seconds)
+        self._prompt_source = source
+        self._switch_prompt(target, seconds)
+
+    def _blended_prompt(self, pairs: tuple, negative_prompt: str, method: str) -> "_PromptState":
+        embeddings = [self.prompts.encode(prompt) for prompt, _ in pairs]
+        cond = blend_embeddings(embeddings, [weight for _, weight in pairs], method)  # (1, 77, D)
+        return _PromptState(self.prompts.encode(negative_prompt), cond)
 
     def _transition_seconds(self, transition: float | None) -> float:
         if transition is None:
@@ -312,6 +325,42 @@ class StreamDiffusion:
         start, target = transition.start, transition.target
         uncond = target.uncond if start.uncond is target.uncond else torch.lerp(start.uncond, target.uncond, weight)
         self._prompt_state = _PromptState(uncond, torch.lerp(start.cond, target.cond, weight))
+
+    @property
+    def lora_scales(self) -> tuple[float, ...]:
+        """The live LoRAs' strengths, in the order they were loaded (empty without live LoRAs)."""
+        live = self.components.live_loras
+        return () if live is None else tuple(live.scales)
+
+    def set_lora_scales(self, scales) -> None:
+        """New strengths for live LoRAs (`live_loras=` at load), from the next frame on: a dict
+        {index (0-based): scale} or a list of scales, one per live LoRA. The touched layers are
+        rewritten in place, so nothing compiles or captures again; the prompt's cross-attention
+        keys and values are computed again, and where a LoRA touches the text encoder its
+        prompts are encoded again (a transition under way then lands at once). ValueError
+        naming what is wrong; then nothing changes."""
+        live = self.components.live_loras
+        if live is None:
+            raise ValueError("lora: no live LoRAs are loaded (load them with live_loras= or --live-lora)")
+        if isinstance(scales, (list, tuple)):
+            if len(scales) != len(live):
+                raise ValueError(f"lora scales: {list(scales)!r} gives {len(scales)} scales for {len(live)} live LoRAs")
+            scales = dict(enumerate(scales))
+        if not isinstance(scales, dict):
+            raise ValueError(f"lora scales: {scales!r} must be a dict of index -> scale or a list of scales")
+        with torch.inference_mode():
+            text_encoder = live.set_scales(scales)
+        if text_encoder:
+            self.prompts.clear()
+            self._transition = None
+            self._prompt_state = self._prompt_source()
+            return
+        # the UNet's weights changed: each prompt side's conditioning (its cached K/V) is computed again
+        fresh = lambda state: _PromptState(state.uncond, state.cond)  # noqa: E731
+        self._prompt_state = fresh(self._prompt_state)
+        if self._transition is not None:
+            self._transition = replace(self._transition, start=fresh(self._transition.start),
+                                       target=fresh(self._transition.target))
 
     @property
     def in_transition(self) -> bool:
@@ -814,6 +863,21 @@ class StreamDiffusion:
         self._caught.add_(faults)
         self.state = replace(self.state, last_output=output)
         return output
+
+
+def _check_live_loras(components: Components, backend) -> None:
+    """BackendUnavailable where live LoRAs cannot change what `backend` runs: its weights are
+    fixed in engines (tensorrt) or copied into fp8 ones."""
+    if components.live_loras is None:
+        return
+    from .errors import BackendUnavailable
+
+    if backend.name == "tensorrt":
+        raise BackendUnavailable("live LoRAs: the tensorrt backend's engines hold fixed weights; fuse the LoRAs "
+                                 "with --lora (and build the engines with them) or run --backend compiled")
+    if getattr(backend, "fp8_layers", 0):
+        raise BackendUnavailable("live LoRAs: fp8 runs on a quantized copy of the weights that a strength change "
+                                 "cannot reach; run without --fp8 or fuse the LoRAs with --lora")
 
 
 def _both_sides(config: StreamConfig) -> list[StreamConfig]:

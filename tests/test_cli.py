@@ -53,6 +53,12 @@ def error_lines(result):
     (["run", "--sink", "null", "--lora", "style.safetensors:20"], "lora: 'style.safetensors:20': the scale must be"),
     (["run", "--sink", "null", "--model", "random:tiny", "--lora", "style.safetensors"],
      "lora: 'random:tiny' is a random-weight model"),
+    (["run", "--sink", "null", "--live-lora", "style.safetensors:-11"],
+     "live_lora: 'style.safetensors:-11': the scale must be a number in -10..10"),
+    (["run", "--sink", "null", *[arg for n in range(5) for arg in ("--live-lora", f"s{n}.safetensors")]],
+     "live_lora: 5 given; at most 4 can be live (/sd/lora/1 .. /sd/lora/4); fuse the others with --lora"),
+    (["run", "--sink", "null", "--model", "random:tiny", "--live-lora", "style.safetensors"],
+     "live_lora: 'random:tiny' is a random-weight model"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message):
     result = sdbridge(*args)

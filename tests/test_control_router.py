@@ -16,7 +16,7 @@ from bridge.control.osc import encode_bundle, encode_message
 from bridge.control.router import Router, parse_allow
 from bridge.control.table import BY_NAME, PARAMETERS, addresses, check_presets, convert
 from bridge.params import PARAMETERS as STORE_PARAMETERS
-from bridge.params import ParameterStore
+from bridge.params import LORA_NAMES, ParameterStore
 from osc_fuzzing import handmade_malformed, mixed_packets, mutate, valid_packets
 from pipeline import RUNTIME_SETTINGS, StreamConfig
 
@@ -42,18 +42,26 @@ def make_router(**options):
 
 
 @pytest.mark.parametrize("param", [p for p in PARAMETERS if p.kind in ("float", "int") and p.target == "engine"
-                                   and p.name != "strength"], ids=lambda p: p.name)
+                                   and p.name != "strength" and not p.name.startswith("lora_")], ids=lambda p: p.name)
 def test_ranges_and_defaults_agree_with_stream_config(param):
     StreamConfig(device="cpu", **{param.name: param.minimum})
     StreamConfig(device="cpu", **{param.name: param.maximum})
     assert getattr(StreamConfig(device="cpu"), param.name) == param.default
 
 
+def test_live_lora_strengths_have_a_slot_for_every_live_lora_the_engine_takes():
+    from pipeline.live_lora import MAX_LIVE_LORAS, MAX_LIVE_SCALE
+
+    assert LORA_NAMES == tuple(f"lora_{slot}" for slot in range(1, MAX_LIVE_LORAS + 1))
+    for name in LORA_NAMES:
+        assert BY_NAME[name].address == f"/lora/{name[5:]}" and BY_NAME[name].maximum <= MAX_LIVE_SCALE
+
+
 def test_every_engine_parameter_is_a_runtime_setting_or_a_prompt():
     for param in PARAMETERS:
         if param.target == "engine":
             assert param.name in RUNTIME_SETTINGS | {"strength", "resolution", "prompt", "negative_prompt",
-                                                     "prompt_blend", "prompt_blend_method"}, param.name
+                                                     "prompt_blend", "prompt_blend_method", *LORA_NAMES}, param.name
     assert {"width", "height"} <= RUNTIME_SETTINGS  # what resolution sets
     size = BY_NAME["resolution"]
     StreamConfig(device="cpu", width=size.minimum, height=size.maximum)

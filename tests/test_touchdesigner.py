@@ -612,7 +612,7 @@ def check_guide(path):
 
     text = path.read_text()
     known = set(addresses())
-    for address in set(re.findall(r"(?<![\w/])(/sd/[a-z_/]*[a-z_])", text)):
+    for address in set(re.findall(r"(?<![\w/])(/sd/[a-z0-9_/]*[a-z0-9_])", text)):
         if address == "/sd/status":
             continue
         if address.startswith("/sd/status/"):

@@ -105,6 +105,9 @@ def plan(args: argparse.Namespace) -> BuildPlan:
         configs.append(sized)
         for count in sorted(set(show.compile_steps) - {sized.denoising_steps}):
             configs.append(sized.replace(t_index_list=tuple(range(count))))  # the batch needs the count only
+    if show.live_lora:
+        raise ValueError("live_lora: TensorRT engines hold fixed weights, so their strengths cannot change at run "
+                         "time; fuse those LoRAs with --lora for engines (or run them live on --backend compiled)")
     cache = args.cache or Path(show.engines)
     return BuildPlan(model=show.model, model_options={name: getattr(show, name) for name in MODEL_FLAGS},
                      allow_pickle=show.allow_pickle, configs=tuple(configs), precision=precision, cache=cache)

@@ -27,6 +27,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--lcm-lora", dest="lcm_lora", help="LCM-LoRA weights to fuse into the UNet")
     add("--lora", action="append", metavar="FILE[:SCALE]",
         help="a style LoRA fused into the model at SCALE (default 1), after any LCM-LoRA; repeat for several")
+    add("--live-lora", dest="live_lora", action="append", metavar="FILE[:SCALE]",
+        help="a style LoRA whose strength (starting at SCALE, default 1) OSC /sd/lora/N changes while it runs "
+             "(N: 1 for the first given; up to 4); keeps a copy of the layers it touches; not with tensorrt or fp8")
     add("--single-file-config", dest="single_file_config",
         help="a single .safetensors checkpoint's configs: a diffusers folder (offline) or hub id")
     add("--allow-pickle", dest="allow_pickle", action="store_const", const=True,
@@ -130,7 +133,7 @@ def settings_from_args(args: argparse.Namespace, **defaults):
             flags["oscquery"] = True
         if flags.get("osc_allow") is not None:
             flags["osc_allow"] = tuple(a for item in flags["osc_allow"] for a in item.split(",") if a)
-        for name in ("sink", "lora"):  # repeatable flags: lists from argparse, tuples in the settings
+        for name in ("sink", "lora", "live_lora"):  # repeatable flags: lists from argparse, tuples in the settings
             if flags.get(name) is not None:
                 flags[name] = tuple(flags[name])
         return merge(file_values, flags, **defaults)

@@ -25,6 +25,7 @@ from .osc import IMPULSE
 
 KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "seed_blend", "choice", "trigger", "cue")
 INT32_MAX = 2**31 - 1
+LIVE_LORA_SLOTS = 4  # /sd/lora/1 .. /sd/lora/4 (pipeline.live_lora.MAX_LIVE_LORAS)
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 
 
@@ -96,6 +97,10 @@ PARAMETERS: tuple[Param, ...] = (
           "processing and output size, width then height (or one string '768x448'); the frames in flight "
           "restart at the new size. tensorrt: sizes built with build-engines; compiled: sizes in --sizes "
           "switch at once, others compile beside the running show first", minimum=64, maximum=2048, unit="px"),
+    *(Param(f"lora_{slot}", f"/lora/{slot}", "float",
+            f"strength of live LoRA {slot} (--live-lora, counted in the order given; 0 turns it off); "
+            "its layers are rewritten in place: nothing compiles",
+            minimum=0.0, maximum=2.0, fader=True) for slot in range(1, LIVE_LORA_SLOTS + 1)),
     Param("similarity_filter", "/similarity/enable", "bool",
           "skip frames nearly equal to the last processed one", default=False),
     Param("similarity_threshold", "/similarity/threshold", "float",
