@@ -54,6 +54,8 @@
 #   transition: prompt changes that fade in (--prompt-transition 0.4: every frame of a fade builds its cross-attention
 #          K/V outside the step graph) against cuts, sd-turbo and sd15 compiled at 60 fps (issue 5: no frame later
 #          than two periods)
+#   lora:  a live LoRA's strength moved 8 times at 60 fps (--lora-changes 8), sd-turbo and sd15 compiled: the cost of
+#          one change and the largest gap (nothing may compile or recapture)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -310,11 +312,17 @@ case "$PART" in
       --prompt-changes 8
     sd15_step 170 sd15_4step_self_compiled_step_transition --prompt-changes 8 --prompt-transition 0.4
     ;;
+  lora)  # a live LoRA's strength moved 8 times at 60 fps (rank 16 on every attention projection, rewritten in place
+    # between frames; the step graph reads the weights where they are): one change's cost and the largest gap
+    bench 180 sd_turbo_1step_compiled_step_lora $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 5 \
+      --lora-changes 8
+    sd15_step 170 sd15_4step_self_compiled_step_lora --lora-changes 8
+    ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap, transition)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap, transition, lora)"; exit 2 ;;
 esac
 
 python3 - "$WORK" <<'PY'

@@ -63,6 +63,9 @@ class BenchSettings:
     step_graph_replay: str | None = None
 
 
+LORA_BENCH_RANK = 16  # --lora-changes: the random live LoRA's rank (style LoRAs: mostly 8 to 64)
+
+
 def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -181,7 +184,8 @@ def summarize(times_ms: list[float], frames_per_call: int) -> dict:
 
 def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime: bool = False,
                   prompt_changes: int = 0, size_changes: int = 0, other_size: tuple[int, int] | None = None,
-                  components=None, checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
+                  lora_changes: int = 0, components=None,
+                  checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time the stream-batch path (and the sequential path too, when asked); one dict per run.
 
     `checkpoint(rows so far)`: called after each row and each measurement added to one, so that a
@@ -193,6 +197,8 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
     report the gaps between frames, under "prompt_changes".
     `size_changes`: likewise switch the size that many times between the configured one and
     `other_size` (readied at start with warm_up(sizes=...)), under "size_changes".
+    `lora_changes`: a random live LoRA (rank LORA_BENCH_RANK on every attention projection) whose
+    strength changes that many times through the runtime at 60 fps, under "lora_changes".
     """
     base = StreamConfig(
         width=settings.width, height=settings.height, device=settings.device, dtype=settings.dtype,
@@ -208,13 +214,18 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         log.info("building random-weight %s models on %s (%s) ...", settings.arch, base.device, base.dtype)
         components = random_components(settings.arch, dtype=base.dtype, device=base.device, seed=0)
         log.info("models ready in %.1f s", time.perf_counter() - started)
+    if lora_changes and components.live_loras is None:
+        from pipeline.live_lora import LiveLoras, random_factors
+
+        factors = random_factors(components.unet, rank=LORA_BENCH_RANK)
+        components.live_loras = LiveLoras(["random"], [1.0], [factors], {"unet": components.unet})
     frames = synthetic_frames(settings)
     results = []
     with kernel_choices(cudnn_benchmark=settings.cudnn_benchmark, sdpa=settings.sdpa):
         for batched in (True, False) if sequential else (True,):
             _run_one(settings, base, components, frames, results, batched=batched, runtime=runtime,
                      prompt_changes=prompt_changes, size_changes=size_changes, other_size=other_size,
-                     checkpoint=checkpoint or (lambda rows: None))
+                     lora_changes=lora_changes, checkpoint=checkpoint or (lambda rows: None))
     if sequential:
         rows = [r for r in results if not r["pipelined"]]
         rows[0]["speedup_vs_sequential"] = rows[0]["fps"] / rows[1]["fps"]
@@ -223,7 +234,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
 
 def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: list, results: list, *, batched: bool,
              runtime: bool, prompt_changes: int, size_changes: int, other_size: tuple[int, int] | None,
-             checkpoint: Callable[[list[dict]], None]) -> None:
+             lora_changes: int, checkpoint: Callable[[list[dict]], None]) -> None:
     """One engine of `settings` (stream batch or sequential): its rows appended to `results`,
     `checkpoint(results)` after each row and each measurement added."""
     config = base.replace(use_denoising_batch=batched)
@@ -320,6 +331,15 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
         synchronous["size_changes"] = measure_size_changes(
             engine, [other if k % 2 == 0 else own for k in range(size_changes)], warmup=settings.warmup,
             input_size=own, timeout=max(30.0, size_changes * 0.5 + 30.0),
+        )
+        checkpoint(results)
+    if lora_changes and batched:
+        from .runtime_bench import measure_lora_changes
+
+        log.info("%d live LoRA strength changes through the runtime at 60 fps ...", lora_changes)
+        synchronous["lora_changes"] = measure_lora_changes(
+            engine, changes=lora_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
+            timeout=max(30.0, lora_changes * 0.5 + 30.0),
         )
         checkpoint(results)
     if settings.fp8 and batched:

@@ -216,6 +216,38 @@ def measure_prompt_changes(engine, *, changes: int = 10, output_fps: float = 60.
     return result
 
 
+def measure_lora_changes(engine, *, changes: int = 10, output_fps: float = 60.0, warmup: int = 30,
+                         interval: float = 0.5, input_size: tuple[int, int] = (640, 480),
+                         timeout: float = 120.0) -> dict:
+    """Move live LoRA 1's strength `changes` times through /sd/lora/1's path (the parameter
+    store, applied between frames); first the cost of one `set_lora_scales` alone (the layers
+    rewritten, the device synchronised), then `measure_changes`'s figures."""
+    live = engine.components.live_loras
+    device = next(engine.components.unet.parameters()).device
+    strengths = [0.2, 1.0, 0.6, 0.0, 0.8]
+    alone_ms = []
+    for k in range(5):
+        _synchronize(device)
+        started = time.perf_counter()
+        engine.set_lora_scales({0: strengths[k % len(strengths)]})
+        _synchronize(device)
+        alone_ms.append((time.perf_counter() - started) * 1000.0)
+    engine.set_lora_scales({0: 1.0})
+    result = measure_changes(engine, [("lora_1", strengths[k % len(strengths)]) for k in range(changes)],
+                             output_fps=output_fps, warmup=warmup, interval=interval, input_size=input_size,
+                             timeout=timeout)
+    result.update(set_ms_median=float(np.median(alone_ms)), set_ms_max=max(alone_ms), layers=live.layers,
+                  kept_mib=live.kept_bytes / 2**20)
+    return result
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def measure_size_changes(engine, sizes: list[tuple[int, int]], *, output_fps: float = 60.0, warmup: int = 30,
                          interval: float = 0.5, input_size: tuple[int, int] = (640, 480),
                          timeout: float = 120.0) -> dict:

@@ -8,9 +8,10 @@ which read them at their addresses, use the new strength on the next frame: noth
 captures again. W is rebuilt from W0 each time, so hours of fader moves never accumulate
 rounding.
 
-Cost: the copy of the touched weights (about 0.45 GB in fp16 for an SD 1.5 LoRA on every
-attention and feed-forward layer) and the factors (a few MB per LoRA); each change rewrites the
-touched layers (milliseconds on a GPU).
+Cost: the copy of the touched weights (190 MiB in fp16 for a rank-16 LoRA on the 128
+attention projections of SD 1.5, counted with `random_factors`) and the factors (a few MB per
+LoRA); each change rewrites the touched layers (80 ms for that LoRA in fp16 on 2 CPU cores;
+`sdbridge bench --lora-changes` times it on a GPU).
 """
 
 from __future__ import annotations
@@ -179,3 +180,22 @@ def peft_factors(model: torch.nn.Module, adapter: str, *, lora_name: str) -> dic
         found[path] = Factors(down[adapter].weight.detach().clone(), module.lora_B[adapter].weight.detach().clone(),
                               float(module.scaling[adapter]))
     return found
+
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # what most style LoRAs of SD 1.x/2.x train
+
+
+def random_factors(unet: torch.nn.Module, *, rank: int = 16, seed: int = 0,
+                   targets: tuple[str, ...] = ATTENTION_PROJECTIONS) -> dict[tuple[str, str], Factors]:
+    """A random LoRA of `rank` on each of `unet`'s linear layers named `targets` (the attention
+    projections by default), as LiveLoras takes it: for benchmarks of random-weight models, whose
+    changes cost what a trained LoRA's of that rank and those layers cost."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for path, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(path.endswith("." + name) for name in targets):
+            continue
+        down = torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5
+        up = torch.randn(module.out_features, rank, generator=generator) * 0.02
+        factors[("unet", path)] = Factors(down, up, 1.0)
+    return factors

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from bridge.runtime_bench import measure_runtime_overhead
 
@@ -211,6 +212,28 @@ def test_prompt_and_size_changes_through_the_runtime_report_the_gaps(tiny_compon
         assert largest["call_ms"] > 0 and largest["before_call_ms"] >= 0
     assert prompts["encode_ms_max"] > 0  # the prompt worker encoded each new text
     assert sizes["encode_ms_max"] is None  # no text to encode
+
+
+def test_live_lora_changes_through_the_runtime_report_their_cost_and_the_gaps():
+    """--lora-changes: a random live LoRA on the attention projections, its strength moved
+    through /sd/lora/1's path while frames flow (a model of its own: the LoRA writes its weights)."""
+    from bridge.benchmarking import LORA_BENCH_RANK, BenchSettings, run_benchmark
+
+    settings = BenchSettings(arch="tiny", steps=2, width=32, height=32, frames=4, warmup=3, device="cpu")
+    (result,) = run_benchmark(settings, lora_changes=3)
+    changes = result["lora_changes"]
+    assert changes["changes"] == 3 and changes["last_applied"] is True and changes["graphs_compiled"] in (0, None)
+    from pipeline import random_components
+    from pipeline.live_lora import ATTENTION_PROJECTIONS
+
+    unet = random_components("tiny", dtype=torch.float32, device=torch.device("cpu")).unet
+    layers = [m for path, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(path.endswith("." + t) for t in ATTENTION_PROJECTIONS)]
+    assert changes["layers"] == len(layers) == 32  # tiny: 8 attention layers x q, k, v, out
+    kept = sum(4 * (m.weight.numel() + LORA_BENCH_RANK * (m.in_features + m.out_features)) for m in layers)
+    assert changes["kept_mib"] == pytest.approx(kept / 2**20)  # W0 of each layer and its factors (fp32 here)
+    assert changes["set_ms_max"] >= changes["set_ms_median"] > 0
+    assert changes["frames"] > 3 and changes["gap_ms_max"] >= changes["gap_ms_median"] > 0
 
 
 def test_the_largest_gap_is_split_into_the_call_and_the_wait_before_it():

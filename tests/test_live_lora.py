@@ -173,14 +173,17 @@ def _run(engine, frames):
     return [engine(frame).clone() for frame in frames]
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_a_stream_at_a_new_strength_makes_the_fused_pictures_without_compiling(model_folder, lora_files, backend):
+@pytest.mark.parametrize("backend, options", [("eager", {}), ("eager", {"fuse_qkv": True}), ("compiled", {})])
+def test_a_stream_at_a_new_strength_makes_the_fused_pictures_without_compiling(model_folder, lora_files, backend,
+                                                                               options):
     """A strength change mid-stream: the frames after it are those of a stream built with the
-    LoRA fused at that strength (fed the same frames), and the compiled backend compiles nothing."""
+    LoRA fused at that strength (fed the same frames), and the compiled backend compiles nothing.
+    With fused q/k/v the layers are views of the fused projection: the writes reach it."""
     counter = CountingBackend()
-    options = {"compile_backend": counter} if backend == "compiled" else None
+    options = {"compile_backend": counter, **options} if backend == "compiled" else options
     live = _load(model_folder, live_loras=[(str(lora_files[0]), 1.0)])
-    engine = StreamDiffusion(live, _config(), backend=backend, backend_options=options)
+    engine = StreamDiffusion(live, _config(), backend=backend, backend_options=options or None)
+    assert (engine.backend.fused_qkv_layers > 0) == bool(options.get("fuse_qkv"))
     engine.set_prompt("a harbour", "rain")
     frames = _frames(6)
     _run(engine, frames[:3])

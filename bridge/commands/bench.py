@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt-transition", type=float, default=0.0, metavar="SECONDS",
                         help="each prompt change fades in over this time (with --prompt-changes: the gaps while "
                              "fading, each frame's cross-attention K/V built outside the step graph)")
+    parser.add_argument("--lora-changes", type=int, default=0, metavar="N",
+                        help="a random live LoRA (rank 16 on every attention projection) whose strength changes N "
+                             "times through the runtime at 60 fps: the cost of a change and the largest gap")
     parser.add_argument("--size-changes", type=int, default=0, metavar="N",
                         help="also switch the size N times through the runtime at 60 fps (/sd/resolution's path), "
                              "between --width x --height and --other-size, readied at start: the largest gap")
@@ -133,10 +136,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..settings import parse_size
 
-    if args.frames < 1 or min(args.warmup, args.prompt_changes, args.size_changes, args.profile) < 0:
-        raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes, --size-changes and --profile >= 0 "
-                        f"(got {args.frames}, {args.warmup}, {args.prompt_changes}, {args.size_changes}, "
-                        f"{args.profile})")
+    if args.frames < 1 or min(args.warmup, args.prompt_changes, args.size_changes, args.lora_changes,
+                              args.profile) < 0:
+        raise UserError(f"--frames must be >= 1, --warmup, --prompt-changes, --size-changes, --lora-changes and "
+                        f"--profile >= 0 (got {args.frames}, {args.warmup}, {args.prompt_changes}, "
+                        f"{args.size_changes}, {args.lora_changes}, {args.profile})")
+    if args.lora_changes and (args.backend == "tensorrt" or args.fp8):
+        raise UserError("--lora-changes: live LoRAs need --backend eager or compiled without --fp8")
     if not args.time_limit >= 0:  # (nan too: it would never stop)
         raise UserError(f"--time-limit: {args.time_limit!r} must be a number of seconds >= 0 (0: no limit)")
     if args.fuse_math and args.backend != "compiled":
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
                                  prompt_changes=args.prompt_changes, size_changes=args.size_changes,
-                                 other_size=other_size, checkpoint=checkpoint)
+                                 other_size=other_size, lora_changes=args.lora_changes, checkpoint=checkpoint)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         checkpoint(runs)
@@ -286,6 +292,11 @@ def format_table(results: list[dict]) -> str:
             c = r["prompt_changes"]
             fading = f" (each fading in over {r['prompt_transition']:g} s)" if r.get("prompt_transition") else ""
             lines.append(_changes_line(c, "prompt changes" + fading, "prompt", c["last_prompt_applied"]))
+        if "lora_changes" in r:
+            c = r["lora_changes"]
+            lines.append(_changes_line(c, "live LoRA strength changes", "strength", c["last_applied"]))
+            lines.append(f"{'':<9} one change alone: {c['set_ms_median']:.2f} ms median ({c['layers']} layers, "
+                         f"{c['kept_mib']:.1f} MiB kept for them)")
         if "size_changes" in r:
             c = r["size_changes"]
             lines.append(_changes_line(c, f"size changes ({' <-> '.join(c['sizes'][:2])})", "size", c["last_applied"]))
