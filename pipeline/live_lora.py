@@ -77,6 +77,8 @@ class LiveLoras:
         "text_encoder" -> the module, after it moved to its device and dtype."""
         if not names or len(names) > MAX_LIVE_LORAS:
             raise ValueError(f"live loras: {len(names)} given; from 1 to {MAX_LIVE_LORAS} can be live")
+        if not len(names) == len(scales) == len(factors):
+            raise ValueError(f"live loras: {len(names)} names, {len(scales)} scales and {len(factors)} factor sets")
         self.names = list(names)
         self.scales = [check_scale(index, scale) for index, scale in enumerate(scales)]
         self._layers: dict[tuple[str, str], _Layer] = {}
@@ -133,9 +135,15 @@ class LiveLoras:
                                  f"LoRA ({len(self.names)} loaded)")
             checked[index] = check_scale(index, scale)
         changed = [index for index, scale in checked.items() if scale != self.scales[index]]
+        previous = list(self.scales)
         for index in changed:
             self.scales[index] = checked[index]
-        return self._write(changed)
+        try:
+            return self._write(changed)
+        except BaseException:  # (out of memory half-way): the layers written so far are put back too
+            self.scales = previous
+            self._write(changed)
+            raise
 
     @torch.no_grad()
     def _write(self, changed) -> bool:

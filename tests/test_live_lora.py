@@ -136,6 +136,28 @@ def test_a_wrong_strength_is_named_and_changes_nothing(model_folder, lora_files,
     _assert_same_weights(_unet_weights(live), before, atol=0)
 
 
+def test_a_write_that_fails_half_way_puts_every_layer_back(model_folder, lora_files, monkeypatch):
+    """Out of memory while the layers are rewritten: the strengths and the weights stay as they were."""
+    import pipeline.live_lora as live_lora
+
+    live = _load(model_folder, live_loras=[(str(lora_files[0]), 1.0)])
+    before = _unet_weights(live)
+    calls = {"n": 0}
+    real = live_lora.delta_weight
+
+    def failing(factors, shape):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the fifth layer of the write: four are written already
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return real(factors, shape)
+
+    monkeypatch.setattr(live_lora, "delta_weight", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        live.live_loras.set_scales({0: 0.3})
+    assert live.live_loras.scales == [1.0]
+    _assert_same_weights(_unet_weights(live), before, atol=1e-6)
+
+
 @pytest.mark.parametrize("live_loras, message", [
     ([("a.safetensors", 1.0)] * 5, r"live_loras: 5 given; at most 4 can be live"),
     ([("a.safetensors", 20.0)], r"live_loras: a\.safetensors: scale 20\.0 must be a number in -10\.\.10"),

@@ -27,7 +27,7 @@ from pythonosc.osc_message import OscMessage
 from bridge.control import ControlPlane, ControlSettings
 from bridge.control.osc import encode_message
 from bridge.control.table import PARAMETERS, RUNTIME_NAMES
-from bridge.params import ParameterStore, apply_pending
+from bridge.params import LORA_NAMES, ParameterStore, apply_pending
 from bridge.settings import RunSettings
 from test_cli import REPO, TINY, child_env
 from test_run_osc import free_port, query, wait_until
@@ -116,6 +116,9 @@ def test_loopback_is_the_default_and_another_interface_is_only_by_choice():
 def test_no_parameter_takes_a_path():
     for param in PARAMETERS:
         text = f"{param.name} {param.address} {' '.join(param.aliases)}".lower()
+        if param.name in LORA_NAMES:  # a live LoRA's strength: a number; which file is named only at start
+            assert param.kind == "float" and param.address.startswith("/lora/"), param
+            continue
         assert not any(word in text for word in ("path", "file", "folder", "dir", "model", "vae", "lora", "config")), param
         assert param.kind in ("string", "prompt_blend", "choice", "float", "int", "bool", "int_list", "size", "trigger",
                               "cue", "seed_blend")  # seed_blend: numbers only

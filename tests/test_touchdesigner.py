@@ -182,7 +182,33 @@ def test_command_line_uses_the_real_flags(td_table):
     assert (args.source, args.sink, args.height, args.prompt, args.fps) == ("ndi:td out", ["ndi:sd out"], 768, "a city", 25.0)
 
 
+def test_mode_live_loras_and_windows_paths_reach_the_run_flags(td_table):
+    """The Mode menu and the Live LoRAs text become --mode and one --live-lora each; on Windows a
+    path typed in Extra keeps its backslashes (a POSIX shell split would eat them)."""
+    pages = component.component_pages(td_table, platform="win32")
+    bridge = {par.name: par for par in pages["Bridge"]}
+    assert bridge["Mode"].menu == ("img2img", "txt2img") and bridge["Mode"].default == "img2img"
+    assert {"Lora1", "Lora4"} <= {par.name for par in pages["Parameters"]}  # the strengths they set
+    values = {"Executable": "sdbridge", "Transport": "spout", "Inputname": "td out", "Outputname": "sd out",
+              "Model": "", "Width": 512, "Height": 512, "Oscport": td_table.osc_port, "Bridgehost": "127.0.0.1",
+              "Statushost": "127.0.0.1", "Statusport": td_table.osc_port + 2, "Config": "", "Mode": "txt2img",
+              "Liveloras": r"C:\loras\ink.safetensors:0.8 |  | D:/neon style.safetensors ",
+              "Extraargs": r'--lora C:\loras\fixed.safetensors:0.5 --prompt "a city, at night"'}
+    argv = command.build_command(component.bridge_options(values, platform="win32"))
+    args = run_parser().parse_args(argv[1:])
+    assert args.mode == "txt2img"
+    assert args.live_lora == [r"C:\loras\ink.safetensors:0.8", "D:/neon style.safetensors"]
+    assert args.lora == [r"C:\loras\fixed.safetensors:0.5"] and args.prompt == "a city, at night"
+    plain = command.build_command(component.bridge_options(dict(values, Mode="img2img", Liveloras="", Extraargs=""),
+                                                           platform="win32"))
+    assert "--mode" not in plain and "--live-lora" not in plain
+    assert command.split_flags(r"--lora my\ style.safetensors", platform="linux") == ["--lora", "my style.safetensors"]
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"mode": "img2vid"}, "mode: 'img2vid' must be one of img2img, txt2img"),
+    ({"live_loras": "a | b | c | d | e"}, r"live_loras: 5 given; at most 4 \(Lora1 .. Lora4\)"),
+    ({"extra": '--prompt "open'}, "extra: No closing quotation"),
     ({"transport": "spout", "platform": "darwin"}, "spout exists only on Windows"),
     ({"transport": "syphon"}, "syphon exists only on macOS; use ndi here"),
     ({"transport": "syphon", "platform": "win32"}, "syphon exists only on macOS"),

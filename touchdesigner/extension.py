@@ -127,7 +127,12 @@ class SdbridgeExt:
 
     def _values(self):
         names = [par.name for par in self.lib.component.bridge_page(self.table)] + ['Prompt']
-        return {name: getattr(self.ownerComp.par, name).eval() for name in names}
+        values = {}
+        for name in names:  # a component made by an older setup_comp lacks the newer ones: their defaults
+            par = getattr(self.ownerComp.par, name, None)
+            if par is not None:
+                values[name] = par.eval()
+        return values
 
     def _send_par(self, name, value):
         try:

@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass
 
 TRANSPORTS = ("spout", "syphon", "ndi")
+MODES = ("img2img", "txt2img")
+LIVE_LORA_SEPARATOR = "|"  # "C:/loras/ink.safetensors:0.8 | C:/loras/neon.safetensors"
+MAX_LIVE_LORAS = 4  # the bridge's /sd/lora/1 .. /sd/lora/4
 TRANSPORT_PLATFORMS = {"spout": ("win", "Windows"), "syphon": ("darwin", "macOS")}  # sys.platform prefix, name
 
 
@@ -35,7 +38,9 @@ class BridgeOptions:
     status_host: str = "127.0.0.1"  # where the bridge sends /sd/status (this machine, seen from the bridge)
     status_port: int  # --status-target port: the component's OSC In DAT
     config: str = ""  # --config show.toml (presets, anything else)
-    extra: str = ""  # more flags, split like a shell would
+    mode: str = "img2img"  # --mode: img2img (TouchDesigner's picture turned) or txt2img (from the prompt alone)
+    live_loras: str = ""  # --live-lora each: "FILE[:SCALE] | FILE[:SCALE]", strengths then on Lora1 .. Lora4
+    extra: str = ""  # more flags, split like a shell would (on Windows, backslashes in paths kept)
     platform: str = sys.platform
 
     def __post_init__(self) -> None:
@@ -61,10 +66,31 @@ class BridgeOptions:
                 raise ValueError(f"{field}: {value!r} must be a port number in 1..65535")
         if self.osc_port == self.status_port:
             raise ValueError(f"status_port: {self.status_port} must differ from osc_port")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(MODES)}")
+        loras = live_lora_list(self.live_loras)
+        if len(loras) > MAX_LIVE_LORAS:
+            raise ValueError(f"live_loras: {len(loras)} given; at most {MAX_LIVE_LORAS} (Lora1 .. Lora{MAX_LIVE_LORAS})")
         try:
-            shlex.split(self.extra)
+            split_flags(self.extra, platform=self.platform)
         except ValueError as exc:
             raise ValueError(f"extra: {exc}") from None
+
+
+def live_lora_list(text: str) -> list[str]:
+    """'a.safetensors:0.8 | b.safetensors' -> ['a.safetensors:0.8', 'b.safetensors'] (empty parts dropped)."""
+    return [part.strip() for part in str(text).split(LIVE_LORA_SEPARATOR) if part.strip()]
+
+
+def split_flags(text: str, *, platform: str = sys.platform) -> list[str]:
+    """Flags typed as one line, split like a shell: quotes group words. On Windows a backslash is
+    a path's separator, not an escape (C:\\loras\\ink.safetensors stays whole), as cmd.exe reads it."""
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    if platform.startswith("win"):
+        lexer.escape = ""
+    return list(lexer)
 
 
 def source_spec(options: BridgeOptions) -> str:
@@ -87,7 +113,11 @@ def build_command(options: BridgeOptions) -> list[str]:
         argv += ["--prompt", options.prompt]
     if options.config.strip():
         argv += ["--config", options.config.strip()]
-    return argv + shlex.split(options.extra)
+    if options.mode != "img2img":
+        argv += ["--mode", options.mode]
+    for lora in live_lora_list(options.live_loras):
+        argv += ["--live-lora", lora]
+    return argv + split_flags(options.extra, platform=options.platform)
 
 
 def command_text(argv: list[str], *, platform: str = sys.platform) -> str:

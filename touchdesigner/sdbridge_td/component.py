@@ -10,7 +10,7 @@ import re
 import sys
 from typing import Any
 
-from .command import TRANSPORTS, BridgeOptions
+from .command import MODES, TRANSPORTS, BridgeOptions
 from .status import FIELDS
 from .table import Table, TDPar, parameter_page, td_name
 
@@ -32,6 +32,10 @@ def bridge_page(table: Table, *, platform: str = sys.platform) -> list[TDPar]:
         TDPar("Width", "Width", "Int", default=512, minimum=64, maximum=2048),
         TDPar("Height", "Height", "Int", default=512, minimum=64, maximum=2048),
         TDPar("Config", "Config file", "Str", default="", help="--config show.toml (presets and more)"),
+        TDPar("Mode", "Mode", "Menu", default="img2img", menu=MODES,
+              help="img2img: the picture sent to the bridge, turned by the prompt; txt2img: pictures from the prompt alone"),
+        TDPar("Liveloras", "Live LoRAs", "Str", default="",
+              help="--live-lora: 'FILE[:SCALE] | FILE[:SCALE]' (up to 4); Lora1 .. Lora4 then set their strengths"),
         TDPar("Extraargs", "Extra flags", "Str", default="", help="more `sdbridge run` flags"),
         TDPar("Bridgehost", "Bridge host", "Str", default="127.0.0.1",
               help="where OSC goes; another machine: run the Command there with --osc-bind 0.0.0.0"),
@@ -83,6 +87,7 @@ def bridge_options(values: dict[str, Any], *, platform: str = sys.platform) -> B
         width=int(values["Width"]), height=int(values["Height"]), prompt=str(values.get("Prompt", "")),
         osc_port=int(values["Oscport"]), osc_bind="127.0.0.1" if _local(values["Bridgehost"]) else "0.0.0.0",
         status_host=str(values["Statushost"]), status_port=int(values["Statusport"]), config=str(values["Config"]),
+        mode=str(values.get("Mode", "img2img")), live_loras=str(values.get("Liveloras", "")),
         extra=str(values["Extraargs"]), platform=platform)
 
 
