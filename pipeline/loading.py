@@ -137,8 +137,9 @@ def load_components(
             [name for _, name, _ in live_files], [scale for _, _, scale in live_files], live_factors,
             {"unet": components.unet, "text_encoder": components.text_encoder},
         )
-        log.info("live loras: %d layers, %.0f MB kept for them", components.live_loras.layers,
-                 components.live_loras.kept_bytes / 1e6)
+        log.info("live loras: %.1f MiB kept for their %d layers; strengths %s (OSC /sd/lora/1 ..)",
+                 components.live_loras.kept_bytes / 2**20, components.live_loras.layers,
+                 ", ".join(f"{scale:g}" for scale in components.live_loras.scales))
     log.info("loaded %r (%s) in %.1f s", model_id_or_path, arch, time.perf_counter() - started)
     return components
 
@@ -500,6 +501,12 @@ def _check_compatible(loaded: _Loaded, model_name: str) -> None:
         )
 
 
+def _no_text_encoder_part(record: logging.LogRecord) -> bool:
+    """Drops diffusers' notice that a LoRA has no text-encoder part: most style LoRAs have none,
+    and it reads like a problem on the terminal of a show."""
+    return "No LoRA keys associated to CLIPTextModel" not in record.getMessage()
+
+
 class _WarningCollector(logging.Handler):
     """Collects diffusers' warnings about LoRA keys that matched nothing (it only warns)."""
 
@@ -540,7 +547,9 @@ def _live_lora_factors(loaded: _Loaded, lora_file: Path, *, lora_name: str, mode
         raise ModelLoadError(str(exc)) from None
     finally:
         pipe.unload_lora_weights()
-    log.info("live lora %r: %d layers", lora_name, len(factors))
+    text_encoder = sum(model == "text_encoder" for model, _ in factors)
+    log.info("live lora %r: %d UNet layers, %d text-encoder layers", lora_name, len(factors) - text_encoder,
+             text_encoder)
     return factors
 
 
@@ -557,7 +566,10 @@ def _load_adapter(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_nam
     misfit = f"{what} {lora_name!r} does not fit the UNet of {model_name!r}"
     collector = _WarningCollector()
     diffusers_logger = logging.getLogger("diffusers")
+    quiet = [handler for handler in diffusers_logger.handlers]  # diffusers' own, to the terminal
     diffusers_logger.addHandler(collector)
+    for handler in quiet:
+        handler.addFilter(_no_text_encoder_part)
     try:
         with _loading(what, lora_file, failure=misfit):
             pipe.load_lora_weights(
@@ -566,6 +578,8 @@ def _load_adapter(loaded: _Loaded, lora_file: Path, *, lora_name: str, model_nam
             )
     finally:
         diffusers_logger.removeHandler(collector)
+        for handler in quiet:
+            handler.removeFilter(_no_text_encoder_part)
     if collector.problems or adapter not in getattr(loaded.unet, "peft_config", {}):
         pipe.unload_lora_weights()
         raise ModelLoadError(f"{misfit}: {collector.problems[0] if collector.problems else 'it has no UNet weights'}")
