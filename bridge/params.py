@@ -494,6 +494,9 @@ def apply_pending(store: ParameterStore, engine) -> None:
     loras = {name: changes.pop(name) for name in LORA_NAMES if name in changes}
     if loras:  # before the prompts: a LoRA with a text-encoder part encodes the prompt shown again
         _apply_loras(store, engine, loras)
+    mix = changes.pop("seed_mix", None)
+    if mix is not None and not _mix_seeds(store, changes, mix):
+        mix = None
     prompts = {name: changes.pop(name) for name in PROMPT_NAMES if name in changes}
     if prompts:  # with the transition sent beside them, if any (it applies to them, not to the next)
         _apply_prompts(store, engine, prompts, transition=changes.get("prompt_transition"))
@@ -501,6 +504,8 @@ def apply_pending(store: ParameterStore, engine) -> None:
         changes = _route(store, engine, changes)
     if not changes:
         return
+    if mix is None and ("seed" in changes or "seed_blend" in changes):
+        store.forget("seed_mix")  # a seed or blend of its own: the fader's last position no longer applies
     before = getattr(engine, "config", None)
     try:
         engine.update(**changes)
@@ -518,7 +523,20 @@ def apply_pending(store: ParameterStore, engine) -> None:
         for name, value in changes.items():
             store.report_rejected(name, value, f"{type(exc).__name__}: {exc}{restored}")
         return
-    store.report_applied(changes)
+    store.report_applied(changes if mix is None else {**changes, "seed_mix": mix})
+
+
+def _mix_seeds(store: ParameterStore, changes: dict[str, Any], mix: float) -> bool:
+    """seed_mix as the seed blend it means (into `changes`): the blend being set or the one
+    applied, its first two seeds weighted 1 - mix and mix. False (reported) without a blend."""
+    blend = changes.get("seed_blend", store.applied.get("seed_blend"))
+    if "seed" in changes and "seed_blend" not in changes or not blend or len(blend) < 2:
+        store.report_rejected("seed_mix", mix, "seed_mix: needs a blend of two seeds to move between; set one "
+                                               "first, e.g. /sd/seed_blend 2 1 9 0")
+        return False
+    (first, _), (second, _), *rest = blend
+    changes["seed_blend"] = ((first, 1.0 - mix), (second, mix), *rest)
+    return True
 
 
 def _apply_one(store: ParameterStore, engine, name: str, value: Any) -> None:

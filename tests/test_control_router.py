@@ -42,7 +42,8 @@ def make_router(**options):
 
 
 @pytest.mark.parametrize("param", [p for p in PARAMETERS if p.kind in ("float", "int") and p.target == "engine"
-                                   and p.name != "strength" and not p.name.startswith("lora_")], ids=lambda p: p.name)
+                                   and p.name not in ("strength", "seed_mix") and not p.name.startswith("lora_")],
+                         ids=lambda p: p.name)
 def test_ranges_and_defaults_agree_with_stream_config(param):
     StreamConfig(device="cpu", **{param.name: param.minimum})
     StreamConfig(device="cpu", **{param.name: param.maximum})
@@ -61,7 +62,8 @@ def test_every_engine_parameter_is_a_runtime_setting_or_a_prompt():
     for param in PARAMETERS:
         if param.target == "engine":
             assert param.name in RUNTIME_SETTINGS | {"strength", "resolution", "prompt", "negative_prompt",
-                                                     "prompt_blend", "prompt_blend_method", *LORA_NAMES}, param.name
+                                                     "prompt_blend", "prompt_blend_method", "seed_mix",
+                                                     *LORA_NAMES}, param.name
     assert {"width", "height"} <= RUNTIME_SETTINGS  # what resolution sets
     size = BY_NAME["resolution"]
     StreamConfig(device="cpu", width=size.minimum, height=size.maximum)

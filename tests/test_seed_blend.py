@@ -111,3 +111,39 @@ def test_presets_take_a_seed_blend_and_refuse_it_beside_a_seed():
         check_presets({"2": {"seed": 4, "seed_blend": [[2, 1.0]]}})
     with pytest.raises(ValueError, match=r"presets.3.seed_blend: .* weight outside 0..1"):
         check_presets({"3": {"seed_blend": [[2, 1.5]]}})
+
+
+def test_one_fader_moves_the_blend_between_its_two_seeds(tiny_components):
+    """/sd/seed_blend/mix f: a desk's single fader (it cannot send `A 1-t B t`) morphs the blend set
+    before it, in a preset or over OSC; without a blend it is refused, named, and nothing changes."""
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=64, height=64, device="cpu", t_index_list=(20, 35)))
+    store = ParameterStore()
+    heard = []
+    store.add_listener(lambda name, value, error: heard.append((name, error)))
+    router = Router(store=store)
+
+    router.handle(encode_message("/sd/seed_blend/mix", 0.4), SENDER)  # no blend yet
+    apply_pending(store, engine)
+    assert heard[-1] == ("seed_mix", "seed_mix: needs a blend of two seeds to move between; set one first, "
+                                     "e.g. /sd/seed_blend 2 1 9 0")
+    assert engine.config.seed_blend == () and "seed_mix" not in store.applied
+
+    store.update(check_presets({"1": {"seed_blend": [[2, 1.0], [9, 0.0]], "seed_mix": 0.25}})[1])  # a preset: both
+    apply_pending(store, engine)
+    assert engine.config.seed_blend == ((2, 0.75), (9, 0.25))
+    for position in (0.5, 1.0):
+        router.handle(encode_message("/sd/seed_blend/mix/norm", position), SENDER)
+        apply_pending(store, engine)
+    assert engine.config.seed_blend == ((2, 0.0), (9, 1.0))
+    assert store.applied["seed_mix"] == 1.0 and store.applied["seed_blend"] == ((2, 0.0), (9, 1.0))  # OSCQuery
+    assert torch.equal(engine._noise, seeded_noise(engine._noise.shape, 9, device="cpu", dtype=engine._noise.dtype))
+
+    router.handle(encode_message("/sd/seed_blend", 3, 0.5, 4, 0.5), SENDER)  # a blend of its own
+    apply_pending(store, engine)
+    assert "seed_mix" not in store.applied  # the fader's last position no longer describes it
+    router.handle(encode_message("/sd/seed", 6), SENDER)
+    router.handle(encode_message("/sd/seed_blend/mix", 0.5), SENDER)  # the seed replaces the blend: refused
+    del heard[:]
+    apply_pending(store, engine)
+    assert engine.config.seed == 6 and engine.config.seed_blend == ()
+    assert [name for name, error in heard if error] == ["seed_mix"] and ("seed", None) in heard

@@ -87,6 +87,9 @@ PARAMETERS: tuple[Param, ...] = (
           "blend of noise seeds: up to 8 pairs of (seed, weight 0..1); replaces the seed. Moving the "
           "weight from one seed to another morphs the picture where a new seed jumps",
           minimum=0.0, maximum=1.0, max_items=8),
+    Param("seed_mix", "/seed_blend/mix", "float",
+          "one fader's seed morph: moves the seed blend's weight from its first seed (0) to its second (1); "
+          "needs a blend of two seeds first (seed_blend, e.g. in a preset)", minimum=0.0, maximum=1.0, fader=True),
     Param("strength", "/strength", "float",
           "img2img strength: how far from the input (sets the timestep indices)",
           minimum=0.01, maximum=1.0, fader=True),
