@@ -328,6 +328,36 @@ def test_inductor_frames_equal_eager_frames(tiny_components, inductor_cache, mon
     assert any(inductor_cache.iterdir())  # the FX graph cache a later start reuses
 
 
+def test_inductor_reads_a_live_loras_new_strength_without_compiling(inductor_cache, monkeypatch):
+    """The real compiler takes the weights as inputs, not constants: a live LoRA's strength written
+    in place reaches the next frame, with nothing compiled for it (the test above's configuration,
+    so its FX graph cache serves this one)."""
+    from pipeline import random_components
+    from pipeline.live_lora import LiveLoras, random_factors
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
+    config = _config(t_index_list=(30,), cfg_type="self", guidance_scale=1.2)
+
+    def with_lora(scale):
+        components = random_components("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=0)
+        factors = random_factors(components.unet, rank=4, seed=1)
+        components.live_loras = LiveLoras(["random"], [scale], [factors], {"unet": components.unet})
+        return components
+
+    frames = _frames(3)
+    engine = StreamDiffusion(with_lora(1.0), config, backend="compiled")
+    engine.set_prompt("a harbour", "rain")
+    before = engine(frames[0]).clone()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.set_lora_scales([-3.0])
+    after = [engine(frame) for frame in frames]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled for it
+    reference = _eager(with_lora(-3.0), config)
+    for k, frame in enumerate(frames):
+        assert (after[k] - reference(frame)).abs().max().item() <= 1e-4, f"frame {k}"
+    assert (after[0] - before).abs().max().item() > 1e-3  # the strength did change the picture
+
+
 def _sdbridge(*args, cache, timeout):
     env = dict(child_env(), TORCHINDUCTOR_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
     started = time.perf_counter()
