@@ -530,7 +530,8 @@ def _mix_seeds(store: ParameterStore, changes: dict[str, Any], mix: float) -> bo
     """seed_mix as the seed blend it means (into `changes`): the blend being set or the one
     applied, its first two seeds weighted 1 - mix and mix. False (reported) without a blend."""
     blend = changes.get("seed_blend", store.applied.get("seed_blend"))
-    if "seed" in changes and "seed_blend" not in changes or not blend or len(blend) < 2:
+    replaced_by_a_seed = "seed" in changes and "seed_blend" not in changes
+    if replaced_by_a_seed or not blend or len(blend) < 2:
         store.report_rejected("seed_mix", mix, "seed_mix: needs a blend of two seeds to move between; set one "
                                                "first, e.g. /sd/seed_blend 2 1 9 0")
         return False
