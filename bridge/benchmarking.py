@@ -232,6 +232,13 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
     return results
 
 
+def _changes(engine, settings: BenchSettings, count: int, what: str, measure: Callable[..., dict]) -> dict:
+    """`measure`'s figures for `count` changes through the runtime at 60 fps (half a second apart)."""
+    log.info("%d %s through the runtime at 60 fps ...", count, what)
+    return measure(engine, changes=count, warmup=settings.warmup, input_size=(settings.width, settings.height),
+                   timeout=max(30.0, count * 0.5 + 30.0))
+
+
 def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: list, results: list, *, batched: bool,
              runtime: bool, prompt_changes: int, size_changes: int, other_size: tuple[int, int] | None,
              lora_changes: int, checkpoint: Callable[[list[dict]], None]) -> None:
@@ -315,11 +322,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
     if prompt_changes and batched:
         from .runtime_bench import measure_prompt_changes
 
-        log.info("%d prompt changes through the runtime at 60 fps ...", prompt_changes)
-        synchronous["prompt_changes"] = measure_prompt_changes(
-            engine, changes=prompt_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
-            timeout=max(30.0, prompt_changes * 0.5 + 30.0),
-        )
+        synchronous["prompt_changes"] = _changes(engine, settings, prompt_changes, "prompt changes",
+                                                 measure_prompt_changes)
         checkpoint(results)
     if size_changes and batched:
         from .runtime_bench import measure_size_changes
@@ -336,11 +340,8 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
     if lora_changes and batched:
         from .runtime_bench import measure_lora_changes
 
-        log.info("%d live LoRA strength changes through the runtime at 60 fps ...", lora_changes)
-        synchronous["lora_changes"] = measure_lora_changes(
-            engine, changes=lora_changes, warmup=settings.warmup, input_size=(settings.width, settings.height),
-            timeout=max(30.0, lora_changes * 0.5 + 30.0),
-        )
+        synchronous["lora_changes"] = _changes(engine, settings, lora_changes, "live LoRA strength changes",
+                                               measure_lora_changes)
         checkpoint(results)
     if settings.fp8 and batched:
         log.info("fp8: the output's change against the same model without fp8 (eager, %d frames) ...", FP8_FRAMES)
