@@ -137,9 +137,10 @@ def load_components(
             [name for _, name, _ in live_files], [scale for _, _, scale in live_files], live_factors,
             {"unet": components.unet, "text_encoder": components.text_encoder},
         )
-        log.info("live loras: %.1f MiB kept for their %d layers; strengths %s (OSC /sd/lora/1 ..)",
-                 components.live_loras.kept_bytes / 2**20, components.live_loras.layers,
-                 ", ".join(f"{scale:g}" for scale in components.live_loras.scales))
+        live = components.live_loras
+        for slot, (name, scale) in enumerate(zip(live.names, live.scales), start=1):
+            log.info("live LoRA %d (OSC /sd/lora/%d): %s at %g", slot, slot, Path(name).name, scale)
+        log.info("live LoRAs: %.1f MiB kept for their %d layers", live.kept_bytes / 2**20, live.layers)
     log.info("loaded %r (%s) in %.1f s", model_id_or_path, arch, time.perf_counter() - started)
     return components
 

@@ -353,7 +353,8 @@ def test_oscsend_moves_a_live_lora_in_a_running_bridge(tmp_path, model_folder, l
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=15)
     assert process.returncode == 0, err
-    assert "live loras: " in err and "lora_2" in err and "there is no such live LoRA (1 loaded)" in err, err
+    assert "live LoRA 1 (OSC /sd/lora/1): pytorch_lora_weights.safetensors at 0.5" in err, err
+    assert "lora_2" in err and "there is no such live LoRA (1 loaded)" in err, err
 
 
 @pytest.mark.parametrize("changes, message", [
