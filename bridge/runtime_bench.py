@@ -222,14 +222,16 @@ def measure_lora_changes(engine, *, changes: int = 10, output_fps: float = 60.0,
     """Move live LoRA 1's strength `changes` times through /sd/lora/1's path (the parameter
     store, applied between frames); first the cost of one `set_lora_scales` alone (the layers
     rewritten, the device synchronised), then `measure_changes`'s figures."""
+    from .benchmarking import _synchronize  # (torch: imported only where a bench runs)
+
     live = engine.components.live_loras
     device = next(engine.components.unet.parameters()).device
     strengths = [0.2, 1.0, 0.6, 0.0, 0.8]
     alone_ms = []
-    for k in range(5):
+    for strength in strengths:
         _synchronize(device)
         started = time.perf_counter()
-        engine.set_lora_scales({0: strengths[k % len(strengths)]})
+        engine.set_lora_scales({0: strength})
         _synchronize(device)
         alone_ms.append((time.perf_counter() - started) * 1000.0)
     engine.set_lora_scales({0: 1.0})
@@ -239,13 +241,6 @@ def measure_lora_changes(engine, *, changes: int = 10, output_fps: float = 60.0,
     result.update(set_ms_median=float(np.median(alone_ms)), set_ms_max=max(alone_ms), layers=live.layers,
                   kept_mib=live.kept_bytes / 2**20)
     return result
-
-
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
 
 
 def measure_size_changes(engine, sizes: list[tuple[int, int]], *, output_fps: float = 60.0, warmup: int = 30,
