@@ -216,7 +216,7 @@ class _Inference:
         self.txt2img = getattr(getattr(engine, "config", None), "mode", "img2img") == "txt2img"
         self.due = 0.0  # txt2img: when the next picture is due (time.monotonic; see `_txt2img_due`)
         self.origins = Origins(engine)
-        self.processed = self.skipped_so_far = 0
+        self.processed = self.skipped_so_far = self.bad_so_far = 0
         from .engine import backend_label  # here, as in runtime.py: bridge.settings imports the runtime
 
         self.backend_label = backend_label
@@ -277,10 +277,14 @@ class _Inference:
         telemetry.frame_processed(elapsed_ms)  # 4. figures (one read of the engine's counters), then hand over
         stats = getattr(engine, "stats", None)
         skipped = getattr(stats, "frames_skipped", 0)
+        bad = getattr(stats, "bad_caught", getattr(stats, "nonfinite_caught", 0))
         if stats is not None:
-            telemetry.engine_stats(skipped, getattr(stats, "bad_caught", getattr(stats, "nonfinite_caught", 0)))
-        if skipped == self.skipped_so_far:  # a frame the similarity filter skipped proves no configuration
+            telemetry.engine_stats(skipped, bad)
+        if bad > self.bad_so_far:  # the engine put its last good output out instead of this one
+            guard.bad_output()
+        elif skipped == self.skipped_so_far:  # a frame the similarity filter skipped proves no configuration
             guard.good_frame()
+        self.bad_so_far = bad
         origin = self.origins.origin(frame, skipped=skipped > self.skipped_so_far)
         self.skipped_so_far = skipped
         shared.output_slot.put(Frame(pixels, "RGB", origin.timestamp, origin.sequence))

@@ -104,7 +104,9 @@ def load_components(
     live_files = [(_resolve_lora(name, allow_pickle=allow_pickle, what="live_lora"), name, scale)
                   for name, scale in live_loras]
 
-    load_dtype = torch.float32 if lora_file is not None or style_files or live_files else dtype  # fuse in full precision
+    # fused LoRAs are fused in full precision; live ones keep the loaded weights as their base and
+    # compute in fp32 on a change (pipeline.live_lora), so alone they load at the run's dtype
+    load_dtype = torch.float32 if lora_file is not None or style_files else dtype
     if source.is_file():
         loaded = _load_single_file(source, config=config_folder, with_vae=with_model_vae, dtype=load_dtype)
     else:

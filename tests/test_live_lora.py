@@ -394,3 +394,66 @@ def test_the_parameter_store_applies_strengths_and_refuses_only_the_bad_one(mode
     refused = [(name, error) for name, _, error in heard if error]
     assert refused == [("lora_2", "lora 2: there is no such live LoRA (1 loaded)")]
     assert check_presets({"1": {"lora_1": 0.8, "prompt": "ink"}}) == {1: {"lora_1": 0.8, "prompt": "ink"}}
+
+
+def test_a_strength_whose_pictures_are_nan_is_rolled_back_in_a_running_bridge(tmp_path, model_folder):
+    """A LoRA whose up factors are 1e18 (a broken file, or a strength far past what it was
+    trained for): at 0 it changes nothing, at 1 every picture is NaN. The engine holds its last
+    good output, then the runtime puts the strength back to the last one that made clean
+    pictures and says why; clean pictures flow again."""
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from bridge.recovery import bad_output_limit
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.transports.testpattern import TestPatternSource
+    from safety_sources import RecordingSink
+    from test_safety_faults import wait_for
+
+    path = write_lora(tmp_path, unet_config=UNET_CONFIGS["tiny"], rank=4, alpha=8, seed=41)[0]
+    save_file({name: tensor * 1e18 if ".up." in name or "lora_B" in name else tensor
+               for name, tensor in load_file(path).items()}, path)
+    engine = StreamDiffusion(_load(model_folder, live_loras=[(str(path), 0.0)]), _config())
+    start = _unet_weights(engine.components)
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=SIZE, height=SIZE, fps=60),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=30))
+    with runtime:
+        assert wait_for(lambda: runtime.snapshot()["frames_processed"] > 5)
+        runtime.params.set("lora_1", 1.0)
+        assert wait_for(lambda: runtime.snapshot()["rollbacks"] == 1)
+        caught = engine.stats.nonfinite_caught
+        after = runtime.snapshot()["frames_processed"]
+        assert wait_for(lambda: runtime.snapshot()["frames_processed"] > after + 10)
+        assert engine.stats.nonfinite_caught == caught  # clean pictures since
+    assert caught == bad_output_limit(engine.config)
+    assert engine.lora_scales == (0.0,) and runtime.params.applied["lora_1"] == 0.0
+    value, reason = runtime.params.rejected["lora_1"]
+    assert value == 1.0 and reason.startswith("outputs were NaN, inf or black with this value")
+    _assert_same_weights(_unet_weights(engine.components), start, atol=0)
+    print(f"\n{runtime.snapshot()['last_error']!r}")
+    assert "lora_1=1.0 refused: outputs were NaN" in runtime.snapshot()["last_error"]
+
+
+def test_live_loras_alone_load_at_the_runs_dtype(tmp_path, model_folder, lora_files, tiny_components, monkeypatch):
+    """Only fused LoRAs need the model in fp32 while loading: with live LoRAs alone, an fp16 run
+    loads fp16 (half the memory at start), and its weights, the text encoder's included, are what
+    a fused fp32 load gives, cast to fp16, within fp16's rounding."""
+    import pipeline.loading as loading
+
+    dtypes = []
+    load_folder = loading._load_folder
+    monkeypatch.setattr(loading, "_load_folder", lambda *a, **k: (dtypes.append(k["dtype"]), load_folder(*a, **k))[1])
+    loras = [(str(lora_files[0]), 0.7), (str(write_text_encoder_lora(tmp_path, tiny_components.text_encoder)), 0.5)]
+    half = dict(vae="model", dtype=torch.float16, device=CPU)
+    live = load_components(str(model_folder), live_loras=loras, **half)
+    fused = load_components(str(model_folder), loras=loras, **half)
+    assert dtypes == [torch.float16, torch.float32]
+    assert all(p.dtype == torch.float16 for p in live.unet.parameters())
+    assert live.live_loras.text_encoder
+    _assert_same_weights(_unet_weights(live), _unet_weights(fused), atol=2e-3)
+    for mine, theirs in zip(live.text_encoder.parameters(), fused.text_encoder.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-3)
+    live.live_loras.set_scales({0: 0.0, 1: 0.0})
+    plain = load_components(str(model_folder), **half)
+    _assert_same_weights(_unet_weights(live), _unet_weights(plain), atol=0)  # the base is the plain fp16 load

@@ -221,6 +221,84 @@ def test_a_prompt_whose_encoding_fails_keeps_the_current_prompt(show):
     assert_output_held(sink)
 
 
+class NaNWhen(torch.nn.Module):
+    """Wraps the UNet: its output is NaN while `spoiled()` holds (as fp16 overflows at some
+    guidance or LoRA strength on a real model) or on the call numbers in `calls`."""
+
+    def __init__(self, unet, spoiled=lambda: False, calls=()):
+        super().__init__()
+        self.unet, self.spoiled, self.bad_calls, self.calls = unet, spoiled, set(calls), 0
+        self.config = unet.config
+
+    def forward(self, *args, **kwargs):
+        out = self.unet(*args, **kwargs)
+        self.calls += 1
+        if self.spoiled() or self.calls in self.bad_calls:
+            out = (out[0] * float("nan"),)
+        return out
+
+
+def test_a_change_after_which_every_output_is_nan_is_rolled_back(show):
+    """guidance_scale=9 makes every output NaN: the engine holds its last good output, and after
+    bad_output_limit of them in a row the last working guidance is back, reported over status
+    out and as the parameter's refusal; new pictures flow again."""
+    from bridge.recovery import bad_output_limit
+
+    runtime, engine, sink, listener = show()
+    engine.backend.unet = NaNWhen(engine.backend.unet, spoiled=lambda: engine.config.guidance_scale > 5)
+    assert wait_for(lambda: processed(runtime) > 10)
+    guidance = engine.config.guidance_scale
+    runtime.params.set("guidance_scale", 9.0)
+    assert wait_for(lambda: runtime.snapshot()["rollbacks"] == 1)
+    after, caught = processed(runtime), engine.stats.nonfinite_caught
+    assert wait_for(lambda: processed(runtime) > after + 20)
+    snapshot, errors = runtime.snapshot(), listener.errors()
+    print(f"\nrolled back: {snapshot['last_error']!r}; NaN outputs caught {caught}")
+    assert engine.config.guidance_scale == guidance
+    assert caught == bad_output_limit(engine.config) == 5  # ROLLBACK_AFTER + the 2 frames in flight
+    assert engine.stats.nonfinite_caught == caught  # none since
+    assert runtime.params.rejected["guidance_scale"] == (9.0, "outputs were NaN, inf or black with this value; "
+                                                               "the last working one is restored")
+    assert runtime.params.applied["guidance_scale"] == guidance
+    assert snapshot["bad_frames"] == caught  # (status counts the outputs the engine replaced)
+    assert any("NaN" in text and "guidance_scale" in text for text in errors)
+    assert_output_held(sink)
+
+
+def test_a_passing_nan_is_carried_out_by_the_frames_in_flight_without_a_rollback(show):
+    runtime, engine, sink, listener = show()
+    engine.backend.unet = NaNWhen(engine.backend.unet, calls={15})
+    assert wait_for(lambda: engine.backend.unet.calls > 40)
+    snapshot = runtime.snapshot()
+    assert 1 <= engine.stats.nonfinite_caught <= 2  # the two steps in flight carry it out
+    assert snapshot["rollbacks"] == 0 and "reset" not in (snapshot["last_error"] or "")
+    assert_output_held(sink)
+
+
+def test_nan_outputs_with_nothing_changed_reset_the_frames_in_flight(show):
+    """Every output NaN from the start (nothing to roll back to): the frames in flight are reset
+    each time the limit is reached, the output holds, and status out says so."""
+    runtime, engine, sink, listener = show()
+    assert wait_for(lambda: processed(runtime) > 5)
+    resets = []
+    reset = engine.reset
+    engine.reset = lambda: (resets.append(time.monotonic()), reset())
+    unet = engine.backend.unet
+    engine.backend.unet = NaNWhen(unet, spoiled=lambda: True)
+    assert wait_for(lambda: len(resets) >= 2)
+    engine.backend.unet = unet
+    after, caught = processed(runtime) + 1, engine.stats.nonfinite_caught + 2  # (at most 2 in flight)
+    assert wait_for(lambda: processed(runtime) > after + 20)
+    assert engine.stats.nonfinite_caught <= caught  # good pictures once the fault is gone
+    snapshot = runtime.snapshot()
+    print(f"\n{snapshot['last_error']!r}")
+    assert snapshot["rollbacks"] == 0
+    assert "outputs in a row were NaN, inf or black" in snapshot["last_error"]
+    assert "frames in flight reset" in snapshot["last_error"]
+    assert any("frames in flight reset" in text for text in listener.errors())
+    assert_output_held(sink)
+
+
 def sdbridge_run(*args, timeout=90):
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "bridge.cli", "run", "--sink", "null", *args], capture_output=True,
