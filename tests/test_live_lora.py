@@ -401,7 +401,6 @@ def test_a_strength_whose_pictures_are_nan_is_rolled_back_in_a_running_bridge(tm
     trained for): at 0 it changes nothing, at 1 every picture is NaN. The engine holds its last
     good output, then the runtime puts the strength back to the last one that made clean
     pictures and says why; clean pictures flow again."""
-    import time
 
     from safetensors.torch import load_file, save_file
 
