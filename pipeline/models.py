@@ -43,7 +43,7 @@ class Components:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device)
             if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)
+                _cast(module, dtype)
             module.eval()
             module.requires_grad_(False)
         if self.live_loras is not None:
@@ -283,3 +283,13 @@ def random_components(
         source=f"random:{arch}",
     )
     return components.to(device, dtype)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype)`, through torch's own `to` where the model keeps no module in fp32:
+    diffusers' `to` (0.42) warns "There are modules in ... that should be kept in float32: []"
+    on any cast, even with none to keep, which reads like a fault on a show's terminal."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)  # diffusers' warning is real there
+    else:
+        torch.nn.Module.to(module, dtype=dtype)

@@ -437,17 +437,34 @@ def test_a_strength_whose_pictures_are_nan_is_rolled_back_in_a_running_bridge(tm
 def test_live_loras_alone_load_at_the_runs_dtype(tmp_path, model_folder, lora_files, tiny_components, monkeypatch):
     """Only fused LoRAs need the model in fp32 while loading: with live LoRAs alone, an fp16 run
     loads fp16 (half the memory at start), and its weights, the text encoder's included, are what
-    a fused fp32 load gives, cast to fp16, within fp16's rounding."""
+    a fused fp32 load gives, cast to fp16, within fp16's rounding. The fused load's cast to fp16
+    prints nothing (diffusers' "should be kept in float32: []" warning)."""
     import pipeline.loading as loading
 
+    import logging
+
+    class Heard(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.texts = []
+
+        def emit(self, record):
+            self.texts.append(record.getMessage())
+
+    heard = Heard()
+    logging.getLogger("diffusers").addHandler(heard)  # (diffusers' loggers do not propagate to the root)
     dtypes = []
     load_folder = loading._load_folder
     monkeypatch.setattr(loading, "_load_folder", lambda *a, **k: (dtypes.append(k["dtype"]), load_folder(*a, **k))[1])
     loras = [(str(lora_files[0]), 0.7), (str(write_text_encoder_lora(tmp_path, tiny_components.text_encoder)), 0.5)]
     half = dict(vae="model", dtype=torch.float16, device=CPU)
-    live = load_components(str(model_folder), live_loras=loras, **half)
-    fused = load_components(str(model_folder), loras=loras, **half)
+    try:
+        live = load_components(str(model_folder), live_loras=loras, **half)
+        fused = load_components(str(model_folder), loras=loras, **half)
+    finally:
+        logging.getLogger("diffusers").removeHandler(heard)
     assert dtypes == [torch.float16, torch.float32]
+    assert not [text for text in heard.texts if "kept in float32" in text]
     assert all(p.dtype == torch.float16 for p in live.unet.parameters())
     assert live.live_loras.text_encoder
     _assert_same_weights(_unet_weights(live), _unet_weights(fused), atol=2e-3)
