@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from . import openmp
 from .ratelimit import RateLimitedLog
-from .control.table import BY_NAME, ENGINE_NAMES
+from .control.table import BY_NAME, ENGINE_NAMES, LIVE_LORA_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class ParameterStore:
         self._pending: dict[str, Any] = {}
         self._applied: dict[str, Any] = {}  # the values the engine last accepted
         self._rejected: dict[str, tuple[Any, str]] = {}  # name -> (value, reason) of the last refusal
+        self._unavailable: dict[str, str] = {}  # name -> why this run cannot take it (mark_unavailable)
         self._listeners: list[Listener] = []
         self._encoder: _PromptWorker | None = None
         self.readier: _Readier | None = None  # compiles for changes beside the frames (attach_readier)
@@ -294,6 +295,18 @@ class ParameterStore:
     def rejected(self) -> dict[str, tuple[Any, str]]:
         with self._lock:
             return dict(self._rejected)
+
+    def mark_unavailable(self, reasons: dict[str, str]) -> None:
+        """Parameters this run cannot take at all (a live LoRA slot with no LoRA loaded), each with
+        the reason: OSCQuery lists them as neither readable nor writable, saying why. A value sent
+        for one is still refused by the engine, by name."""
+        with self._lock:
+            self._unavailable.update(reasons)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._unavailable)
 
 
 def _prompt_texts(values: dict[str, Any]) -> list[str]:
@@ -567,6 +580,12 @@ def _restore(engine, before) -> str:
 def lora_values(scales) -> dict[str, float]:
     """Live LoRA strengths (engine.lora_scales) under their parameters' names."""
     return {f"lora_{index + 1}": scale for index, scale in enumerate(scales)}
+
+
+def empty_lora_slots(loaded: int) -> dict[str, str]:
+    """The live LoRA parameters beyond the `loaded` live LoRAs, each with why it cannot be set."""
+    return {f"lora_{slot}": f"no live LoRA in slot {slot} ({loaded} loaded; load one with --live-lora)"
+            for slot in range(loaded + 1, LIVE_LORA_SLOTS + 1)}
 
 
 def _apply_loras(store: ParameterStore, engine, loras: dict[str, float]) -> None:

@@ -121,10 +121,12 @@ class Runtime:
             telemetry=self.telemetry, config=config,
         )
         self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
-        from .params import lora_values
+        from .params import empty_lora_slots, lora_values
 
         # what OSCQuery and status report at first
-        self.params.report_applied({**engine_values(engine_config), **lora_values(getattr(engine, "lora_scales", ()))})
+        lora_scales = tuple(getattr(engine, "lora_scales", ()))
+        self.params.report_applied({**engine_values(engine_config), **lora_values(lora_scales)})
+        self.params.mark_unavailable(empty_lora_slots(len(lora_scales)))
         self.params.add_listener(self._heard)
         self._threads: list[threading.Thread] = []
         self._started_at: float | None = None

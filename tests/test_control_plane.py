@@ -210,6 +210,23 @@ def test_oscquery_tree_matches_the_table(plane):
     assert fetch(plane, "/sd/pause?VALUE")[0] == 204
 
 
+def test_oscquery_marks_what_this_run_cannot_take(plane):
+    """Live LoRA slots with no LoRA loaded: ACCESS 0 and the reason, on the address and its
+    /norm form; a loaded slot stays read-write with its value."""
+    from bridge.params import empty_lora_slots, lora_values
+
+    plane.test_store.report_applied(lora_values((0.8,)))
+    plane.test_store.mark_unavailable(empty_lora_slots(1))
+    loaded, empty, empty_norm = (fetch(plane, path)[1] for path in ("/sd/lora/1", "/sd/lora/2", "/sd/lora/2/norm"))
+    assert loaded["ACCESS"] == 3 and loaded["VALUE"] == [0.8]
+    for node in (empty, empty_norm):
+        assert node["ACCESS"] == 0 and "VALUE" not in node
+        assert node["DESCRIPTION"].endswith("[unavailable: no live LoRA in slot 2 (1 loaded; load one with --live-lora)]")
+    assert empty["TYPE"] == "f" and empty["RANGE"] == [{"MIN": 0.0, "MAX": 2.0}]  # what it would take
+    assert fetch(plane, "/sd/lora/4?ACCESS") == (200, {"ACCESS": 0})
+    assert fetch(plane, "/sd/guidance?ACCESS") == (200, {"ACCESS": 3})
+
+
 def _arguments_for(node):
     """Values a generic OSCQuery client would send, from TYPE and RANGE alone."""
     ranges = node.get("RANGE", [{}] * len(node["TYPE"]))

@@ -317,8 +317,8 @@ def test_backends_that_hold_fixed_weights_refuse_live_loras():
 
 def test_oscsend_moves_a_live_lora_in_a_running_bridge(tmp_path, model_folder, lora_files):
     """`sdbridge run --live-lora`, driven by liblo's oscsend: /sd/lora/1 and its /norm form land
-    (OSCQuery reports them), a strength for a LoRA that is not loaded is refused and logged, the
-    run goes on."""
+    (OSCQuery reports them; slot 2, empty, it lists as unavailable), a strength for a LoRA that
+    is not loaded is refused and logged, the run goes on."""
     import shutil
     import signal
     import subprocess
@@ -339,6 +339,7 @@ def test_oscsend_moves_a_live_lora_in_a_running_bridge(tmp_path, model_folder, l
     try:
         assert wait_until(lambda: query(query_port, "/?HOST_INFO"), 90), "OSCQuery never answered"
         assert wait_until(lambda: query(query_port, "/sd/lora/1?VALUE").get("VALUE") == [0.5], 30)  # as started
+        assert query(query_port, "/sd/lora/2?ACCESS") == {"ACCESS": 0}  # no LoRA in slot 2
 
         def send(*args):
             subprocess.run(["oscsend", "127.0.0.1", str(osc_port), *args], check=True, timeout=5)

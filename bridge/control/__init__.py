@@ -193,7 +193,7 @@ class ControlPlane:
         if query_port is not None:
             server = self._bind("oscquery_port", lambda: OSCQueryServer(
                 host=s.osc_bind, port=query_port, prefix=s.osc_prefix, osc_port=udp.port, values=self._values,
-                allow=self.router.accepts))
+                unavailable=self._unavailable, allow=self.router.accepts))
             self.oscquery_port = server.port
         if s.status_target is not None:
             try:
@@ -234,6 +234,9 @@ class ControlPlane:
 
     def _values(self) -> dict:
         return self._store.applied
+
+    def _unavailable(self) -> dict:
+        return self._store.unavailable
 
     def snapshot(self) -> dict:
         """The telemetry snapshot plus the control plane's own figures (for status out)."""

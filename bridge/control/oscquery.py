@@ -6,7 +6,9 @@
     GET /?HOST_INFO       NAME, OSC_IP, OSC_PORT, OSC_TRANSPORT, EXTENSIONS
 
 Only the prefixed addresses are advertised (the StreamDiffusionTD aliases work but are not
-listed). VALUE comes from the parameter store's applied values, else the table's default.
+listed). VALUE comes from the parameter store's applied values, else the table's default. A
+parameter this run cannot take (a live LoRA slot with no LoRA in it) has ACCESS 0 and says why
+in its DESCRIPTION.
 Tree building and query answering are pure functions; the HTTP server is a thin adapter.
 """
 
@@ -35,8 +37,13 @@ REQUEST_DEADLINE_SECONDS = 10.0  # and any connection after this long, however s
 MAX_CONNECTIONS = 32  # at once; more are closed at once (the OSC servers keep their descriptors)
 
 
-def leaf(param: Param, normalized: bool, full_path: str, value: Any) -> dict:
-    """The OSCQuery attributes of one address."""
+def leaf(param: Param, normalized: bool, full_path: str, value: Any, unavailable: str | None = None) -> dict:
+    """The OSCQuery attributes of one address; `unavailable`: why this run cannot take it (then
+    ACCESS 0, neither readable nor writable, and no VALUE)."""
+    if unavailable is not None:
+        node = leaf(param, normalized, full_path, None)
+        node.pop("VALUE", None)
+        return {**node, "ACCESS": 0, "DESCRIPTION": f"{node['DESCRIPTION']} [unavailable: {unavailable}]"}
     node: dict[str, Any] = {"FULL_PATH": full_path, "DESCRIPTION": param.description,
                             "ACCESS": 3 if param.target == "engine" and not normalized else 2}
     if normalized:
@@ -90,8 +97,10 @@ def _ranges(param: Param, count: int | None) -> list | None:
     return None
 
 
-def build_tree(*, prefix: str, values: dict[str, Any]) -> dict:
-    """The whole OSCQuery tree for the table under `prefix` (aliases are not advertised)."""
+def build_tree(*, prefix: str, values: dict[str, Any], unavailable: dict[str, str] | None = None) -> dict:
+    """The whole OSCQuery tree for the table under `prefix` (aliases are not advertised);
+    `unavailable`: parameters this run cannot take, with why (see `leaf`)."""
+    unavailable = unavailable or {}
     root: dict[str, Any] = {"FULL_PATH": "/", "DESCRIPTION": "sdbridge live parameters", "ACCESS": 0,
                             "CONTENTS": {}}
     for full_path, (param, normalized) in addresses(prefix, aliases=False).items():
@@ -103,7 +112,7 @@ def build_tree(*, prefix: str, values: dict[str, Any]) -> dict:
                 contents[part] = {"FULL_PATH": "/" + "/".join(parts[:depth + 1]), "ACCESS": 0}
             node = contents[part]
         value = values.get(param.name, param.default)
-        node.update(leaf(param, normalized, full_path, value))
+        node.update(leaf(param, normalized, full_path, value, unavailable.get(param.name)))
     return root
 
 
@@ -153,7 +162,7 @@ class OSCQueryServer:
     request or early hang-up is a debug line, not a traceback."""
 
     def __init__(self, *, host: str, port: int, prefix: str, osc_port: int,
-                 values: Callable[[], dict], name: str = "sdbridge",
+                 values: Callable[[], dict], unavailable: Callable[[], dict] = dict, name: str = "sdbridge",
                  allow: Callable[[tuple], bool] = lambda peer: True, max_connections: int = MAX_CONNECTIONS,
                  request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS) -> None:
         server_self = self
@@ -179,6 +188,7 @@ class OSCQueryServer:
                 log.debug("oscquery %s: " + format, self.client_address[0], *args)
 
         self._prefix, self._osc_port, self._values, self._name = prefix, osc_port, values, name
+        self._unavailable = unavailable
         self._slots = threading.BoundedSemaphore(max_connections)
         self.refused_connections = 0
         server_class = type("OSCQueryHTTPServer", (ThreadingHTTPServer,), {
@@ -199,13 +209,13 @@ class OSCQueryServer:
 
     def _get(self, request: BaseHTTPRequestHandler) -> None:
         try:
-            values = dict(self._values() or {})
+            values, unavailable = dict(self._values() or {}), dict(self._unavailable() or {})
         except Exception:
             log.exception("oscquery: reading the current values failed")
-            values = {}
+            values, unavailable = {}, {}
         host_info = {"NAME": self._name, "OSC_IP": request.connection.getsockname()[0],
                      "OSC_PORT": self._osc_port, "OSC_TRANSPORT": "UDP", "EXTENSIONS": EXTENSIONS}
-        status, body = answer(build_tree(prefix=self._prefix, values=values), request.path, host_info)
+        status, body = answer(build_tree(prefix=self._prefix, values=values, unavailable=unavailable), request.path, host_info)
         payload = b"" if body is None else json.dumps(body).encode("utf-8")
         request.send_response(status)
         if body is not None:
