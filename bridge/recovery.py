@@ -159,14 +159,16 @@ class EngineGuard:
         """Roll back to the last good configuration and live LoRA strengths; then, when nothing
         was restored or the frames in flight are `spoiled`, reset the stream."""
         self.failures = self.bad_outputs = 0
+        restored: dict[str, Any] = {}
         try:
             with self._holding():
-                restored = restore_config(self.engine, self.good_config)
+                restored.update(restore_config(self.engine, self.good_config))
                 restored.update(restore_loras(self.engine, self.good_loras))
         except Exception as exc:
             self.telemetry.error(f"engine: rollback failed: {describe(exc)}")
             log.error("engine: rolling back to the last working configuration failed: %s", describe(exc))
-            return
+            if not restored:  # (else the settings put back before the failure are reported below)
+                return
         if restored:
             self.telemetry.count("rollbacks")
             names = ", ".join(f"{name}={value!r}" for name, value in restored.items())

@@ -474,3 +474,32 @@ def test_live_loras_alone_load_at_the_runs_dtype(tmp_path, model_folder, lora_fi
     live.live_loras.set_scales({0: 0.0, 1: 0.0})
     plain = load_components(str(model_folder), **half)
     _assert_same_weights(_unet_weights(live), _unet_weights(plain), atol=0)  # the base is the plain fp16 load
+
+
+def test_a_rollback_whose_strength_write_fails_still_reports_the_settings_it_put_back(model_folder, lora_files):
+    """The guidance and a live LoRA strength changed since the last clean frame; at the rollback
+    the strength cannot be written (an out-of-memory error, stood in for by a raising
+    set_lora_scales): the guidance is back, and reported as restored; the failure is named."""
+    from bridge.params import ParameterStore
+    from bridge.recovery import EngineGuard, bad_output_limit
+    from bridge.telemetry import Telemetry
+
+    engine = StreamDiffusion(_load(model_folder, live_loras=[(str(lora_files[0]), 0.0)]), _config())
+    store, telemetry = ParameterStore(), Telemetry()
+    guard = EngineGuard(engine=engine, telemetry=telemetry, params=store)
+    guard.good_frame()
+    engine.update(guidance_scale=3.0)
+    engine.set_lora_scales([0.7])
+    store.report_applied({"guidance_scale": 3.0, "lora_1": 0.7})
+
+    def out_of_memory(scales):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    engine.set_lora_scales = out_of_memory
+    for _ in range(bad_output_limit(engine.config)):
+        guard.bad_output()
+    assert engine.config.guidance_scale == 1.5 and engine.lora_scales == (0.7,)
+    assert store.applied["guidance_scale"] == 1.5 and store.rejected["guidance_scale"][0] == 3.0
+    assert store.applied["lora_1"] == 0.7  # not restored: still what runs
+    snapshot = telemetry.snapshot()
+    assert snapshot["rollbacks"] == 1 and "guidance_scale=1.5" in snapshot["last_error"]
