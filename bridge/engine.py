@@ -27,7 +27,7 @@ def stream_config(settings: RunSettings):
         "cfg_type": settings.cfg, "guidance_scale": settings.guidance, "delta": settings.delta, "seed": settings.seed,
         "similarity_filter": settings.similarity_filter, "similarity_threshold": settings.similarity_threshold,
         "t_index_list": settings.t_index_list, "prompt_transition": settings.prompt_transition,
-        "txt2img_noise": settings.txt2img_noise,
+        "txt2img_noise": settings.txt2img_noise, "input_fit": settings.input_fit,
     }
     values.update({name: value for name, value in optional.items() if value is not None})
     if settings.steps is not None or settings.strength is not None:

@@ -95,27 +95,29 @@ def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return pixels[rows[:, None], cols[None, :]]
 
 
-def letterbox(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(H, W, C) pixels scaled (nearest) to fit inside width x height with their aspect ratio
-    kept, centred on black: a wide picture in a square sink gets bars above and below."""
+def fitted(pixels: np.ndarray, width: int, height: int, fit: str) -> np.ndarray:
+    """(H, W, C) pixels at width x height (nearest): their middle cropped to fill it ("crop"),
+    scaled to fit inside with their aspect ratio kept, centred on black ("letterbox": a wide
+    picture in a square gets bars above and below), or "stretch"ed; as the engine fits its
+    input (pipeline.frames.fit_boxes)."""
+    from pipeline.frames import fit_boxes  # (here: a sink's module loads without torch)
+
     in_height, in_width = pixels.shape[:2]
-    scale = min(width / in_width, height / in_height)
-    fitted_width = min(width, max(1, round(in_width * scale)))
-    fitted_height = min(height, max(1, round(in_height * scale)))
-    if (fitted_width, fitted_height) == (width, height):
-        return resize_nearest(pixels, width, height)
+    (x, y, taken_width, taken_height), (left, top, placed_width, placed_height) = fit_boxes(
+        in_width, in_height, width, height, fit)
+    placed = resize_nearest(pixels[y:y + taken_height, x:x + taken_width], placed_width, placed_height)
+    if (placed_width, placed_height) == (width, height):
+        return placed
     out = np.zeros((height, width, *pixels.shape[2:]), pixels.dtype)
-    top, left = (height - fitted_height) // 2, (width - fitted_width) // 2
-    out[top:top + fitted_height, left:left + fitted_width] = resize_nearest(pixels, fitted_width, fitted_height)
+    out[top:top + placed_height, left:left + placed_width] = placed
     return out
 
 
-def convert(frame: Frame, target: FrameFormat, *, keep_aspect: bool = False) -> Frame:
-    """The same frame in `target`'s size and pixel format (timestamp and sequence kept);
-    `keep_aspect`: letterboxed (see `letterbox`) instead of stretched."""
+def convert(frame: Frame, target: FrameFormat, *, fit: str = "stretch") -> Frame:
+    """The same frame in `target`'s size and pixel format (timestamp and sequence kept), a
+    frame of another aspect ratio fitted as `fit` says (see `fitted`)."""
     if frame.format == target:
         return frame
-    resize = letterbox if keep_aspect else resize_nearest
-    pixels = resize(frame.pixels, target.width, target.height)
+    pixels = fitted(frame.pixels, target.width, target.height, fit)
     pixels = swizzle(pixels, frame.pixel_format, target.pixel_format)
     return Frame(np.ascontiguousarray(pixels), target.pixel_format, frame.timestamp, frame.sequence)

@@ -30,7 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .control import DEFAULT_BIND, DEFAULT_OSC_PORT, ControlSettings
-from .control.table import LIVE_LORA_SLOTS, check_presets
+from .control.table import INPUT_FITS, LIVE_LORA_SLOTS, check_presets
 from .params import PROMPT_NAMES
 from .runtime import FALLBACKS
 from .transports import parse_spec
@@ -56,6 +56,7 @@ class RunSettings:
     source: str = "testpattern"  # where frames come from (see bridge.transports); txt2img reads none
     mode: str = "img2img"  # img2img (the source's frames turned by the prompt) or txt2img (the prompt alone)
     txt2img_noise: str | None = None  # txt2img: "new" noise each frame (the default) or the "seed"'s: a still picture
+    input_fit: str | None = None  # a source of another aspect ratio: crop (the engine's default), letterbox, stretch
     sink: tuple[str, ...] = ()  # where frames go; several allowed
     model: str = "stabilityai/sd-turbo"  # hub id, folder, single file, or random:tiny|sd15|sd-turbo
     vae: str | None = None  # the loader's VAE choice (None: its default, TAESD)
@@ -165,6 +166,8 @@ class RunSettings:
                 raise ValueError(f"{name}: {value!r} must be a positive multiple of 8 up to {MAX_SIZE}")
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(MODES)}")
+        if self.input_fit is not None and self.input_fit not in INPUT_FITS:
+            raise ValueError(f"input_fit: {self.input_fit!r} must be one of {', '.join(INPUT_FITS)}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: {self.fallback!r} must be one of {', '.join(FALLBACKS)}")
         for name in ("fps", "duration"):

@@ -402,8 +402,9 @@ class OutputLoop:
             return self.last_frame
         if mode == "raw":
             raw = self.shared.input_slot.peek()
-            if raw is not None:
-                return convert(raw, current_format(self.shared))
+            if raw is not None:  # fitted as the engine fits its input
+                fit = getattr(getattr(self.shared.engine, "config", None), "input_fit", "stretch")
+                return convert(raw, current_format(self.shared), fit=fit)
         if mode == "last" and self.last_frame is not None:
             return self.last_frame
         return self.black
@@ -440,6 +441,6 @@ class OutputLoop:
         cached = self._converted[index]
         if cached is not None and cached[0] is frame:
             return cached[1]
-        converted = convert(frame, target, keep_aspect=True)  # a size changed mid-run is not stretched
+        converted = convert(frame, target, fit="letterbox")  # a size changed mid-run is not stretched
         self._converted[index] = (frame, converted)
         return converted

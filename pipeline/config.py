@@ -13,6 +13,7 @@ from .prompts import MAX_TRANSITION_SECONDS
 
 MODES = ("img2img", "txt2img")
 TXT2IMG_NOISES = ("new", "seed")
+INPUT_FITS = ("crop", "letterbox", "stretch")  # how a frame of another aspect ratio meets the size (pipeline.frames)
 CFG_TYPES = ("none", "full", "self", "initialize")
 _DTYPES = {
     "float32": torch.float32,
@@ -67,6 +68,7 @@ class StreamConfig:
     height: int = 512  # output and processing height in pixels, a multiple of 8
     mode: str = "img2img"  # "img2img" (frames in) or "txt2img" (no input)
     txt2img_noise: str = "new"  # txt2img: "new" noise each frame (StreamDiffusion's), or the "seed"'s (a still picture)
+    input_fit: str = "crop"  # a frame of another aspect ratio: its middle "crop"ped, "letterbox"ed, or "stretch"ed
     t_index_list: tuple[int, ...] = (32, 45)  # indices into the scheduler's timesteps, one per denoising step
     num_inference_steps: int = 50  # length of the LCM timestep schedule the indices point into
     frame_buffer_size: int = 1  # frames taken and returned per call (a leading batch dimension when > 1)
@@ -108,6 +110,8 @@ class StreamConfig:
             raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(MODES)}")
         if self.txt2img_noise not in TXT2IMG_NOISES:
             raise ValueError(f"txt2img_noise: {self.txt2img_noise!r} must be one of {', '.join(TXT2IMG_NOISES)}")
+        if self.input_fit not in INPUT_FITS:
+            raise ValueError(f"input_fit: {self.input_fit!r} must be one of {', '.join(INPUT_FITS)}")
         if self.cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type: {self.cfg_type!r} must be one of {', '.join(CFG_TYPES)}")
         if not _is_int(self.num_inference_steps) or not 1 <= self.num_inference_steps <= 1000:

@@ -6,7 +6,9 @@ Accepted (leading batch dimension B = frame_buffer_size when it is > 1, optional
 - torch float (C, H, W) in [0, 1] (values outside are clamped), float32/float16/bfloat16;
 - any other tensor with `__dlpack__` (CuPy, JAX, ...), taken zero-copy on its device; it comes
   back as a torch tensor on that device (which speaks DLPack too).
-Any size: frames are resized (bilinear, antialiased) to the engine's width x height.
+Any size: frames are resized (bilinear, antialiased) to the engine's width x height; a frame of
+another aspect ratio is fitted first (`fit_boxes`): its middle cropped to the engine's aspect
+("crop", the default), shown whole on black bars ("letterbox"), or stretched ("stretch").
 Output is the same kind, on the same device, at the engine's size, with 3 channels (RGB).
 """
 
@@ -17,6 +19,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .config import INPUT_FITS
+
+
+
+Box = tuple[int, int, int, int]  # (x, y, width, height) in pixels
+
+
+def fit_boxes(in_width: int, in_height: int, width: int, height: int, fit: str) -> tuple[Box, Box]:
+    """(the part of an in_width x in_height picture to take, where it goes in a width x height
+    one): "crop" takes the largest middle part of the target's aspect ratio and fills the
+    target; "letterbox" takes all of it and places it in the middle, scaled to fit, aspect kept
+    (the rest is black); "stretch" takes all of it to all of the target."""
+    if fit not in INPUT_FITS:
+        raise ValueError(f"fit: {fit!r} must be one of {', '.join(INPUT_FITS)}")
+    whole, target = (0, 0, in_width, in_height), (0, 0, width, height)
+    if fit == "stretch" or in_width * height == in_height * width:
+        return whole, target
+    if fit == "crop":
+        scale = max(width / in_width, height / in_height)
+        taken_width = min(in_width, max(1, round(width / scale)))
+        taken_height = min(in_height, max(1, round(height / scale)))
+        return ((in_width - taken_width) // 2, (in_height - taken_height) // 2, taken_width, taken_height), target
+    scale = min(width / in_width, height / in_height)
+    placed_width = min(width, max(1, round(in_width * scale)))
+    placed_height = min(height, max(1, round(in_height * scale)))
+    return whole, ((width - placed_width) // 2, (height - placed_height) // 2, placed_width, placed_height)
 
 
 @dataclass(frozen=True)
@@ -205,10 +234,11 @@ def tensor_from_numpy(frame: np.ndarray) -> torch.Tensor:
 
 def to_model_input(
     frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype,
-    staging: HostStaging | None = None,
+    staging: HostStaging | None = None, fit: str = "crop",
 ) -> torch.Tensor:
-    """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype.
-    With `staging`, a numpy frame goes to a CUDA device through its pinned buffer."""
+    """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype;
+    a frame of another aspect ratio fitted as `fit` says (see `fit_boxes`). With `staging`, a
+    numpy frame goes to a CUDA device through its pinned buffer."""
     if kind.library == "numpy" and staging is not None and torch.device(device).type == "cuda":
         tensor = staging.upload(frame, torch.device(device))
     else:
@@ -228,10 +258,23 @@ def to_model_input(
     elif channels == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.shape[-2:] != (height, width):
-        work = tensor.float() if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" else tensor
-        tensor = F.interpolate(work, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        tensor = tensor.to(dtype)  # (antialiased resize has no bfloat16 CPU kernel: done in float32 there)
+        tensor = _fitted(tensor, width, height, fit)
     return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
+
+
+def _fitted(tensor: torch.Tensor, width: int, height: int, fit: str) -> torch.Tensor:
+    """(B, C, h, w) in [0, 1] at width x height, fitted as `fit` says (see `fit_boxes`)."""
+    (x, y, taken_width, taken_height), (left, top, placed_width, placed_height) = fit_boxes(
+        tensor.shape[-1], tensor.shape[-2], width, height, fit)
+    tensor = tensor[..., y:y + taken_height, x:x + taken_width]  # (a view: nothing copied)
+    dtype = tensor.dtype
+    work = tensor.float() if dtype == torch.bfloat16 and tensor.device.type == "cpu" else tensor
+    if tensor.shape[-2:] != (placed_height, placed_width):
+        work = F.interpolate(work, size=(placed_height, placed_width), mode="bilinear", antialias=True,
+                             align_corners=False)  # (antialiased resize has no bfloat16 CPU kernel: float32 there)
+    if (placed_width, placed_height) != (width, height):
+        work = F.pad(work, (left, width - placed_width - left, top, height - placed_height - top))  # black bars
+    return work.to(dtype)
 
 
 def takes_pixels(frame, kind: FrameKind, *, width: int, height: int) -> bool:

@@ -49,7 +49,7 @@ def _stage(name: str):
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
-        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "t_index_list",
+        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "input_fit", "t_index_list",
         "num_inference_steps", "cfg_type", "similarity_filter", "similarity_threshold", "similarity_max_skip",
         "width", "height",
     }
@@ -649,7 +649,7 @@ class StreamDiffusion:
             graphs = None  # no graph for this frame (the images graph would say the same)
         # 1. upload, resize and normalise on the device
         images = to_model_input(frame, in_kind, width=config.width, height=config.height, device=config.device,
-                                dtype=config.dtype, staging=self._staging)
+                                dtype=config.dtype, staging=self._staging, fit=config.input_fit)
         # 2. similarity filter: a near-identical frame gets the previous output, no VAE, no UNet
         if config.similarity_filter and self.state.last_output is not None and self.similarity.should_skip(images):
             self._counts["frames_skipped"] += 1

@@ -105,6 +105,23 @@ def test_steps_and_strength_make_the_t_index_list():
         stream_config(RunSettings(sink=("null",), cfg="most", device="cpu"))
 
 
+def test_input_fit_reaches_the_engine_and_a_wrong_one_is_one_line(tmp_path, capsys):
+    from bridge.cli import build_parser, main
+    from bridge.commands.run import settings_from_args
+    from bridge.engine import stream_config
+
+    parser = build_parser()
+    settings = settings_from_args(parser.parse_args(["run", "--sink", "null", "--device", "cpu", "--input-fit",
+                                                     "letterbox"]))
+    assert settings.input_fit == "letterbox" and stream_config(settings).input_fit == "letterbox"
+    assert stream_config(RunSettings(sink=("null",), device="cpu")).input_fit == "crop"  # the engine's default
+    config = tmp_path / "show.toml"
+    config.write_text('sink = "null"\ninput_fit = "zoom"\n')
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "input_fit: 'zoom' must be one of crop, letterbox, stretch" in err, err
+
+
 def test_devices_reports_every_backend_without_a_traceback():
     result = sdbridge("devices")
     assert result.returncode == 0, result.stderr

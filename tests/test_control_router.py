@@ -72,6 +72,15 @@ def test_every_engine_parameter_is_a_runtime_setting_or_a_prompt():
     assert BY_NAME["t_index_list"].maximum == StreamConfig.num_inference_steps - 1
 
 
+def test_input_fits_agree_with_the_engine():
+    from pipeline.config import INPUT_FITS
+
+    from bridge.control.table import INPUT_FITS as TABLE_FITS
+
+    assert TABLE_FITS == INPUT_FITS == BY_NAME["input_fit"].choices
+    assert BY_NAME["input_fit"].default == StreamConfig(device="cpu").input_fit
+
+
 def test_store_knows_every_engine_name_but_the_blend():
     missing = {p.name for p in PARAMETERS if p.target == "engine"} - set(STORE_PARAMETERS)
     assert missing <= {"prompt_blend", "prompt_blend_method"}  # to be added to bridge.params (see the report)
@@ -110,6 +119,7 @@ def test_addresses_include_norm_forms_and_aliases():
     ("resolution", ("1024x576",), False, (1024, 576)),
     ("prompt_blend", ("a", 2.0, "b", 0.5), False, (("a", 1.0), ("b", 0.5))),
     ("prompt_blend_method", ("SLERP",), False, "slerp"),
+    ("input_fit", (" Letterbox ",), False, "letterbox"),
     ("pause", (), False, True),
     ("preset", (3.0,), False, 3),
 ])
@@ -137,6 +147,7 @@ def test_convert(name, args, normalized, expected):
     ("prompt_blend", ("a",), "pairs"),
     ("prompt_blend", ("a", 0.0), "above 0"),
     ("prompt_blend_method", ("cubic",), "linear, slerp"),
+    ("input_fit", ("zoom",), "input_fit: 'zoom' must be one of crop, letterbox, stretch"),
     ("similarity_filter", ("maybe",), "on/off"),
     ("prompt", ("x",), "norm"),
 ])

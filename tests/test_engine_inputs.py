@@ -228,3 +228,65 @@ def test_submit_returns_a_pending_frame_that_is_ready_on_the_cpu(engine):
     assert all(p.ready for p in pending)  # nothing runs asynchronously on a CPU
     for p, frame in zip(pending, frames):
         assert np.array_equal(p.result(), reference(frame)) and p.result() is p.result()
+
+
+# ------------------------------------------------------------------ a source of another aspect ratio
+
+
+@pytest.mark.parametrize("source, target, fit, boxes", [
+    ((1280, 720), (512, 512), "crop", ((280, 0, 720, 720), (0, 0, 512, 512))),  # the middle square
+    ((720, 1280), (512, 512), "crop", ((0, 280, 720, 720), (0, 0, 512, 512))),  # portrait: the middle rows
+    ((1280, 720), (512, 512), "letterbox", ((0, 0, 1280, 720), (0, 112, 512, 288))),  # bars above and below
+    ((640, 640), (768, 448), "letterbox", ((0, 0, 640, 640), (160, 0, 448, 448))),  # bars left and right
+    ((1280, 720), (512, 512), "stretch", ((0, 0, 1280, 720), (0, 0, 512, 512))),
+    ((1920, 1080), (1024, 576), "crop", ((0, 0, 1920, 1080), (0, 0, 1024, 576))),  # same aspect: all of it
+])
+def test_fit_boxes(source, target, fit, boxes):
+    from pipeline.frames import fit_boxes
+
+    assert fit_boxes(*source, *target, fit) == boxes
+
+
+def _three_bands(height=40, width=120):
+    """A wide picture: a grey middle third between a red and a blue one."""
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[:, : width // 3] = (255, 0, 0)
+    picture[:, width // 3: 2 * width // 3] = (128, 128, 128)
+    picture[:, 2 * width // 3:] = (0, 0, 255)
+    return picture
+
+
+def test_a_wider_source_is_cropped_letterboxed_or_stretched_into_the_engines_size():
+    import torch.nn.functional as F
+
+    from pipeline.frames import frame_kind, to_model_input
+
+    picture = _three_bands()
+    convert = lambda fit: to_model_input(picture, frame_kind(picture, 1), width=16, height=16,  # noqa: E731
+                                         device=torch.device("cpu"), dtype=torch.float32, fit=fit)[0]
+    grey = 128 / 255 * 2 - 1
+    cropped = convert("crop")  # the middle 40x40: all grey
+    torch.testing.assert_close(cropped, torch.full((3, 16, 16), grey), rtol=0, atol=1e-5)
+    boxed = convert("letterbox")  # 120x40 into 16x16: 16x5 in rows 5..9, black above and below
+    assert torch.equal(boxed[:, :5], torch.full((3, 5, 16), -1.0)) and torch.equal(boxed[:, 10:], torch.full((3, 6, 16), -1.0))
+    assert boxed[0, 7, 0] > 0.9 and boxed[2, 7, 15] > 0.9  # red on the left, blue on the right, kept whole
+    stretched = convert("stretch")  # what the engine did before fits: all of it squeezed
+    expected = F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255, size=(16, 16),
+                             mode="bilinear", antialias=True, align_corners=False)[0] * 2 - 1
+    torch.testing.assert_close(stretched, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="fit: 'zoom' must be one of crop, letterbox, stretch"):
+        convert("zoom")
+
+
+def test_the_fit_changes_while_frames_flow_without_restarting_them(tiny_components):
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20, 40)))
+    assert engine.config.input_fit == "crop"
+    picture = _three_bands(height=SIZE, width=3 * SIZE)
+    engine(picture)
+    state = engine.state
+    engine.update(input_fit="letterbox")
+    assert engine.state is state and engine.config.input_fit == "letterbox"  # the frames in flight go on
+    engine(picture)
+    with pytest.raises(ValueError, match="input_fit: 'zoom' must be one of crop, letterbox, stretch"):
+        engine.update(input_fit="zoom")
+    assert engine.config.input_fit == "letterbox"

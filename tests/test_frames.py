@@ -23,6 +23,24 @@ def test_convert_swizzles_and_resizes_keeping_time_and_number():
     assert (out.timestamp, out.sequence) == (1.5, 7)
 
 
+def test_convert_fits_another_aspect_ratio_as_asked():
+    """A wide picture (red, grey, blue thirds) into a square: its middle, all of it on black bars,
+    or all of it squeezed."""
+    pixels = np.zeros((40, 120, 3), np.uint8)
+    pixels[:, :40], pixels[:, 40:80], pixels[:, 80:] = (255, 0, 0), (128, 128, 128), (0, 0, 255)
+    frame = Frame(pixels, "RGB", timestamp=2.0, sequence=3)
+    square = FrameFormat(12, 12, "RGB")
+    assert (convert(frame, square, fit="crop").pixels == 128).all()
+    boxed = convert(frame, square, fit="letterbox").pixels  # 12x4 in rows 4..7
+    assert not boxed[:4].any() and not boxed[8:].any()
+    assert boxed[5, 0].tolist() == [255, 0, 0] and boxed[5, 6].tolist() == [128] * 3 and boxed[5, 11].tolist() == [0, 0, 255]
+    stretched = convert(frame, square).pixels  # the default
+    assert stretched[0, 0].tolist() == [255, 0, 0] and stretched[11, 11].tolist() == [0, 0, 255]
+    assert convert(frame, square, fit="crop").timestamp == 2.0
+    with pytest.raises(ValueError, match="fit: 'zoom' must be one of"):
+        convert(frame, square, fit="zoom")
+
+
 def test_frame_rejects_wrong_channels_naming_the_field():
     with pytest.raises(ValueError, match="pixels"):
         Frame(np.zeros((2, 2, 3), np.uint8), "RGBA")

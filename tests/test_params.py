@@ -229,3 +229,13 @@ def test_two_control_threads_sending_prompts_at_once_never_lose_both():
     finally:
         gate.set()
         store.close()
+
+
+def test_the_input_fit_reaches_the_engine_between_frames(engine):
+    store = ParameterStore()
+    store.set("input_fit", "letterbox")
+    apply_pending(store, engine)
+    assert engine.config.input_fit == "letterbox" and store.applied["input_fit"] == "letterbox"
+    engine(np.zeros((48, 96, 3), np.uint8))  # a wide frame goes through with bars
+    with pytest.raises(ValueError, match="input_fit"):
+        store.set("input_fit", "zoom")  # refused at the door, by name

@@ -227,6 +227,21 @@ def test_fallback_black_and_raw_when_the_source_stalls():
             assert late[-1].pixels.any()
 
 
+def test_the_raw_fallback_fits_the_input_as_the_engine_does():
+    """A 160x120 source, an engine at 64x64 fitting its input with letterbox: the raw frames that
+    stand in for its output while it stalls are letterboxed too (64x48 between black bars)."""
+    t0 = time.monotonic()
+    sink = RecordingSink()
+    engine = StandInEngine(size=64, cost=0.005)
+    engine.config.input_fit = "letterbox"
+    runtime = Runtime(engine=engine, open_source=lambda: FlakySource(t0, [(0.4, 99, "stall")], []), sinks=[sink],
+                      config=RuntimeConfig(fps=30, fallback="raw", stall_seconds=0.2))
+    run_for(runtime, 1.0)
+    late = [frame for sent_at, frame in sink.sent if sent_at > t0 + 0.8]
+    assert late and all(f.pixels.shape == (64, 64, 3) for f in late)
+    assert not late[-1].pixels[:8].any() and not late[-1].pixels[56:].any() and late[-1].pixels[8:56].any()
+
+
 class ResizingSource(Source):
     """A sender whose resolution changes mid-stream (and whose pixel format is BGRA)."""
 

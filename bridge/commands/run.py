@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..control import add_arguments as add_control_arguments
+from ..control.table import INPUT_FITS
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="txt2img: new noise each frame (default: a new picture each frame), or the seed's (a still "
              "picture that changes as the prompt or the seed do: with --prompt-transition or /sd/seed_blend, "
              "it morphs)")
+    add("--input-fit", dest="input_fit", choices=INPUT_FITS,
+        help="a source of another aspect ratio than --width x --height: its middle cropped to fill the picture "
+             "(default), shown whole on black bars (letterbox), or stretched; OSC /sd/input_fit changes it")
     add("--width", type=int, help="processing and output width (a multiple of 64 for the SD models)")
     add("--height", type=int, help="processing and output height (a multiple of 64 for the SD models)")
     add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")

@@ -26,6 +26,7 @@ from .osc import IMPULSE
 KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "seed_blend", "choice", "trigger", "cue")
 INT32_MAX = 2**31 - 1
 LIVE_LORA_SLOTS = 4  # /sd/lora/1 .. /sd/lora/4 (pipeline.live_lora.MAX_LIVE_LORAS)
+INPUT_FITS = ("crop", "letterbox", "stretch")  # pipeline.config.INPUT_FITS (not imported: that loads torch)
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 
 
@@ -104,6 +105,9 @@ PARAMETERS: tuple[Param, ...] = (
             f"strength of live LoRA {slot} (--live-lora, counted in the order given; 0 turns it off); "
             "its layers are rewritten in place: nothing compiles",
             minimum=0.0, maximum=2.0, fader=True) for slot in range(1, LIVE_LORA_SLOTS + 1)),
+    Param("input_fit", "/input_fit", "choice",
+          "a source of another aspect ratio than the processing size: its middle cropped to fill it (crop), "
+          "shown whole on black bars (letterbox), or stretched", default="crop", choices=INPUT_FITS),
     Param("similarity_filter", "/similarity/enable", "bool",
           "skip frames nearly equal to the last processed one", default=False),
     Param("similarity_threshold", "/similarity/threshold", "float",
