@@ -217,9 +217,31 @@ class _Inference:
         self.due = 0.0  # txt2img: when the next picture is due (time.monotonic; see `_txt2img_due`)
         self.origins = Origins(engine)
         self.processed = self.skipped_so_far = self.bad_so_far = 0
+        self._fit_said: tuple | None = None  # (source shape, processing size, fit) last logged by _say_fit
         from .engine import backend_label  # here, as in runtime.py: bridge.settings imports the runtime
 
         self.backend_label = backend_label
+
+    def _say_fit(self, shape: tuple, size: FrameFormat, engine) -> None:
+        """Log once per source size, processing size and fit how a source of another aspect ratio
+        is fitted: an operator sees at once why its edges are gone, or bars came."""
+        fit = getattr(getattr(engine, "config", None), "input_fit", None)
+        key = (shape[:2], (size.width, size.height), fit)
+        if fit is None or key == self._fit_said:
+            return
+        self._fit_said = key
+        height, width = shape[:2]
+        if width * size.height == height * size.width:
+            return
+        from pipeline.frames import fit_boxes
+
+        (_, _, taken_width, taken_height), (_, _, placed_width, placed_height) = fit_boxes(
+            width, height, size.width, size.height, fit)
+        what = {"crop": f"its middle {taken_width}x{taken_height} is used",
+                "letterbox": f"all of it, as {placed_width}x{placed_height} between black bars",
+                "stretch": "all of it, stretched"}[fit]
+        log.info("source %dx%d into %dx%d: %s (input_fit %s; /sd/input_fit or --input-fit: crop, letterbox, "
+                 "stretch)", width, height, size.width, size.height, what, fit)
 
     def _txt2img_due(self) -> bool:
         """txt2img: whether a picture is due now (at most the output's fps of them: with no input to
@@ -264,6 +286,8 @@ class _Inference:
             frame = shared.input_slot.take(timeout=0.05)
         if frame is None:
             return not (shared.source_ended.is_set() and not shared.input_slot.pending)
+        if not self.txt2img:
+            self._say_fit(frame.pixels.shape, size, engine)
         started = time.perf_counter()
         try:  # 3. the engine
             pixels = engine.txt2img() if self.txt2img else engine(frame.pixels)

@@ -645,3 +645,21 @@ def test_the_status_says_when_a_change_left_the_step_graph_failed():
         while "failed" not in runtime.snapshot()["backend"] and time.monotonic() < deadline:
             time.sleep(0.02)
     assert runtime.snapshot()["backend"] == "compiled (step graph failed)"
+
+
+def test_how_a_source_of_another_aspect_ratio_is_fitted_is_logged_once_per_change(caplog):
+    engine = StandInEngine(size=64, cost=0.005)
+    engine.config.input_fit = "crop"
+    runtime = Runtime(engine=engine, open_source=lambda: TestPatternSource(width=96, height=80, fps=60),
+                      sinks=[RecordingSink()], config=RuntimeConfig(fps=30))
+    with caplog.at_level("INFO", logger="bridge"), runtime:
+        time.sleep(0.5)
+        engine.config.input_fit = "letterbox"
+        time.sleep(0.5)
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("source 96x80")]
+    assert said == [
+        "source 96x80 into 64x64: its middle 80x80 is used (input_fit crop; /sd/input_fit or --input-fit: crop, "
+        "letterbox, stretch)",
+        "source 96x80 into 64x64: all of it, as 64x53 between black bars (input_fit letterbox; /sd/input_fit or "
+        "--input-fit: crop, letterbox, stretch)",
+    ]
