@@ -56,6 +56,8 @@
 #          than two periods)
 #   lora:  a live LoRA's strength moved 8 times at 60 fps (--lora-changes 8), sd-turbo and sd15 compiled: the cost of
 #          one change and the largest gap (nothing may compile or recapture)
+#   input: sd-turbo compiled fed 1920x1080 frames (--input-size), cropped and letterboxed into 512x512, against
+#          512x512 frames: what a camera or NDI source of another size costs the engine
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -318,11 +320,20 @@ case "$PART" in
       --lora-changes 8
     sd15_step 170 sd15_4step_self_compiled_step_lora --lora-changes 8
     ;;
+  input)  # frames of a 1080p camera or NDI source into a 512x512 engine: the pinned upload of 6 MB instead of
+    # 0.75 MB, the fit (--input-fit crop: a view; letterbox: a pad) and the antialiased resize, before the step graph
+    bench 180 sd_turbo_1step_compiled_step_in512 $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 5 \
+      --pipelined
+    bench 90 sd_turbo_1step_compiled_step_in1080_crop $TURBO --backend compiled --frames 300 --warmup 30 \
+      --time-limit 5 --pipelined --input-size 1920x1080
+    bench 90 sd_turbo_1step_compiled_step_in1080_letterbox $TURBO --backend compiled --frames 300 --warmup 30 \
+      --time-limit 5 --pipelined --input-size 1920x1080 --input-fit letterbox
+    ;;
   again)  # what part all left undone on its first lease: graph_check with more time, fp8 after its fix
     graph_check 170
     bench 150 sd_turbo_1step_compiled_step_fp8 $TURBO --backend compiled --frames 300 --warmup 20 --time-limit 5 --fp8
     ;;
-  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap, transition, lora)"; exit 2 ;;
+  *) echo "unknown part $PART (turbo, step, latency, sd15, next, prompt, inductor, fp8, all, again, profile, fused, ready, kernels, inside, tuning, autotune, defaults, options, overlap, transition, lora, input)"; exit 2 ;;
 esac
 
 python3 - "$WORK" <<'PY'

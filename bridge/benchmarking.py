@@ -58,6 +58,8 @@ class BenchSettings:
     overlap_decode: bool = False  # each frame's decode beside the next frame's step (one frame later out)
     overlap_encode: bool = False  # each frame's encode beside the previous frame's UNet (one frame later out)
     prompt_transition: float = 0.0  # seconds each prompt change fades in (measured by prompt_changes)
+    input_size: tuple[int, int] | None = None  # (width, height) of the frames fed in; None: the processing size
+    input_fit: str = "crop"  # how frames of another aspect ratio are fitted (StreamConfig.input_fit)
     # "eager": where the backend captures no step graph (a CPU), the step graph's replay on the CPU,
     # so that a dry run of a GPU script goes through the step graph's path (buffers, fill, replay)
     step_graph_replay: str | None = None
@@ -90,10 +92,16 @@ def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_max_rss"
 
 
+def fed_size(settings: BenchSettings) -> tuple[int, int]:
+    """(width, height) of the frames fed to the engine: `input_size`, else the processing size."""
+    return settings.input_size or (settings.width, settings.height)
+
+
 def synthetic_frames(settings: BenchSettings, count: int = 8) -> list[np.ndarray]:
     """Distinct uint8 RGB frames in host memory (a batch each when frame_buffer_size > 1)."""
     rng = np.random.default_rng(0)
-    shape = (settings.height, settings.width, 3)
+    width, height = fed_size(settings)
+    shape = (height, width, 3)
     if settings.frame_buffer_size > 1:
         shape = (settings.frame_buffer_size, *shape)
     return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
@@ -207,7 +215,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
         frame_buffer_size=settings.frame_buffer_size, similarity_filter=settings.similarity_filter,
         kv_cache=settings.kv_cache, text_encoder_graph=settings.text_encoder_graph,
         overlap_decode=settings.overlap_decode, overlap_encode=settings.overlap_encode,
-        prompt_transition=settings.prompt_transition,
+        prompt_transition=settings.prompt_transition, input_fit=settings.input_fit,
     )
     if components is None:
         started = time.perf_counter()
@@ -235,7 +243,7 @@ def run_benchmark(settings: BenchSettings, *, sequential: bool = False, runtime:
 def _changes(engine, settings: BenchSettings, count: int, what: str, measure: Callable[..., dict]) -> dict:
     """`measure`'s figures for `count` changes through the runtime at 60 fps (half a second apart)."""
     log.info("%d %s through the runtime at 60 fps ...", count, what)
-    return measure(engine, changes=count, warmup=settings.warmup, input_size=(settings.width, settings.height),
+    return measure(engine, changes=count, warmup=settings.warmup, input_size=fed_size(settings),
                    timeout=max(30.0, count * 0.5 + 30.0))
 
 
@@ -315,7 +323,7 @@ def _run_one(settings: BenchSettings, base: StreamConfig, components, frames: li
 
         log.info("the same engine through the runtime (testpattern -> engine -> null) ...")
         synchronous["runtime_overhead"] = measure_runtime_overhead(
-            engine, frames=settings.frames, warmup=settings.warmup, input_size=(settings.width, settings.height),
+            engine, frames=settings.frames, warmup=settings.warmup, input_size=fed_size(settings),
             timeout=settings.time_limit or 300.0,
         )
         checkpoint(results)

@@ -154,6 +154,21 @@ def test_bench_pipelined_runs_the_engine_through_submit(tiny_components):
     assert pipelined["frames_measured"] == synchronous["frames_measured"] == 6 and pipelined["fps"] > 0
 
 
+def test_frames_of_another_size_are_fed_and_fitted_and_the_row_says_so(tiny_components):
+    """--input-size: what a 16:9 camera costs a square engine (upload, crop or letterbox, resize)."""
+    from bridge.benchmarking import BenchSettings, run_benchmark, synthetic_frames
+    from bridge.commands.bench import format_table
+
+    settings = BenchSettings(arch="tiny", steps=1, width=32, height=32, frames=4, warmup=1, device="cpu",
+                             input_size=(96, 54), input_fit="letterbox")
+    assert synthetic_frames(settings)[0].shape == (54, 96, 3)
+    (row,) = run_benchmark(settings, components=tiny_components)
+    assert row["input_size"] == (96, 54) and row["input_fit"] == "letterbox" and row["frames_measured"] == 4
+    row["commit"] = "abc"  # (the command adds it)
+    assert "eager/in96x54-letterbox" in format_table([row]).splitlines()[2]
+    assert "/in" not in format_table([{**row, "input_size": None}]).splitlines()[2]
+
+
 def test_each_row_is_handed_out_as_soon_as_it_is_measured(tiny_components):
     """`checkpoint`: the rows so far after each row and each figure added to one (a script's
     timeout that kills the profile keeps the timings), and a cut-short row says so."""

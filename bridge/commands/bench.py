@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..control.table import INPUT_FITS
 from ..errors import UserError
 from ..profiling import profile_line
 from ..kernels import SDPA_KERNELS
@@ -38,6 +39,11 @@ def register(subparsers) -> None:
     parser.add_argument("--strength", type=float, default=0.6, help="img2img strength, sets t_index_list (default 0.6)")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--input-size", metavar="WxH",
+                        help="feed frames of this size (default: --width x --height), e.g. 1920x1080: what a "
+                             "camera or NDI source of another size costs the engine (upload, fit, resize)")
+    parser.add_argument("--input-fit", choices=INPUT_FITS, default="crop",
+                        help="how frames of another aspect ratio are fitted (as run's --input-fit; default crop)")
     parser.add_argument("--frame-buffer-size", type=int, default=1)
     parser.add_argument("--frames", type=int, default=300, help="measured frames per configuration")
     parser.add_argument("--warmup", type=int, default=20, help="frames run before measuring")
@@ -157,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                         f"not {args.backend!r}")
     try:
         other_size = parse_size(args.other_size, "--other-size") if args.other_size else (args.width + 128, args.height)
+        input_size = parse_size(args.input_size, "--input-size") if args.input_size else None
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:  # before any measuring: a path that cannot be written is found in a second, not after the run
@@ -185,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             cudnn_benchmark=args.cudnn_benchmark, sdpa=args.sdpa, channels_last=args.channels_last,
             fuse_math=args.fuse_math, fuse_qkv=args.fuse_qkv, overlap_decode=args.overlap_decode,
             overlap_encode=args.overlap_encode, step_graph_replay=args.step_graph_replay,
-            prompt_transition=args.prompt_transition,
+            prompt_transition=args.prompt_transition, input_size=input_size, input_fit=args.input_fit,
         )
         try:
             runs = run_benchmark(settings, sequential=args.sequential, runtime=args.runtime,
@@ -249,6 +256,8 @@ def _backend_column(r: dict) -> str:
     backend += "/overlap-enc" if r.get("overlap_encode") else ""
     backend += f"/sdpa-{r['sdpa']}" if r.get("sdpa", "auto") != "auto" else ""
     backend += "".join(f"/{name}={value}" for name, value in r.get("inductor") or ())  # --inductor NAME=VALUE
+    if r.get("input_size"):  # frames of another size fed in, fitted
+        backend += f"/in{r['input_size'][0]}x{r['input_size'][1]}-{r.get('input_fit', 'crop')}"
     backend += "/pipe" if r.get("pipelined") else ""
     return backend
 
