@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from .config import INPUT_FITS
 
-
-
 Box = tuple[int, int, int, int]  # (x, y, width, height) in pixels
 
 

@@ -49,9 +49,9 @@ def _stage(name: str):
 # What `update` may change while frames flow; everything else needs a new engine.
 RUNTIME_SETTINGS = frozenset(
     {
-        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "input_fit", "t_index_list",
-        "num_inference_steps", "cfg_type", "similarity_filter", "similarity_threshold", "similarity_max_skip",
-        "width", "height",
+        "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "input_fit",
+        "t_index_list", "num_inference_steps", "cfg_type", "similarity_filter", "similarity_threshold",
+        "similarity_max_skip", "width", "height",
     }
 )
 

@@ -119,7 +119,8 @@ def test_input_fit_reaches_the_engine_and_a_wrong_one_is_one_line(tmp_path, caps
     config.write_text('sink = "null"\ninput_fit = "zoom"\n')
     assert main(["run", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "input_fit: 'zoom' must be one of crop, letterbox, stretch" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "input_fit: 'zoom' must be one of crop, letterbox, stretch" in err
 
 
 def test_devices_reports_every_backend_without_a_traceback():

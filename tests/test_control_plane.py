@@ -221,7 +221,8 @@ def test_oscquery_marks_what_this_run_cannot_take(plane):
     assert loaded["ACCESS"] == 3 and loaded["VALUE"] == [0.8]
     for node in (empty, empty_norm):
         assert node["ACCESS"] == 0 and "VALUE" not in node
-        assert node["DESCRIPTION"].endswith("[unavailable: no live LoRA in slot 2 (1 loaded; load one with --live-lora)]")
+        reason = "no live LoRA in slot 2 (1 loaded; load one with --live-lora)"
+        assert node["DESCRIPTION"].endswith(f"[unavailable: {reason}]")
     assert empty["TYPE"] == "f" and empty["RANGE"] == [{"MIN": 0.0, "MAX": 2.0}]  # what it would take
     assert fetch(plane, "/sd/lora/4?ACCESS") == (200, {"ACCESS": 0})
     assert fetch(plane, "/sd/guidance?ACCESS") == (200, {"ACCESS": 3})

@@ -268,7 +268,8 @@ def test_a_wider_source_is_cropped_letterboxed_or_stretched_into_the_engines_siz
     cropped = convert("crop")  # the middle 40x40: all grey
     torch.testing.assert_close(cropped, torch.full((3, 16, 16), grey), rtol=0, atol=1e-5)
     boxed = convert("letterbox")  # 120x40 into 16x16: 16x5 in rows 5..9, black above and below
-    assert torch.equal(boxed[:, :5], torch.full((3, 5, 16), -1.0)) and torch.equal(boxed[:, 10:], torch.full((3, 6, 16), -1.0))
+    assert torch.equal(boxed[:, :5], torch.full((3, 5, 16), -1.0))
+    assert torch.equal(boxed[:, 10:], torch.full((3, 6, 16), -1.0))
     assert boxed[0, 7, 0] > 0.9 and boxed[2, 7, 15] > 0.9  # red on the left, blue on the right, kept whole
     stretched = convert("stretch")  # what the engine did before fits: all of it squeezed
     expected = F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255, size=(16, 16),
@@ -279,7 +280,8 @@ def test_a_wider_source_is_cropped_letterboxed_or_stretched_into_the_engines_siz
 
 
 def test_the_fit_changes_while_frames_flow_without_restarting_them(tiny_components):
-    engine = StreamDiffusion(tiny_components, StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20, 40)))
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(20, 40))
+    engine = StreamDiffusion(tiny_components, config)
     assert engine.config.input_fit == "crop"
     picture = _three_bands(height=SIZE, width=3 * SIZE)
     engine(picture)

@@ -33,7 +33,8 @@ def test_convert_fits_another_aspect_ratio_as_asked():
     assert (convert(frame, square, fit="crop").pixels == 128).all()
     boxed = convert(frame, square, fit="letterbox").pixels  # 12x4 in rows 4..7
     assert not boxed[:4].any() and not boxed[8:].any()
-    assert boxed[5, 0].tolist() == [255, 0, 0] and boxed[5, 6].tolist() == [128] * 3 and boxed[5, 11].tolist() == [0, 0, 255]
+    assert boxed[5, 0].tolist() == [255, 0, 0] and boxed[5, 6].tolist() == [128] * 3
+    assert boxed[5, 11].tolist() == [0, 0, 255]
     stretched = convert(frame, square).pixels  # the default
     assert stretched[0, 0].tolist() == [255, 0, 0] and stretched[11, 11].tolist() == [0, 0, 255]
     assert convert(frame, square, fit="crop").timestamp == 2.0

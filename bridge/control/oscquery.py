@@ -215,7 +215,8 @@ class OSCQueryServer:
             values, unavailable = {}, {}
         host_info = {"NAME": self._name, "OSC_IP": request.connection.getsockname()[0],
                      "OSC_PORT": self._osc_port, "OSC_TRANSPORT": "UDP", "EXTENSIONS": EXTENSIONS}
-        status, body = answer(build_tree(prefix=self._prefix, values=values, unavailable=unavailable), request.path, host_info)
+        tree = build_tree(prefix=self._prefix, values=values, unavailable=unavailable)
+        status, body = answer(tree, request.path, host_info)
         payload = b"" if body is None else json.dumps(body).encode("utf-8")
         request.send_response(status)
         if body is not None:
