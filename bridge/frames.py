@@ -95,16 +95,17 @@ def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return pixels[rows[:, None], cols[None, :]]
 
 
-def fitted(pixels: np.ndarray, width: int, height: int, fit: str) -> np.ndarray:
+def fitted(pixels: np.ndarray, width: int, height: int, fit: str, *, zoom: float = 1.0,
+           pan: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """(H, W, C) pixels at width x height (nearest): their middle cropped to fill it ("crop"),
     scaled to fit inside with their aspect ratio kept, centred on black ("letterbox": a wide
-    picture in a square gets bars above and below), or "stretch"ed; as the engine fits its
-    input (pipeline.frames.fit_boxes)."""
+    picture in a square gets bars above and below), or "stretch"ed; then zoomed and panned; as
+    the engine fits its input (pipeline.frames.fit_boxes)."""
     from pipeline.frames import fit_boxes  # (here: a sink's module loads without torch)
 
     in_height, in_width = pixels.shape[:2]
     (x, y, taken_width, taken_height), (left, top, placed_width, placed_height) = fit_boxes(
-        in_width, in_height, width, height, fit)
+        in_width, in_height, width, height, fit, zoom=zoom, pan=pan)
     placed = resize_nearest(pixels[y:y + taken_height, x:x + taken_width], placed_width, placed_height)
     if (placed_width, placed_height) == (width, height):
         return placed
@@ -113,11 +114,12 @@ def fitted(pixels: np.ndarray, width: int, height: int, fit: str) -> np.ndarray:
     return out
 
 
-def convert(frame: Frame, target: FrameFormat, *, fit: str = "stretch") -> Frame:
+def convert(frame: Frame, target: FrameFormat, *, fit: str = "stretch", zoom: float = 1.0,
+            pan: tuple[float, float] = (0.0, 0.0)) -> Frame:
     """The same frame in `target`'s size and pixel format (timestamp and sequence kept), a
-    frame of another aspect ratio fitted as `fit` says (see `fitted`)."""
-    if frame.format == target:
+    frame of another aspect ratio fitted as `fit` says, zoomed and panned (see `fitted`)."""
+    if frame.format == target and zoom == 1.0:
         return frame
-    pixels = fitted(frame.pixels, target.width, target.height, fit)
+    pixels = fitted(frame.pixels, target.width, target.height, fit, zoom=zoom, pan=pan)
     pixels = swizzle(pixels, frame.pixel_format, target.pixel_format)
     return Frame(np.ascontiguousarray(pixels), target.pixel_format, frame.timestamp, frame.sequence)

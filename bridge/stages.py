@@ -52,6 +52,14 @@ class Shared:
     finished: threading.Event = field(default_factory=threading.Event)
 
 
+def input_view(engine, default_fit: str = "stretch") -> dict:
+    """How `engine` fits, zooms and pans its input (StreamConfig's input_fit, input_zoom,
+    input_pan_x and _y), as keyword arguments of `convert`; an engine without them: `default_fit`."""
+    config = getattr(engine, "config", None)
+    return {"fit": getattr(config, "input_fit", default_fit), "zoom": getattr(config, "input_zoom", 1.0),
+            "pan": (getattr(config, "input_pan_x", 0.0), getattr(config, "input_pan_y", 0.0))}
+
+
 def current_format(shared: Shared) -> FrameFormat:
     """What the engine returns now: its size may change while it runs (/sd/resolution)."""
     config = getattr(shared.engine, "config", None)
@@ -236,7 +244,7 @@ class _Inference:
         from pipeline.frames import fit_boxes
 
         (_, _, taken_width, taken_height), (_, _, placed_width, placed_height) = fit_boxes(
-            width, height, size.width, size.height, fit)
+            width, height, size.width, size.height, fit)  # (before a zoom: what the fit itself does)
         what = {"crop": f"its middle {taken_width}x{taken_height} is used",
                 "letterbox": f"all of it, as {placed_width}x{placed_height} between black bars",
                 "stretch": "all of it, stretched"}[fit]
@@ -426,9 +434,8 @@ class OutputLoop:
             return self.last_frame
         if mode == "raw":
             raw = self.shared.input_slot.peek()
-            if raw is not None:  # fitted as the engine fits its input
-                fit = getattr(getattr(self.shared.engine, "config", None), "input_fit", "stretch")
-                return convert(raw, current_format(self.shared), fit=fit)
+            if raw is not None:  # fitted, zoomed and panned as the engine does its input
+                return convert(raw, current_format(self.shared), **input_view(self.shared.engine))
         if mode == "last" and self.last_frame is not None:
             return self.last_frame
         return self.black

@@ -13,6 +13,7 @@ from .prompts import MAX_TRANSITION_SECONDS
 
 MODES = ("img2img", "txt2img")
 TXT2IMG_NOISES = ("new", "seed")
+MAX_INPUT_ZOOM = 8.0  # input_zoom: at most an eighth of the fitted part's width and height
 INPUT_FITS = ("crop", "letterbox", "stretch")  # how a frame of another aspect ratio meets the size (pipeline.frames)
 CFG_TYPES = ("none", "full", "self", "initialize")
 _DTYPES = {
@@ -69,6 +70,9 @@ class StreamConfig:
     mode: str = "img2img"  # "img2img" (frames in) or "txt2img" (no input)
     txt2img_noise: str = "new"  # txt2img: "new" noise each frame (StreamDiffusion's), or the "seed"'s (a still picture)
     input_fit: str = "crop"  # a frame of another aspect ratio: its middle "crop"ped, "letterbox"ed, or "stretch"ed
+    input_zoom: float = 1.0  # 1..MAX_INPUT_ZOOM: take 1/zoom of the fitted part's width and height (a digital zoom)
+    input_pan_x: float = 0.0  # -1..1: where the part taken sits across the frame (0: the middle; -1 left, 1 right)
+    input_pan_y: float = 0.0  # -1..1: likewise down it (-1 top, 1 bottom)
     t_index_list: tuple[int, ...] = (32, 45)  # indices into the scheduler's timesteps, one per denoising step
     num_inference_steps: int = 50  # length of the LCM timestep schedule the indices point into
     frame_buffer_size: int = 1  # frames taken and returned per call (a leading batch dimension when > 1)
@@ -112,6 +116,11 @@ class StreamConfig:
             raise ValueError(f"txt2img_noise: {self.txt2img_noise!r} must be one of {', '.join(TXT2IMG_NOISES)}")
         if self.input_fit not in INPUT_FITS:
             raise ValueError(f"input_fit: {self.input_fit!r} must be one of {', '.join(INPUT_FITS)}")
+        if not _is_number(self.input_zoom) or not 1.0 <= self.input_zoom <= MAX_INPUT_ZOOM:
+            raise ValueError(f"input_zoom: {self.input_zoom!r} must be a number in 1..{MAX_INPUT_ZOOM:g}")
+        for name in ("input_pan_x", "input_pan_y"):
+            if not _is_number(getattr(self, name)) or not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be a number in -1..1")
         if self.cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type: {self.cfg_type!r} must be one of {', '.join(CFG_TYPES)}")
         if not _is_int(self.num_inference_steps) or not 1 <= self.num_inference_steps <= 1000:

@@ -25,25 +25,38 @@ from .config import INPUT_FITS
 Box = tuple[int, int, int, int]  # (x, y, width, height) in pixels
 
 
-def fit_boxes(in_width: int, in_height: int, width: int, height: int, fit: str) -> tuple[Box, Box]:
+def fit_boxes(in_width: int, in_height: int, width: int, height: int, fit: str, *, zoom: float = 1.0,
+              pan: tuple[float, float] = (0.0, 0.0)) -> tuple[Box, Box]:
     """(the part of an in_width x in_height picture to take, where it goes in a width x height
-    one): "crop" takes the largest middle part of the target's aspect ratio and fills the
-    target; "letterbox" takes all of it and places it in the middle, scaled to fit, aspect kept
-    (the rest is black); "stretch" takes all of it to all of the target."""
+    one): "crop" takes the largest part of the target's aspect ratio and fills the target;
+    "letterbox" takes all of it and places it in the middle, scaled to fit, aspect kept (the
+    rest is black); "stretch" takes all of it to all of the target. `zoom` (>= 1) then takes
+    1/zoom of that part's width and height; `pan` (x, y, each -1..1) slides what is taken across
+    the picture, from its left (top) edge at -1 through the middle at 0 to its right (bottom)
+    edge at 1."""
     if fit not in INPUT_FITS:
         raise ValueError(f"fit: {fit!r} must be one of {', '.join(INPUT_FITS)}")
-    whole, target = (0, 0, in_width, in_height), (0, 0, width, height)
-    if fit == "stretch" or in_width * height == in_height * width:
-        return whole, target
-    if fit == "crop":
+    target = (0, 0, width, height)
+    if fit == "crop" and in_width * height != in_height * width:
         scale = max(width / in_width, height / in_height)
-        taken_width = min(in_width, max(1, round(width / scale)))
-        taken_height = min(in_height, max(1, round(height / scale)))
-        return ((in_width - taken_width) // 2, (in_height - taken_height) // 2, taken_width, taken_height), target
-    scale = min(width / in_width, height / in_height)
-    placed_width = min(width, max(1, round(in_width * scale)))
-    placed_height = min(height, max(1, round(in_height * scale)))
-    return whole, ((width - placed_width) // 2, (height - placed_height) // 2, placed_width, placed_height)
+        taken = (min(in_width, max(1, round(width / scale))), min(in_height, max(1, round(height / scale))))
+    else:
+        taken = (in_width, in_height)
+    placed = target
+    if fit == "letterbox" and in_width * height != in_height * width:
+        scale = min(width / in_width, height / in_height)
+        placed_width = min(width, max(1, round(in_width * scale)))
+        placed_height = min(height, max(1, round(in_height * scale)))
+        placed = ((width - placed_width) // 2, (height - placed_height) // 2, placed_width, placed_height)
+    taken = (max(1, round(taken[0] / zoom)), max(1, round(taken[1] / zoom)))
+    x, y = (_slide(in_width - taken[0], pan[0]), _slide(in_height - taken[1], pan[1]))
+    return (x, y, *taken), placed
+
+
+def _slide(spare: int, pan: float) -> int:
+    """Where a part `spare` pixels shorter than the picture starts at `pan` (-1..1; 0: the middle,
+    spare // 2), in whole pixels (pan taken to a thousandth, so the arithmetic is exact)."""
+    return spare * round((1.0 + pan) * 1000) // 2000
 
 
 @dataclass(frozen=True)
@@ -232,11 +245,11 @@ def tensor_from_numpy(frame: np.ndarray) -> torch.Tensor:
 
 def to_model_input(
     frame, kind: FrameKind, *, width: int, height: int, device: torch.device, dtype: torch.dtype,
-    staging: HostStaging | None = None, fit: str = "crop",
+    staging: HostStaging | None = None, fit: str = "crop", zoom: float = 1.0, pan: tuple[float, float] = (0.0, 0.0),
 ) -> torch.Tensor:
     """Upload once and convert on the device: (B, 3, height, width) in [-1, 1], engine dtype;
-    a frame of another aspect ratio fitted as `fit` says (see `fit_boxes`). With `staging`, a
-    numpy frame goes to a CUDA device through its pinned buffer."""
+    a frame of another aspect ratio fitted as `fit` says, and zoomed and panned (see
+    `fit_boxes`). With `staging`, a numpy frame goes to a CUDA device through its pinned buffer."""
     if kind.library == "numpy" and staging is not None and torch.device(device).type == "cuda":
         tensor = staging.upload(frame, torch.device(device))
     else:
@@ -244,8 +257,9 @@ def to_model_input(
     if not kind.batched:
         tensor = tensor.unsqueeze(0)
     tensor = tensor.to(device, non_blocking=True)
-    if kind.layout == "HWC" and tensor.shape[-3:] == (height, width, 3):  # the common case, as a step graph does it
-        return pixels_to_images(tensor, dtype)
+    whole = zoom == 1.0  # (at 1, a frame of the engine's size is taken whole wherever it is panned)
+    if whole and kind.layout == "HWC" and tensor.shape[-3:] == (height, width, 3):  # the common case, as a step
+        return pixels_to_images(tensor, dtype)  # graph does it
     if kind.layout == "HWC":
         tensor = tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, C, H, W) in [0, 1]
     else:  # (a NaN or inf in a float frame: black or white there, never into the stream, where it spreads)
@@ -255,15 +269,16 @@ def to_model_input(
         tensor = tensor[:, :3]
     elif channels == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
-    if tensor.shape[-2:] != (height, width):
-        tensor = _fitted(tensor, width, height, fit)
+    if not whole or tensor.shape[-2:] != (height, width):
+        tensor = _fitted(tensor, width, height, fit, zoom, pan)
     return tensor.mul(2.0).sub_(1.0).contiguous()  # (B, 3, H, W) in [-1, 1]
 
 
-def _fitted(tensor: torch.Tensor, width: int, height: int, fit: str) -> torch.Tensor:
-    """(B, C, h, w) in [0, 1] at width x height, fitted as `fit` says (see `fit_boxes`)."""
+def _fitted(tensor: torch.Tensor, width: int, height: int, fit: str, zoom: float,
+            pan: tuple[float, float]) -> torch.Tensor:
+    """(B, C, h, w) in [0, 1] at width x height, fitted, zoomed and panned (see `fit_boxes`)."""
     (x, y, taken_width, taken_height), (left, top, placed_width, placed_height) = fit_boxes(
-        tensor.shape[-1], tensor.shape[-2], width, height, fit)
+        tensor.shape[-1], tensor.shape[-2], width, height, fit, zoom=zoom, pan=pan)
     tensor = tensor[..., y:y + taken_height, x:x + taken_width]  # (a view: nothing copied)
     dtype = tensor.dtype
     work = tensor.float() if dtype == torch.bfloat16 and tensor.device.type == "cpu" else tensor

@@ -50,8 +50,8 @@ def _stage(name: str):
 RUNTIME_SETTINGS = frozenset(
     {
         "guidance_scale", "delta", "seed", "seed_blend", "prompt_transition", "txt2img_noise", "input_fit",
-        "t_index_list", "num_inference_steps", "cfg_type", "similarity_filter", "similarity_threshold",
-        "similarity_max_skip", "width", "height",
+        "input_zoom", "input_pan_x", "input_pan_y", "t_index_list", "num_inference_steps", "cfg_type",
+        "similarity_filter", "similarity_threshold", "similarity_max_skip", "width", "height",
     }
 )
 
@@ -636,9 +636,9 @@ class StreamDiffusion:
         config = self.config
         self._counts["frames_in"] += 1
         graphs, in_kind = self._graphs, kind  # in_kind: the frame as it is now (the output goes back as `kind`)
-        if graphs is not None and not config.similarity_filter and takes_pixels(
+        if graphs is not None and not config.similarity_filter and config.input_zoom == 1.0 and takes_pixels(
             frame, kind, width=config.width, height=config.height
-        ):  # 8-bit RGB at the engine's size: the graph converts it too
+        ):  # 8-bit RGB at the engine's size, all of it taken: the graph converts it too
             frame = self._pixels_on_device(frame, kind)  # (b, H, W, 3) uint8
             replayed = graphs.run(frame, source="pixels")
             if replayed is not None:
@@ -649,7 +649,8 @@ class StreamDiffusion:
             graphs = None  # no graph for this frame (the images graph would say the same)
         # 1. upload, resize and normalise on the device
         images = to_model_input(frame, in_kind, width=config.width, height=config.height, device=config.device,
-                                dtype=config.dtype, staging=self._staging, fit=config.input_fit)
+                                dtype=config.dtype, staging=self._staging, fit=config.input_fit,
+                                zoom=config.input_zoom, pan=(config.input_pan_x, config.input_pan_y))
         # 2. similarity filter: a near-identical frame gets the previous output, no VAE, no UNet
         if config.similarity_filter and self.state.last_output is not None and self.similarity.should_skip(images):
             self._counts["frames_skipped"] += 1

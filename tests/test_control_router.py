@@ -73,12 +73,14 @@ def test_every_engine_parameter_is_a_runtime_setting_or_a_prompt():
 
 
 def test_input_fits_agree_with_the_engine():
-    from pipeline.config import INPUT_FITS
+    from pipeline.config import INPUT_FITS, MAX_INPUT_ZOOM
 
     from bridge.control.table import INPUT_FITS as TABLE_FITS
+    from bridge.control.table import MAX_INPUT_ZOOM as TABLE_ZOOM
 
     assert TABLE_FITS == INPUT_FITS == BY_NAME["input_fit"].choices
     assert BY_NAME["input_fit"].default == StreamConfig(device="cpu").input_fit
+    assert TABLE_ZOOM == MAX_INPUT_ZOOM == BY_NAME["input_zoom"].maximum
 
 
 def test_store_knows_every_engine_name_but_the_blend():

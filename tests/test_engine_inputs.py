@@ -247,6 +247,21 @@ def test_fit_boxes(source, target, fit, boxes):
     assert fit_boxes(*source, *target, fit) == boxes
 
 
+@pytest.mark.parametrize("source, fit, zoom, pan, taken", [
+    ((1280, 720), "crop", 1.0, (-1.0, 0.0), (0, 0, 720, 720)),  # the crop slid to the left edge
+    ((1280, 720), "crop", 1.0, (1.0, 0.0), (560, 0, 720, 720)),  # and to the right one
+    ((1280, 720), "crop", 1.0, (0.0, 1.0), (280, 0, 720, 720)),  # no room to slide down
+    ((1280, 720), "crop", 2.0, (0.0, 0.0), (460, 180, 360, 360)),  # half the width and height, in the middle
+    ((512, 512), "crop", 2.0, (1.0, 1.0), (256, 256, 256, 256)),  # the bottom right quarter
+    ((1280, 720), "letterbox", 2.0, (-1.0, -1.0), (0, 0, 640, 360)),  # the top left quarter, still letterboxed
+])
+def test_zoom_and_pan_take_a_part_of_what_the_fit_takes(source, fit, zoom, pan, taken):
+    from pipeline.frames import fit_boxes
+
+    box, placed = fit_boxes(*source, 512, 512, fit, zoom=zoom, pan=pan)
+    assert box == taken and placed == fit_boxes(*source, 512, 512, fit)[1]
+
+
 def _three_bands(height=40, width=120):
     """A wide picture: a grey middle third between a red and a blue one."""
     picture = np.zeros((height, width, 3), np.uint8)
@@ -292,3 +307,38 @@ def test_the_fit_changes_while_frames_flow_without_restarting_them(tiny_componen
     with pytest.raises(ValueError, match="input_fit: 'zoom' must be one of crop, letterbox, stretch"):
         engine.update(input_fit="zoom")
     assert engine.config.input_fit == "letterbox"
+
+
+def test_a_zoom_takes_part_of_a_frame_of_the_engines_own_size():
+    """At zoom 2 panned to the bottom right, a frame of the engine's size gives its bottom right
+    quarter, enlarged (it does not go the unzoomed frame's short way); zoom and pan are refused
+    out of range, by name."""
+    import torch.nn.functional as F
+
+    from pipeline.frames import frame_kind, to_model_input
+
+    picture = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    zoomed = to_model_input(picture, frame_kind(picture, 1), width=32, height=32, device=torch.device("cpu"),
+                            dtype=torch.float32, zoom=2.0, pan=(1.0, 1.0))[0]
+    quarter = torch.from_numpy(picture[16:, 16:]).permute(2, 0, 1)[None].float() / 255
+    expected = F.interpolate(quarter, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0] * 2 - 1
+    torch.testing.assert_close(zoomed, expected, rtol=0, atol=1e-5)
+    for name, value, message in (("input_zoom", 0.5, "input_zoom: 0.5 must be a number in 1..8"),
+                                 ("input_pan_x", 1.5, "input_pan_x: 1.5 must be a number in -1..1"),
+                                 ("input_pan_y", float("nan"), "input_pan_y: nan must be a number in -1..1")):
+        with pytest.raises(ValueError, match=message):
+            StreamConfig(device="cpu", **{name: value})
+
+
+def test_the_engine_zooms_frames_of_its_own_size_too(tiny_components):
+    """Frames at the engine's size go a short way (straight to the step); at zoom 2 they do not:
+    the same frame gives another picture, and back at zoom 1 the first one again."""
+    config = StreamConfig(width=SIZE, height=SIZE, device="cpu", t_index_list=(25,), cfg_type="none")
+    frame = np.random.default_rng(6).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    engine = StreamDiffusion(tiny_components, config)
+    plain = engine(frame).copy()
+    engine.update(input_zoom=2.0, input_pan_x=-1.0)
+    zoomed = engine(frame).copy()
+    engine.update(input_zoom=1.0)
+    assert not np.array_equal(zoomed, plain)
+    np.testing.assert_array_equal(engine(frame), plain)

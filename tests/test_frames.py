@@ -40,6 +40,15 @@ def test_convert_fits_another_aspect_ratio_as_asked():
     assert convert(frame, square, fit="crop").timestamp == 2.0
     with pytest.raises(ValueError, match="fit: 'zoom' must be one of"):
         convert(frame, square, fit="zoom")
+    # zoomed 2x: a 20x20 part, in the middle (grey), or slid to the picture's left edge (red)
+    assert (convert(frame, square, fit="crop", zoom=2.0).pixels == 128).all()
+    assert (convert(frame, square, fit="crop", zoom=2.0, pan=(-1.0, 0.0)).pixels == [255, 0, 0]).all()
+    assert (convert(frame, square, fit="stretch", zoom=3.0, pan=(1.0, 0.0)).pixels == [0, 0, 255]).all()
+    same = FrameFormat(120, 40, "RGB")
+    zoomed = convert(frame, same, zoom=2.0).pixels  # at its own size too: x 30..89 of it, enlarged
+    assert convert(frame, same) is frame and zoomed.shape == (40, 120, 3)
+    assert zoomed[20, 0].tolist() == [255, 0, 0] and zoomed[20, 60].tolist() == [128] * 3
+    assert zoomed[20, 119].tolist() == [0, 0, 255]
 
 
 def test_frame_rejects_wrong_channels_naming_the_field():

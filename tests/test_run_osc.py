@@ -92,6 +92,12 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         send("/sd/seed_blend", "ifif", "5", "0.6", "11", "0.4")
         blend = [5, pytest.approx(0.6), 11, pytest.approx(0.4)]
         assert wait_until(lambda: query(query_port, "/sd/seed_blend?VALUE").get("VALUE") == blend, 30)
+        send("/sd/input_fit", "s", "letterbox")  # the test pattern is 4:3, the engine square
+        send("/sd/input_zoom/norm", "f", "0.5")  # 0..1 onto 1..8
+        send("/sd/input_pan_x", "f", "-1")
+        assert wait_until(lambda: query(query_port, "/sd/input_pan_x?VALUE").get("VALUE") == [-1.0], 30)
+        assert query(query_port, "/sd/input_fit?VALUE")["VALUE"] == ["letterbox"]
+        assert query(query_port, "/sd/input_zoom?VALUE")["VALUE"] == [pytest.approx(4.5)]
         assert process.poll() is None
     finally:
         process.send_signal(signal.SIGTERM)
@@ -99,6 +105,7 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         status.close()
     assert process.returncode == 0, err
     assert "t_index_list" in err and "strictly increasing" in err, err  # the refusal was logged
+    assert "source 640x480 into 64x64: its middle 480x480 is used (input_fit crop" in err, err  # at the first frame
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
         udp.bind(("127.0.0.1", osc_port))  # the ports are free again at once
         tcp.bind(("127.0.0.1", osc_port))

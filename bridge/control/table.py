@@ -27,6 +27,7 @@ KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "
 INT32_MAX = 2**31 - 1
 LIVE_LORA_SLOTS = 4  # /sd/lora/1 .. /sd/lora/4 (pipeline.live_lora.MAX_LIVE_LORAS)
 INPUT_FITS = ("crop", "letterbox", "stretch")  # pipeline.config.INPUT_FITS (not imported: that loads torch)
+MAX_INPUT_ZOOM = 8.0  # pipeline.config.MAX_INPUT_ZOOM, likewise
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 
 
@@ -108,6 +109,15 @@ PARAMETERS: tuple[Param, ...] = (
     Param("input_fit", "/input_fit", "choice",
           "a source of another aspect ratio than the processing size: its middle cropped to fill it (crop), "
           "shown whole on black bars (letterbox), or stretched", default="crop", choices=INPUT_FITS),
+    Param("input_zoom", "/input_zoom", "float",
+          "digital zoom into the source: 2 takes half of the fitted picture's width and height", minimum=1.0,
+          maximum=MAX_INPUT_ZOOM, default=1.0, fader=True),
+    Param("input_pan_x", "/input_pan_x", "float",
+          "where the part of the source taken sits across it: -1 its left edge, 0 the middle, 1 its right edge "
+          "(moves a crop of a wider source, or a zoomed part)", minimum=-1.0, maximum=1.0, default=0.0, fader=True),
+    Param("input_pan_y", "/input_pan_y", "float",
+          "likewise down the source: -1 its top edge, 0 the middle, 1 its bottom edge", minimum=-1.0, maximum=1.0,
+          default=0.0, fader=True),
     Param("similarity_filter", "/similarity/enable", "bool",
           "skip frames nearly equal to the last processed one", default=False),
     Param("similarity_threshold", "/similarity/threshold", "float",
