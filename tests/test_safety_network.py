@@ -126,7 +126,8 @@ def test_no_parameter_takes_a_path():
             assert param.name in FREE_TEXT and param.target == "engine", param
     assert set(RUNTIME_NAMES) == {"pause", "resume", "preset"}  # actions: no argument reaches a file
     choice = [p for p in PARAMETERS if p.kind == "choice"]
-    assert [(p.name, p.choices) for p in choice] == [("prompt_blend_method", ("linear", "slerp"))]
+    assert [(p.name, p.choices) for p in choice] == [("prompt_blend_method", ("linear", "slerp")),
+                                                     ("input_fit", ("crop", "letterbox", "stretch"))]
 
 
 class AuditLog:
