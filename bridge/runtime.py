@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import openmp
-from .frames import FrameFormat
+from .frames import FITS, FrameFormat
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
 from .telemetry import Telemetry
@@ -76,8 +76,12 @@ def agree_formats(engine_format: FrameFormat, sinks: Sequence[Sink]) -> list[Fra
         target = getattr(sink, "format", None)
         if target is not None and not isinstance(target, FrameFormat):
             raise ValueError(f"sink {type(sink).__name__}: format {target!r} is not a FrameFormat")
+        fit = getattr(sink, "fit", "letterbox")
+        if fit not in FITS:
+            raise ValueError(f"sink {type(sink).__name__}: fit {fit!r} must be one of {', '.join(FITS)}")
         if target is not None and target != engine_format:
-            log.info("%s: engine %s -> sink %s", type(sink).__name__, engine_format, target)
+            fitted = f" ({fit})" if (target.width, target.height) != (engine_format.width, engine_format.height) else ""
+            log.info("%s: engine %s -> sink %s%s", type(sink).__name__, engine_format, target, fitted)
         formats.append(target)
     return formats
 

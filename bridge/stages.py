@@ -472,6 +472,6 @@ class OutputLoop:
         cached = self._converted[index]
         if cached is not None and cached[0] is frame:
             return cached[1]
-        converted = convert(frame, target, fit="letterbox")  # a size changed mid-run is not stretched
+        converted = convert(frame, target, fit=getattr(self.shared.sinks[index], "fit", "letterbox"))
         self._converted[index] = (frame, converted)
         return converted

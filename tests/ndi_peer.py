@@ -435,6 +435,18 @@ def scenario_adaptive() -> dict:
                 result[variant + label] = [describe(f) for f in frames[-2:]]  # the first may predate the change
                 pacer.stop()
                 result[variant + label + "_send_error"] = pacer.error
+    # with size=WxH the runtime's sink is fixed at that size (the runtime fits frames into it)
+    with open_sink("ndi:sdbridge-adapt?size=96x48&fit=crop", width=64, height=32, fps=30) as sink, \
+            NDISource(name="sdbridge-adapt", timeout=5.0) as source:
+        result["sized"] = [str(sink.format), sink.fit]
+        pacer = Pacer(sink, first=0, count=150, fps=30, width=96, height=48)
+        pacer.start()
+        result["sized_frames"] = [describe(f) for f in read_until(source, count=2, seconds=8)]
+        pacer.stop()
+        try:
+            sink.send(encode(0, 64, 32))
+        except ValueError as exc:
+            result["sized_other_size"] = str(exc)
     return result
 
 

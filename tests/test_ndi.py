@@ -246,6 +246,10 @@ def test_sink_without_size_follows_the_frames_and_so_does_the_runtimes(ndi_names
         frames = result[label]
         assert frames and {tuple(f["size"]) for f in frames} == {size}, frames
         assert max(f["colour_error"] for f in frames) <= 16, f"{label}: colours came back wrong"
+    # ndi:NAME?size=96x48&fit=crop: a sender of a fixed size, whatever the engine's
+    assert result["sized"] == ["96x48 RGBA", "crop"], result["sized"]
+    assert result["sized_frames"] and {tuple(f["size"]) for f in result["sized_frames"]} == {(96, 48)}
+    assert "expected 96x48 RGBA, got 64x32 RGBA" in result["sized_other_size"]
 
 
 @pytest.mark.slow

@@ -335,9 +335,48 @@ def test_each_sink_gets_its_own_format_converted_once_per_frame():
     assert bgra.sent[-1][1].format == FrameFormat(32, 16, "BGRA")
 
 
+class GradientEngine(StandInEngine):
+    """Gives the same picture whatever comes in: row r is 4 * r, so what a sink got shows how
+    the picture was fitted into it."""
+
+    def __call__(self, pixels):
+        self.calls += 1
+        time.sleep(self.cost)
+        rows = np.arange(self.config.height, dtype=np.uint8)[:, None, None] * 4
+        return np.ascontiguousarray(np.broadcast_to(rows, (self.config.height, self.config.width, 3)))
+
+
+def test_a_sink_of_another_size_gets_the_picture_fitted_as_its_fit_says():
+    """virtualcam?size=128x64&fit=crop: a square engine into a 2:1 sink."""
+    wide = FrameFormat(128, 64, "RGB")
+    sinks = {fit: RecordingSink(wide) for fit in ("letterbox", "crop", "stretch")}
+    for fit, sink in sinks.items():
+        sink.fit = fit
+    default = RecordingSink(wide)  # a sink that says nothing is letterboxed
+    runtime = Runtime(engine=GradientEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
+                      sinks=[*sinks.values(), default], config=RuntimeConfig(fps=30))
+    run_for(runtime, 0.5)
+    got = {fit: sink.sent[-1][1].pixels[..., 0].astype(int) for fit, sink in sinks.items()}
+    assert all(frame.format == wide for sink in sinks.values() for _, frame in sink.sent[-3:])
+    gradient = np.arange(64)[:, None] * 4
+    # letterbox: all 64 rows, between black bars left and right
+    assert (got["letterbox"][:, :32] == 0).all() and (got["letterbox"][:, 96:] == 0).all()
+    assert (got["letterbox"][:, 32:96] == gradient).all()
+    # crop: the middle 32 rows (16..47) fill it, each twice
+    assert (got["crop"] == np.repeat(np.arange(16, 48) * 4, 2)[:, None]).all()
+    # stretch: all 64 rows, each pixel twice across
+    assert (got["stretch"] == gradient).all()
+    assert np.array_equal(default.sent[-1][1].pixels, sinks["letterbox"].sent[-1][1].pixels)
+
+
 def test_a_sink_with_an_impossible_format_is_an_error_at_start():
     sink = RecordingSink(format="1080p please")
     with pytest.raises(ValueError, match="FrameFormat"):
+        Runtime(engine=StandInEngine(), open_source=lambda: TestPatternSource(), sinks=[sink])
+    sink = RecordingSink(FrameFormat(64, 64))
+    sink.fit = "zoom"
+    with pytest.raises(ValueError, match="sink RecordingSink: fit 'zoom' must be one of crop, letterbox, stretch"):
         Runtime(engine=StandInEngine(), open_source=lambda: TestPatternSource(), sinks=[sink])
 
 

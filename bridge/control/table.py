@@ -21,12 +21,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..frames import FITS
 from .osc import IMPULSE
 
 KINDS = ("string", "float", "int", "bool", "int_list", "size", "prompt_blend", "seed_blend", "choice", "trigger", "cue")
 INT32_MAX = 2**31 - 1
 LIVE_LORA_SLOTS = 4  # /sd/lora/1 .. /sd/lora/4 (pipeline.live_lora.MAX_LIVE_LORAS)
-INPUT_FITS = ("crop", "letterbox", "stretch")  # pipeline.config.INPUT_FITS (not imported: that loads torch)
+INPUT_FITS = FITS  # pipeline.config.INPUT_FITS (not imported: that loads torch)
 MAX_INPUT_ZOOM = 8.0  # pipeline.config.MAX_INPUT_ZOOM, likewise
 MAX_NUMERIC_STRING = 64  # a number sent as a string ("0.5") is at most this long
 

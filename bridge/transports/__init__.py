@@ -4,6 +4,7 @@
     null                   file:out.mp4              file:frames/%05d.png           virtualcam
     spout:sdbridge         ndi:sdbridge              virtualcam?backend=obs&device=OBS Virtual Camera
     window                 window:Preview            window:Preview?scale=0.5
+    virtualcam?size=1280x720&fit=crop                 file:out.mp4?size=1920x1080
     syphon:TDSyphonSpoutOut                          syphon:sdbridge                syphon:?flip=1
 
 Each transport module is imported only when used, so a missing platform library affects only
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..frames import FITS
 from .base import Sink, Source, SourceEnded, SourceLost, TransportUnavailable
 
 __all__ = [
     "SINK_KINDS", "SOURCE_KINDS", "Sink", "Source", "SourceEnded", "SourceLost", "TransportSpec",
-    "TransportUnavailable", "open_sink", "open_source", "parse_spec",
+    "TransportUnavailable", "open_sink", "open_source", "parse_spec", "sink_size",
 ]
 
 SOURCE_KINDS = ("testpattern", "video", "camera", "ndi", "spout", "syphon")
 SINK_KINDS = ("virtualcam", "spout", "ndi", "file", "null", "window", "syphon")
+MAX_SINK_SIDE = 8192  # pixels: past any webcam, encoder or NDI receiver in use
 _NEEDS_TARGET = {"video": "a file, as in video:clip.mp4", "file": "a path, as in file:out.mp4",
                  "ndi": "a name, as in ndi:sdbridge", "spout": "a name, as in spout:sdbridge",
                  "syphon": "a name, as in syphon:sdbridge"}
@@ -122,6 +125,31 @@ def open_source(text: str, *, fps: float = 30.0) -> Source:
     return SyphonSource(name=spec.target, flip=_option(spec, "flip", bool, False), **options)
 
 
+def sink_size(spec: TransportSpec, width: int, height: int) -> tuple[tuple[int, int], str]:
+    """The size a sink of a fixed size opens at: its `size=WxH` option, else the engine's
+    `width` x `height`; and how frames of another size are fitted into it (its `fit` option:
+    letterbox, the default, crop or stretch; see bridge.frames.fitted)."""
+    fit = spec.options.get("fit", "letterbox").lower()
+    if fit not in FITS:
+        raise ValueError(f"{spec}: option fit={spec.options['fit']!r} must be one of {', '.join(FITS)}")
+    if "size" not in spec.options:
+        return (width, height), fit
+    raw = spec.options["size"]
+    wide, _, high = raw.lower().partition("x")
+    if not (wide.isdigit() and high.isdigit()):
+        raise ValueError(f"{spec}: option size={raw!r} must look like 1280x720")
+    size = int(wide), int(high)
+    if not all(2 <= side <= MAX_SINK_SIDE and side % 2 == 0 for side in size):
+        raise ValueError(f"{spec}: option size={raw!r}: width and height must be even numbers from 2 to "
+                         f"{MAX_SINK_SIDE} (video encoders and virtual cameras halve the colour resolution)")
+    return size, fit
+
+
+def _fitting(sink: Sink, fit: str) -> Sink:
+    sink.fit = fit
+    return sink
+
+
 def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
     """Open the sink named `text` for frames of `width` x `height` at about `fps`."""
     spec = parse_spec(text, role="sink")
@@ -131,29 +159,37 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
 
         return NullSink()
     if spec.kind == "file":
-        _check_options(spec, ("codec",))
+        _check_options(spec, ("codec", "size", "fit"))
         from .file import FileSink
 
-        return FileSink(path=spec.target, width=width, height=height, fps=fps, codec=spec.options.get("codec"))
+        (width, height), fit = sink_size(spec, width, height)
+        return _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
+                                 codec=spec.options.get("codec")), fit)
     if spec.kind == "virtualcam":
-        _check_options(spec, ("backend", "device"))
+        _check_options(spec, ("backend", "device", "size", "fit"))
         from .virtualcam import VirtualCamSink
 
-        return VirtualCamSink(width=width, height=height, fps=fps, device=spec.options.get("device") or spec.target or None,
-                              backend=spec.options.get("backend"))
+        (width, height), fit = sink_size(spec, width, height)
+        return _fitting(VirtualCamSink(width=width, height=height, fps=fps,
+                                       device=spec.options.get("device") or spec.target or None,
+                                       backend=spec.options.get("backend")), fit)
     if spec.kind == "spout":
         _check_options(spec, ())
         from .spout import SpoutSink
 
         return SpoutSink(name=spec.target)
     if spec.kind == "ndi":
-        _check_options(spec, ("pixel_format", "alpha"))
+        _check_options(spec, ("pixel_format", "alpha", "size", "fit"))
         from .ndi import NDISink
 
         options = {"pixel_format": spec.options["pixel_format"]} if "pixel_format" in spec.options else {}
         if "alpha" in spec.options:
             options["alpha"] = _option(spec, "alpha", bool, False)
-        return NDISink(name=spec.target, width=width, height=height, frame_rate=fps, follow_size=True, **options)
+        if "fit" in spec.options and "size" not in spec.options:
+            raise ValueError(f"{spec}: fit needs size=WxH (without a size the sender takes each frame's own)")
+        (width, height), fit = sink_size(spec, width, height)
+        return _fitting(NDISink(name=spec.target, width=width, height=height, frame_rate=fps,
+                                follow_size="size" not in spec.options, **options), fit)
     if spec.kind == "window":
         _check_options(spec, ("scale",))
         from .window import WindowSink

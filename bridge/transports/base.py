@@ -115,6 +115,9 @@ class Sink(_ClosedOnExit):
 
     #: what `send` accepts; the runtime converts frames to it before sending
     format: FrameFormat | None = None
+    #: how the runtime fits a frame of another size into `format`: "letterbox" (all of it,
+    #: between black bars), "crop" (its middle, filling the sink) or "stretch"
+    fit: str = "letterbox"
 
     @abc.abstractmethod
     def send(self, frame: Frame) -> None:
