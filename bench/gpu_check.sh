@@ -57,7 +57,8 @@
 #   lora:  a live LoRA's strength moved 8 times at 60 fps (--lora-changes 8), sd-turbo and sd15 compiled: the cost of
 #          one change and the largest gap (nothing may compile or recapture)
 #   input: sd-turbo compiled fed 1920x1080 frames (--input-size), cropped and letterboxed into 512x512, against
-#          512x512 frames: what a camera or NDI source of another size costs the engine
+#          512x512 frames: what a camera or NDI source of another size costs the engine; and the CPU's cost of fitting
+#          512x512 into sinks of their own size (bench/sink_convert.py, seconds)
 #   all:   one lease's worth (about 9 min on a fresh machine), most wanted first, each step cut to what is left
 #          of BUDGET seconds (550 for a 590 s call): graph_check, sd-turbo compiled step graph with prompt changes, sd15
 #          4 steps, sd-turbo eager, eager's step graph, fp8, prompt changes without the encoder's graph
@@ -321,7 +322,10 @@ case "$PART" in
     sd15_step 170 sd15_4step_self_compiled_step_lora --lora-changes 8
     ;;
   input)  # frames of a 1080p camera or NDI source into a 512x512 engine: the pinned upload of 6 MB instead of
-    # 0.75 MB, the fit (--input-fit crop: a view; letterbox: a pad) and the antialiased resize, before the step graph
+    # 0.75 MB, the fit (--input-fit crop: a view; letterbox: a pad) and the antialiased resize, before the step graph;
+    # first, a few seconds of this machine's CPU fitting 512x512 into sinks of their own size (size=WxH&fit=)
+    echo "== sink_convert: bench/sink_convert.py (the output thread's share, CPU)"
+    timeout -k 5 60 python3 bench/sink_convert.py --json "$WORK/sink_convert.json" 2>&1 | tail -n 8
     bench 180 sd_turbo_1step_compiled_step_in512 $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 5 \
       --pipelined
     bench 90 sd_turbo_1step_compiled_step_in1080_crop $TURBO --backend compiled --frames 300 --warmup 30 \

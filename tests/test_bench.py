@@ -118,6 +118,22 @@ def test_host_overhead_script_times_both_cases_around_a_no_op_replay(tmp_path):
     assert all(0 < r["host_us_per_frame"] < 1e5 for r in record["rows"]) and "host_overhead.py" in record["command"]
 
 
+def test_sink_convert_script_times_each_sink_and_says_how(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import REPO, child_env
+
+    out = tmp_path / "sinks.json"
+    result = subprocess.run([sys.executable, "bench/sink_convert.py", "--size", "64", "--frames", "5", "--json", str(out)],
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["rows"][1]["sink"] == "1280x720 RGB crop" and record["rows"][-1]["sink"] == "64x64 BGRA stretch"
+    assert all(0 < r["median_ms"] <= r["p95_ms"] < 1e4 for r in record["rows"]) and "sink_convert.py" in record["command"]
+    assert "1920x1080 RGB letterbox" in result.stdout
+
+
 def test_pipelined_timing_submits_each_frame_before_taking_the_previous_result():
     import torch
 
