@@ -9,6 +9,7 @@ import numpy as np
 PIXEL_FORMATS = ("RGB", "BGR", "RGBA", "BGRA")
 FITS = ("crop", "letterbox", "stretch")  # how a frame meets another aspect ratio (`fitted`; pipeline.config.INPUT_FITS)
 
+
 @dataclass(frozen=True)
 class FrameFormat:
     """What one side of a connection produces or accepts."""

@@ -136,7 +136,7 @@ def sink_size(spec: TransportSpec, width: int, height: int) -> tuple[tuple[int, 
         return (width, height), fit
     raw = spec.options["size"]
     wide, _, high = raw.lower().partition("x")
-    if not (wide.isdigit() and high.isdigit()):
+    if not (wide.isdecimal() and high.isdecimal()):
         raise ValueError(f"{spec}: option size={raw!r} must look like 1280x720")
     size = int(wide), int(high)
     if not all(2 <= side <= MAX_SINK_SIDE and side % 2 == 0 for side in size):
