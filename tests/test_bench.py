@@ -86,51 +86,39 @@ def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
     assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
 
 
-def test_runtime_floor_script_writes_both_step_counts(tmp_path):
+def run_script(script: str, out, *args: str, timeout: float = 120):
+    """bench/`script` with `args` and `--json out` in a child Python: (its result, the JSON it wrote)."""
     import subprocess
     import sys
 
     from test_cli import REPO, child_env
 
-    out = tmp_path / "floor.json"
-    result = subprocess.run([sys.executable, "bench/runtime_floor.py", "--engine-ms", "40", "--frames", "6", "--size", "32",
-                             "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, f"bench/{script}", *args, "--json", str(out)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
-    assert [r["steps"] for r in record["results"]] == [1, 2] and "runtime_floor.py" in record["command"]
+    assert script in record["command"]
+    return result, record
+
+
+def test_runtime_floor_script_writes_both_step_counts(tmp_path):
+    _, record = run_script("runtime_floor.py", tmp_path / "floor.json", "--engine-ms", "40", "--frames", "6", "--size", "32")
+    assert [r["steps"] for r in record["results"]] == [1, 2]
     for steps, r in zip((1, 2), record["results"]):
         assert r["engine_ms"] >= 40.0 and r["frames"] >= 2
         assert r["latency_budget_ms"] == pytest.approx(steps * r["engine_ms"] + 1000.0 / 30.0)
 
 
 def test_host_overhead_script_times_both_cases_around_a_no_op_replay(tmp_path):
-    import subprocess
-    import sys
-
-    from test_cli import REPO, child_env
-
-    out = tmp_path / "host.json"
-    result = subprocess.run([sys.executable, "bench/host_overhead.py", "--size", "64", "--frames", "20", "--json", str(out)],
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(out.read_text())
+    _, record = run_script("host_overhead.py", tmp_path / "host.json", "--size", "64", "--frames", "20", timeout=180)
     assert [(r["cfg_type"], r["steps"]) for r in record["rows"]] == [("none", 1), ("self", 4)]
-    assert all(0 < r["host_us_per_frame"] < 1e5 for r in record["rows"]) and "host_overhead.py" in record["command"]
+    assert all(0 < r["host_us_per_frame"] < 1e5 for r in record["rows"])
 
 
 def test_sink_convert_script_times_each_sink_and_says_how(tmp_path):
-    import subprocess
-    import sys
-
-    from test_cli import REPO, child_env
-
-    out = tmp_path / "sinks.json"
-    result = subprocess.run([sys.executable, "bench/sink_convert.py", "--size", "64", "--frames", "5", "--json", str(out)],
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(out.read_text())
+    result, record = run_script("sink_convert.py", tmp_path / "sinks.json", "--size", "64", "--frames", "5")
     assert record["rows"][1]["sink"] == "1280x720 RGB crop" and record["rows"][-1]["sink"] == "64x64 BGRA stretch"
-    assert all(0 < r["median_ms"] <= r["p95_ms"] < 1e4 for r in record["rows"]) and "sink_convert.py" in record["command"]
+    assert all(0 < r["median_ms"] <= r["p95_ms"] < 1e4 for r in record["rows"])
     assert "1920x1080 RGB letterbox" in result.stdout
 
 
