@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bridge import framecode
-from bridge.frames import Frame, FrameFormat, convert, resize_nearest
+from bridge.frames import PIXEL_FORMATS, Frame, FrameFormat, convert, resize_nearest, swizzle
 from bridge.slots import LatestSlot
 from clips import write_clip
 
@@ -21,6 +21,29 @@ def test_convert_swizzles_and_resizes_keeping_time_and_number():
     assert out.pixels.shape == (2, 3, 4)
     assert out.pixels[0, 0].tolist() == [0, 0, 200, 255]
     assert (out.timestamp, out.sequence) == (1.5, 7)
+
+
+@pytest.mark.parametrize("source", PIXEL_FORMATS)
+@pytest.mark.parametrize("target", PIXEL_FORMATS)
+def test_swizzle_puts_each_colour_where_the_target_wants_it(source, target):
+    """Every pair of pixel formats, by channel name: R, G and B move, alpha is kept, dropped,
+    or added as 255 (swizzle copies a channel at a time; this is the meaning it must keep)."""
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 7, len(source)), dtype=np.uint8)
+    out = swizzle(pixels, source, target)
+    assert out.shape == (5, 7, len(target)) and out.dtype == np.uint8 and out.flags.c_contiguous
+    for index, channel in enumerate(target):
+        expected = pixels[..., source.index(channel)] if channel in source else np.full((5, 7), 255, np.uint8)
+        assert np.array_equal(out[..., index], expected), f"{source} -> {target}: channel {channel}"
+
+
+@pytest.mark.parametrize("size", [(7, 5, 13, 3), (13, 3, 7, 5), (512, 512, 1280, 720), (1280, 720, 512, 512), (6, 4, 6, 9)])
+def test_resize_nearest_takes_the_same_pixels_as_one_gather(size):
+    """Row r and column c of the result are source row r * H // h and column c * W // w, whichever
+    axis resize_nearest gathers first."""
+    in_width, in_height, width, height = size
+    pixels = np.random.default_rng(4).integers(0, 256, (in_height, in_width, 3), dtype=np.uint8)
+    rows, cols = np.arange(height) * in_height // height, np.arange(width) * in_width // width
+    assert np.array_equal(resize_nearest(pixels, width, height), pixels[rows[:, None], cols[None, :]])
 
 
 def test_convert_fits_another_aspect_ratio_as_asked():
