@@ -325,7 +325,7 @@ case "$PART" in
     # 0.75 MB, the fit (--input-fit crop: a view; letterbox: a pad) and the antialiased resize, before the step graph;
     # first, a few seconds of this machine's CPU fitting 512x512 into sinks of their own size (size=WxH&fit=)
     echo "== sink_convert: bench/sink_convert.py (the output thread's share, CPU)"
-    timeout -k 5 60 python3 bench/sink_convert.py --json "$WORK/sink_convert.json" 2>&1 | tail -n 8
+    timeout -k 5 90 python3 bench/sink_convert.py --json "$WORK/sink_convert.json" 2>&1 | tail -n 15
     bench 180 sd_turbo_1step_compiled_step_in512 $TURBO --backend compiled --frames 300 --warmup 30 --time-limit 5 \
       --pipelined
     bench 90 sd_turbo_1step_compiled_step_in1080_crop $TURBO --backend compiled --frames 300 --warmup 30 \

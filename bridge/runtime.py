@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import openmp
-from .frames import FITS, FrameFormat
+from .frames import FILTERS, FITS, FrameFormat
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
 from .telemetry import Telemetry
@@ -79,8 +79,12 @@ def agree_formats(engine_format: FrameFormat, sinks: Sequence[Sink]) -> list[Fra
         fit = getattr(sink, "fit", "letterbox")
         if fit not in FITS:
             raise ValueError(f"sink {type(sink).__name__}: fit {fit!r} must be one of {', '.join(FITS)}")
+        scaling = getattr(sink, "filter", "bilinear")
+        if scaling not in FILTERS:
+            raise ValueError(f"sink {type(sink).__name__}: filter {scaling!r} must be one of {', '.join(FILTERS)}")
         if target is not None and target != engine_format:
-            fitted = f" ({fit})" if (target.width, target.height) != (engine_format.width, engine_format.height) else ""
+            fitted = (f" ({fit}, {scaling})" if (target.width, target.height) != (engine_format.width, engine_format.height)
+                      else "")
             log.info("%s: engine %s -> sink %s%s", type(sink).__name__, engine_format, target, fitted)
         formats.append(target)
     return formats

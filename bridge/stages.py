@@ -472,6 +472,7 @@ class OutputLoop:
         cached = self._converted[index]
         if cached is not None and cached[0] is frame:
             return cached[1]
-        converted = convert(frame, target, fit=getattr(self.shared.sinks[index], "fit", "letterbox"))
+        sink = self.shared.sinks[index]
+        converted = convert(frame, target, fit=getattr(sink, "fit", "letterbox"), filter=getattr(sink, "filter", "bilinear"))
         self._converted[index] = (frame, converted)
         return converted

@@ -117,7 +117,9 @@ def test_host_overhead_script_times_both_cases_around_a_no_op_replay(tmp_path):
 
 def test_sink_convert_script_times_each_sink_and_says_how(tmp_path):
     result, record = run_script("sink_convert.py", tmp_path / "sinks.json", "--size", "64", "--frames", "5")
-    assert record["rows"][1]["sink"] == "1280x720 RGB crop" and record["rows"][-1]["sink"] == "64x64 BGRA stretch"
+    assert [(r["sink"], r["filter"]) for r in record["rows"][2:4]] == [("1280x720 RGB crop", "bilinear"),
+                                                                       ("1280x720 RGB crop", "nearest")]
+    assert record["rows"][-1]["sink"] == "64x64 BGRA stretch" and record["torch_threads"] >= 1
     assert all(0 < r["median_ms"] <= r["p95_ms"] < 1e4 for r in record["rows"])
     assert "1920x1080 RGB letterbox" in result.stdout
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bridge import framecode
-from bridge.frames import PIXEL_FORMATS, Frame, FrameFormat, convert, resize_nearest, swizzle
+from bridge.frames import PIXEL_FORMATS, Frame, FrameFormat, convert, resize, resize_nearest, swizzle
 from bridge.slots import LatestSlot
 from clips import write_clip
 
@@ -46,6 +46,44 @@ def test_resize_nearest_takes_the_same_pixels_as_one_gather(size):
     assert np.array_equal(resize_nearest(pixels, width, height), pixels[rows[:, None], cols[None, :]])
 
 
+def _reference_bilinear(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """What a bilinear resize with area averaging when shrinking gives, in floating point: each
+    output pixel's centre mapped into the input, a tent of half-width max(1, scale) pixels there,
+    its weights normalized (separable: rows, then columns)."""
+    def weights(size_in: int, size_out: int) -> np.ndarray:
+        scale = size_in / size_out
+        support = max(1.0, scale)
+        centres = (np.arange(size_out) + 0.5) * scale  # in input pixels
+        taps = np.maximum(0.0, 1.0 - np.abs((np.arange(size_in)[None, :] + 0.5) - centres[:, None]) / support)
+        return taps / taps.sum(axis=1, keepdims=True)  # (size_out, size_in)
+
+    rows, cols = weights(pixels.shape[0], height), weights(pixels.shape[1], width)
+    return np.einsum("yh,hwc,xw->yxc", rows, pixels.astype(np.float64), cols)
+
+
+@pytest.mark.parametrize("size", [(7, 5, 13, 3), (13, 3, 7, 5), (64, 64, 160, 90), (160, 90, 64, 64), (6, 4, 6, 9)])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_resize_bilinear_is_a_smooth_average_of_its_neighbours(size, channels):
+    """Enlarging blends the two nearest pixels along each axis; shrinking averages every pixel an
+    output pixel covers (no pixel skipped: a sink smaller than the engine gets no shimmer). Within
+    one level of the floating-point reference (8-bit arithmetic rounds), in a new (H, W, C) array."""
+    in_width, in_height, width, height = size
+    pixels = np.random.default_rng(5).integers(0, 256, (in_height, in_width, channels), dtype=np.uint8)
+    out = resize(pixels, width, height)  # bilinear: the default
+    assert out.shape == (height, width, channels) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert np.abs(out.astype(float) - _reference_bilinear(pixels, width, height)).max() < 1.01
+    assert resize(pixels, in_width, in_height) is pixels  # its own size: nothing to do
+    with pytest.raises(ValueError, match="filter: 'bicubic' must be one of bilinear, nearest"):
+        resize(pixels, width, height, "bicubic")
+
+
+def test_resize_bilinear_takes_a_view_of_a_larger_picture():
+    """A crop is a strided view of the frame: scaled as if it were copied out first."""
+    pixels = np.random.default_rng(6).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    view = pixels[5:35, 10:50]
+    assert np.array_equal(resize(view, 80, 60), resize(view.copy(), 80, 60))
+
+
 def test_convert_fits_another_aspect_ratio_as_asked():
     """A wide picture (red, grey, blue thirds) into a square: its middle, all of it on black bars,
     or all of it squeezed."""
@@ -79,12 +117,14 @@ def test_frame_rejects_wrong_channels_naming_the_field():
         Frame(np.zeros((2, 2, 3), np.uint8), "RGBA")
 
 
+@pytest.mark.parametrize("scaling", ["nearest", "bilinear"])
 @pytest.mark.parametrize("size", [(640, 480), (256, 256), (1280, 720), (96, 80)])
-def test_frame_code_survives_resize(size):
+def test_frame_code_survives_resize(size, scaling):
+    """Whichever way a sink scales it (its filter option)."""
     pixels = np.full((480, 640, 3), 90, np.uint8)
     framecode.encode(pixels, 123_456, framecode.milliseconds(98.765))
     width, height = size
-    assert framecode.decode(resize_nearest(pixels, width, height)) == (123_456, 98_765)
+    assert framecode.decode(resize(pixels, width, height, scaling)) == (123_456, 98_765)
 
 
 def test_frame_code_survives_video_compression(tmp_path):

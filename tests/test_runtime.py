@@ -351,11 +351,13 @@ def test_a_sink_of_another_size_gets_the_picture_fitted_as_its_fit_says():
     wide = FrameFormat(128, 64, "RGB")
     sinks = {fit: RecordingSink(wide) for fit in ("letterbox", "crop", "stretch")}
     for fit, sink in sinks.items():
-        sink.fit = fit
-    default = RecordingSink(wide)  # a sink that says nothing is letterboxed
+        sink.fit, sink.filter = fit, "nearest"  # (each pixel repeated: exact rows to compare)
+    default = RecordingSink(wide)  # a sink that says nothing is letterboxed, smoothly
+    smooth = RecordingSink(wide)
+    smooth.fit = "crop"
     runtime = Runtime(engine=GradientEngine(size=64, cost=0.005),
                       open_source=lambda: TestPatternSource(width=64, height=64, fps=30),
-                      sinks=[*sinks.values(), default], config=RuntimeConfig(fps=30))
+                      sinks=[*sinks.values(), default, smooth], config=RuntimeConfig(fps=30))
     run_for(runtime, 0.5)
     got = {fit: sink.sent[-1][1].pixels[..., 0].astype(int) for fit, sink in sinks.items()}
     assert all(frame.format == wide for sink in sinks.values() for _, frame in sink.sent[-3:])
@@ -367,7 +369,12 @@ def test_a_sink_of_another_size_gets_the_picture_fitted_as_its_fit_says():
     assert (got["crop"] == np.repeat(np.arange(16, 48) * 4, 2)[:, None]).all()
     # stretch: all 64 rows, each pixel twice across
     assert (got["stretch"] == gradient).all()
+    # the default is bilinear: the same letterbox (only columns doubled, rows kept), and a
+    # crop's rows enlarged twice lie between their neighbours: 64 different rows, not 32 pairs
     assert np.array_equal(default.sent[-1][1].pixels, sinks["letterbox"].sent[-1][1].pixels)
+    rows = smooth.sent[-1][1].pixels[:, :, 0].astype(int)
+    assert (rows == rows[:, :1]).all() and rows[0, 0] == 16 * 4 and rows[-1, 0] == 47 * 4
+    assert len(np.unique(rows)) == 64 and (np.diff(rows[:, 0]) >= 0).all()
 
 
 def test_a_sink_with_an_impossible_format_is_an_error_at_start():
@@ -377,6 +384,9 @@ def test_a_sink_with_an_impossible_format_is_an_error_at_start():
     sink = RecordingSink(FrameFormat(64, 64))
     sink.fit = "zoom"
     with pytest.raises(ValueError, match="sink RecordingSink: fit 'zoom' must be one of crop, letterbox, stretch"):
+        Runtime(engine=StandInEngine(), open_source=lambda: TestPatternSource(), sinks=[sink])
+    sink.fit, sink.filter = "crop", "bicubic"
+    with pytest.raises(ValueError, match="sink RecordingSink: filter 'bicubic' must be one of bilinear, nearest"):
         Runtime(engine=StandInEngine(), open_source=lambda: TestPatternSource(), sinks=[sink])
 
 

@@ -176,14 +176,14 @@ def test_file_sink_writes_any_pixel_format_in_its_colours_and_refuses_another_si
 def test_a_file_sink_opens_at_its_own_size_and_keeps_its_fit(tmp_path):
     """size=WxH: a 1280x720 recording (or webcam) from a 512x512 engine; fit: how the runtime
     fits the engine's pictures into it (the runtime's side is in test_runtime.py)."""
-    sink = open_sink(f"file:{tmp_path}/wide.mp4?size=128x64&fit=Crop", width=64, height=64, fps=10)
-    assert (sink.format.width, sink.format.height, sink.fit) == (128, 64, "crop")
+    sink = open_sink(f"file:{tmp_path}/wide.mp4?size=128x64&fit=Crop&filter=Nearest", width=64, height=64, fps=10)
+    assert (sink.format.width, sink.format.height, sink.fit, sink.filter) == (128, 64, "crop", "nearest")
     sink.send(Frame(np.full((64, 128, 3), 90, np.uint8)))
     sink.close()
     with av.open(str(tmp_path / "wide.mp4")) as container:
         assert next(container.decode(video=0)).to_ndarray(format="rgb24").shape == (64, 128, 3)
     plain = open_sink(f"file:{tmp_path}/square.mp4", width=64, height=64, fps=10)
-    assert (plain.format.width, plain.format.height, plain.fit) == (64, 64, "letterbox")
+    assert (plain.format.width, plain.format.height, plain.fit, plain.filter) == (64, 64, "letterbox", "bilinear")
     plain.close()
 
 
@@ -194,19 +194,24 @@ def test_a_file_sink_opens_at_its_own_size_and_keeps_its_fit(tmp_path):
     ("size=0x0", "width and height must be even numbers"),
     ("size=16384x720", "width and height must be even numbers"),
     ("fit=zoom", "option fit='zoom' must be one of crop, letterbox, stretch"),
+    ("size=128x64&filter=lanczos", "option filter='lanczos' must be one of bilinear, nearest"),
 ])
-def test_a_sink_size_or_fit_that_cannot_be_is_one_clear_error(tmp_path, options, message):
+def test_a_sink_size_fit_or_filter_that_cannot_be_is_one_clear_error(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         open_sink(f"file:{tmp_path}/out.mp4?{options}", width=64, height=64)
     assert not (tmp_path / "out.mp4").exists()
 
 
-def test_an_ndi_sink_takes_a_fit_only_with_a_size():
-    """Without size=WxH an NDI sender takes each frame's own size: nothing is fitted."""
+def test_an_ndi_sink_takes_a_fit_or_filter_only_with_a_size():
+    """Without size=WxH an NDI sender takes each frame's own size: nothing is fitted or scaled."""
     with pytest.raises(ValueError, match="fit needs size=WxH"):
         open_sink("ndi:sdbridge?fit=crop", width=64, height=64)
+    with pytest.raises(ValueError, match="filter needs size=WxH"):
+        open_sink("ndi:sdbridge?filter=nearest", width=64, height=64)
     with pytest.raises(ValueError, match="unknown option.*size"):
         open_sink("spout:sdbridge?size=1280x720", width=64, height=64)
+    with pytest.raises(ValueError, match="unknown option.*filter"):
+        open_sink("spout:sdbridge?filter=nearest", width=64, height=64)
 
 
 def test_null_sink_counts():

@@ -4,7 +4,7 @@
     null                   file:out.mp4              file:frames/%05d.png           virtualcam
     spout:sdbridge         ndi:sdbridge              virtualcam?backend=obs&device=OBS Virtual Camera
     window                 window:Preview            window:Preview?scale=0.5
-    virtualcam?size=1280x720&fit=crop                 file:out.mp4?size=1920x1080
+    virtualcam?size=1280x720&fit=crop                 file:out.mp4?size=1920x1080&filter=nearest
     syphon:TDSyphonSpoutOut                          syphon:sdbridge                syphon:?flip=1
 
 Each transport module is imported only when used, so a missing platform library affects only
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..frames import FITS
+from ..frames import FILTERS, FITS
 from .base import Sink, Source, SourceEnded, SourceLost, TransportUnavailable
 
 __all__ = [
@@ -125,15 +125,19 @@ def open_source(text: str, *, fps: float = 30.0) -> Source:
     return SyphonSource(name=spec.target, flip=_option(spec, "flip", bool, False), **options)
 
 
-def sink_size(spec: TransportSpec, width: int, height: int) -> tuple[tuple[int, int], str]:
+def sink_size(spec: TransportSpec, width: int, height: int) -> tuple[tuple[int, int], str, str]:
     """The size a sink of a fixed size opens at: its `size=WxH` option, else the engine's
-    `width` x `height`; and how frames of another size are fitted into it (its `fit` option:
-    letterbox, the default, crop or stretch; see bridge.frames.fitted)."""
+    `width` x `height`; how frames of another size are fitted into it (its `fit` option:
+    letterbox, the default, crop or stretch); and how they are scaled (its `filter` option:
+    bilinear, the default, or nearest). See bridge.frames.fitted."""
     fit = spec.options.get("fit", "letterbox").lower()
     if fit not in FITS:
         raise ValueError(f"{spec}: option fit={spec.options['fit']!r} must be one of {', '.join(FITS)}")
+    scaling = spec.options.get("filter", "bilinear").lower()
+    if scaling not in FILTERS:
+        raise ValueError(f"{spec}: option filter={spec.options['filter']!r} must be one of {', '.join(FILTERS)}")
     if "size" not in spec.options:
-        return (width, height), fit
+        return (width, height), fit, scaling
     raw = spec.options["size"]
     wide, _, high = raw.lower().partition("x")
     if not (wide.isdecimal() and high.isdecimal()):
@@ -142,11 +146,12 @@ def sink_size(spec: TransportSpec, width: int, height: int) -> tuple[tuple[int, 
     if not all(2 <= side <= MAX_SINK_SIDE and side % 2 == 0 for side in size):
         raise ValueError(f"{spec}: option size={raw!r}: width and height must be even numbers from 2 to "
                          f"{MAX_SINK_SIDE} (video encoders and virtual cameras halve the colour resolution)")
-    return size, fit
+    return size, fit, scaling
 
 
-def _fitting(sink: Sink, fit: str) -> Sink:
+def _fitting(sink: Sink, fit: str, scaling: str) -> Sink:
     sink.fit = fit
+    sink.filter = scaling
     return sink
 
 
@@ -159,37 +164,38 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
 
         return NullSink()
     if spec.kind == "file":
-        _check_options(spec, ("codec", "size", "fit"))
+        _check_options(spec, ("codec", "size", "fit", "filter"))
         from .file import FileSink
 
-        (width, height), fit = sink_size(spec, width, height)
+        (width, height), fit, scaling = sink_size(spec, width, height)
         return _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
-                                 codec=spec.options.get("codec")), fit)
+                                 codec=spec.options.get("codec")), fit, scaling)
     if spec.kind == "virtualcam":
-        _check_options(spec, ("backend", "device", "size", "fit"))
+        _check_options(spec, ("backend", "device", "size", "fit", "filter"))
         from .virtualcam import VirtualCamSink
 
-        (width, height), fit = sink_size(spec, width, height)
+        (width, height), fit, scaling = sink_size(spec, width, height)
         return _fitting(VirtualCamSink(width=width, height=height, fps=fps,
                                        device=spec.options.get("device") or spec.target or None,
-                                       backend=spec.options.get("backend")), fit)
+                                       backend=spec.options.get("backend")), fit, scaling)
     if spec.kind == "spout":
         _check_options(spec, ())
         from .spout import SpoutSink
 
         return SpoutSink(name=spec.target)
     if spec.kind == "ndi":
-        _check_options(spec, ("pixel_format", "alpha", "size", "fit"))
+        _check_options(spec, ("pixel_format", "alpha", "size", "fit", "filter"))
         from .ndi import NDISink
 
         options = {"pixel_format": spec.options["pixel_format"]} if "pixel_format" in spec.options else {}
         if "alpha" in spec.options:
             options["alpha"] = _option(spec, "alpha", bool, False)
-        if "fit" in spec.options and "size" not in spec.options:
-            raise ValueError(f"{spec}: fit needs size=WxH (without a size the sender takes each frame's own)")
-        (width, height), fit = sink_size(spec, width, height)
+        for name in ("fit", "filter"):
+            if name in spec.options and "size" not in spec.options:
+                raise ValueError(f"{spec}: {name} needs size=WxH (without a size the sender takes each frame's own)")
+        (width, height), fit, scaling = sink_size(spec, width, height)
         return _fitting(NDISink(name=spec.target, width=width, height=height, frame_rate=fps,
-                                follow_size="size" not in spec.options, **options), fit)
+                                follow_size="size" not in spec.options, **options), fit, scaling)
     if spec.kind == "window":
         _check_options(spec, ("scale",))
         from .window import WindowSink

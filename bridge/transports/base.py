@@ -118,6 +118,8 @@ class Sink(_ClosedOnExit):
     #: how the runtime fits a frame of another size into `format`: "letterbox" (all of it,
     #: between black bars), "crop" (its middle, filling the sink) or "stretch"
     fit: str = "letterbox"
+    #: how the runtime scales it: "bilinear" (smooth) or "nearest" (blocky when enlarging, cheapest)
+    filter: str = "bilinear"
 
     @abc.abstractmethod
     def send(self, frame: Frame) -> None:
