@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                              "camera or NDI source of another size costs the engine (upload, fit, resize)")
     parser.add_argument("--input-fit", choices=INPUT_FITS, default="crop",
                         help="how frames of another aspect ratio are fitted (as run's --input-fit; default crop)")
-    parser.add_argument("--frame-buffer-size", type=int, default=1)
+    parser.add_argument("--frame-buffer-size", type=int, default=1,
+                        help="frames taken and returned per engine call (1..16; fps counts frames, not calls)")
     parser.add_argument("--frames", type=int, default=300, help="measured frames per configuration")
     parser.add_argument("--warmup", type=int, default=20, help="frames run before measuring")
     parser.add_argument("--sequential", action="store_true", help="also run the non-batched path and report the ratio")
