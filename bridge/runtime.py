@@ -1,9 +1,10 @@
-"""The running process: one source, one engine, any number of sinks, three threads between them.
+"""The running process: one source, one engine, any number of sinks, three threads between them
+(capture, inference, output) and one more per sink (its lane: a slow sink holds back only itself).
 
     runtime = Runtime(engine=engine, open_source=lambda: open_source("testpattern"), sinks=[NullSink()])
     with runtime:                       # start(): opens the source, agrees formats, starts threads
         runtime.wait(timeout=10)        # until stopped, the source ended, or a limit is reached
-    # leaving the block stops the threads and closes the source and every sink (within ~1.5 s)
+    # leaving the block stops the threads and closes the source and every sink (within ~2.5 s)
 
 The engine is anything with `engine(rgb_pixels) -> rgb_pixels` of its `config.width` x
 `config.height`, plus `update(**values)` and `set_prompt(prompt, negative_prompt=...)` for the
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 
 from . import openmp
 from .frames import FILTERS, FITS, FrameFormat
+from .lanes import SinkLane, close_lanes
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
 from .telemetry import Telemetry
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FALLBACKS = ("last", "black", "raw")
 JOIN_SECONDS = 1.0  # how long stop() waits for each thread
+LANE_SECONDS = 1.0  # how long stop() waits for the sinks' lanes to send what they hold (bridge.lanes)
 WAIT_STEP_SECONDS = 0.2  # wait() looks at the stop flag and the duration at least this often
 
 
@@ -101,6 +104,13 @@ def engine_values(config) -> dict:
     return values
 
 
+def _close_sink(sink: Sink) -> None:
+    try:
+        sink.close()
+    except Exception:
+        log.exception("closing %s failed", type(sink).__name__)
+
+
 class Runtime:
     """Owns the source it opens and the sinks it is given: `stop()` closes them all."""
 
@@ -154,6 +164,8 @@ class Runtime:
         except BaseException:
             self.stop()  # the sinks were handed over: release them
             raise
+        shared.lanes = [SinkLane(sink, target, self.telemetry, name=f"{index + 1} {type(sink).__name__}")
+                        for index, (sink, target) in enumerate(zip(shared.sinks, shared.sink_formats))]
         targets = [("inference", inference_loop, (shared,)), ("output", OutputLoop(shared).run, ())]
         if source is not None:
             targets.insert(0, ("capture", capture_loop, (shared, self._open_source, source)))
@@ -222,11 +234,12 @@ class Runtime:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not stop in time; releasing anyway", thread.name)
+        # the frames the lanes still hold go out, then each sink closes (one stuck in a send is left)
+        laned = {id(lane.sink) for lane in shared.lanes}
+        close_lanes(shared.lanes, LANE_SECONDS, _close_sink)
         for sink in shared.sinks:
-            try:
-                sink.close()
-            except Exception:
-                log.exception("closing %s failed", type(sink).__name__)
+            if id(sink) not in laned:  # (the source failed to open: no lanes were started)
+                _close_sink(sink)
         self.params.close()
         self.telemetry.state = "stopped"
 

@@ -47,6 +47,7 @@ class Shared:
     # output holds its last frame meanwhile; a deliberate change is not a stall
     updating: threading.Event = field(default_factory=threading.Event)
     updating_since: float = 0.0  # when the current settings change began (time.monotonic)
+    lanes: list = field(default_factory=list)  # a SinkLane per sink, in the sinks' order (bridge.lanes)
     source_ended: threading.Event = field(default_factory=threading.Event)
     inference_done: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -365,7 +366,6 @@ class OutputLoop:
         self._owed = self.REPEAT_OWED  # sends the output's clock is owed (see the class docstring)
         self._owed_time = self._tokens_time
         self._warn = RateLimitedLog(log)
-        self._converted: list[tuple[Frame, Frame] | None] = [None] * len(shared.sinks)
 
     def run(self) -> None:
         shared = self.shared
@@ -452,27 +452,11 @@ class OutputLoop:
         now = time.monotonic()
         self.last_send_time = now
         self._owed = max(-self.BURST, self._clock(now) - 1.0)
-        for index, sink in enumerate(self.shared.sinks):
-            try:
-                sink.send(self._for_sink(index, frame))
-            except Exception as exc:
-                self.shared.telemetry.count("sink_errors")
-                self._warn.warning(f"sink {id(sink)}", "sink %s failed: %s: %s", type(sink).__name__, type(exc).__name__, exc)
+        for lane in self.shared.lanes:  # each sends on its own thread: a slow sink holds back only itself
+            lane.offer(frame)
+            lane.check(now)
         latency_ms = (now - frame.timestamp) * 1000.0 if fresh else None
         stalled = not fresh and now - self.last_fresh_time > self.shared.config.stall_seconds
         if stalled and self.shared.telemetry.state == "running":
             self.shared.telemetry.state = "stalled"
         self.shared.telemetry.frame_out(latency_ms, fallback=stalled)
-
-    def _for_sink(self, index: int, frame: Frame) -> Frame:
-        """`frame` in sink `index`'s format, converted once however often it is repeated."""
-        target = self.shared.sink_formats[index]
-        if target is None or frame.format == target:
-            return frame
-        cached = self._converted[index]
-        if cached is not None and cached[0] is frame:
-            return cached[1]
-        sink = self.shared.sinks[index]
-        converted = convert(frame, target, fit=getattr(sink, "fit", "letterbox"), filter=getattr(sink, "filter", "bilinear"))
-        self._converted[index] = (frame, converted)
-        return converted

@@ -1,0 +1,142 @@
+"""A thread per sink, so that a sink slow or stuck in `send` holds back only itself.
+
+Before, the output thread sent to every sink in turn: an encoder falling behind (a 1080p
+recording on a busy CPU: 45 ms a frame on this project's 2-core test machine), a file on a
+drive that stopped answering, or a virtual camera's driver in a long call slowed or froze the
+picture on every other sink too, the projector's included. Now the output thread hands each
+frame to each sink's lane and goes on; the lane fits it to its sink (`bridge.frames.convert`,
+the bilinear scaling of a sink of another size included) and sends it on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from .frames import Frame, FrameFormat, convert
+from .ratelimit import RateLimitedLog
+from .recovery import describe
+from .transports.base import Sink
+
+log = logging.getLogger(__name__)
+
+#: frames a lane holds for a sink still sending: scheduling jitter loses none; a sink further
+#: behind loses the oldest, counted as "sink_behind"
+QUEUE = 3
+#: a send running this long is reported (once per stuck send; the other sinks go on)
+STUCK_SECONDS = 2.0
+
+
+class SinkLane:
+    """Sends the frames `offer`ed to one sink on a thread of its own, in order, each converted
+    to `target`, the sink's format (None: it takes anything), fitted as the sink's `fit` and
+    `filter` say (a repeat of the last frame is converted once). A send that raises is counted
+    ("sink_errors") and logged, rate-limited; the lane goes on."""
+
+    def __init__(self, sink: Sink, target: FrameFormat | None, telemetry, *, name: str = "") -> None:
+        self.sink = sink
+        self.name = name or type(sink).__name__
+        self._target = target
+        self._telemetry = telemetry
+        self._warn = RateLimitedLog(log)
+        self._queue: deque[Frame] = deque()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._sending_since: float | None = None  # when the send under way began
+        self._reported_stuck = False
+        self._converted: tuple[Frame | None, Frame | None] = (None, None)  # (the last frame, it converted)
+        self.sent = 0  # sends that returned
+        self._thread = threading.Thread(target=self._run, name=f"sdbridge sink {self.name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, frame: Frame) -> None:
+        """Queue `frame` for the sink; never waits for it. The oldest waiting frame makes room."""
+        with self._condition:
+            if self._closing:
+                return
+            if len(self._queue) >= QUEUE:
+                self._queue.popleft()
+                self._telemetry.count("sink_behind")
+            self._queue.append(frame)
+            self._condition.notify()
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the send under way has taken so far (0 when the lane is idle)."""
+        since = self._sending_since
+        return 0.0 if since is None else max(0.0, now - since)
+
+    def check(self, now: float) -> None:
+        """Report a send that has taken STUCK_SECONDS or more, once per send (output thread)."""
+        stuck = self.stuck_for(now)
+        if stuck < STUCK_SECONDS or self._reported_stuck:
+            return
+        self._reported_stuck = True
+        text = f"sink {self.name} has been in one send for {stuck:.1f} s; the other sinks go on"
+        self._telemetry.error(text)
+        log.warning("%s", text)
+
+    def close(self, timeout: float) -> bool:
+        """Send what is queued (for up to `timeout` seconds), then stop the thread. True when it
+        ended; False when a send is still stuck (the thread is left behind, a daemon)."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        self._thread.join(max(0.0, timeout))
+        if self._thread.is_alive():
+            with self._condition:
+                self._queue.clear()  # what the stuck send would still have sent
+            return False
+        return True
+
+    def _next(self) -> Frame | None:
+        with self._condition:
+            while not self._queue and not self._closing:
+                self._condition.wait()
+            return self._queue.popleft() if self._queue else None
+
+    def _run(self) -> None:
+        while (frame := self._next()) is not None:
+            self._sending_since, self._reported_stuck = time.monotonic(), False
+            try:
+                self.sink.send(self._for_sink(frame))
+                self.sent += 1
+            except Exception as exc:  # a sink's fault never ends its lane or the others
+                self._telemetry.count("sink_errors")
+                self._warn.warning("send", "sink %s failed: %s", self.name, describe(exc))
+            finally:
+                self._sending_since = None
+
+    def _for_sink(self, frame: Frame) -> Frame:
+        """`frame` in the sink's format, converted once however often it is repeated."""
+        target = self._target
+        if target is None or frame.format == target:
+            return frame
+        if self._converted[0] is not frame:
+            sink = self.sink
+            self._converted = (frame, convert(frame, target, fit=getattr(sink, "fit", "letterbox"),
+                                              filter=getattr(sink, "filter", "bilinear")))
+        return self._converted[1]
+
+
+def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:
+    """Drain and stop every lane within `timeout` seconds in all, then close each sink whose lane
+    ended (`close_sink`); a sink still stuck in a send is closed on a helper thread, given what
+    is left of the time, and named in the result if that did not return (it is then left as it is:
+    closing it would wait for the stuck send)."""
+    deadline = time.monotonic() + timeout
+    ended = [lane.close(deadline - time.monotonic()) for lane in lanes]
+    stuck = []
+    for lane, done in zip(lanes, ended):
+        if done:
+            close_sink(lane.sink)
+            continue
+        closer = threading.Thread(target=close_sink, args=(lane.sink,), name=f"sdbridge close {lane.name}", daemon=True)
+        closer.start()
+        closer.join(max(0.0, deadline - time.monotonic()))
+        if closer.is_alive():
+            log.warning("sink %s is stuck in a send and could not be closed; left as it is", lane.name)
+            stuck.append(lane.name)
+    return stuck

@@ -1,0 +1,146 @@
+"""Each sink sends on a thread of its own (bridge.lanes): one slow or stuck in `send` (a
+recording falling behind, a file on a drive that stopped answering, a driver in a long call)
+holds back only itself, never the picture on the other sinks."""
+
+import threading
+import time
+
+import numpy as np
+
+from bridge.frames import Frame, FrameFormat
+from bridge.lanes import QUEUE, SinkLane, close_lanes
+from bridge.runtime import Runtime, RuntimeConfig
+from bridge.telemetry import Telemetry, status_line
+from bridge.transports.base import Sink
+from bridge.transports.testpattern import TestPatternSource
+from test_runtime import RecordingSink, StandInEngine
+
+FPS = 30
+
+
+class StuckSink(Sink):
+    """Like a file sink on a drive that stopped answering: from its `stuck_at`-th send on, one
+    send waits until `release` is set (10 s at most); `send` and `close` share a lock, as the
+    real sinks' do, so closing it waits for the stuck send."""
+
+    def __init__(self, stuck_at=3):
+        self.stuck_at, self.calls, self.closed = stuck_at, 0, 0
+        self.release, self.stuck = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+
+    def send(self, frame):
+        with self._lock:
+            self.calls += 1
+            if self.calls == self.stuck_at:
+                self.stuck.set()
+                self.release.wait(10.0)
+
+    def close(self):
+        with self._lock:
+            self.closed += 1
+
+
+class SlowSink(RecordingSink):
+    """An encoder that needs `cost` seconds a frame, more than the output's period."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost = cost
+
+    def send(self, frame):
+        time.sleep(self.cost)
+        super().send(frame)
+
+
+def runtime_with(*sinks, engine_size=64):
+    return Runtime(engine=StandInEngine(size=engine_size, cost=0.005),
+                   open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS),
+                   sinks=list(sinks), config=RuntimeConfig(fps=FPS))
+
+
+def test_a_sink_stuck_in_a_send_holds_back_only_itself():
+    stuck, other = StuckSink(), RecordingSink()
+    runtime = runtime_with(stuck, other)
+    try:
+        runtime.start()
+        assert stuck.stuck.wait(5.0), "the stuck sink never got its third frame"
+        stuck_since = time.monotonic()
+        runtime.wait(timeout=3.0)
+        snapshot = runtime.snapshot()
+        started_stop = time.monotonic()
+        runtime.stop()
+        stop_seconds = time.monotonic() - started_stop
+    finally:
+        stuck.release.set()
+    during = np.array([at for at, _ in other.sent if at > stuck_since + 0.1])
+    # the other sink went on at the output's rate all along: 3 s at 30 fps is 90 sends
+    assert len(during) >= 2 * FPS, f"the other sink got {len(during)} frames in 3 s while one sink was stuck"
+    assert np.diff(during).max() < 0.25, "the other sink's frames paused while one sink was stuck"
+    assert snapshot["sink_behind"] > 0 and snapshot["sink_errors"] == 0
+    assert "sink 1 StuckSink has been in one send for 2.0 s; the other sinks go on" in snapshot["last_error"]
+    # stop did not wait for the stuck send: the other sink is closed, the stuck one left as it was
+    assert stop_seconds < 2.6 and other.closed == 1
+    assert stuck.closed == 0
+    # once the drive answers again, its send returns and the sink is closed after all
+    deadline = time.monotonic() + 5.0
+    while stuck.closed == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stuck.closed == 1
+
+
+def test_a_slow_sink_gets_fewer_frames_in_order_and_the_others_all_of_them():
+    slow, other = SlowSink(cost=0.1), RecordingSink()
+    runtime = runtime_with(slow, other)
+    with runtime:
+        runtime.wait(timeout=2.5)
+    snapshot = runtime.snapshot()
+    assert len(other.sent) >= 2 * FPS, f"{len(other.sent)} frames in 2.5 s at {FPS} fps"
+    # the slow sink sends at its own pace (10 a second), the newest frames, in order
+    assert 10 <= len(slow.sent) <= 30
+    stamps = [frame.timestamp for _, frame in slow.sent]
+    assert stamps == sorted(stamps)
+    assert snapshot["sink_behind"] >= 20 and "sink errors 0 behind" in status_line(snapshot)
+
+
+def test_a_lane_sends_what_it_holds_before_it_closes():
+    """A run that ends (--frames, --duration, Ctrl+C) still gives each sink its last frames:
+    the lanes drain before their sinks close."""
+    telemetry = Telemetry()
+    sink = SlowSink(cost=0.05)
+    lane = SinkLane(sink, None, telemetry)
+    frames = [Frame(np.full((4, 4, 3), value, np.uint8), sequence=value) for value in range(QUEUE + 2)]
+    for frame in frames:
+        lane.offer(frame)  # the first is taken at once; of the rest, the oldest makes room
+    closed = []
+    assert close_lanes([lane], 2.0, closed.append) == []
+    sequences = [frame.sequence for _, frame in sink.sent]
+    assert sequences[-QUEUE:] == [f.sequence for f in frames[-QUEUE:]] and sequences == sorted(sequences)
+    assert closed == [sink] and telemetry.snapshot()["sink_behind"] == len(frames) - len(sequences)
+    lane.offer(frames[0])  # after closing: ignored
+    assert len(sink.sent) == len(sequences)
+
+
+def test_a_lane_converts_for_its_sink_once_per_frame_and_counts_failures():
+    """A sink of its own size gets each frame fitted (as its fit and filter say), a repeat of the
+    same frame converted once; a send that raises is counted and the lane goes on."""
+    telemetry = Telemetry()
+
+    class Flaky(RecordingSink):
+        def send(self, frame):
+            super().send(frame)
+            if len(self.sent) == 2:
+                raise OSError("the device went away for a moment")
+
+    sink = Flaky(FrameFormat(32, 16, "BGRA"))
+    sink.fit, sink.filter = "crop", "nearest"
+    lane = SinkLane(sink, sink.format, telemetry)
+    frame = Frame(np.arange(16, dtype=np.uint8)[:, None, None].repeat(16, 1).repeat(3, 2) * 16)
+    for _ in range(3):
+        lane.offer(frame)
+        time.sleep(0.05)
+    close_lanes([lane], 2.0, lambda sink: None)
+    got = [sent for _, sent in sink.sent]
+    assert len(got) == 3 and got[0] is got[1] is got[2]  # converted once
+    assert got[0].format == FrameFormat(32, 16, "BGRA")
+    assert got[0].pixels[:, 0, 0].tolist() == [v * 16 for v in range(4, 12) for _ in range(2)]  # rows 4..11, twice
+    assert telemetry.snapshot()["sink_errors"] == 1
