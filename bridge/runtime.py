@@ -4,7 +4,7 @@
     runtime = Runtime(engine=engine, open_source=lambda: open_source("testpattern"), sinks=[NullSink()])
     with runtime:                       # start(): opens the source, agrees formats, starts threads
         runtime.wait(timeout=10)        # until stopped, the source ended, or a limit is reached
-    # leaving the block stops the threads and closes the source and every sink (within ~2.5 s)
+    # leaving the block stops the threads and closes the source and every sink (within ~2 s)
 
 The engine is anything with `engine(rgb_pixels) -> rgb_pixels` of its `config.width` x
 `config.height`, plus `update(**values)` and `set_prompt(prompt, negative_prompt=...)` for the
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FALLBACKS = ("last", "black", "raw")
 JOIN_SECONDS = 1.0  # how long stop() waits for each thread
-LANE_SECONDS = 1.0  # how long stop() waits for the sinks' lanes to send what they hold (bridge.lanes)
+LANE_SECONDS = 0.5  # how long stop() waits for the sinks' lanes to send what they hold (bridge.lanes)
 WAIT_STEP_SECONDS = 0.2  # wait() looks at the stop flag and the duration at least this often
 
 

@@ -150,7 +150,7 @@ def status_line(snapshot: dict) -> str:
         f" | latency {_ms(snapshot['latency_ms_median'])} ms"
         f" | skipped {snapshot['frames_skipped']} dropped {snapshot['frames_dropped']}"
         f" bad {snapshot['bad_frames']} lost {snapshot['source_lost']}"
-        + (f" | sink errors {snapshot['sink_errors']} behind {snapshot['sink_behind']}"
+        + (f" | sink errors {snapshot['sink_errors']} missed {snapshot['sink_behind']}"
            if snapshot.get("sink_errors") or snapshot.get("sink_behind") else "")
         + (f" | {snapshot['backend']}" if snapshot.get("backend") else "")
     )

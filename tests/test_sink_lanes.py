@@ -79,7 +79,7 @@ def test_a_sink_stuck_in_a_send_holds_back_only_itself():
     assert snapshot["sink_behind"] > 0 and snapshot["sink_errors"] == 0
     assert "sink 1 StuckSink has been in one send for 2.0 s; the other sinks go on" in snapshot["last_error"]
     # stop did not wait for the stuck send: the other sink is closed, the stuck one left as it was
-    assert stop_seconds < 2.6 and other.closed == 1
+    assert stop_seconds < 2.0 and other.closed == 1
     assert stuck.closed == 0
     # once the drive answers again, its send returns and the sink is closed after all
     deadline = time.monotonic() + 5.0
@@ -99,7 +99,7 @@ def test_a_slow_sink_gets_fewer_frames_in_order_and_the_others_all_of_them():
     assert 10 <= len(slow.sent) <= 30
     stamps = [frame.timestamp for _, frame in slow.sent]
     assert stamps == sorted(stamps)
-    assert snapshot["sink_behind"] >= 20 and "sink errors 0 behind" in status_line(snapshot)
+    assert snapshot["sink_behind"] >= 20 and f"sink errors 0 missed {snapshot['sink_behind']}" in status_line(snapshot)
 
 
 def test_a_lane_sends_what_it_holds_before_it_closes():
