@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bridge import framecode
-from bridge.frames import Frame, resize_nearest, swizzle
+from bridge.frames import Frame, resize, swizzle
 from bridge.runtime import Runtime, RuntimeConfig
 from bridge.transports import TransportUnavailable, open_sink, parse_spec
 from bridge.transports.base import Sink, run_main_thread_work
@@ -154,11 +154,11 @@ def test_the_window_follows_every_size_change(window):
 
 
 @pytest.mark.parametrize("scale", [2.0, 0.5])
-def test_scale_resizes_by_nearest_neighbour(display, scale):
+def test_scale_resizes_smoothly(display, scale):
     rgb = picture(12, 16, seed=3)
     with WindowSink(scale=scale, width=16, height=12) as sink:
         sink.send(Frame(rgb))
-        expected = resize_nearest(rgb, int(16 * scale), int(12 * scale))
+        expected = resize(rgb, int(16 * scale), int(12 * scale), "bilinear")
         assert wait_until(lambda: shows(sink, expected))
         assert sink.shown_picture().shape == (int(12 * scale), int(16 * scale), 3)
 

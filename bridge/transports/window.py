@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from ..frames import Frame, resize_nearest, swizzle
+from ..frames import Frame, resize, swizzle
 from ..slots import LatestSlot
 from .base import Sink, TransportUnavailable, claim_close, needs_main_thread, release_main_thread
 
@@ -91,11 +91,11 @@ def import_tkinter():
 
 def ppm_bytes(pixels: np.ndarray, pixel_format: str, scale: float = 1.0) -> bytes:
     """(H, W, C) pixels in any of the frame pixel formats as a binary PPM (P6) picture, scaled
-    by nearest neighbour; Tk's photo images read PPM natively."""
+    smoothly (bilinear, as the sinks of their own size); Tk's photo images read PPM natively."""
     rgb = swizzle(pixels, pixel_format, "RGB")  # (H, W, 3)
     if scale != 1.0:
         height, width = rgb.shape[:2]
-        rgb = resize_nearest(rgb, max(1, round(width * scale)), max(1, round(height * scale)))
+        rgb = resize(rgb, max(1, round(width * scale)), max(1, round(height * scale)))
     height, width = rgb.shape[:2]
     return b"P6\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(rgb).tobytes()
 
