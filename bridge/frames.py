@@ -123,6 +123,8 @@ def resize_bilinear(pixels: np.ndarray, width: int, height: int, out: np.ndarray
     import torch  # (here: a sink's module loads without torch)
     from torch.nn.functional import interpolate
 
+    if min(pixels.strides) < 0 or not pixels.flags.writeable:  # (torch shares neither: a copy)
+        pixels = np.array(pixels)
     planes = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), a view
     scaled = interpolate(planes, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     if out is None:

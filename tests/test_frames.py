@@ -2,6 +2,7 @@
 
 import threading
 import time
+import warnings
 
 import av
 import numpy as np
@@ -78,10 +79,18 @@ def test_resize_bilinear_is_a_smooth_average_of_its_neighbours(size, channels):
 
 
 def test_resize_bilinear_takes_a_view_of_a_larger_picture():
-    """A crop is a strided view of the frame: scaled as if it were copied out first."""
+    """A crop is a strided view of the frame, a flipped picture one with negative strides, and
+    a frame straight from a receiver's buffer may be read-only: each scaled as if it were
+    copied out first."""
     pixels = np.random.default_rng(6).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     view = pixels[5:35, 10:50]
     assert np.array_equal(resize(view, 80, 60), resize(view.copy(), 80, 60))
+    flipped = pixels[::-1, :, ::-1]
+    assert np.array_equal(resize(flipped, 80, 60), resize(flipped.copy(), 80, 60))
+    read_only = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch warns once about a read-only array it shares)
+        assert np.array_equal(resize(read_only, 80, 60), resize(pixels, 80, 60))
 
 
 def test_convert_fits_another_aspect_ratio_as_asked():
