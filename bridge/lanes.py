@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 QUEUE = 3
 #: a send running this long is reported (once per stuck send; the other sinks go on)
 STUCK_SECONDS = 2.0
+#: at closing, how long a sink still in a send is given to close at least (its lane's wait spent)
+CLOSE_GRACE = 0.1
 
 
 class SinkLane:
@@ -78,12 +80,16 @@ class SinkLane:
         self._telemetry.error(text)
         log.warning("%s", text)
 
-    def close(self, timeout: float) -> bool:
-        """Send what is queued (for up to `timeout` seconds), then stop the thread. True when it
-        ended; False when a send is still stuck (the thread is left behind, a daemon)."""
+    def finish(self) -> None:
+        """Take no more frames: the thread sends what is queued, then ends."""
         with self._condition:
             self._closing = True
             self._condition.notify()
+
+    def close(self, timeout: float) -> bool:
+        """Send what is queued (for up to `timeout` seconds), then stop the thread. True when it
+        ended; False when a send is still stuck (the thread is left behind, a daemon)."""
+        self.finish()
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
             with self._condition:
@@ -122,11 +128,14 @@ class SinkLane:
 
 
 def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:
-    """Drain and stop every lane within `timeout` seconds in all, then close each sink whose lane
-    ended (`close_sink`); a sink still stuck in a send is closed on a helper thread, given what
-    is left of the time, and named in the result if that did not return (it is then left as it is:
-    closing it would wait for the stuck send)."""
+    """Drain and stop every lane within `timeout` seconds in all (side by side), then close each
+    sink whose lane ended (`close_sink`); a sink still in a send is closed on a helper thread,
+    given what is left of the time (CLOSE_GRACE at least), and named in the result if that did
+    not return: it is then left as it is, as closing it would wait for the stuck send (the helper
+    closes it if the send ever returns)."""
     deadline = time.monotonic() + timeout
+    for lane in lanes:
+        lane.finish()
     ended = [lane.close(deadline - time.monotonic()) for lane in lanes]
     stuck = []
     for lane, done in zip(lanes, ended):
@@ -135,7 +144,7 @@ def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sin
             continue
         closer = threading.Thread(target=close_sink, args=(lane.sink,), name=f"sdbridge close {lane.name}", daemon=True)
         closer.start()
-        closer.join(max(0.0, deadline - time.monotonic()))
+        closer.join(max(CLOSE_GRACE, deadline - time.monotonic()))
         if closer.is_alive():
             log.warning("sink %s is stuck in a send and could not be closed; left as it is", lane.name)
             stuck.append(lane.name)

@@ -144,3 +144,29 @@ def test_a_lane_converts_for_its_sink_once_per_frame_and_counts_failures():
     assert got[0].format == FrameFormat(32, 16, "BGRA")
     assert got[0].pixels[:, 0, 0].tolist() == [v * 16 for v in range(4, 12) for _ in range(2)]  # rows 4..11, twice
     assert telemetry.snapshot()["sink_errors"] == 1
+
+
+def test_closing_drains_every_lane_side_by_side_and_names_the_stuck_sink():
+    """One sink stuck in a send does not use up the others' time to send what they hold."""
+    telemetry = Telemetry()
+    stuck, slow = StuckSink(stuck_at=1), SlowSink(cost=0.1)
+    lanes = [SinkLane(stuck, None, telemetry, name="1 StuckSink"), SinkLane(slow, None, telemetry, name="2 SlowSink")]
+    frame = Frame(np.zeros((4, 4, 3), np.uint8))
+    try:
+        for lane in lanes:
+            lane.offer(frame)
+        assert stuck.stuck.wait(2.0)
+        for _ in range(QUEUE - 1):
+            lanes[1].offer(Frame(np.zeros((4, 4, 3), np.uint8)))
+        closed = []
+
+        def close(sink):
+            sink.close()  # (the stuck one's waits for its send, as a real sink's does)
+            closed.append(sink)
+
+        started = time.monotonic()
+        assert close_lanes(lanes, 0.5, close) == ["1 StuckSink"]
+        assert time.monotonic() - started < 1.0
+        assert len(slow.sent) == QUEUE and closed == [slow]  # 0.3 s of sends, all within the 0.5 s
+    finally:
+        stuck.release.set()
