@@ -101,7 +101,7 @@ def measure_runtime_overhead(engine, *, frames: int = 100, warmup: int = 5, inpu
     processed frames through the runtime), overhead_ms (their difference), overhead_ms_rounds
     (the difference per round), runtime_inference_ms (median engine call inside the runtime),
     between_calls_ms (runtime_frame_ms less that call: what the inference loop itself adds),
-    thread_cpu_ms_per_frame (capture/inference/output, with psutil), latency_ms_median /
+    thread_cpu_ms_per_frame (capture/inference/output/the sink's lane, with psutil), latency_ms_median /
     latency_ms_p95 (capture to publish, over every round's frames after its warm-up) and
     latency_budget_ms: the engine's time for the frame
     (stream batch returns a frame `lag` = steps - 1 calls after it went in, so (lag + 1) engine

@@ -40,7 +40,7 @@ def test_bench_writes_every_figure_with_the_sequential_ratio_and_the_runtime_ove
     assert overhead["overhead_ms"] == pytest.approx(overhead["runtime_frame_ms"] - overhead["engine_ms"])
     assert overhead["between_calls_ms"] == pytest.approx(overhead["runtime_frame_ms"] - overhead["runtime_inference_ms"])
     assert len(overhead["overhead_ms_rounds"]) == overhead["rounds"]
-    assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
+    assert set(overhead["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output", "sink 1 NullSink"}
     assert overhead["thread_cpu_ms_per_frame"]["inference"] > 0
     assert "through the runtime" in result.stdout and "alternating rounds" in result.stdout
     assert batched["profile"]["frames"] == 2 and batched["profile"]["by_kind"] and "profile" not in sequential
@@ -83,7 +83,7 @@ def test_runtime_overhead_alternates_rounds_and_accounts_each_thread():
     assert figures["source_fps"] == 30.0
     # lag 0 (one step): the budget is one engine call plus one input period
     assert figures["latency_budget_ms"] == pytest.approx(figures["engine_ms"] + 1000.0 / 30.0)
-    assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output"}
+    assert set(figures["thread_cpu_ms_per_frame"]) == {"capture", "inference", "output", "sink 1 NullSink"}
 
 
 def run_script(script: str, out, *args: str, timeout: float = 120):
