@@ -1,8 +1,7 @@
 """What fitting the engine's picture into a sink of another size or pixel format costs the output
 thread, per frame (`bridge.frames.convert`, as the runtime calls it once per frame and sink):
 e.g. `--sink "virtualcam?size=1280x720&fit=crop"` from a 512x512 engine, with each `filter`.
-CPU only: nearest is numpy on one thread, bilinear torch's 8-bit kernels on its CPU threads (as
-the runtime runs it; their number is recorded).
+CPU only, one thread (as each sink's lane runs it): nearest is numpy's, bilinear Pillow's.
 
     python3 bench/sink_convert.py [--size 512] [--frames 200] [--json OUT.json]
 """
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import PIL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,7 +59,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "commit": _commit(), "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "numpy": np.__version__, "pillow": PIL.__version__,
             "engine_size": args.size, "frames": args.frames,
             "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
     print(f"{args.size}x{args.size} RGB into        filter     median ms   p95 ms")

@@ -113,24 +113,27 @@ def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def resize_bilinear(pixels: np.ndarray, width: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize of (H, W, C) uint8 pixels, antialiased when shrinking (each output pixel
-    then averages the input pixels it covers), with torch's 8-bit kernels on the CPU (512x512
-    into 1280x720 in about 4 ms on this project's 2-core test machine, against 7 to 13 for
-    Pillow's). `out`: an (height, width, C) array, a view of a larger one allowed, to write
-    into (a letterbox's canvas: one copy fewer)."""
-    in_height, in_width = pixels.shape[:2]
+    then averages the input pixels it covers), with Pillow's 8-bit resampling: on the calling
+    thread alone, without holding the GIL, and without an OpenMP pool (torch's kernels, twice
+    as fast on 2 cores, would start one in every sink's thread, and idle pools beside the
+    inference thread's slow a CPU engine down; bridge/openmp.py). `out`: an (height, width, C)
+    array to write into, a view of a larger one allowed (a letterbox's canvas). A new,
+    writable array otherwise."""
+    in_height, in_width, channels = pixels.shape
     if (in_width, in_height) == (width, height) and out is None:
         return pixels
-    import torch  # (here: a sink's module loads without torch)
-    from torch.nn.functional import interpolate
+    from PIL import Image  # (here: only a resize needs it)
 
-    if min(pixels.strides) < 0 or not pixels.flags.writeable:  # (torch shares neither: a copy)
-        pixels = np.array(pixels)
-    planes = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), a view
-    scaled = interpolate(planes, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    mode = _PIL_MODES[channels]
+    source = Image.frombuffer(mode, (in_width, in_height), np.ascontiguousarray(pixels), "raw", mode, 0, 1)
+    scaled = source.resize((width, height), Image.Resampling.BILINEAR)
     if out is None:
-        return scaled[0].permute(1, 2, 0).contiguous().numpy()
-    torch.from_numpy(out).copy_(scaled[0].permute(1, 2, 0))
+        out = np.empty((height, width, channels), np.uint8)
+    out[...] = np.frombuffer(scaled.tobytes(), np.uint8).reshape(height, width, channels)
     return out
+
+
+_PIL_MODES = {3: "RGB", 4: "RGBX"}  # (RGBX: the fourth channel resampled like the others, not premultiplied)
 
 
 def fitted(pixels: np.ndarray, width: int, height: int, fit: str, *, zoom: float = 1.0,

@@ -89,7 +89,7 @@ def test_resize_bilinear_takes_a_view_of_a_larger_picture():
     assert np.array_equal(resize(flipped, 80, 60), resize(flipped.copy(), 80, 60))
     read_only = np.frombuffer(pixels.tobytes(), np.uint8).reshape(pixels.shape)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (torch warns once about a read-only array it shares)
+        warnings.simplefilter("error")  # (no library's warning about sharing read-only memory either)
         assert np.array_equal(resize(read_only, 80, 60), resize(pixels, 80, 60))
 
 
