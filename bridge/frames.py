@@ -114,7 +114,7 @@ def resize_nearest(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 def resize_bilinear(pixels: np.ndarray, width: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize of (H, W, C) uint8 pixels, antialiased when shrinking (each output pixel
     then averages the input pixels it covers), with Pillow's 8-bit resampling: on the calling
-    thread alone, without holding the GIL, and without an OpenMP pool (torch's kernels, twice
+    thread alone, without holding the GIL, and without an OpenMP pool (torch's kernels, 2.5 times
     as fast on 2 cores, would start one in every sink's thread, and idle pools beside the
     inference thread's slow a CPU engine down; bridge/openmp.py). `out`: an (height, width, C)
     array to write into, a view of a larger one allowed (a letterbox's canvas). A new,
