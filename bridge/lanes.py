@@ -24,7 +24,7 @@ from .transports.base import Sink
 log = logging.getLogger(__name__)
 
 #: frames a lane holds for a sink still sending: scheduling jitter loses none; a sink further
-#: behind loses the oldest, counted as "sink_behind"
+#: behind loses the oldest, counted as "sink_missed"
 QUEUE = 3
 #: a send running this long is reported (once per stuck send; the other sinks go on)
 STUCK_SECONDS = 2.0
@@ -61,7 +61,7 @@ class SinkLane:
                 return
             if len(self._queue) >= QUEUE:
                 self._queue.popleft()
-                self._telemetry.count("sink_behind")
+                self._telemetry.count("sink_missed")
             self._queue.append(frame)
             self._condition.notify()
 

@@ -360,5 +360,5 @@ def format_summary(summary: dict) -> str:
         f"latency (capture to publish): median {ms('latency_ms_median')}, p95 {ms('latency_ms_p95')}",
         f"skipped {summary['frames_skipped']}, dropped {summary['frames_dropped']}, bad {summary['bad_frames']}, "
         f"source lost {summary['source_lost']}, sink errors {summary['sink_errors']}, "
-        f"missed by slow sinks {summary.get('sink_behind', 0)}",
+        f"missed by slow sinks {summary.get('sink_missed', 0)}",
     ])

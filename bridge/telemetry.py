@@ -18,7 +18,7 @@ COUNTERS = (
     "bad_frames",  # frames the engine failed on or returned unusable (non-finite caught included)
     "source_lost",  # times the source went away
     "sink_errors",  # sends that raised
-    "sink_behind",  # frames a sink never got: its earlier sends were still running (bridge.lanes)
+    "sink_missed",  # frames a sink never got: its earlier sends were still running (bridge.lanes)
     "fallback_frames",  # frames sent from the fallback (stalled source or engine)
     "rollbacks",  # times the engine was put back to the last configuration that produced a good frame
 )
@@ -150,7 +150,7 @@ def status_line(snapshot: dict) -> str:
         f" | latency {_ms(snapshot['latency_ms_median'])} ms"
         f" | skipped {snapshot['frames_skipped']} dropped {snapshot['frames_dropped']}"
         f" bad {snapshot['bad_frames']} lost {snapshot['source_lost']}"
-        + (f" | sink errors {snapshot['sink_errors']} missed {snapshot['sink_behind']}"
-           if snapshot.get("sink_errors") or snapshot.get("sink_behind") else "")
+        + (f" | sink errors {snapshot['sink_errors']} missed {snapshot['sink_missed']}"
+           if snapshot.get("sink_errors") or snapshot.get("sink_missed") else "")
         + (f" | {snapshot['backend']}" if snapshot.get("backend") else "")
     )

@@ -76,7 +76,7 @@ def test_a_sink_stuck_in_a_send_holds_back_only_itself():
     # the other sink went on at the output's rate all along: 3 s at 30 fps is 90 sends
     assert len(during) >= 2 * FPS, f"the other sink got {len(during)} frames in 3 s while one sink was stuck"
     assert np.diff(during).max() < 0.25, "the other sink's frames paused while one sink was stuck"
-    assert snapshot["sink_behind"] > 0 and snapshot["sink_errors"] == 0
+    assert snapshot["sink_missed"] > 0 and snapshot["sink_errors"] == 0
     assert "sink 1 StuckSink has been in one send for 2.0 s; the other sinks go on" in snapshot["last_error"]
     # stop did not wait for the stuck send: the other sink is closed, the stuck one left as it was
     assert stop_seconds < 2.0 and other.closed == 1
@@ -99,7 +99,7 @@ def test_a_slow_sink_gets_fewer_frames_in_order_and_the_others_all_of_them():
     assert 10 <= len(slow.sent) <= 30
     stamps = [frame.timestamp for _, frame in slow.sent]
     assert stamps == sorted(stamps)
-    assert snapshot["sink_behind"] >= 20 and f"sink errors 0 missed {snapshot['sink_behind']}" in status_line(snapshot)
+    assert snapshot["sink_missed"] >= 20 and f"sink errors 0 missed {snapshot['sink_missed']}" in status_line(snapshot)
 
 
 def test_a_lane_sends_what_it_holds_before_it_closes():
@@ -115,7 +115,7 @@ def test_a_lane_sends_what_it_holds_before_it_closes():
     assert close_lanes([lane], 2.0, closed.append) == []
     sequences = [frame.sequence for _, frame in sink.sent]
     assert sequences[-QUEUE:] == [f.sequence for f in frames[-QUEUE:]] and sequences == sorted(sequences)
-    assert closed == [sink] and telemetry.snapshot()["sink_behind"] == len(frames) - len(sequences)
+    assert closed == [sink] and telemetry.snapshot()["sink_missed"] == len(frames) - len(sequences)
     lane.offer(frames[0])  # after closing: ignored
     assert len(sink.sent) == len(sequences)
 

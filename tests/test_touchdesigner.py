@@ -243,7 +243,8 @@ def test_command_text_quotes_names():
 
 def full_snapshot():
     return {"state": "paused", "processed_fps": 29.5, "output_fps": 30.0, "inference_ms_median": 12.5,
-            "latency_ms_median": 40.0, "frames_skipped": 3, "frames_dropped": 1, "osc_refused": 2, "last_error": "x: bad",
+            "latency_ms_median": 40.0, "frames_skipped": 3, "frames_dropped": 1, "osc_refused": 2, "sink_errors": 0,
+            "sink_missed": 4, "last_error": "x: bad",
             "backend": "compiled+step graph"}
 
 

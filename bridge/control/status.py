@@ -10,6 +10,8 @@
     /sd/status/state          i  0 starting, 1 running, 2 paused, 3 source lost, 4 stopping, 5 stopped, 6 stalled, 7 updating, -1 other
     /sd/status/state_name     s  the same as text
     /sd/status/osc_refused    i  OSC messages refused so far (malformed, unknown, out of the allow-list ...)
+    /sd/status/sink_errors    i  sends to a sink that failed (total)
+    /sd/status/sink_missed    i  frames a sink never got because its earlier sends were still running (total)
     /sd/status/error          s  the latest error, when there is one
     /sd/status/backend        s  what runs the frames, e.g. "compiled+step graph", "eager (fallback from tensorrt)"
 
@@ -39,6 +41,8 @@ FIGURES = (
     ("frames_skipped", "frames_skipped", int),
     ("frames_dropped", "frames_dropped", int),
     ("osc_refused", "osc_refused", int),
+    ("sink_errors", "sink_errors", int),
+    ("sink_missed", "sink_missed", int),
 )
 
 
