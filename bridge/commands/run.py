@@ -112,8 +112,12 @@ def register(subparsers) -> None:
         description="Run the live effect. Settings come from --config (TOML) and flags; flags win.",
     )
     parser.add_argument("--config", help="TOML file with the same settings (flags override it)")
-    parser.add_argument("--source", help="where frames come from (default testpattern)")
-    parser.add_argument("--sink", action="append", help="where frames go; repeat for several")
+    parser.add_argument("--source", help="where frames come from: testpattern (the default), camera:N or camera:NAME, video:FILE, "
+                                         "ndi:NAME, spout:NAME, syphon:NAME; options after ?, e.g. video:clip.mp4?loop=1")
+    parser.add_argument("--sink", action="append",
+                        help="where frames go: virtualcam, spout:NAME, syphon:NAME, ndi:NAME, file:out.mp4, window, "
+                             "null; options after ?, e.g. virtualcam?size=1280x720&fit=crop&filter=nearest "
+                             "(README: sinks); repeat for several")
     parser.add_argument("--stop-on-stdin-eof", dest="stop_on_stdin_eof", action="store_true",
                         help="stop (exactly as on SIGTERM, also while the model loads) when standard input "
                              "ends: for a program that starts the bridge with a pipe as its input and closes "
