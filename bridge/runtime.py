@@ -254,6 +254,11 @@ class Runtime:
     def snapshot(self) -> dict:
         return self.telemetry.snapshot()
 
+    def sinks_sent(self) -> list[tuple[str, int]]:
+        """(name, frames it took) for each sink, in order ("1 FileSink"): what each really got,
+        as a slow sink gets fewer than the output sent."""
+        return [(lane.name, lane.sent) for lane in self._shared.lanes]
+
     def __enter__(self) -> "Runtime":
         self.start()
         return self

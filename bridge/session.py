@@ -189,6 +189,7 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
         summary = runtime.snapshot()
         summary["seconds"] = time.monotonic() - started
         summary["stragglers"] = runtime.stragglers(STRAGGLER_SECONDS)
+        summary["sinks"] = runtime.sinks_sent()
         return summary
 
 
@@ -361,4 +362,6 @@ def format_summary(summary: dict) -> str:
         f"skipped {summary['frames_skipped']}, dropped {summary['frames_dropped']}, bad {summary['bad_frames']}, "
         f"source lost {summary['source_lost']}, sink errors {summary['sink_errors']}, "
         f"missed by slow sinks {summary.get('sink_missed', 0)}",
+        *([f"frames each sink took: {', '.join(f'{name} {sent}' for name, sent in summary['sinks'])}"]
+          if summary.get("sinks") else []),
     ])

@@ -183,6 +183,8 @@ def test_txt2img_runs_from_the_prompt_alone_paced_to_the_output_rate(tmp_path):
             pictures.append(next(container.decode(video=0)).to_ndarray(format="rgb24"))
     assert len(pictures) >= 12 and pictures[0].shape == (64, 64, 3)
     assert len({picture.tobytes() for picture in pictures}) > 1  # new pictures, not one repeated
+    # the summary says what each sink took: here every picture written
+    assert f"frames each sink took: 1 FileSink {len(pictures)}" in result.stdout, result.stdout
 
 
 @pytest.mark.slow
