@@ -30,16 +30,30 @@ QUEUE = 3
 STUCK_SECONDS = 2.0
 #: at closing, how long a sink still in a send is given to close at least (its lane's wait spent)
 CLOSE_GRACE = 0.1
+#: a sink whose sends have all failed for this long is closed and opened again by its name (a
+#: Spout sender whose GL context a GPU driver reset took, a virtual camera's driver restarted)
+REOPEN_AFTER = 2.0
+#: seconds between tries to open it again while that fails (doubling up to the second value)
+REOPEN_BACKOFF = (1.0, 10.0)
 
 
 class SinkLane:
     """Sends the frames `offer`ed to one sink on a thread of its own, in order, each converted
     to `target`, the sink's format (None: it takes anything), fitted as the sink's `fit` and
     `filter` say (a repeat of the last frame is converted once). A send that raises is counted
-    ("sink_errors") and logged, rate-limited; the lane goes on."""
+    ("sink_errors") and logged, rate-limited; the lane goes on. With `reopen` (a new sink of the
+    same name, as `open_sink` makes it), a sink whose sends have all failed for REOPEN_AFTER
+    seconds is closed and replaced, tried again with backoff while that fails; frames meanwhile
+    count as failed sends."""
 
-    def __init__(self, sink: Sink, target: FrameFormat | None, telemetry, *, name: str = "") -> None:
-        self.sink = sink
+    def __init__(self, sink: Sink, target: FrameFormat | None, telemetry, *, name: str = "",
+                 reopen: Callable[[], Sink] | None = None) -> None:
+        self.sink: Sink | None = sink  # None while a reopen has failed
+        self._reopen = reopen
+        self._failing_since: float | None = None  # when the current run of failed sends began
+        self._next_reopen = 0.0
+        self._backoff = REOPEN_BACKOFF[0]
+        self.reopened = 0  # times the sink was replaced
         self.name = name or type(sink).__name__
         self._target = target
         self._telemetry = telemetry
@@ -107,13 +121,47 @@ class SinkLane:
         while (frame := self._next()) is not None:
             self._sending_since, self._reported_stuck = time.monotonic(), False
             try:
+                if self.sink is None:
+                    raise RuntimeError("not open (opening it again failed)")
                 self.sink.send(self._for_sink(frame))
                 self.sent += 1
+                self._failing_since, self._backoff = None, REOPEN_BACKOFF[0]
             except Exception as exc:  # a sink's fault never ends its lane or the others
                 self._telemetry.count("sink_errors")
                 self._warn.warning("send", "sink %s failed: %s", self.name, describe(exc))
+                self._after_failure(time.monotonic())
             finally:
                 self._sending_since = None
+
+    def _after_failure(self, now: float) -> None:
+        """Open the sink again once its sends have all failed for REOPEN_AFTER seconds, and
+        again after each backoff while that fails."""
+        if self._failing_since is None:
+            self._failing_since = now
+        failing = now - self._failing_since
+        if self._reopen is None or failing < REOPEN_AFTER or now < self._next_reopen:
+            return
+        old, self.sink = self.sink, None
+        if old is not None:  # on a helper thread: a close that hangs must not hold this lane
+            closer = threading.Thread(target=_close_quietly, args=(old,), name=f"sdbridge close {self.name}", daemon=True)
+            closer.start()
+            closer.join(REOPEN_BACKOFF[0])
+        try:
+            sink = self._reopen()
+        except Exception as exc:
+            self._next_reopen = now + self._backoff
+            text = (f"sink {self.name} failed for {failing:.1f} s and could not be opened again "
+                    f"({describe(exc)}); next try in {self._backoff:g} s")
+            self._backoff = min(self._backoff * 2, REOPEN_BACKOFF[1])
+            self._telemetry.error(text)
+            log.warning("%s", text)
+            return
+        self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
+        self._failing_since, self._backoff = None, REOPEN_BACKOFF[0]
+        self.reopened += 1
+        text = f"sink {self.name} failed for {failing:.1f} s: opened it again"
+        self._telemetry.error(text)
+        log.warning("%s", text)
 
     def _for_sink(self, frame: Frame) -> Frame:
         """`frame` in the sink's format, converted once however often it is repeated."""
@@ -125,6 +173,13 @@ class SinkLane:
             self._converted = (frame, convert(frame, target, fit=getattr(sink, "fit", "letterbox"),
                                               filter=getattr(sink, "filter", "bilinear")))
         return self._converted[1]
+
+
+def _close_quietly(sink: Sink) -> None:
+    try:
+        sink.close()
+    except Exception as exc:  # it failed already; closing it is only to release what it held
+        log.debug("closing a failed sink: %s", describe(exc))
 
 
 def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:
@@ -139,6 +194,8 @@ def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sin
     ended = [lane.close(deadline - time.monotonic()) for lane in lanes]
     stuck = []
     for lane, done in zip(lanes, ended):
+        if lane.sink is None:  # (its reopening failed: nothing open)
+            continue
         if done:
             close_sink(lane.sink)
             continue

@@ -123,7 +123,10 @@ class Runtime:
         config: RuntimeConfig = RuntimeConfig(),
         params: ParameterStore | None = None,
         telemetry: Telemetry | None = None,
+        reopen_sinks: Sequence[Callable[[], Sink] | None] | None = None,
     ) -> None:
+        """`reopen_sinks`: for each sink, how to open it again (by its name) once its sends have
+        all failed for a while (bridge.lanes); None or a None entry: never reopened."""
         engine_config = engine.config
         self.engine_format = FrameFormat(engine_config.width, engine_config.height, "RGB")
         self.config = config
@@ -133,6 +136,9 @@ class Runtime:
 
         self.telemetry.backend = backend_label(engine)
         self._open_source = open_source
+        self._reopen_sinks = list(reopen_sinks) if reopen_sinks is not None else [None] * len(sinks)
+        if len(self._reopen_sinks) != len(sinks):
+            raise ValueError(f"reopen_sinks: {len(self._reopen_sinks)} given for {len(sinks)} sinks")
         self._shared = Shared(
             engine=engine, engine_format=self.engine_format, sinks=list(sinks),
             sink_formats=agree_formats(self.engine_format, sinks), params=self.params,
@@ -164,8 +170,9 @@ class Runtime:
         except BaseException:
             self.stop()  # the sinks were handed over: release them
             raise
-        shared.lanes = [SinkLane(sink, target, self.telemetry, name=f"{index + 1} {type(sink).__name__}")
-                        for index, (sink, target) in enumerate(zip(shared.sinks, shared.sink_formats))]
+        shared.lanes = [SinkLane(sink, target, self.telemetry, name=f"{index + 1} {type(sink).__name__}", reopen=reopen)
+                        for index, (sink, target, reopen)
+                        in enumerate(zip(shared.sinks, shared.sink_formats, self._reopen_sinks))]
         targets = [("inference", inference_loop, (shared,)), ("output", OutputLoop(shared).run, ())]
         if source is not None:
             targets.insert(0, ("capture", capture_loop, (shared, self._open_source, source)))
@@ -235,10 +242,10 @@ class Runtime:
             if thread.is_alive():
                 log.warning("%s did not stop in time; releasing anyway", thread.name)
         # the frames the lanes still hold go out, then each sink closes (one stuck in a send is left)
-        laned = {id(lane.sink) for lane in shared.lanes}
-        close_lanes(shared.lanes, LANE_SECONDS, _close_sink)
-        for sink in shared.sinks:
-            if id(sink) not in laned:  # (the source failed to open: no lanes were started)
+        if shared.lanes:
+            close_lanes(shared.lanes, LANE_SECONDS, _close_sink)
+        else:  # (the source failed to open: no lanes were started)
+            for sink in shared.sinks:
                 _close_sink(sink)
         self.params.close()
         self.telemetry.state = "stopped"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import functools
 import gc
 import logging
 import os
@@ -327,7 +328,10 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: Par
 
     config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
                            duration=settings.duration)
-    runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store)
+    width, height = engine.config.width, engine.config.height  # what the sinks were opened for
+    reopen = [functools.partial(open_sink, spec, width=width, height=height, fps=settings.fps) for spec in settings.sink]
+    runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store,
+                      reopen_sinks=reopen)
     runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})
     return runtime
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from bridge.frames import Frame, FrameFormat
 from bridge.lanes import QUEUE, SinkLane, close_lanes
@@ -170,3 +171,93 @@ def test_closing_drains_every_lane_side_by_side_and_names_the_stuck_sink():
         assert len(slow.sent) == QUEUE and closed == [slow]  # 0.3 s of sends, all within the 0.5 s
     finally:
         stuck.release.set()
+
+
+class BrokenAfter(RecordingSink):
+    """Like a Spout sender after a GPU driver reset took its GL context: every send from the
+    `broken_at`-th on raises, until a new sink is opened."""
+
+    def __init__(self, broken_at=None, format=None):
+        super().__init__(format)
+        self.broken_at = broken_at
+
+    def send(self, frame):
+        if self.broken_at is not None and len(self.sent) >= self.broken_at:
+            raise RuntimeError("Spout sender stopped: the OpenGL context was lost")
+        super().send(frame)
+
+
+def offer_for(lane, seconds, rate=100):
+    """Offer a new 4x4 frame `rate` times a second for `seconds` (bounded)."""
+    for index in range(int(seconds * rate)):
+        lane.offer(Frame(np.full((4, 4, 3), index % 256, np.uint8), sequence=index))
+        time.sleep(1.0 / rate)
+
+
+def test_a_sink_whose_sends_all_fail_is_opened_again_by_its_name(monkeypatch, caplog):
+    import bridge.lanes as lanes
+
+    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
+    telemetry = Telemetry()
+    broken = BrokenAfter(broken_at=5)
+    opened = []
+
+    def reopen():
+        opened.append(BrokenAfter())
+        return opened[-1]
+
+    lane = SinkLane(broken, None, telemetry, name="1 SpoutSink", reopen=reopen)
+    offer_for(lane, 1.2)
+    close_lanes([lane], 1.0, lambda sink: sink.close())
+    assert len(broken.sent) == 5 and broken.closed == 1  # the broken one closed when replaced
+    assert len(opened) == 1 and len(opened[0].sent) >= 30 and opened[0].closed == 1  # the new one took the rest
+    snapshot = telemetry.snapshot()
+    assert 10 <= snapshot["sink_errors"] <= 60 and lane.reopened == 1  # about 0.3 s of failed sends at 100 a second
+    assert snapshot["last_error"].startswith("sink 1 SpoutSink failed for 0.3 s: opened it again")
+    assert "sink 1 SpoutSink failed: RuntimeError: Spout sender stopped" in caplog.text  # what failed, logged
+
+
+def test_a_sink_that_cannot_be_opened_again_is_tried_with_backoff(monkeypatch, caplog):
+    import bridge.lanes as lanes
+
+    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.1)
+    monkeypatch.setattr(lanes, "REOPEN_BACKOFF", (0.2, 0.4))
+    telemetry = Telemetry()
+    tries = []
+
+    def reopen():  # the driver is still away twice, then back
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise OSError("no such device")
+        return RecordingSink()
+
+    lane = SinkLane(BrokenAfter(broken_at=0), None, telemetry, name="1 VirtualCamSink", reopen=reopen)
+    offer_for(lane, 1.5)
+    close_lanes([lane], 1.0, lambda sink: sink.close())
+    assert len(tries) == 3 and lane.reopened == 1 and len(lane.sink.sent) >= 20
+    gaps = np.diff(tries)
+    assert 0.18 <= gaps[0] < 0.35 and 0.38 <= gaps[1] < 0.6  # the backoff doubled
+    assert "could not be opened again (OSError: no such device); next try in 0.2 s" in caplog.text
+    assert "could not be opened again (OSError: no such device); next try in 0.4 s" in caplog.text
+    assert telemetry.snapshot()["last_error"].endswith("s: opened it again")
+
+
+def test_a_runtime_reopens_a_failing_sink_while_the_others_go_on(monkeypatch):
+    import bridge.lanes as lanes
+
+    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
+    broken, other, replacements = BrokenAfter(broken_at=3), RecordingSink(), []
+
+    def reopen():
+        replacements.append(RecordingSink())
+        return replacements[-1]
+
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS),
+                      sinks=[broken, other], config=RuntimeConfig(fps=FPS), reopen_sinks=[reopen, None])
+    with runtime:
+        runtime.wait(timeout=2.0)
+    assert len(replacements) == 1 and len(replacements[0].sent) >= FPS  # the rest of the 2 s
+    assert len(other.sent) >= 40 and broken.closed == 1 and replacements[0].closed == 1
+    with pytest.raises(ValueError, match="reopen_sinks: 1 given for 2 sinks"):
+        Runtime(engine=StandInEngine(), open_source=None, sinks=[broken, other], reopen_sinks=[None])
