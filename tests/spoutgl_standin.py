@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import types
+import weakref
 
 import numpy as np
 
@@ -35,6 +36,16 @@ thread_violations: list[str] = []
 gl_contexts_open = 0
 
 
+_owners: weakref.WeakSet = weakref.WeakSet()  # every sender and receiver made, while it lives
+
+
+def lose_gl_contexts() -> None:
+    """What a GPU driver reset does to every OpenGL context open now: each sender made so far
+    fails its sendImage from here on (returns False, as SpoutGL's does); new ones work."""
+    for owner in list(_owners):
+        owner.lost = True
+
+
 def reset() -> None:
     global gl_contexts_open
     with _lock:
@@ -46,6 +57,8 @@ def reset() -> None:
 class _GLOwner:
     def __init__(self) -> None:
         self._gl_thread = None
+        self.lost = False  # see lose_gl_contexts
+        _owners.add(self)
 
     def _check_thread(self, method: str) -> None:
         if self._gl_thread is not None and threading.get_ident() != self._gl_thread:
@@ -111,7 +124,7 @@ class SpoutSender(_GLOwner):
             raise BufferError("Buffer not large enough")
         if not view.c_contiguous:
             raise BufferError("Buffer must be contiguous")
-        if self.name is None:
+        if self.name is None or self.lost:
             return False
         with _lock:
             entry = senders[self.name]

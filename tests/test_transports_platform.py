@@ -168,6 +168,37 @@ def test_spout_sink_converts_a_repeated_frame_once(spout, monkeypatch):
     assert len(conversions) == 2
 
 
+def test_a_spout_sender_whose_gl_context_was_lost_is_opened_again(spout, monkeypatch):
+    """After a GPU driver reset (Windows' TDR, under a diffusion model's load on the same GPU)
+    every sendImage fails: the runtime closes the sender and opens a new one of the same name,
+    and receivers get pictures again."""
+    import functools
+
+    import bridge.lanes as lanes
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.transports.testpattern import TestPatternSource
+    from test_runtime import StandInEngine
+
+    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
+    open_again = functools.partial(open_sink, "spout:after-reset", width=32, height=32)
+    runtime = Runtime(engine=StandInEngine(size=32, cost=0.005), open_source=lambda: TestPatternSource(width=32, height=32),
+                      sinks=[open_again()], config=RuntimeConfig(fps=30), reopen_sinks=[open_again])
+
+    def frames_published():
+        with spoutgl_standin._lock:
+            return spoutgl_standin.senders.get("after-reset", {}).get("frame", 0)
+
+    with runtime:
+        assert wait_for(lambda: frames_published() >= 5)
+        spoutgl_standin.lose_gl_contexts()
+        lane = runtime._shared.lanes[0]
+        assert wait_for(lambda: lane.reopened == 1, 3.0), "the sender was never opened again"
+        assert wait_for(lambda: frames_published() >= 5)  # the new sender's own count
+        snapshot = runtime.snapshot()
+    assert snapshot["sink_errors"] >= 3
+    assert "sink 1 SpoutSink failed for" in snapshot["last_error"] and "opened it again" in snapshot["last_error"]
+
+
 def test_a_spoutgl_error_is_reported_by_the_sink_and_the_receiver_reopens(spout, monkeypatch):
     """One failing SpoutGL call used to end the worker thread silently: the sink then dropped every
     frame without a word and the source returned nothing forever, never reconnecting."""

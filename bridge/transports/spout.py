@@ -68,15 +68,18 @@ class SpoutSink(WorkerSink):
         return sender
 
     def _send_loop(self, sender, stop: threading.Event) -> None:
-        """Publishes each frame; a frame SpoutGL fails on is kept in `_failed` for the next
-        `send` to raise, and the sender goes on with the next one."""
+        """Publishes each frame; a frame SpoutGL fails on (an exception, or sendImage returning
+        False: the sender or its OpenGL context is gone, as after a GPU driver reset) is kept in
+        `_failed` for the next `send` to raise, and the sender goes on with the next one (the
+        runtime opens a new sender once every send has failed for a while: bridge.lanes)."""
         gl_bgra = self._spoutgl.enums.GL_BGRA_EXT
         try:
             for frame in self._queued(stop):
                 try:
                     pixels = np.ascontiguousarray(frame.pixels)  # (H, W, 4) BGRA
-                    if sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
-                        self.frames_sent += 1
+                    if not sender.sendImage(pixels, frame.width, frame.height, gl_bgra, False, 0):
+                        raise RuntimeError("sendImage failed (the sender or its OpenGL context is gone)")
+                    self.frames_sent += 1
                     sender.setFrameSync(self.name)
                 except Exception as exc:
                     self._failed = exc
