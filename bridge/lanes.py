@@ -156,6 +156,11 @@ class SinkLane:
             self._telemetry.error(text)
             log.warning("%s", text)
             return
+        with self._condition:
+            closing = self._closing
+        if closing:  # the run stopped meanwhile (close_lanes has let this lane go): not left open
+            _close_quietly(sink)
+            return
         self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
         self._failing_since, self._backoff = None, REOPEN_BACKOFF[0]
         self.reopened += 1
