@@ -6,6 +6,10 @@ drive that stopped answering, or a virtual camera's driver in a long call slowed
 picture on every other sink too, the projector's included. Now the output thread hands each
 frame to each sink's lane and goes on; the lane fits it to its sink (`bridge.frames.convert`,
 the bilinear scaling of a sink of another size included) and sends it on its own thread.
+
+A lane also mends its sink: one whose every send has failed for REOPEN_AFTER seconds (a Spout
+sender after a GPU driver reset, a virtual camera whose driver restarted) is closed and opened
+again by its name, as a lost source is.
 """
 
 from __future__ import annotations
