@@ -20,7 +20,7 @@ from .params import ParameterStore
 from .runtime import Runtime, RuntimeConfig
 from .settings import RunSettings
 from .telemetry import status_line
-from .transports import TransportUnavailable, open_sink, open_source
+from .transports import TransportUnavailable, open_sink, open_source, parse_spec
 from .transports.base import Source, SourceLost
 
 log = logging.getLogger("bridge")
@@ -317,6 +317,18 @@ def _close_all(sinks, source, *others) -> None:
                 log.exception("closing %s failed", type(transport).__name__)
 
 
+#: sinks opened again by name once every send has failed for a while (bridge.lanes): not a file
+#: (opening it again would start the recording over), nor a window (closed, it stays closed)
+REOPENED_SINKS = ("virtualcam", "spout", "syphon", "ndi")
+
+
+def sink_reopeners(specs, *, width: int, height: int, fps: float) -> list:
+    """For each sink named in `specs`, opened for width x height: how to open it again by its
+    name (None for the kinds not in REOPENED_SINKS)."""
+    return [functools.partial(open_sink, spec, width=width, height=height, fps=fps)
+            if parse_spec(spec, role="sink").kind in REOPENED_SINKS else None for spec in specs]
+
+
 def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: ParameterStore) -> Runtime:
     """The runtime, handed the already open source first and reopening by name after a loss."""
     opened = [first_source]
@@ -328,8 +340,7 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: Par
 
     config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
                            duration=settings.duration)
-    width, height = engine.config.width, engine.config.height  # what the sinks were opened for
-    reopen = [functools.partial(open_sink, spec, width=width, height=height, fps=settings.fps) for spec in settings.sink]
+    reopen = sink_reopeners(settings.sink, width=engine.config.width, height=engine.config.height, fps=settings.fps)
     runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store,
                       reopen_sinks=reopen)
     runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})

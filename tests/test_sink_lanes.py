@@ -261,3 +261,13 @@ def test_a_runtime_reopens_a_failing_sink_while_the_others_go_on(monkeypatch):
     assert len(other.sent) >= 40 and broken.closed == 1 and replacements[0].closed == 1
     with pytest.raises(ValueError, match="reopen_sinks: 1 given for 2 sinks"):
         Runtime(engine=StandInEngine(), open_source=None, sinks=[broken, other], reopen_sinks=[None])
+
+
+def test_only_sinks_that_can_be_opened_again_safely_are():
+    """A file opened again would start the recording over; a window the user closed stays closed."""
+    from bridge.session import sink_reopeners
+
+    specs = ["file:show.mp4", "virtualcam?size=1280x720", "ndi:sdbridge", "spout:out", "syphon:out", "window", "null"]
+    reopeners = sink_reopeners(specs, width=64, height=48, fps=25.0)
+    assert [reopen is not None for reopen in reopeners] == [False, True, True, True, True, False, False]
+    assert reopeners[2].args == ("ndi:sdbridge",) and reopeners[2].keywords == {"width": 64, "height": 48, "fps": 25.0}
