@@ -4,7 +4,8 @@
 
 The run is built in this process from the same parts `sdbridge run` uses (RunSettings, the
 engine, the ParameterStore, the OSC control plane on a real UDP port, the Runtime with its three
-threads, a null sink). The show, driven from the main thread:
+threads and a thread per sink, a null sink unless `--sink` names others, e.g. a file of its own
+size that each frame is scaled into). The show, driven from the main thread:
 
 - every 2 s a parameter change, sent as a real OSC packet over UDP to the control plane
   (guidance, delta, seed, similarity threshold, t_index_list in turn);
@@ -162,8 +163,8 @@ def build(args):
     store.attach_prompt_encoder(engine.prepare_prompt)
     timed = TimedEngine(engine)
     show = Show(width=args.size, height=args.size, fps=args.fps)
-    sink = open_sink("null", width=args.size, height=args.size, fps=args.fps)
-    runtime = Runtime(engine=timed, open_source=show.open_source, sinks=[sink],
+    sinks = [open_sink(spec, width=args.size, height=args.size, fps=args.fps) for spec in args.sink or ["null"]]
+    runtime = Runtime(engine=timed, open_source=show.open_source, sinks=sinks,
                       config=RuntimeConfig(fps=args.fps, fallback="last"), params=store)
     runtime.params.report_applied({"prompt": settings.prompt})
     return plane, store, timed, show, runtime
@@ -243,8 +244,10 @@ def report(args, samples, windows, counts, show, snapshot, osc, store, load_star
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(seconds, 1), "warmup_seconds": args.warmup_minutes * 60, "size": args.size, "fps": args.fps,
         "show": counts, "source_opens": show.opens,
+        "sinks": args.sink or ["null"],
         "runtime": {k: snapshot.get(k) for k in ("frames_in", "frames_processed", "frames_out", "frames_dropped",
-                                                  "bad_frames", "source_lost", "sink_errors", "fallback_frames")},
+                                                  "bad_frames", "source_lost", "sink_errors", "sink_missed",
+                                                  "fallback_frames")},
         "osc": {k: osc[k] for k in ("packets", "applied", "rejected", "internal_errors")},
         "rejected_parameters": {k: v[1] for k, v in store.rejected.items()},
         "samples": len(samples),
@@ -298,6 +301,7 @@ def parse_args(argv):
     add("--sample-seconds", type=float, default=1.0)
     add("--window-seconds", type=float, default=180.0, help="frame-time window for p99")
     add("--torch-threads", type=int, default=1, help="torch intra-op threads (a shared machine: 1)")
+    add("--sink", action="append", help="where frames go, as sdbridge run's --sink (repeatable; default null)")
     add("--json", help="write the figures here")
     args = parser.parse_args(argv)
     args.argv = list(argv)

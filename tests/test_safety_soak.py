@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import av
+
 from test_cli import REPO, child_env
 
 MINUTES = 2.0
@@ -19,9 +21,12 @@ ARGS = ["--minutes", str(MINUTES), "--warmup-minutes", "0.35", "--size", "64", "
 
 
 def test_two_minute_soak(tmp_path):
+    """Beside the null sink, a recording of its own size (128x96 from the 64x64 engine): every
+    frame scaled (bilinear) and encoded on that sink's own thread, for the whole run."""
     out = tmp_path / "soak.json"
-    result = subprocess.run([sys.executable, "bench/soak.py", *ARGS, "--json", str(out)], cwd=REPO, env=child_env(),
-                            capture_output=True, text=True, timeout=MINUTES * 60 + 120)
+    sinks = ["--sink", "null", "--sink", f"file:{tmp_path}/soak.mp4?size=128x96"]
+    result = subprocess.run([sys.executable, "bench/soak.py", *ARGS, *sinks, "--json", str(out)], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=MINUTES * 60 + 120)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert "RSS:" in result.stdout and "p99 frame time" in result.stdout  # the script prints the figures
@@ -30,6 +35,10 @@ def test_two_minute_soak(tmp_path):
     assert show["parameter_changes"] >= 55 and show["prompt_changes"] >= 7 and show["flaps"] >= 3
     assert runtime["source_lost"] == show["flaps"] and figures["source_opens"] == show["flaps"] + 1
     assert runtime["frames_processed"] > 300 and runtime["bad_frames"] == 0 and runtime["sink_errors"] == 0
+    assert runtime["sink_missed"] == 0 and figures["sinks"] == ["null", f"file:{tmp_path}/soak.mp4?size=128x96"]
+    with av.open(str(tmp_path / "soak.mp4")) as container:  # finished at the end, at its own size
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (128, 96) and stream.frames >= 300
     assert osc["applied"] == osc["packets"] == show["parameter_changes"] + show["prompt_changes"]
     assert osc["internal_errors"] == 0 and figures["rejected_parameters"] == {}
 
