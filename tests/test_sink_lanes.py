@@ -20,9 +20,9 @@ FPS = 30
 
 
 class StuckSink(Sink):
-    """Like a file sink on a drive that stopped answering: from its `stuck_at`-th send on, one
-    send waits until `release` is set (10 s at most); `send` and `close` share a lock, as the
-    real sinks' do, so closing it waits for the stuck send."""
+    """Like a file sink on a drive that stopped answering: its `stuck_at`-th send waits until
+    `release` is set (10 s at most); `send` and `close` share a lock, as the real sinks' do, so
+    closing it waits for the stuck send."""
 
     def __init__(self, stuck_at=3):
         self.stuck_at, self.calls, self.closed = stuck_at, 0, 0
