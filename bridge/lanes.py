@@ -7,7 +7,7 @@ picture on every other sink too, the projector's included. Now the output thread
 frame to each sink's lane and goes on; the lane fits it to its sink (`bridge.frames.convert`,
 the bilinear scaling of a sink of another size included) and sends it on its own thread.
 
-A lane also mends its sink: one whose every send has failed for REOPEN_AFTER seconds (a Spout
+A lane also mends its sink: one whose every send has failed for a while (`reopen_after`: a Spout
 sender after a GPU driver reset, a virtual camera whose driver restarted) is closed and opened
 again by its name, as a lost source is.
 """
@@ -23,7 +23,7 @@ from typing import Callable
 from .frames import Frame, FrameFormat, convert
 from .ratelimit import RateLimitedLog
 from .recovery import describe
-from .transports.base import Sink
+from .transports.base import Sink, close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ CLOSE_GRACE = 0.1
 #: Spout sender whose GL context a GPU driver reset took, a virtual camera's driver restarted)
 REOPEN_AFTER = 2.0
 #: seconds between tries to open it again while that fails (doubling up to the second value)
-REOPEN_BACKOFF = (1.0, 10.0)
+REOPEN_BACKOFF = (1.0, 10.0)  # (defaults of SinkLane's reopen_after and backoff)
 
 
 class SinkLane:
@@ -46,17 +46,19 @@ class SinkLane:
     to `target`, the sink's format (None: it takes anything), fitted as the sink's `fit` and
     `filter` say (a repeat of the last frame is converted once). A send that raises is counted
     ("sink_errors") and logged, rate-limited; the lane goes on. With `reopen` (a new sink of the
-    same name, as `open_sink` makes it), a sink whose sends have all failed for REOPEN_AFTER
-    seconds is closed and replaced, tried again with backoff while that fails; frames meanwhile
-    count as failed sends."""
+    same name, as `open_sink` makes it), a sink whose sends have all failed for `reopen_after`
+    seconds is closed and replaced, tried again after `backoff[0]` seconds, doubling up to
+    `backoff[1]`, while that fails; frames meanwhile count as failed sends."""
 
     def __init__(self, sink: Sink, target: FrameFormat | None, telemetry, *, name: str = "",
-                 reopen: Callable[[], Sink] | None = None) -> None:
+                 reopen: Callable[[], Sink] | None = None, reopen_after: float = REOPEN_AFTER,
+                 backoff: tuple[float, float] = REOPEN_BACKOFF) -> None:
         self.sink: Sink | None = sink  # None while a reopen has failed
         self._reopen = reopen
+        self._reopen_after, self._backoff_range = reopen_after, backoff
         self._failing_since: float | None = None  # when the current run of failed sends began
         self._next_reopen = 0.0
-        self._backoff = REOPEN_BACKOFF[0]
+        self._backoff = self._backoff_range[0]
         self.reopened = 0  # times the sink was replaced
         self.name = name or type(sink).__name__
         self._target = target
@@ -129,7 +131,7 @@ class SinkLane:
                     raise RuntimeError("not open (opening it again failed)")
                 self.sink.send(self._for_sink(frame))
                 self.sent += 1
-                self._failing_since, self._backoff = None, REOPEN_BACKOFF[0]
+                self._failing_since, self._backoff = None, self._backoff_range[0]
             except Exception as exc:  # a sink's fault never ends its lane or the others
                 self._telemetry.count("sink_errors")
                 self._warn.warning("send", "sink %s failed: %s", self.name, describe(exc))
@@ -138,35 +140,35 @@ class SinkLane:
                 self._sending_since = None
 
     def _after_failure(self, now: float) -> None:
-        """Open the sink again once its sends have all failed for REOPEN_AFTER seconds, and
+        """Open the sink again once its sends have all failed for `reopen_after` seconds, and
         again after each backoff while that fails."""
         if self._failing_since is None:
             self._failing_since = now
         failing = now - self._failing_since
-        if self._reopen is None or failing < REOPEN_AFTER or now < self._next_reopen:
+        if self._reopen is None or failing < self._reopen_after or now < self._next_reopen:
             return
         old, self.sink = self.sink, None
         if old is not None:  # on a helper thread: a close that hangs must not hold this lane
-            closer = threading.Thread(target=_close_quietly, args=(old,), name=f"sdbridge close {self.name}", daemon=True)
+            closer = threading.Thread(target=close_quietly, args=(old,), name=f"sdbridge close {self.name}", daemon=True)
             closer.start()
-            closer.join(REOPEN_BACKOFF[0])
+            closer.join(self._backoff_range[0])
         try:
             sink = self._reopen()
         except Exception as exc:
             self._next_reopen = now + self._backoff
             text = (f"sink {self.name} failed for {failing:.1f} s and could not be opened again "
                     f"({describe(exc)}); next try in {self._backoff:g} s")
-            self._backoff = min(self._backoff * 2, REOPEN_BACKOFF[1])
+            self._backoff = min(self._backoff * 2, self._backoff_range[1])
             self._telemetry.error(text)
             log.warning("%s", text)
             return
         with self._condition:
             closing = self._closing
         if closing:  # the run stopped meanwhile (close_lanes has let this lane go): not left open
-            _close_quietly(sink)
+            close_quietly(sink)
             return
         self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
-        self._failing_since, self._backoff = None, REOPEN_BACKOFF[0]
+        self._failing_since, self._backoff = None, self._backoff_range[0]
         self.reopened += 1
         text = f"sink {self.name} failed for {failing:.1f} s: opened it again"
         self._telemetry.error(text)
@@ -182,13 +184,6 @@ class SinkLane:
             self._converted = (frame, convert(frame, target, fit=getattr(sink, "fit", "letterbox"),
                                               filter=getattr(sink, "filter", "bilinear")))
         return self._converted[1]
-
-
-def _close_quietly(sink: Sink) -> None:
-    try:
-        sink.close()
-    except Exception as exc:  # it failed already; closing it is only to release what it held
-        log.debug("closing a failed sink: %s", describe(exc))
 
 
 def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:

@@ -32,7 +32,7 @@ from .lanes import SinkLane, close_lanes
 from .params import ParameterStore
 from .stages import OutputLoop, Shared, capture_loop, inference_loop
 from .telemetry import Telemetry
-from .transports.base import Sink, Source, run_main_thread_work
+from .transports.base import Sink, Source, close_quietly, run_main_thread_work
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class RuntimeConfig:
     reconnect_initial_seconds: float = 0.1  # first wait before reopening a lost source (then doubled)
     reconnect_max_seconds: float = 0.5  # the longest wait between reconnection attempts (a source that
     # comes back is picked up within this plus its opening time: under 1 s for the show-safety promise)
+    sink_reopen_seconds: float = 2.0  # a sink whose every send failed this long is opened again (bridge.lanes)
     max_frames: int | None = None  # finish after the engine returned this many frames (None: no limit)
     duration: float | None = None  # finish after this many seconds (None: until stopped)
 
@@ -66,6 +67,7 @@ class RuntimeConfig:
         positive("stall_seconds", self.stall_seconds, 3600)
         positive("reconnect_initial_seconds", self.reconnect_initial_seconds, 60)
         positive("reconnect_max_seconds", self.reconnect_max_seconds, 600)
+        positive("sink_reopen_seconds", self.sink_reopen_seconds, 3600)
         if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames <= 0):
             raise ValueError(f"max_frames: {self.max_frames!r} must be a positive integer")
         if self.duration is not None:
@@ -102,13 +104,6 @@ def engine_values(config) -> dict:
     if hasattr(config, "width") and hasattr(config, "height"):
         values["resolution"] = (config.width, config.height)
     return values
-
-
-def _close_sink(sink: Sink) -> None:
-    try:
-        sink.close()
-    except Exception:
-        log.exception("closing %s failed", type(sink).__name__)
 
 
 class Runtime:
@@ -170,7 +165,8 @@ class Runtime:
         except BaseException:
             self.stop()  # the sinks were handed over: release them
             raise
-        shared.lanes = [SinkLane(sink, target, self.telemetry, name=f"{index + 1} {type(sink).__name__}", reopen=reopen)
+        shared.lanes = [SinkLane(sink, target, self.telemetry, name=f"{index + 1} {type(sink).__name__}", reopen=reopen,
+                                 reopen_after=self.config.sink_reopen_seconds)
                         for index, (sink, target, reopen)
                         in enumerate(zip(shared.sinks, shared.sink_formats, self._reopen_sinks))]
         targets = [("inference", inference_loop, (shared,)), ("output", OutputLoop(shared).run, ())]
@@ -243,10 +239,10 @@ class Runtime:
                 log.warning("%s did not stop in time; releasing anyway", thread.name)
         # the frames the lanes still hold go out, then each sink closes (one stuck in a send is left)
         if shared.lanes:
-            close_lanes(shared.lanes, LANE_SECONDS, _close_sink)
+            close_lanes(shared.lanes, LANE_SECONDS, close_quietly)
         else:  # (the source failed to open: no lanes were started)
             for sink in shared.sinks:
-                _close_sink(sink)
+                close_quietly(sink)
         self.params.close()
         self.telemetry.state = "stopped"
 

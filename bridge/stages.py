@@ -23,7 +23,7 @@ from .ratelimit import RateLimitedLog
 from .recovery import EngineGuard, describe
 from .slots import LatestSlot
 from .telemetry import Telemetry
-from .transports.base import Sink, Source, SourceEnded, SourceLost
+from .transports.base import Sink, Source, SourceEnded, SourceLost, close_quietly
 
 log = logging.getLogger("bridge.runtime")
 
@@ -104,7 +104,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 telemetry.error(f"source lost: {describe(exc)}")
                 telemetry.state = "source lost"
                 lost = True
-                _close_quietly(source)
+                close_quietly(source)
                 source = None
                 shared.stop.wait(backoff)
                 backoff = min(2 * backoff, config.reconnect_max_seconds)
@@ -128,7 +128,7 @@ def capture_loop(shared: Shared, open_source: Callable[[], Source], source: Sour
                 shared.input_slot.put(frame)
     finally:
         if source is not None:
-            _close_quietly(source)
+            close_quietly(source)
 
 
 def _check_picture(frame: Frame) -> None:
@@ -144,13 +144,6 @@ def _reopen(open_source: Callable[[], Source], warn: RateLimitedLog) -> Source |
     except Exception as exc:
         warn.warning("reopen", "source not available yet: %s", exc)
         return None
-
-
-def _close_quietly(transport) -> None:
-    try:
-        transport.close()
-    except Exception:
-        log.exception("closing %s failed", type(transport).__name__)
 
 
 MAX_LAG = 15 + 2  # calls an output may lag its input: 16 denoising steps (the most) lag 15, the VAE overlaps 2

@@ -194,10 +194,7 @@ def offer_for(lane, seconds, rate=100):
         time.sleep(1.0 / rate)
 
 
-def test_a_sink_whose_sends_all_fail_is_opened_again_by_its_name(monkeypatch, caplog):
-    import bridge.lanes as lanes
-
-    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
+def test_a_sink_whose_sends_all_fail_is_opened_again_by_its_name(caplog):
     telemetry = Telemetry()
     broken = BrokenAfter(broken_at=5)
     opened = []
@@ -206,7 +203,7 @@ def test_a_sink_whose_sends_all_fail_is_opened_again_by_its_name(monkeypatch, ca
         opened.append(BrokenAfter())
         return opened[-1]
 
-    lane = SinkLane(broken, None, telemetry, name="1 SpoutSink", reopen=reopen)
+    lane = SinkLane(broken, None, telemetry, name="1 SpoutSink", reopen=reopen, reopen_after=0.3)
     offer_for(lane, 1.2)
     close_lanes([lane], 1.0, lambda sink: sink.close())
     assert len(broken.sent) == 5 and broken.closed == 1  # the broken one closed when replaced
@@ -217,11 +214,7 @@ def test_a_sink_whose_sends_all_fail_is_opened_again_by_its_name(monkeypatch, ca
     assert "sink 1 SpoutSink failed: RuntimeError: Spout sender stopped" in caplog.text  # what failed, logged
 
 
-def test_a_sink_that_cannot_be_opened_again_is_tried_with_backoff(monkeypatch, caplog):
-    import bridge.lanes as lanes
-
-    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.1)
-    monkeypatch.setattr(lanes, "REOPEN_BACKOFF", (0.2, 0.4))
+def test_a_sink_that_cannot_be_opened_again_is_tried_with_backoff(caplog):
     telemetry = Telemetry()
     tries = []
 
@@ -231,7 +224,8 @@ def test_a_sink_that_cannot_be_opened_again_is_tried_with_backoff(monkeypatch, c
             raise OSError("no such device")
         return RecordingSink()
 
-    lane = SinkLane(BrokenAfter(broken_at=0), None, telemetry, name="1 VirtualCamSink", reopen=reopen)
+    lane = SinkLane(BrokenAfter(broken_at=0), None, telemetry, name="1 VirtualCamSink", reopen=reopen,
+                    reopen_after=0.1, backoff=(0.2, 0.4))
     offer_for(lane, 1.5)
     close_lanes([lane], 1.0, lambda sink: sink.close())
     assert len(tries) == 3 and lane.reopened == 1 and len(lane.sink.sent) >= 20
@@ -242,10 +236,7 @@ def test_a_sink_that_cannot_be_opened_again_is_tried_with_backoff(monkeypatch, c
     assert telemetry.snapshot()["last_error"].endswith("s: opened it again")
 
 
-def test_a_runtime_reopens_a_failing_sink_while_the_others_go_on(monkeypatch):
-    import bridge.lanes as lanes
-
-    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
+def test_a_runtime_reopens_a_failing_sink_while_the_others_go_on():
     broken, other, replacements = BrokenAfter(broken_at=3), RecordingSink(), []
 
     def reopen():
@@ -254,7 +245,8 @@ def test_a_runtime_reopens_a_failing_sink_while_the_others_go_on(monkeypatch):
 
     runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
                       open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS),
-                      sinks=[broken, other], config=RuntimeConfig(fps=FPS), reopen_sinks=[reopen, None])
+                      sinks=[broken, other], config=RuntimeConfig(fps=FPS, sink_reopen_seconds=0.3),
+                      reopen_sinks=[reopen, None])
     with runtime:
         runtime.wait(timeout=2.0)
     assert len(replacements) == 1 and len(replacements[0].sent) >= FPS  # the rest of the 2 s

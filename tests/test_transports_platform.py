@@ -168,21 +168,20 @@ def test_spout_sink_converts_a_repeated_frame_once(spout, monkeypatch):
     assert len(conversions) == 2
 
 
-def test_a_spout_sender_whose_gl_context_was_lost_is_opened_again(spout, monkeypatch):
+def test_a_spout_sender_whose_gl_context_was_lost_is_opened_again(spout):
     """After a GPU driver reset (Windows' TDR, under a diffusion model's load on the same GPU)
     every sendImage fails: the runtime closes the sender and opens a new one of the same name,
     and receivers get pictures again."""
     import functools
 
-    import bridge.lanes as lanes
     from bridge.runtime import Runtime, RuntimeConfig
     from bridge.transports.testpattern import TestPatternSource
     from test_runtime import StandInEngine
 
-    monkeypatch.setattr(lanes, "REOPEN_AFTER", 0.3)
     open_again = functools.partial(open_sink, "spout:after-reset", width=32, height=32)
     runtime = Runtime(engine=StandInEngine(size=32, cost=0.005), open_source=lambda: TestPatternSource(width=32, height=32),
-                      sinks=[open_again()], config=RuntimeConfig(fps=30), reopen_sinks=[open_again])
+                      sinks=[open_again()], config=RuntimeConfig(fps=30, sink_reopen_seconds=0.3),
+                      reopen_sinks=[open_again])
 
     def frames_published():
         with spoutgl_standin._lock:

@@ -53,6 +53,14 @@ def claim_close(transport) -> bool:
         return True
 
 
+def close_quietly(transport) -> None:
+    """Close a source or sink; a failure is logged, never raised (the caller is releasing it)."""
+    try:
+        transport.close()
+    except Exception:
+        log.exception("closing %s failed", type(transport).__name__)
+
+
 def pixels_in(frame: Frame, format: FrameFormat):  # noqa: A002 (the Sink attribute's name)
     """`frame`'s pixels in `format`'s pixel format, for a sink of a fixed format: ValueError
     naming both when its size differs (the runtime letterboxes before; a library caller must)."""
