@@ -6,6 +6,7 @@
     window                 window:Preview            window:Preview?scale=0.5
     virtualcam?size=1280x720&fit=crop                 file:out.mp4?size=1920x1080&filter=nearest
     syphon:TDSyphonSpoutOut                          syphon:sdbridge                syphon:?flip=1
+    file:show.mp4?fragment=0&overwrite=1             (a classic mp4, replacing show.mp4: README, "What runs where")
 
 Each transport module is imported only when used, so a missing platform library affects only
 the transport that needs it, and says so in one line (TransportUnavailable).
@@ -155,8 +156,10 @@ def _fitting(sink: Sink, fit: str, scaling: str) -> Sink:
     return sink
 
 
-def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
-    """Open the sink named `text` for frames of `width` x `height` at about `fps`."""
+def open_sink(text: str, *, width: int, height: int, fps: float = 30.0, keep_existing: bool = False) -> Sink:
+    """Open the sink named `text` for frames of `width` x `height` at about `fps`.
+    `keep_existing`: a file sink records beside an existing file even with overwrite=1 (a sink
+    opened again after failures must not replace the recording it made)."""
     spec = parse_spec(text, role="sink")
     if spec.kind == "null":
         _check_options(spec, ())
@@ -164,12 +167,14 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0) -> Sink:
 
         return NullSink()
     if spec.kind == "file":
-        _check_options(spec, ("codec", "size", "fit", "filter"))
-        from .file import FileSink
+        _check_options(spec, ("codec", "size", "fit", "filter", "fragment", "overwrite"))
+        from .file import FRAGMENT_SECONDS, FileSink
 
         (width, height), fit, scaling = sink_size(spec, width, height)
+        overwrite = _option(spec, "overwrite", bool, False) and not keep_existing
         return _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
-                                 codec=spec.options.get("codec")), fit, scaling)
+                                 codec=spec.options.get("codec"), overwrite=overwrite,
+                                 fragment=_option(spec, "fragment", float, FRAGMENT_SECONDS)), fit, scaling)
     if spec.kind == "virtualcam":
         _check_options(spec, ("backend", "device", "size", "fit", "filter"))
         from .virtualcam import VirtualCamSink

@@ -1,8 +1,18 @@
 """`file:PATH`: an mp4 (or other video container) through PyAV, or a PNG sequence when the
-path holds a printf pattern such as `frames/%05d.png`."""
+path holds a printf pattern such as `frames/%05d.png`.
+
+A recording survives the process: packets reach the operating system as they are written, and
+an mp4, m4v or mov is written fragmented (an index every keyframe, a keyframe at least every
+`fragment` seconds), so a process that is killed, or a machine that loses power once the
+system has written its cache, leaves a file that plays up to its last fragment. A classic mp4
+keeps its whole index for the end and is unreadable until then (`fragment=0` writes one, for
+the editors that want it). An existing recording is never replaced unless asked: the new one
+gets the first free name (show-2.mp4, show-3.mp4, ...).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -11,40 +21,89 @@ from fractions import Fraction
 from ..frames import Frame, FrameFormat
 from .base import Sink, TransportUnavailable, pixels_in
 
+log = logging.getLogger(__name__)
+
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this PyAV build has wins
+FRAGMENTED = (".mp4", ".m4v", ".mov")  # containers written as fragments while fragment > 0
+FRAGMENT_SECONDS = 2.0  # the default: at most this much of a recording is lost with the process
+MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # a fragment (with its index) per keyframe
+MAX_FRAGMENT_SECONDS = 3600.0
+MAX_NUMBER = 10000  # show-2.mp4 ... show-9999.mp4, then a clear error
 
 
 def is_image_sequence(path: str) -> bool:
     return "%" in os.path.basename(path) and path.lower().endswith(".png")
 
 
+def numbered(path: str, number: int) -> str:
+    """`path` with `-number` before its extension (show.mp4, 2: show-2.mp4); number 1: `path`."""
+    if number == 1:
+        return path
+    stem, extension = os.path.splitext(path)
+    return f"{stem}-{number}{extension}"
+
+
+def claim_free_path(path: str) -> str:
+    """The first of path, path-2, path-3, ... that does not exist, created empty (exclusively,
+    so two sinks, or two processes, never share one)."""
+    for number in range(1, MAX_NUMBER):
+        candidate = numbered(path, number)
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise OSError(f"{numbered(path, 2)} to {numbered(path, MAX_NUMBER - 1)} all exist; "
+                  "move the old recordings away or name another file")
+
+
 class FileSink(Sink):
     """Writes each frame sent, timed by the wall clock (a repeated frame is a repeated picture).
 
     Frames must be `width` x `height` RGB (the runtime converts). `close` flushes the encoder.
+    `fragment`: seconds between keyframes at most, and for an mp4, m4v or mov between the
+    fragments it is written in (0: the encoder's own keyframes and a classic file, finished only
+    by `close`). `overwrite`: replace an existing file at `path` rather than record beside it.
+    `path` ends up as the file written; a PNG sequence always writes its numbered files.
     """
 
-    def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None) -> None:
+    def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None,
+                 fragment: float = FRAGMENT_SECONDS, overwrite: bool = False) -> None:
         if not path:
             raise ValueError("path: an output file is needed, as in file:out.mp4")
         if not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
             raise ValueError(f"fps: {fps!r} must be a number in (0, 1000]")
+        if isinstance(fragment, bool) or not isinstance(fragment, (int, float)) or not 0 <= fragment <= MAX_FRAGMENT_SECONDS:
+            raise ValueError(f"fragment: {fragment!r} must be seconds from 0 (a classic file) to {MAX_FRAGMENT_SECONDS:g}")
         import av
 
         self.format = FrameFormat(width, height, "RGB")
         self.path = path
         self.frames_written = 0
         self._fps = fps
+        self._fragment = float(fragment)
         self._lock = threading.Lock()
         self._closed = False
         self._start: float | None = None
         self._last_pts = -1
+        self._claimed = False  # the file is ours: created by this sink, removed if it records nothing
+        # Why the recording stopped, once a write failed: PyAV crashes the process (a segmentation
+        # fault) when a container whose header could not be written is written to again, and
+        # frames after a lost one would refer to pictures the file does not have.
+        self._failure = ""
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
-            self._container, self._stream = self._open(av, path, codec)
+            if not is_image_sequence(path) and not overwrite:
+                self.path = claim_free_path(path)
+                self._claimed = True
+                if self.path != path:
+                    log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)",
+                                path, self.path)
+            self._container, self._stream = self._open(av, self.path, codec)
         except (av.error.FFmpegError, ValueError, OSError) as exc:
-            raise TransportUnavailable(f"cannot write {path}: {exc}") from None
+            self._remove_claimed()
+            raise TransportUnavailable(f"cannot write {self.path}: {exc}") from None
 
     def _open(self, av, path: str, codec: str | None):
         rate = self._rate = max(1, round(self._fps))
@@ -53,14 +112,29 @@ class FileSink(Sink):
             stream = container.add_stream("png", rate=rate)
             stream.pix_fmt = "rgb24"
         else:
-            container = av.open(path, "w")
+            options = {"flush_packets": "1"}  # each packet to the operating system as it is muxed
+            if self._fragment and path.lower().endswith(FRAGMENTED):
+                options["movflags"] = MOVFLAGS
+            container = av.open(path, "w", options=options)
             name = codec or next(c for c in VIDEO_CODECS if c in av.codecs_available)
             stream = container.add_stream(name, rate=rate)
             stream.pix_fmt = "yuv420p"
+            if self._fragment:
+                stream.gop_size = max(1, round(rate * self._fragment))
             if name == "libx264":
                 stream.options = {"preset": "veryfast", "tune": "zerolatency"}
         stream.width, stream.height = self.format.width, self.format.height
         return container, stream
+
+    def _remove_claimed(self) -> None:
+        """Remove the file this sink created, when it holds no frame (a failed start, or a disk
+        that refused every frame: a sink reopened again and again leaves no trail of them)."""
+        if self._claimed and self.frames_written == 0:
+            try:
+                os.remove(self.path)
+            except OSError:
+                return
+            log.info("%s: no frame was recorded; removed the empty file", self.path)
 
     def send(self, frame: Frame) -> None:
         import av
@@ -76,18 +150,37 @@ class FileSink(Sink):
         with self._lock:
             if self._closed:
                 return
-            for packet in self._stream.encode(video_frame):
-                self._container.mux(packet)
+            if self._failure:
+                raise OSError(self._failure)
+            try:
+                for packet in self._stream.encode(video_frame):
+                    self._container.mux(packet)
+            except (av.error.FFmpegError, OSError) as exc:
+                if not is_image_sequence(self.path):  # (a picture of a sequence is a file of its own)
+                    reason = getattr(exc, "strerror", None) or str(exc)
+                    self._failure = (f"{self.path} stopped recording at frame {self.frames_written + 1}: {reason} "
+                                     "(it keeps the frames written before; the sink starts a new file when it is opened again)")
+                raise
             self._last_pts = video_frame.pts
             self.frames_written += 1
 
     def close(self) -> None:
+        import av
+
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
-                for packet in self._stream.encode(None):
-                    self._container.mux(packet)
+                if not self._failure:
+                    for packet in self._stream.encode(None):
+                        self._container.mux(packet)
             finally:
-                self._container.close()
+                try:
+                    self._container.close()
+                except (av.error.FFmpegError, OSError) as exc:
+                    if not self._failure:
+                        raise
+                    log.debug("%s: closing after the failure: %s", self.path, exc)  # already reported
+                finally:
+                    self._remove_claimed()

@@ -1,0 +1,243 @@
+"""A recording of the show survives what the show survives: the process killed mid-recording, a
+restart with the same command, a disk that fills up. Real files through PyAV throughout; the
+full disk is Linux's /dev/full (every write fails with ENOSPC), reached through a symbolic link."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import av
+import numpy as np
+import pytest
+
+from bridge.frames import Frame
+from bridge.runtime import Runtime, RuntimeConfig
+from bridge.session import sink_reopeners
+from bridge.transports import TransportUnavailable, open_sink
+from bridge.transports.file import FileSink, claim_free_path, numbered
+from bridge.transports.testpattern import TestPatternSource
+from test_runtime import RecordingSink, StandInEngine
+
+FPS = 30
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux's always-full device) here")
+
+# Writes `count` frames of a sliding ramp (no scene cuts: the encoder's keyframes are the ones
+# asked for) to the sink named by argv[1], then kills its own process: nothing is closed,
+# flushed or finished, as when the machine's memory runs out or the process is killed.
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from bridge.frames import Frame
+    from bridge.transports import open_sink
+    sink = open_sink(sys.argv[1], width=96, height=64, fps=30)
+    ramp = np.tile(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    for index in range(int(sys.argv[2])):
+        sink.send(Frame(np.ascontiguousarray(np.roll(ramp, index, axis=1))))
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def frames_in(path) -> int:
+    """How many pictures a player gets out of `path` before it ends or breaks off."""
+    count = 0
+    try:
+        with av.open(str(path)) as container:
+            for _ in container.decode(video=0):
+                count += 1
+    except av.error.FFmpegError:
+        pass
+    return count
+
+
+def ramp_frame(index: int, width: int = 64, height: int = 64) -> Frame:
+    ramp = np.tile(np.linspace(0, 255, width, dtype=np.uint8)[None, :, None], (height, 1, 3))
+    return Frame(np.ascontiguousarray(np.roll(ramp, index, axis=1)))
+
+
+@pytest.mark.parametrize("spec, fragment", [("show.mp4", 2.0), ("show.mov?fragment=0.5", 0.5), ("show.mkv", 2.0)])
+def test_a_recording_plays_after_the_process_was_killed(tmp_path, spec, fragment):
+    """At most `fragment` seconds (its keyframe interval) are lost with the process."""
+    sent = 100
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, f"file:{tmp_path}/{spec}", str(sent)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    kept = frames_in(tmp_path / spec.partition("?")[0])
+    assert sent - FPS * fragment - 2 <= kept <= sent, f"{kept} of {sent} frames play"
+
+
+def test_a_classic_mp4_is_lost_with_the_process(tmp_path):
+    """fragment=0 writes the index only at close: what the default protects against."""
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, f"file:{tmp_path}/show.mp4?fragment=0", "100"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert frames_in(tmp_path / "show.mp4") == 0
+
+
+@pytest.mark.parametrize("name, fragment", [("show.mp4", 2.0), ("show.mp4", 0.0), ("show.mov", 1.0)])
+def test_a_finished_recording_knows_its_length_and_seeks(tmp_path, name, fragment):
+    sink = FileSink(path=str(tmp_path / name), width=64, height=64, fps=FPS, fragment=fragment)
+    for index in range(90):
+        sink.send(ramp_frame(index))
+    sink.close()
+    with av.open(str(tmp_path / name)) as container:
+        assert container.duration == pytest.approx(3_000_000, abs=50_000)  # 90 frames at 30 fps, in µs
+        container.seek(1_500_000)
+        frame = next(container.decode(video=0))
+        assert frame.time <= 1.55 and (not fragment or frame.time >= 1.45 - fragment)  # the keyframe before
+    assert frames_in(tmp_path / name) == 90
+
+
+def test_an_existing_recording_is_never_replaced_unless_asked(tmp_path, caplog):
+    """The process restarted with the same command after a crash: the crash's recording stays."""
+    show = tmp_path / "show.mp4"
+    first = open_sink(f"file:{show}", width=64, height=64, fps=FPS)
+    for index in range(10):
+        first.send(ramp_frame(index))
+    first.close()
+    caplog.set_level(logging.WARNING)
+    second = open_sink(f"file:{show}", width=64, height=64, fps=FPS)
+    third = open_sink(f"file:{show}", width=64, height=64, fps=FPS)
+    assert (second.path, third.path) == (str(tmp_path / "show-2.mp4"), str(tmp_path / "show-3.mp4"))
+    assert f"{show} exists: recording to {tmp_path / 'show-2.mp4'} (the sink option overwrite=1" in caplog.text
+    for index in range(5):
+        second.send(ramp_frame(index))
+    second.close()
+    third.close()  # it recorded nothing: its empty file goes
+    assert (frames_in(show), frames_in(tmp_path / "show-2.mp4")) == (10, 5)
+    assert not (tmp_path / "show-3.mp4").exists()
+
+    replacing = open_sink(f"file:{show}?overwrite=1", width=64, height=64, fps=FPS)
+    assert replacing.path == str(show)
+    replacing.send(ramp_frame(0))
+    replacing.close()
+    assert frames_in(show) == 1
+    kept = open_sink(f"file:{show}?overwrite=yes", width=64, height=64, fps=FPS, keep_existing=True)
+    assert kept.path == str(tmp_path / "show-3.mp4")  # a sink opened again never replaces its recording
+    kept.close()
+
+
+def test_free_names_are_numbered_before_the_extension(tmp_path):
+    assert numbered("/a/show.mp4", 1) == "/a/show.mp4" and numbered("/a/show.mp4", 12) == "/a/show-12.mp4"
+    assert numbered("take", 2) == "take-2"
+    names = [claim_free_path(str(tmp_path / "show.mkv")) for _ in range(3)]
+    assert names == [str(tmp_path / n) for n in ("show.mkv", "show-2.mkv", "show-3.mkv")]
+    assert all(os.path.getsize(name) == 0 for name in names)  # claimed: created, so no one else takes it
+
+
+def test_a_file_that_cannot_be_started_leaves_nothing_behind(tmp_path):
+    with pytest.raises(TransportUnavailable, match=r"cannot write .*show\.mp4"):
+        FileSink(path=str(tmp_path / "show.mp4"), width=64, height=64, codec="no-such-codec")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, message", [
+    ("fragment=-1", "fragment: -1.0 must be seconds from 0"),
+    ("fragment=nan", "fragment: nan must be seconds from 0"),
+    ("fragment=soon", "option fragment='soon' is not a valid float"),
+    ("overwrite=maybe", "option overwrite='maybe' is not a valid bool"),
+])
+def test_a_bad_file_option_is_one_clear_error(tmp_path, option, message):
+    with pytest.raises(ValueError, match=message):
+        open_sink(f"file:{tmp_path}/show.mp4?{option}", width=64, height=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+FULL_DISK_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from bridge.frames import Frame
+    from bridge.transports.file import FileSink
+    sink = FileSink(path=sys.argv[1], width=64, height=48, overwrite=True)
+    for index in range(3):
+        try:
+            sink.send(Frame(np.full((48, 64, 3), index * 40, np.uint8)))
+        except OSError as exc:
+            print("send", index, "failed:", exc, flush=True)
+    sink.close()
+    print("closed", flush=True)
+""")
+
+
+@needs_dev_full
+def test_a_full_disk_fails_each_send_without_crashing_the_process(tmp_path):
+    """Writing again to a container whose header could not be written crashed the process
+    (a segmentation fault in PyAV): a full disk took the whole show down. In a child process,
+    so that a crash fails this test instead of ending the test run."""
+    show = tmp_path / "show.mp4"
+    show.symlink_to("/dev/full")
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(show)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("send 0 failed: [Errno 28] No space left on device")
+    for line in lines[1:3]:
+        assert "show.mp4 stopped recording at frame 1: No space left on device (it keeps the frames written before" in line
+    assert lines[3] == "closed" and show.is_symlink()  # overwrite=1: the file was not ours to remove
+
+
+@needs_dev_full
+def test_a_recording_that_fails_goes_on_in_a_new_file_while_the_other_sinks_go_on(tmp_path):
+    show = tmp_path / "show.mp4"
+    show.symlink_to("/dev/full")  # the disk is full for this file; show-2.mp4 is on a disk with room
+    spec = f"file:{show}?overwrite=1"
+    recording, other = open_sink(spec, width=64, height=64, fps=FPS), RecordingSink()
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS),
+                      sinks=[recording, other], config=RuntimeConfig(fps=FPS, sink_reopen_seconds=0.3),
+                      reopen_sinks=sink_reopeners([spec, "null"], width=64, height=64, fps=FPS))
+    with runtime:
+        runtime.wait(timeout=2.5)
+    snapshot = runtime.telemetry.snapshot()
+    assert show.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["show-2.mp4", "show.mp4"]
+    assert frames_in(tmp_path / "show-2.mp4") >= FPS  # the second half of the 2.5 s, or more
+    assert len(other.sent) >= 2 * FPS and snapshot["sink_errors"] > 0
+
+
+MID_SHOW_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from bridge.frames import Frame
+    from bridge.transports.file import FileSink
+    sink = FileSink(path=sys.argv[1], width=256, height=256, fragment=0.5)
+    noise, failures = np.random.default_rng(0), []
+    for index in range(200):  # 200 frames of noise: far more than 512 KiB
+        try:
+            sink.send(Frame(noise.integers(0, 256, (256, 256, 3), dtype=np.uint8)))
+        except OSError as exc:
+            failures.append(str(exc))
+    sink.close()
+    print(sink.frames_written, len(failures))
+    print(failures[0])
+    print(failures[-1])
+""")
+
+
+def mount_namespace_unavailable() -> str | None:
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"],
+                           capture_output=True, text=True, timeout=20)
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}"
+
+
+def test_a_disk_that_fills_up_mid_recording_keeps_what_was_written(tmp_path):
+    """A 512 KiB tmpfs in a mount namespace of the child's own fills up after some frames."""
+    reason = mount_namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    setup = "mount -t tmpfs -o size=512k none /mnt"
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", f'{setup} && "$0" "$@" && cp /mnt/show.mp4 {tmp_path}',
+                             sys.executable, "-c", MID_SHOW_WRITER, "/mnt/show.mp4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    counts, first, last = result.stdout.splitlines()
+    written, failed = map(int, counts.split())
+    assert written >= 5 and written + failed == 200
+    assert first.endswith("No space left on device: '/mnt/show.mp4'")
+    assert last.startswith(f"/mnt/show.mp4 stopped recording at frame {written + 1}: No space left on device")
+    assert written - FPS * 0.5 - 2 <= frames_in(tmp_path / "show.mp4") <= written  # up to its last whole fragment
