@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         "demo", help="a short run that works anywhere: test pattern, tiny random model, mp4 out",
         description="Test pattern in, tiny random-weight model (no download, CPU), a short mp4 out, and a summary.",
     )
-    parser.add_argument("--output", default="sdbridge-demo.mp4", help="the mp4 to write (default sdbridge-demo.mp4)")
+    parser.add_argument("--output", default="sdbridge-demo.mp4", help="the mp4 to write, replaced if it exists (default sdbridge-demo.mp4)")
     parser.add_argument("--sink", action="append", help="another sink as well, e.g. virtualcam or ndi:sdbridge")
     parser.add_argument("--duration", type=float, help=f"seconds to run (default {DEFAULTS['duration']:g})")
     parser.add_argument("--fps", type=float, help=f"output frames per second (default {DEFAULTS['fps']:g})")
@@ -30,7 +30,7 @@ def handle(args: argparse.Namespace) -> int:
     from ..session import format_summary, run_session
     from .run import settings_from_args
 
-    args.sink = [f"file:{args.output}"] + list(args.sink or [])
+    args.sink = [f"file:{args.output}?overwrite=1"] + list(args.sink or [])  # (a demo's file, not a show's)
     settings = settings_from_args(args, **DEFAULTS)
     summary = run_session(settings)
     skip_teardown()  # everything is released: end without library destructors (see bridge.cli.entry)
