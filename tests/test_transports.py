@@ -296,6 +296,73 @@ def test_a_looping_file_without_a_decodable_frame_is_lost_not_reopened_in_a_busy
     assert time.monotonic() - started < 1.0
 
 
+def test_a_file_with_garbled_tags_plays(tmp_path):
+    """A title that is not UTF-8 (a damaged file, or one tagged by a tool in another encoding)
+    raised UnicodeDecodeError out of open_source: a traceback instead of the clip."""
+    clip = tmp_path / "tagged.mp4"
+    with av.open(str(clip), "w") as container:
+        container.metadata["title"] = "TITLETITLE"
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(5):
+            picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 50 * index, np.uint8), format="rgb24")
+            picture.pts = index
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = clip.read_bytes()
+    assert data.count(b"TITLETITLE") == 1
+    clip.write_bytes(data.replace(b"TITLETITLE", b"TITLE\xff\xfe\xd8LE"))
+    with open_source(f"video:{clip}?realtime=0") as source:
+        assert len(read_all(source)) == 5
+
+
+CORRUPTIONS = ("bytes changed", "cut short", "a block overwritten")
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_a_damaged_file_is_a_clear_error_or_plays_what_it_can(tmp_path, kind):
+    """15 files damaged at random (seeded): opening one is TransportUnavailable or a source, and
+    reading one gives frames and ends (SourceEnded) or is lost (SourceLost); nothing else escapes,
+    and no read outlasts its timeout by much. Each file read for 3 s at most."""
+    ramp = np.tile(np.linspace(0, 255, 96, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    pictures = [np.roll(ramp, index, axis=1) for index in range(60)]
+    outcomes = []
+    for seed in range(15):
+        rng = np.random.default_rng([CORRUPTIONS.index(kind), seed])
+        clip = write_clip(tmp_path / f"clip{seed}.mp4", pictures, fps=60)
+        data = bytearray(open(clip, "rb").read())
+        if kind == "bytes changed":
+            for position in rng.integers(0, len(data), 20):
+                data[position] = rng.integers(0, 256)
+        elif kind == "cut short":
+            data = data[: rng.integers(1, len(data))]
+        else:
+            start = rng.integers(0, len(data))
+            data[start:start + 200] = rng.integers(0, 256, len(data[start:start + 200]), dtype=np.uint8).tobytes()
+        open(clip, "wb").write(bytes(data))
+        try:
+            source = open_source(f"video:{clip}?realtime=0")
+        except TransportUnavailable as exc:
+            assert str(clip) in str(exc)
+            outcomes.append("refused")
+            continue
+        frames, started, ending = 0, time.monotonic(), "still reading"
+        with source:
+            while time.monotonic() - started < 3:
+                before = time.monotonic()
+                try:
+                    frames += source.read(timeout=0.1) is not None
+                except SourceLost as exc:  # (SourceEnded is one)
+                    ending = type(exc).__name__
+                    break
+                assert time.monotonic() - before < 1.0
+        assert ending != "still reading", f"seed {seed}: neither ended nor lost after 3 s"
+        outcomes.append(f"{ending} after {frames}")
+    assert len(outcomes) == 15, outcomes
+
+
 class _PacedDemux:
     """A real container whose packets arrive one every `interval` seconds, as a live device's do
     (the decoder is FFmpeg's own); `arrivals[k]` is when packet k came."""

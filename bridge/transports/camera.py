@@ -49,7 +49,7 @@ class CameraSource(Source):
 
         def open_container():
             try:
-                return av.open(file, format=input_format, options=options)
+                return av.open(file, format=input_format, options=options, metadata_errors="replace")
             except (av.error.FFmpegError, OSError) as exc:
                 raise TransportUnavailable(f"cannot open camera {device}: {exc}") from None
 

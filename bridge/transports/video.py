@@ -23,7 +23,7 @@ class VideoSource(Source):
 
         def open_container():
             try:
-                return av.open(path)
+                return av.open(path, metadata_errors="replace")  # (garbled tags must not stop the picture)
             except av.error.FFmpegError as exc:
                 raise TransportUnavailable(f"cannot open video {path}: {exc}") from None
 
