@@ -147,55 +147,18 @@ def test_a_bad_file_option_is_one_clear_error(tmp_path, option, message):
     assert list(tmp_path.iterdir()) == []
 
 
-FULL_DISK_WRITER = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from bridge.frames import Frame
-    from bridge.transports.file import FileSink
-    sink = FileSink(path=sys.argv[1], width=64, height=48, overwrite=True)
-    for index in range(3):
-        try:
-            sink.send(Frame(np.full((48, 64, 3), index * 40, np.uint8)))
-        except OSError as exc:
-            print("send", index, "failed:", exc, flush=True)
-    sink.close()
-    print("closed", flush=True)
-""")
-
-
 @needs_dev_full
-def test_a_full_disk_fails_each_send_without_crashing_the_process(tmp_path):
-    """Writing again to a container whose header could not be written crashed the process
-    (a segmentation fault in PyAV): a full disk took the whole show down. In a child process,
-    so that a crash fails this test instead of ending the test run."""
+def test_a_disk_that_takes_nothing_is_an_error_at_open(tmp_path):
+    """The header is written when the sink opens: a full disk (or a codec the container cannot
+    hold) is said before the show, not found at its first frame."""
     show = tmp_path / "show.mp4"
     show.symlink_to("/dev/full")
-    result = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(show)], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("send 0 failed: [Errno 28] No space left on device")
-    for line in lines[1:3]:
-        assert "show.mp4 stopped recording at frame 1: No space left on device (it keeps the frames written before" in line
-    assert lines[3] == "closed" and show.is_symlink()  # overwrite=1: the file was not ours to remove
-
-
-@needs_dev_full
-def test_a_recording_that_fails_goes_on_in_a_new_file_while_the_other_sinks_go_on(tmp_path):
-    show = tmp_path / "show.mp4"
-    show.symlink_to("/dev/full")  # the disk is full for this file; show-2.mp4 is on a disk with room
-    spec = f"file:{show}?overwrite=1"
-    recording, other = open_sink(spec, width=64, height=64, fps=FPS), RecordingSink()
-    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
-                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS),
-                      sinks=[recording, other], config=RuntimeConfig(fps=FPS, sink_reopen_seconds=0.3),
-                      reopen_sinks=sink_reopeners([spec, "null"], width=64, height=64, fps=FPS))
-    with runtime:
-        runtime.wait(timeout=2.5)
-    snapshot = runtime.telemetry.snapshot()
-    assert show.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["show-2.mp4", "show.mp4"]
-    assert frames_in(tmp_path / "show-2.mp4") >= FPS  # the second half of the 2.5 s, or more
-    assert len(other.sent) >= 2 * FPS and snapshot["sink_errors"] > 0
+    with pytest.raises(TransportUnavailable, match=r"cannot write .*show\.mp4: \[Errno 28\] No space left on device"):
+        open_sink(f"file:{show}?overwrite=1", width=64, height=48)
+    assert show.is_symlink()  # overwrite=1: the file was not this sink's to remove
+    with pytest.raises(TransportUnavailable, match=r"cannot write .*odd\.mp4: codec mjpeg: .*"):
+        open_sink(f"file:{tmp_path}/odd.mp4?codec=mjpeg&size=64x48", width=64, height=48)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["show.mp4"]
 
 
 MID_SHOW_WRITER = textwrap.dedent("""
@@ -241,3 +204,73 @@ def test_a_disk_that_fills_up_mid_recording_keeps_what_was_written(tmp_path):
     assert first.endswith("No space left on device: '/mnt/show.mp4'")
     assert last.startswith(f"/mnt/show.mp4 stopped recording at frame {written + 1}: No space left on device")
     assert written - FPS * 0.5 - 2 <= frames_in(tmp_path / "show.mp4") <= written  # up to its last whole fragment
+
+
+FILLING_SHOW = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from bridge.frames import Frame
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.session import sink_reopeners
+    from bridge.transports import open_sink
+    from bridge.transports.base import Source
+    from test_file_sink import frames_in
+    from test_runtime import RecordingSink, StandInEngine
+
+    class Noise(Source):  # pictures no encoder can shrink much: the disk fills within a second
+        format = None
+        def __init__(self):
+            self.rng, self.number, self.next = np.random.default_rng(0), 0, time.monotonic()
+        def read(self, timeout=0.1):
+            time.sleep(max(0.0, self.next - time.monotonic()))
+            self.next, self.number = self.next + 1 / 30, self.number + 1
+            return Frame(self.rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), "RGB", time.monotonic(), self.number)
+        def close(self):
+            pass
+
+    with open("/mnt/filler", "wb") as filler:
+        filler.write(bytes(700 * 1024))  # of the 1 MiB
+    spec = "file:/mnt/show.mp4"
+    other = RecordingSink()
+    runtime = Runtime(engine=StandInEngine(size=128, cost=0.005), open_source=Noise,
+                      sinks=[open_sink(spec, width=128, height=128, fps=30), other],
+                      config=RuntimeConfig(fps=30, sink_reopen_seconds=0.3),
+                      reopen_sinks=sink_reopeners([spec, "null"], width=128, height=128, fps=30))
+    with runtime:
+        deadline = time.monotonic() + 20
+        while runtime.telemetry.snapshot()["sink_errors"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        full = time.monotonic()
+        time.sleep(1.0)  # full for a second: the sink fails, is opened again, and that fails too
+        os.remove("/mnt/filler")
+        freed = time.monotonic()
+        runtime.wait(timeout=3.0)
+    sent = [t for t, _ in other.sent]
+    print(" ".join(f"{name}:{frames_in('/mnt/' + name)}" for name in sorted(os.listdir("/mnt"))))
+    print(len([t for t in sent if full < t < freed]), max(np.diff(sent)))
+""")
+
+
+def test_a_disk_that_fills_mid_show_costs_the_recording_only_while_it_is_full(tmp_path):
+    """A 1 MiB tmpfs in a mount namespace of the child's own, mostly taken by another file: the
+    recording fills it and fails; the other sink goes on; the file sink is opened again (into
+    show-2.mp4, which cannot start while the disk is full and leaves no empty file behind); once
+    the other file is deleted, show-2.mp4 records."""
+    reason = mount_namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m none /mnt && exec "$0" "$@"',
+                             sys.executable, "-c", FILLING_SHOW, tests], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(tests))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    files, continuity = result.stdout.splitlines()[-2:]
+    counts = dict(entry.split(":") for entry in files.split())
+    assert sorted(counts) == ["show-2.mp4", "show.mp4"], files  # no show-3.mp4: the failed starts left nothing
+    assert int(counts["show.mp4"]) >= 3 and int(counts["show-2.mp4"]) >= 30, files  # the last 3 s, or most of them
+    while_full, longest_gap = continuity.split()
+    assert int(while_full) >= 20 and float(longest_gap) < 0.25, continuity  # the other sink saw no gap
+    assert "sink 1 FileSink failed: OSError: [Errno 28] No space left on device: '/mnt/show.mp4'" in result.stderr
+    assert "cannot write /mnt/show.mp4 (as /mnt/show-2.mp4): [Errno 28] No space left on device" in result.stderr
+    assert "s: opened it again" in result.stderr

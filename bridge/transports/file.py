@@ -35,6 +35,42 @@ def is_image_sequence(path: str) -> bool:
     return "%" in os.path.basename(path) and path.lower().endswith(".png")
 
 
+FORMAT_HINT = "its extension names no video format; end it in .mp4, .mov or .mkv, or write PNGs as frames/%05d.png"
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def path_refusal(path: str) -> str | None:
+    """Why `path` cannot be a recording, before anything is created; None when it can."""
+    if os.path.isdir(path):
+        return "it is a folder; name a file in it, as in file:FOLDER/show.mp4"
+    if path.lower().endswith(PICTURE_EXTENSIONS) and not is_image_sequence(path):
+        return ("one picture file cannot hold a video; a PNG sequence names its pictures with a number "
+                "pattern, as in frames/%05d.png")
+    return None
+
+
+def is_special_file(path: str) -> bool:
+    """An existing device or named pipe (/dev/null, a FIFO another program reads): written as
+    it is, never numbered beside."""
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
+def video_codec_for(av, container) -> str:
+    """The first of VIDEO_CODECS that this PyAV build has and the container takes, else the
+    container's own default (vp9 for webm, gif for gif)."""
+    supported = container.supported_codecs
+    for name in VIDEO_CODECS:
+        if name in av.codecs_available and name in supported:
+            return name
+    return container.default_video_codec
+
+
+def pixel_format_for(av, codec: str) -> str:
+    """yuv420p (what players expect) when `codec` takes it, else the codec's first format."""
+    formats = [f.name for f in (av.Codec(codec, "w").video_formats or ())]
+    return "yuv420p" if not formats or "yuv420p" in formats else formats[0]
+
+
 def numbered(path: str, number: int) -> str:
     """`path` with `-number` before its extension (show.mp4, 2: show-2.mp4); number 1: `path`."""
     if number == 1:
@@ -91,21 +127,26 @@ class FileSink(Sink):
         # fault) when a container whose header could not be written is written to again, and
         # frames after a lost one would refer to pictures the file does not have.
         self._failure = ""
-        folder = os.path.dirname(os.path.abspath(path))
+        refusal = path_refusal(path)
+        if refusal:
+            raise TransportUnavailable(f"cannot write {path}: {refusal}")
         try:
-            os.makedirs(folder, exist_ok=True)
-            if not is_image_sequence(path) and not overwrite:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if not (is_image_sequence(path) or overwrite or is_special_file(path)):
                 self.path = claim_free_path(path)
                 self._claimed = True
-                if self.path != path:
-                    log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)",
-                                path, self.path)
             self._container, self._stream = self._open(av, self.path, codec)
         except (av.error.FFmpegError, ValueError, OSError) as exc:
             self._remove_claimed()
-            raise TransportUnavailable(f"cannot write {self.path}: {exc}") from None
+            reason = FORMAT_HINT if "output format" in str(exc) else str(exc)
+            named = f"{path} (as {self.path})" if self.path != path else path
+            raise TransportUnavailable(f"cannot write {named}: {reason}") from None
+        if self.path != path:
+            log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)", path, self.path)
 
     def _open(self, av, path: str, codec: str | None):
+        """The container and its video stream, with the header written: a codec the container
+        cannot hold, or a disk that takes nothing, is an error now, not at the first frame."""
         rate = self._rate = max(1, round(self._fps))
         if is_image_sequence(path):
             container = av.open(path, "w", format="image2")
@@ -115,14 +156,28 @@ class FileSink(Sink):
             options = {"flush_packets": "1"}  # each packet to the operating system as it is muxed
             if self._fragment and path.lower().endswith(FRAGMENTED):
                 options["movflags"] = MOVFLAGS
-            container = av.open(path, "w", options=options)
-            name = codec or next(c for c in VIDEO_CODECS if c in av.codecs_available)
-            stream = container.add_stream(name, rate=rate)
-            stream.pix_fmt = "yuv420p"
-            if self._fragment:
-                stream.gop_size = max(1, round(rate * self._fragment))
-            if name == "libx264":
-                stream.options = {"preset": "veryfast", "tune": "zerolatency"}
+            if codec and codec not in av.codecs_available:
+                raise ValueError(f"codec {codec}: this PyAV build has no such encoder (libx264, mpeg4, png, ...)")
+            container = av.open(path, "w", container_options=options)
+            try:
+                name = codec or video_codec_for(av, container)
+                stream = container.add_stream(name, rate=rate)
+                stream.pix_fmt = pixel_format_for(av, name)
+                if self._fragment:
+                    stream.gop_size = max(1, round(rate * self._fragment))
+                if name == "libx264":
+                    stream.options = {"preset": "veryfast", "tune": "zerolatency"}
+                stream.width, stream.height = self.format.width, self.format.height
+                container.start_encoding()
+            except BaseException as exc:
+                try:
+                    container.close()  # (never written to again: see _failure)
+                except (av.error.FFmpegError, OSError):
+                    pass
+                if codec and isinstance(exc, (av.error.FFmpegError, ValueError)):
+                    raise ValueError(f"codec {codec}: {exc}") from None
+                raise
+            return container, stream
         stream.width, stream.height = self.format.width, self.format.height
         return container, stream
 
