@@ -60,6 +60,7 @@ class SinkLane:
         self._next_reopen = 0.0
         self._backoff = self._backoff_range[0]
         self.reopened = 0  # times the sink was replaced
+        self._recorded: list[tuple[str, int]] = []  # (path, frames) of each replaced sink that wrote a file
         self.name = name or type(sink).__name__
         self._target = target
         self._telemetry = telemetry
@@ -148,6 +149,7 @@ class SinkLane:
         if self._reopen is None or failing < self._reopen_after or now < self._next_reopen:
             return
         old, self.sink = self.sink, None
+        self._recorded.extend(recording_of(old))
         if old is not None:  # on a helper thread: a close that hangs must not hold this lane
             closer = threading.Thread(target=close_quietly, args=(old,), name=f"sdbridge close {self.name}", daemon=True)
             closer.start()
@@ -174,6 +176,11 @@ class SinkLane:
         self._telemetry.error(text)
         log.warning("%s", text)
 
+    def recordings(self) -> list[tuple[str, int]]:
+        """(path, frames written) of each file this lane's sinks wrote frames to, in order: a
+        file sink opened again after failures records into a new file (bridge.transports.file)."""
+        return self._recorded + recording_of(self.sink)
+
     def _for_sink(self, frame: Frame) -> Frame:
         """`frame` in the sink's format, converted once however often it is repeated."""
         target = self._target
@@ -184,6 +191,13 @@ class SinkLane:
             self._converted = (frame, convert(frame, target, fit=getattr(sink, "fit", "letterbox"),
                                               filter=getattr(sink, "filter", "bilinear")))
         return self._converted[1]
+
+
+def recording_of(sink: Sink | None) -> list[tuple[str, int]]:
+    """[(path, frames written)] for a sink that writes a file and wrote to it, else []. (Only
+    its lane's thread sends to it, so the count is final once that thread has moved on.)"""
+    path, frames = getattr(sink, "path", None), getattr(sink, "frames_written", 0)
+    return [(path, frames)] if isinstance(path, str) and isinstance(frames, int) and frames > 0 else []
 
 
 def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:

@@ -262,6 +262,10 @@ class Runtime:
         as a slow sink gets fewer than the output sent."""
         return [(lane.name, lane.sent) for lane in self._shared.lanes]
 
+    def recordings(self) -> list[tuple[str, int]]:
+        """(path, frames) of each file the sinks wrote, in sink order (bridge.lanes)."""
+        return [entry for lane in self._shared.lanes for entry in lane.recordings()]
+
     def __enter__(self) -> "Runtime":
         self.start()
         return self

@@ -192,6 +192,7 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
         summary["seconds"] = time.monotonic() - started
         summary["stragglers"] = runtime.stragglers(STRAGGLER_SECONDS)
         summary["sinks"] = runtime.sinks_sent()
+        summary["recordings"] = runtime.recordings()
         return summary
 
 
@@ -388,4 +389,6 @@ def format_summary(summary: dict) -> str:
         f"missed by slow sinks {summary.get('sink_missed', 0)}",
         *([f"frames each sink took: {', '.join(f'{name} {sent}' for name, sent in summary['sinks'])}"]
           if summary.get("sinks") else []),
+        *([f"recorded: {', '.join(f'{path} ({frames} frames)' for path, frames in summary['recordings'])}"]
+          if summary.get("recordings") else []),
     ])

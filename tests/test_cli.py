@@ -161,7 +161,7 @@ def test_a_clip_through_run_into_a_file(tmp_path):
     assert 20 <= len(frames) <= 100, len(frames)
     assert frames[0].shape == (64, 64, 3)
     assert any(not np.array_equal(frames[0], f) for f in frames[1:])
-    assert "processed" in result.stdout
+    assert "processed" in result.stdout and f"recorded: {out} ({len(frames)} frames)" in result.stdout
 
 
 def test_txt2img_runs_from_the_prompt_alone_paced_to_the_output_rate(tmp_path):
@@ -185,6 +185,7 @@ def test_txt2img_runs_from_the_prompt_alone_paced_to_the_output_rate(tmp_path):
     assert len({picture.tobytes() for picture in pictures}) > 1  # new pictures, not one repeated
     # the summary says what each sink took: here every picture written
     assert f"frames each sink took: 1 FileSink {len(pictures)}" in result.stdout, result.stdout
+    assert f"recorded: {frames}/%05d.png ({len(pictures)} frames)" in result.stdout
 
 
 @pytest.mark.slow

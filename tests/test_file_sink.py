@@ -2,6 +2,7 @@
 restart with the same command, a disk that fills up. Real files through PyAV throughout; the
 full disk is Linux's /dev/full (every write fails with ENOSPC), reached through a symbolic link."""
 
+import json
 import logging
 import os
 import shutil
@@ -207,7 +208,7 @@ def test_a_disk_that_fills_up_mid_recording_keeps_what_was_written(tmp_path):
 
 
 FILLING_SHOW = textwrap.dedent("""
-    import os, sys, time
+    import json, os, sys, time
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from bridge.frames import Frame
@@ -247,6 +248,7 @@ FILLING_SHOW = textwrap.dedent("""
         freed = time.monotonic()
         runtime.wait(timeout=3.0)
     sent = [t for t, _ in other.sent]
+    print(json.dumps(runtime.recordings()))
     print(" ".join(f"{name}:{frames_in('/mnt/' + name)}" for name in sorted(os.listdir("/mnt"))))
     print(len([t for t in sent if full < t < freed]), max(np.diff(sent)))
 """)
@@ -265,8 +267,12 @@ def test_a_disk_that_fills_mid_show_costs_the_recording_only_while_it_is_full(tm
                              sys.executable, "-c", FILLING_SHOW, tests], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(tests))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    files, continuity = result.stdout.splitlines()[-2:]
+    recordings, files, continuity = result.stdout.splitlines()[-3:]
     counts = dict(entry.split(":") for entry in files.split())
+    # what the exit summary lists: each file with the frames written to it (a fragment may be cut)
+    written = dict(json.loads(recordings))
+    assert list(written) == ["/mnt/show.mp4", "/mnt/show-2.mp4"], recordings
+    assert int(counts["show.mp4"]) <= written["/mnt/show.mp4"] and int(counts["show-2.mp4"]) == written["/mnt/show-2.mp4"]
     assert sorted(counts) == ["show-2.mp4", "show.mp4"], files  # no show-3.mp4: the failed starts left nothing
     assert int(counts["show.mp4"]) >= 3 and int(counts["show-2.mp4"]) >= 30, files  # the last 3 s, or most of them
     while_full, longest_gap = continuity.split()
