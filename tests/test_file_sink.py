@@ -16,12 +16,8 @@ import numpy as np
 import pytest
 
 from bridge.frames import Frame
-from bridge.runtime import Runtime, RuntimeConfig
-from bridge.session import sink_reopeners
 from bridge.transports import TransportUnavailable, open_sink
 from bridge.transports.file import FileSink, claim_free_path, numbered
-from bridge.transports.testpattern import TestPatternSource
-from test_runtime import RecordingSink, StandInEngine
 
 FPS = 30
 
