@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import functools
 import gc
 import logging
@@ -153,8 +154,7 @@ def run_session(settings: RunSettings, *, stream=None, stop_on_stdin_eof: bool =
             if stop_on_stdin_eof:  # inside the try: an end of input already there aborts loading here
                 watch_stdin_for_eof(lambda: signals.request_from_thread(signal.SIGTERM))
             config = _stream_config(settings)
-            sinks, first_source = _open_transports(settings, config.width, config.height,
-                                                   txt2img=config.mode == "txt2img")
+            sinks, first_source, config = _open_transports(settings, config)
             plane = _start_control(settings, store, live)
             engine = _build_engine(settings, config)
             _check_preset_sizes(settings, engine)
@@ -291,23 +291,83 @@ class NoInput(Source):
         self._closed.set()
 
 
-def _open_transports(settings: RunSettings, width: int, height: int, *, txt2img: bool = False):
-    """(sinks, source), or UserError with the transport's one-line reason. txt2img: no source
-    is opened (NoInput stands in: the runtime's capture thread then reads nothing)."""
-    sinks = []
+def _open_transports(settings: RunSettings, config):
+    """(sinks, source, config), or UserError with the transport's one-line reason. txt2img: no
+    source is opened (NoInput stands in: the runtime's capture thread then reads nothing).
+    --aspect source: the source opens first, and its first frame's shape sets the size in the
+    config returned, at which the sinks then open (see sized_by_source)."""
+    sinks, source = [], None
+    txt2img = config.mode == "txt2img"
     try:
+        if settings.aspect == "source" and not txt2img:
+            source = open_source(settings.source, fps=settings.fps)
+            source, config = sized_by_source(source, config, settings.source)
         for spec in settings.sink:
-            sinks.append(open_sink(spec, width=width, height=height, fps=settings.fps))
+            sinks.append(open_sink(spec, width=config.width, height=config.height, fps=settings.fps))
         if txt2img:
+            if settings.aspect == "source":
+                log.info("--aspect source: txt2img reads no source; processing at %dx%d", config.width, config.height)
             log.info("txt2img: pictures from the prompt alone, at most %g a second; no source is read", settings.fps)
-            return sinks, NoInput()
-        return sinks, open_source(settings.source, fps=settings.fps)
+            return sinks, NoInput(), config
+        if source is None:
+            source = open_source(settings.source, fps=settings.fps)
+        return sinks, source, config
     except (TransportUnavailable, ValueError) as exc:
-        _close_all(sinks, None)
+        _close_all(sinks, source)
         raise UserError(str(exc)) from None
     except BaseException:
-        _close_all(sinks, None)
+        _close_all(sinks, source)
         raise
+
+
+#: --aspect source: how long the start waits for the source's first frame (a sender that is not
+#: there yet, a camera still starting) before it processes at --width x --height instead
+FIRST_FRAME_SECONDS = 5.0
+
+
+def sized_by_source(source: Source, config, name: str, wait: float = FIRST_FRAME_SECONDS):
+    """(source, config) for --aspect source: the config's size becomes one of the shape of the
+    source's first frame with about as many pixels (pipeline.config.aspect_size), and the source
+    hands that frame out again first. No frame within `wait` seconds, or a source that ends or is
+    lost before one: the config as it is, said in the log."""
+    from pipeline.config import aspect_size
+
+    log.info("waiting up to %g s for the first frame of %s: its shape sets the processing size (--aspect source)",
+             wait, name)
+    deadline, frame = time.monotonic() + wait, None
+    while frame is None and time.monotonic() < deadline:
+        try:
+            frame = source.read(timeout=0.1)
+        except SourceLost as exc:  # (SourceEnded is one)
+            log.warning("--aspect source: %s; processing at %dx%d", exc, config.width, config.height)
+            return source, config
+    if frame is None:
+        log.warning("--aspect source: no frame from %s within %g s; processing at %dx%d (the size is chosen at "
+                    "start; /sd/resolution changes it later)", name, wait, config.width, config.height)
+        return source, config
+    height, width = frame.pixels.shape[:2]
+    size = aspect_size(width, height, config.width * config.height)
+    log.info("source %dx%d: processing at %dx%d, its shape with about %dx%d's pixels (--aspect source)",
+             width, height, *size, config.width, config.height)
+    return FirstFrameAgain(source, frame), dataclasses.replace(config, width=size[0], height=size[1])
+
+
+class FirstFrameAgain(Source):
+    """`source`, whose first `read` returns `frame` (read from it already) again."""
+
+    def __init__(self, source: Source, frame) -> None:
+        self._source, self._frame = source, frame
+
+    @property
+    def format(self):
+        return self._source.format
+
+    def read(self, timeout: float = 0.1):
+        frame, self._frame = self._frame, None
+        return frame if frame is not None else self._source.read(timeout)
+
+    def close(self) -> None:
+        self._source.close()
 
 
 def _close_all(sinks, source, *others) -> None:

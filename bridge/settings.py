@@ -37,6 +37,7 @@ from .transports import parse_spec
 
 # as pipeline's (StreamConfig's modes, pipeline.loading's LoRA scale limit): not imported, which would load torch
 MODES = ("img2img", "txt2img")
+ASPECTS = ("fixed", "source")  # RunSettings.aspect
 MAX_LORA_SCALE = 10.0
 
 
@@ -67,6 +68,7 @@ class RunSettings:
     allow_pickle: bool = False  # allow .ckpt/.bin/.pt weights (they can run code)
     width: int = 512  # processing and output size
     height: int = 512
+    aspect: str = "fixed"  # "source": width x height becomes a size of the source's shape, as many pixels
     t_index_list: tuple[int, ...] | None = None  # denoising timestep indices (overrides steps/strength)
     steps: int | None = None  # number of denoising steps (with strength: evenly spread indices)
     strength: float | None = None  # img2img strength in (0, 1] (with steps)
@@ -166,6 +168,8 @@ class RunSettings:
                 raise ValueError(f"{name}: {value!r} must be a positive multiple of 8 up to {MAX_SIZE}")
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(MODES)}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"aspect: {self.aspect!r} must be one of {', '.join(ASPECTS)}")
         if self.input_fit is not None and self.input_fit not in INPUT_FITS:
             raise ValueError(f"input_fit: {self.input_fit!r} must be one of {', '.join(INPUT_FITS)}")
         if self.fallback not in FALLBACKS:

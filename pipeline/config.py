@@ -229,6 +229,26 @@ def t_index_list_from_strength(strength: float, steps: int, num_inference_steps:
     return tuple(start + (k * span) // steps for k in range(steps))
 
 
+def aspect_size(source_width: int, source_height: int, area: int, *, multiple: int = 64,
+                limit: int = 2048) -> tuple[int, int]:
+    """A processing size of the source's aspect ratio and about `area` pixels: width and height
+    multiples of `multiple` (64: what the SD models' VAE and UNet halve a size by) from `multiple`
+    to `limit`. Of all such sizes, the one that strays least from the aspect ratio and the area,
+    both measured as log ratios, the aspect counted double (a shape that looks wrong is worse
+    than a few percent of cost either way); a tie goes to the smaller size.
+    1280x720 at 512x512's area: 704x384; 640x480: 576x448; 1080x1920: 384x704."""
+    if min(source_width, source_height, area, multiple) <= 0 or limit < multiple:
+        raise ValueError(f"aspect_size: {source_width}x{source_height}, area {area}, multiple {multiple}, "
+                         f"limit {limit}: all must be positive, the limit at least the multiple")
+    aspect, sides = source_width / source_height, range(multiple, limit + 1, multiple)
+
+    def cost(size: tuple[int, int]) -> tuple[float, int]:
+        width, height = size
+        return 2 * abs(math.log(width / height / aspect)) + abs(math.log(width * height / area)), width * height
+
+    return min(((width, height) for width in sides for height in sides), key=cost)
+
+
 def parse_resolution(value, *, name: str = "resolution") -> tuple[int, int]:
     """(width, height) from a pair of whole numbers or text such as "768x432"; ValueError naming
     `name` otherwise (the sizes themselves are checked by StreamConfig and the model)."""
