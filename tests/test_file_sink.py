@@ -276,3 +276,4 @@ def test_a_disk_that_fills_mid_show_costs_the_recording_only_while_it_is_full(tm
     assert "sink 1 FileSink failed: OSError: [Errno 28] No space left on device: '/mnt/show.mp4'" in result.stderr
     assert "cannot write /mnt/show.mp4 (as /mnt/show-2.mp4): [Errno 28] No space left on device" in result.stderr
     assert "s: opened it again" in result.stderr
+    assert "/mnt/show.mp4: only 0.3 MiB free on its disk; the recording stops when it is full" in result.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from fractions import Fraction
@@ -28,6 +29,7 @@ FRAGMENTED = (".mp4", ".m4v", ".mov")  # containers written as fragments while f
 FRAGMENT_SECONDS = 2.0  # the default: at most this much of a recording is lost with the process
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # a fragment (with its index) per keyframe
 MAX_FRAGMENT_SECONDS = 3600.0
+LOW_SPACE_BYTES = 2 * 2**30  # less free than this where a recording starts: a warning
 MAX_NUMBER = 10000  # show-2.mp4 ... show-9999.mp4, then a clear error
 
 
@@ -69,6 +71,18 @@ def pixel_format_for(av, codec: str) -> str:
     """yuv420p (what players expect) when `codec` takes it, else the codec's first format."""
     formats = [f.name for f in (av.Codec(codec, "w").video_formats or ())]
     return "yuv420p" if not formats or "yuv420p" in formats else formats[0]
+
+
+def warn_if_disk_nearly_full(path: str) -> None:
+    """Log a warning when the disk holding `path` has less than LOW_SPACE_BYTES free: an hour of
+    a 720p recording takes 1 to 2 GB, and a disk that fills ends the recording (not the show)."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:  # (a device or pipe's folder may not say)
+        return
+    if free < LOW_SPACE_BYTES:
+        log.warning("%s: only %.1f MiB free on its disk; the recording stops when it is full (the other sinks go "
+                    "on)", path, free / 2**20)
 
 
 def numbered(path: str, number: int) -> str:
@@ -143,6 +157,7 @@ class FileSink(Sink):
             raise TransportUnavailable(f"cannot write {named}: {reason}") from None
         if self.path != path:
             log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)", path, self.path)
+        warn_if_disk_nearly_full(self.path)
 
     def _open(self, av, path: str, codec: str | None):
         """The container and its video stream, with the header written: a codec the container
