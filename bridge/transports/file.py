@@ -75,7 +75,8 @@ def pixel_format_for(av, codec: str) -> str:
 
 def warn_if_disk_nearly_full(path: str) -> None:
     """Log a warning when the disk holding `path` has less than LOW_SPACE_BYTES free: an hour of
-    720p pictures that change every frame can take several GB, and a disk that fills ends the recording (not the show)."""
+    720p pictures that change every frame can take several GB, and a disk that fills ends the
+    recording (not the show)."""
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     except OSError:  # (a device or pipe's folder may not say)
