@@ -168,33 +168,32 @@ class FileSink(Sink):
             container = av.open(path, "w", format="image2")
             stream = container.add_stream("png", rate=rate)
             stream.pix_fmt = "rgb24"
-        else:
-            options = {"flush_packets": "1"}  # each packet to the operating system as it is muxed
-            if self._fragment and path.lower().endswith(FRAGMENTED):
-                options["movflags"] = MOVFLAGS
-            if codec and codec not in av.codecs_available:
-                raise ValueError(f"codec {codec}: this PyAV build has no such encoder (libx264, mpeg4, png, ...)")
-            container = av.open(path, "w", container_options=options)
-            try:
-                name = codec or video_codec_for(av, container)
-                stream = container.add_stream(name, rate=rate)
-                stream.pix_fmt = pixel_format_for(av, name)
-                if self._fragment:
-                    stream.gop_size = max(1, round(rate * self._fragment))
-                if name == "libx264":
-                    stream.options = {"preset": "veryfast", "tune": "zerolatency"}
-                stream.width, stream.height = self.format.width, self.format.height
-                container.start_encoding()
-            except BaseException as exc:
-                try:
-                    container.close()  # (never written to again: see _failure)
-                except (av.error.FFmpegError, OSError):
-                    pass
-                if codec and isinstance(exc, (av.error.FFmpegError, ValueError)):
-                    raise ValueError(f"codec {codec}: {exc}") from None
-                raise
+            stream.width, stream.height = self.format.width, self.format.height
             return container, stream
-        stream.width, stream.height = self.format.width, self.format.height
+        if codec and codec not in av.codecs_available:
+            raise ValueError(f"codec {codec}: this PyAV build has no such encoder (libx264, mpeg4, png, ...)")
+        options = {"flush_packets": "1"}  # each packet to the operating system as it is muxed
+        if self._fragment and path.lower().endswith(FRAGMENTED):
+            options["movflags"] = MOVFLAGS
+        container = av.open(path, "w", container_options=options)
+        try:
+            name = codec or video_codec_for(av, container)
+            stream = container.add_stream(name, rate=rate)
+            stream.pix_fmt = pixel_format_for(av, name)
+            if self._fragment:
+                stream.gop_size = max(1, round(rate * self._fragment))
+            if name == "libx264":
+                stream.options = {"preset": "veryfast", "tune": "zerolatency"}
+            stream.width, stream.height = self.format.width, self.format.height
+            container.start_encoding()
+        except BaseException as exc:
+            try:
+                container.close()  # (never written to again: see _failure)
+            except (av.error.FFmpegError, OSError):
+                pass
+            if codec and isinstance(exc, (av.error.FFmpegError, ValueError)):
+                raise ValueError(f"codec {codec}: {exc}") from None
+            raise
         return container, stream
 
     def _remove_claimed(self) -> None:
