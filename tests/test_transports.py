@@ -1,5 +1,6 @@
 """Sources and sinks that run for real here: test pattern, video files, file sink, null, the registry."""
 
+import struct
 import sys
 import time
 
@@ -316,6 +317,38 @@ def test_a_file_with_garbled_tags_plays(tmp_path):
     clip.write_bytes(data.replace(b"TITLETITLE", b"TITLE\xff\xfe\xd8LE"))
     with open_source(f"video:{clip}?realtime=0") as source:
         assert len(read_all(source)) == 5
+
+
+def with_display_matrix(path, matrix):
+    """Rewrite the mp4's track header matrix (tkhd, version 0): what a phone writes to say how
+    its clip is to be shown, instead of turning the pictures."""
+    data = bytearray(path.read_bytes())
+    box = data.find(b"tkhd")
+    assert box > 0 and data[box + 4] == 0, "a version-0 track header"
+    at = box + 4 + 4 + 20 + 8 + 8  # (version and flags; times, track, duration; reserved; layer..volume)
+    assert struct.unpack(">9i", data[at:at + 36]) == (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)  # the identity
+    data[at:at + 36] = struct.pack(">9i", *matrix, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("turn, matrix, shape, top_left_white", [
+    ("a phone held upright (90 degrees clockwise)", (0, 65536, 0, -65536, 0, 0), (96, 48, 3), True),
+    ("upside down", (-65536, 0, 0, 0, -65536, 0), (48, 96, 3), False),
+    ("90 degrees counterclockwise", (0, -65536, 0, 65536, 0, 0), (96, 48, 3), False),
+])
+def test_a_clip_is_turned_as_players_show_it(tmp_path, turn, matrix, shape, top_left_white):
+    """A clip shot on a phone held upright came out lying on its side: its pictures are stored
+    wide, with a display matrix that players (and ffmpeg) turn them by."""
+    picture = np.zeros((48, 96, 3), np.uint8)
+    picture[:, :48] = 255  # the left half white
+    clip = tmp_path / "phone.mp4"
+    write_clip(clip, [picture] * 3, fps=10)
+    with_display_matrix(clip, matrix)
+    with open_source(f"video:{clip}?realtime=0") as source:
+        frames = read_all(source)
+    assert len(frames) == 3 and frames[0].pixels.shape == shape, turn
+    top_left = frames[0].pixels[:shape[0] // 4, :shape[1] // 4].mean()
+    assert (top_left > 200) == top_left_white and (top_left < 50) != top_left_white, (turn, top_left)
 
 
 CORRUPTIONS = ("bytes changed", "cut short", "a block overwritten")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Callable
+
+import numpy as np
 
 from ..frames import Frame
 from ..ratelimit import RateLimitedLog
@@ -16,6 +19,17 @@ log = logging.getLogger(__name__)
 
 #: undecodable packets in a row before the source counts as lost (a second of video at 30 fps)
 MAX_BAD_PACKETS = 30
+
+
+def upright(pixels: np.ndarray, rotation) -> np.ndarray:
+    """`pixels` turned as a player shows them: `rotation` is PyAV's `VideoFrame.rotation`, the
+    display matrix's angle in degrees counterclockwise (a phone clip shot upright: -90, shown
+    turned 90 degrees clockwise, as ffmpeg's own autorotation does). Multiples of 90 only; any
+    other angle (or none) leaves the pixels as they are."""
+    if not isinstance(rotation, (int, float)) or not math.isfinite(rotation) or round(rotation) % 90:
+        return pixels
+    turns = round(rotation) // 90 % 4
+    return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels  # (rot90: counterclockwise too)
 
 
 class AVReader:
@@ -111,7 +125,7 @@ class AVReader:
                 last_time = seconds
                 if self._stop.wait(max(0.0, start + (seconds - first_time) - time.monotonic())):
                     return None
-            pixels = video_frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            pixels = upright(video_frame.to_ndarray(format="rgb24"), getattr(video_frame, "rotation", 0))  # (H, W, 3)
             self._slot.put(Frame(pixels, "RGB", time.monotonic(), self._sequence))
             self._sequence += 1
         if last_time is None:
