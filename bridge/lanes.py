@@ -9,7 +9,9 @@ the bilinear scaling of a sink of another size included) and sends it on its own
 
 A lane also mends its sink: one whose every send has failed for a while (`reopen_after`: a Spout
 sender after a GPU driver reset, a virtual camera whose driver restarted) is closed and opened
-again by its name, as a lost source is.
+again by its name, as a lost source is. And a lane whose sink writes a file stops and starts
+recording on request (`record`, OSC /sd/record/stop and /sd/record/start): stopping finishes
+the file; starting opens a new one by the sink's name (numbered beside the others).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class SinkLane:
         self._backoff = self._backoff_range[0]
         self.reopened = 0  # times the sink was replaced
         self._recorded: list[tuple[str, int]] = []  # (path, frames) of each replaced sink that wrote a file
+        self.records = writes_files(sink)  # a recording: /sd/record/stop and /start apply to it
+        self._record_request: bool | None = None  # the latest record(on) not yet carried out (lane thread)
+        self._record_stopped = False  # the recording was stopped on request: frames are let go
         self.name = name or type(sink).__name__
         self._target = target
         self._telemetry = telemetry
@@ -85,6 +90,20 @@ class SinkLane:
                 self._telemetry.count("sink_missed")
             self._queue.append(frame)
             self._condition.notify()
+
+    def record(self, on: bool) -> None:
+        """Stop (False) or start (True) this lane's recording, on its own thread before its next
+        send; the latest request wins. Nothing for a lane whose sink writes no file."""
+        if not self.records:
+            return
+        with self._condition:
+            self._record_request = bool(on)
+            self._condition.notify()
+
+    @property
+    def recording(self) -> bool:
+        """Whether this lane writes a file now (not stopped, not failed to open again)."""
+        return self.records and not self._record_stopped and self.sink is not None
 
     def stuck_for(self, now: float) -> float:
         """Seconds the send under way has taken so far (0 when the lane is idle)."""
@@ -119,13 +138,55 @@ class SinkLane:
         return True
 
     def _next(self) -> Frame | None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._closing and self._record_request is None:
+                    self._condition.wait()
+                request, self._record_request = self._record_request, None
+                if request is None:
+                    return self._queue.popleft() if self._queue else None
+            self._carry_out_record(request)  # (outside the lock: opening or finishing a file takes time)
+
+    def _carry_out_record(self, on: bool) -> None:
+        """Stop: finish the file (its recording is listed, the frames meanwhile are let go).
+        Start: open a new file by the sink's name, when stopped."""
+        if not on:
+            if self._record_stopped:
+                return
+            old, self.sink = self.sink, None
+            self._record_stopped, self._failing_since = True, None
+            self._recorded.extend(recording_of(old))
+            if old is not None:
+                close_quietly(old)
+                log.info("sink %s: recording stopped: %s", self.name,
+                         ", ".join(f"{path} ({frames} frames)" for path, frames in recording_of(old)) or "nothing written")
+            return
+        if not self._record_stopped:
+            log.info("sink %s: already recording", self.name)
+            return
         with self._condition:
-            while not self._queue and not self._closing:
-                self._condition.wait()
-            return self._queue.popleft() if self._queue else None
+            if self._closing:  # (the run is ending: no new file)
+                return
+        if self._reopen is None:
+            text = f"sink {self.name}: cannot start recording again (a PNG sequence would number over its pictures)"
+            self._telemetry.error(text)
+            log.warning("%s", text)
+            return
+        try:
+            sink = self._reopen()
+        except Exception as exc:
+            text = f"sink {self.name}: could not start recording: {describe(exc)}"
+            self._telemetry.error(text)
+            log.warning("%s", text)
+            return
+        self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
+        self._record_stopped = False
+        log.info("sink %s: recording to %s", self.name, getattr(sink, "path", "?"))
 
     def _run(self) -> None:
         while (frame := self._next()) is not None:
+            if self._record_stopped:
+                continue  # (stopped on request: not a failure, not a missed frame)
             self._sending_since, self._reported_stuck = time.monotonic(), False
             try:
                 if self.sink is None:
@@ -191,6 +252,11 @@ class SinkLane:
             self._converted = (frame, convert(frame, target, fit=getattr(sink, "fit", "letterbox"),
                                               filter=getattr(sink, "filter", "bilinear")))
         return self._converted[1]
+
+
+def writes_files(sink: Sink | None) -> bool:
+    """Whether `sink` records into a file (a file sink: it has `path` and `frames_written`)."""
+    return isinstance(getattr(sink, "path", None), str) and isinstance(getattr(sink, "frames_written", None), int)
 
 
 def recording_of(sink: Sink | None) -> list[tuple[str, int]]:

@@ -255,7 +255,20 @@ class Runtime:
         return [thread.name for thread in self._threads if thread.is_alive()]
 
     def snapshot(self) -> dict:
-        return self.telemetry.snapshot()
+        """The telemetry's figures, and `recording`: how many files the sinks are writing now."""
+        return {**self.telemetry.snapshot(), "recording": sum(lane.recording for lane in self._shared.lanes)}
+
+    def record_start(self) -> None:
+        """Each file sink whose recording was stopped starts a new file (by its name, numbered
+        beside the others; safe from any thread, carried out on the sinks' own threads)."""
+        for lane in self._shared.lanes:
+            lane.record(True)
+
+    def record_stop(self) -> None:
+        """Each file sink finishes its file and lets frames go until record_start (safe from
+        any thread); the other sinks go on."""
+        for lane in self._shared.lanes:
+            lane.record(False)
 
     def sinks_sent(self) -> list[tuple[str, int]]:
         """(name, frames it took) for each sink, in order ("1 FileSink"): what each really got,

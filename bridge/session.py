@@ -214,7 +214,8 @@ def _start_control(settings: RunSettings, store: ParameterStore, live: dict):
         return call
 
     plane = ControlPlane(store=store, settings=settings.control_settings(), telemetry=telemetry,
-                         on_pause=action("pause"), on_resume=action("resume"), presets=settings.presets)
+                         on_pause=action("pause"), on_resume=action("resume"), presets=settings.presets,
+                         on_record_stop=action("record_stop"), on_record_start=action("record_start"))
     return plane.start()
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import av
 import numpy as np
@@ -277,3 +278,49 @@ def test_a_disk_that_fills_mid_show_costs_the_recording_only_while_it_is_full(tm
     assert "cannot write /mnt/show.mp4 (as /mnt/show-2.mp4): [Errno 28] No space left on device" in result.stderr
     assert "s: opened it again" in result.stderr
     assert "/mnt/show.mp4: only 0.3 MiB free on its disk; the recording stops when it is full" in result.stderr
+
+
+def wait_for(condition, seconds=3.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_recording_stops_and_starts_a_new_file_while_the_other_sinks_go_on(tmp_path, caplog):
+    """/sd/record/stop and /sd/record/start (Runtime.record_stop, record_start): the record button."""
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.session import sink_reopeners
+    from bridge.transports.testpattern import TestPatternSource
+    from test_runtime import RecordingSink, StandInEngine
+
+    caplog.set_level(logging.INFO)
+    specs = [f"file:{tmp_path}/show.mp4", f"file:{tmp_path}/frames/%04d.png"]
+    sinks = [open_sink(spec, width=64, height=64, fps=FPS) for spec in specs] + [RecordingSink()]
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS), sinks=sinks,
+                      config=RuntimeConfig(fps=FPS), reopen_sinks=sink_reopeners([*specs, "null"], width=64, height=64, fps=FPS))
+    with runtime:
+        assert wait_for(lambda: runtime.snapshot()["recording"] == 2 and sinks[0].frames_written >= 10)
+        runtime.record_start()  # already recording: nothing changes
+        assert wait_for(lambda: "already recording" in caplog.text)
+        runtime.record_stop()
+        assert wait_for(lambda: runtime.snapshot()["recording"] == 0)
+        stopped_at = (sinks[0].frames_written, sinks[1].frames_written)
+        time.sleep(0.5)  # frames meanwhile go to the other sink only
+        runtime.record_start()
+        assert wait_for(lambda: runtime.snapshot()["recording"] == 1)  # the PNG sequence does not start again
+        time.sleep(0.7)
+        snapshot = runtime.snapshot()
+    assert (sinks[0].frames_written, sinks[1].frames_written) == stopped_at  # finished when stopped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "show-2.mp4", "show.mp4"]
+    recordings = dict(runtime.recordings())
+    assert list(recordings) == [str(tmp_path / "show.mp4"), str(tmp_path / "show-2.mp4"), str(tmp_path / "frames/%04d.png")]
+    assert frames_in(tmp_path / "show.mp4") == recordings[str(tmp_path / "show.mp4")] == stopped_at[0]
+    assert frames_in(tmp_path / "show-2.mp4") == recordings[str(tmp_path / "show-2.mp4")] >= 10
+    assert len(list((tmp_path / "frames").iterdir())) == stopped_at[1]
+    sent = [t for t, _ in sinks[2].sent]
+    assert max(np.diff(sent)) < 0.25 and snapshot["sink_errors"] == 0  # a stopped recording is not a failure
+    assert "cannot start recording again (a PNG sequence would number over its pictures)" in snapshot["last_error"]
+    assert f"recording stopped: {tmp_path / 'show.mp4'} ({stopped_at[0]} frames)" in caplog.text
+    assert f"recording to {tmp_path / 'show-2.mp4'}" in caplog.text

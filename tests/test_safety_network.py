@@ -26,7 +26,7 @@ from pythonosc.osc_message import OscMessage
 
 from bridge.control import ControlPlane, ControlSettings
 from bridge.control.osc import encode_message
-from bridge.control.table import PARAMETERS, RUNTIME_NAMES
+from bridge.control.table import BY_NAME, PARAMETERS, RUNTIME_NAMES
 from bridge.params import LORA_NAMES, ParameterStore, apply_pending
 from bridge.settings import RunSettings
 from test_cli import REPO, TINY, child_env
@@ -124,7 +124,9 @@ def test_no_parameter_takes_a_path():
                               "cue", "seed_blend")  # seed_blend: numbers only
         if param.kind in ("string", "prompt_blend"):
             assert param.name in FREE_TEXT and param.target == "engine", param
-    assert set(RUNTIME_NAMES) == {"pause", "resume", "preset"}  # actions: no argument reaches a file
+    # actions: no argument reaches a file (/record/start opens the file sink's own name, given at start)
+    assert set(RUNTIME_NAMES) == {"pause", "resume", "record_stop", "record_start", "preset"}
+    assert all(BY_NAME[name].kind == "trigger" for name in ("record_stop", "record_start"))
     choice = [p for p in PARAMETERS if p.kind == "choice"]
     assert [(p.name, p.choices) for p in choice] == [("prompt_blend_method", ("linear", "slerp")),
                                                      ("input_fit", ("crop", "letterbox", "stretch"))]

@@ -21,7 +21,7 @@ from bridge.commands.params import as_json  # noqa: E402
 from bridge.control import DEFAULT_OSC_PORT  # noqa: E402
 from bridge.control.router import Router  # noqa: E402
 from bridge.control.status import STATES, status_messages  # noqa: E402
-from bridge.control.table import PARAMETERS, addresses  # noqa: E402
+from bridge.control.table import PARAMETERS, RUNTIME_NAMES, addresses  # noqa: E402
 from bridge.params import PARAMETERS as STORE_PARAMETERS  # noqa: E402
 from bridge.params import ParameterStore  # noqa: E402
 
@@ -98,7 +98,8 @@ def test_bad_json_is_one_clear_error():
 def test_each_parameter_reaches_the_bridge(td_table, param_name):
     """Every TouchDesigner parameter's message, encoded as sendOSC does, through the real router."""
     store, actions = ParameterStore(), Actions()
-    router = Router(store=store, actions={"pause": actions.pause, "resume": actions.resume}, presets=PRESET_VALUES)
+    router = Router(store=store, actions={name: getattr(actions, name) for name in RUNTIME_NAMES if name != "preset"},
+                    presets=PRESET_VALUES)
     page = table.parameter_page(td_table)
     spec = td_table.by_name(param_name)
     sending = [par for par in page if par.spec == param_name and (par.sends or par.style == "Pulse")]
@@ -244,7 +245,7 @@ def test_command_text_quotes_names():
 def full_snapshot():
     return {"state": "paused", "processed_fps": 29.5, "output_fps": 30.0, "inference_ms_median": 12.5,
             "latency_ms_median": 40.0, "frames_skipped": 3, "frames_dropped": 1, "osc_refused": 2, "sink_errors": 0,
-            "sink_missed": 4, "last_error": "x: bad",
+            "sink_missed": 4, "recording": 1, "last_error": "x: bad",
             "backend": "compiled+step graph"}
 
 

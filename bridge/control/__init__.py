@@ -10,8 +10,9 @@
 What it writes into the store (`store.update`, one call per OSC packet, names as in
 bridge.params.PARAMETERS): prompt, negative_prompt, guidance_scale, delta, seed, strength,
 t_index_list, similarity_filter, similarity_threshold, similarity_max_skip, and (once the store
-knows them) prompt_blend, prompt_blend_method. What it calls: on_pause(), on_resume() — from
-a receive thread; they must only set a flag. Presets ({cue: {name: value}}) are recalled by
+knows them) prompt_blend, prompt_blend_method. What it calls: on_pause(), on_resume(),
+on_record_stop(), on_record_start() — from a receive thread; they must only set a flag (or
+hand a request to another thread). Presets ({cue: {name: value}}) are recalled by
 writing their values into the store.
 """
 
@@ -156,11 +157,14 @@ class ControlPlane:
 
     def __init__(self, *, store, settings: ControlSettings = ControlSettings(),
                  telemetry: Callable[[], dict] | None = None, on_pause: Callable[[], None] | None = None,
-                 on_resume: Callable[[], None] | None = None, presets: dict[int, dict[str, Any]] | None = None) -> None:
+                 on_resume: Callable[[], None] | None = None, presets: dict[int, dict[str, Any]] | None = None,
+                 on_record_stop: Callable[[], None] | None = None,
+                 on_record_start: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self._store = store
         self._telemetry = telemetry
-        actions = {name: fn for name, fn in (("pause", on_pause), ("resume", on_resume)) if fn is not None}
+        actions = {name: fn for name, fn in (("pause", on_pause), ("resume", on_resume), ("record_stop", on_record_stop),
+                                             ("record_start", on_record_start)) if fn is not None}
         self.router = Router(store=store, prefix=settings.osc_prefix, aliases=settings.osc_aliases,
                              allow=parse_allow(settings.osc_allow), actions=actions, presets=presets)
         self._parts: list = []

@@ -12,6 +12,7 @@
     /sd/status/osc_refused    i  OSC messages refused so far (malformed, unknown, out of the allow-list ...)
     /sd/status/sink_errors    i  sends to a sink that failed (total)
     /sd/status/sink_missed    i  frames a sink never got because its earlier sends were still running (total)
+    /sd/status/recording      i  files the file sinks are writing now (0 after /sd/record/stop)
     /sd/status/error          s  the latest error, when there is one
     /sd/status/backend        s  what runs the frames, e.g. "compiled+step graph", "eager (fallback from tensorrt)"
 
@@ -43,6 +44,7 @@ FIGURES = (
     ("osc_refused", "osc_refused", int),
     ("sink_errors", "sink_errors", int),
     ("sink_missed", "sink_missed", int),
+    ("recording", "recording", int),
 )
 
 

@@ -7,7 +7,8 @@ pipeline.StreamConfig's validation (tests/test_control_table.py checks it).
 Targets:
 - "engine": written into the ParameterStore under `name`; the runtime applies them between
   frames with engine.update(**values) / engine.set_prompt(...) / engine.set_prompt_blend(...).
-- "runtime": actions for the runtime itself (pause, resume, preset recall), never stored.
+- "runtime": actions for the runtime itself (pause, resume, recording stop and start, preset
+  recall), never stored.
 
 Conversion (`convert`) is a pure function of the OSC arguments: it accepts what TouchDesigner
 and lighting desks send (int, float, double, T/F, numeric strings), refuses NaN/inf, and clamps
@@ -130,6 +131,12 @@ PARAMETERS: tuple[Param, ...] = (
           target="runtime"),
     Param("resume", "/resume", "trigger", "continue after pause (a 0 / F argument is ignored)",
           target="runtime"),
+    Param("record_stop", "/record/stop", "trigger",
+          "finish the files the file sinks are recording; the other sinks go on (a 0 / F argument is ignored)",
+          target="runtime"),
+    Param("record_start", "/record/start", "trigger",
+          "file sinks stopped by /record/stop start new files, numbered beside the others (a 0 / F argument is "
+          "ignored)", target="runtime"),
     Param("preset", "/preset", "cue", "recall a numbered parameter set from the config file",
           target="runtime", minimum=0, maximum=INT32_MAX),
 )
