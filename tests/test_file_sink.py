@@ -133,18 +133,6 @@ def test_a_file_that_cannot_be_started_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("option, message", [
-    ("fragment=-1", "fragment: -1.0 must be seconds from 0"),
-    ("fragment=nan", "fragment: nan must be seconds from 0"),
-    ("fragment=soon", "option fragment='soon' is not a valid float"),
-    ("overwrite=maybe", "option overwrite='maybe' is not a valid bool"),
-])
-def test_a_bad_file_option_is_one_clear_error(tmp_path, option, message):
-    with pytest.raises(ValueError, match=message):
-        open_sink(f"file:{tmp_path}/show.mp4?{option}", width=64, height=64)
-    assert list(tmp_path.iterdir()) == []
-
-
 @needs_dev_full
 def test_a_disk_that_takes_nothing_is_an_error_at_open(tmp_path):
     """The header is written when the sink opens: a full disk (or a codec the container cannot

@@ -45,6 +45,15 @@ def wait_until(check, seconds: float):
     return None
 
 
+def stop_bridge(process, status_socket) -> tuple[str, str]:
+    """SIGTERM, then the bridge's (stdout, stderr); the status socket closed."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=10)
+    finally:
+        status_socket.close()
+
+
 def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
     osc_port, query_port = free_port(), free_port()
     status = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -100,9 +109,7 @@ def test_oscsend_changes_a_running_bridge_and_status_reports_it(tmp_path):
         assert query(query_port, "/sd/input_zoom?VALUE")["VALUE"] == [pytest.approx(4.5)]
         assert process.poll() is None
     finally:
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=10)
-        status.close()
+        out, err = stop_bridge(process, status)
     assert process.returncode == 0, err
     assert "t_index_list" in err and "strictly increasing" in err, err  # the refusal was logged
     assert "source 640x480 into 64x64: its middle 480x480 is used (input_fit crop" in err, err  # at the first frame
@@ -158,6 +165,41 @@ def test_resolution_changes_while_running_and_a_fixed_size_sink_gets_it_letterbo
     assert first[:8].any(), "the frames before the switch fill the sink"
     assert not last[:16].any() and not last[-16:].any(), "128x64 in 64x64: 16 black rows above and below"
     assert last[16:48].any()
+
+
+def test_oscsend_stops_and_starts_the_recording(tmp_path):
+    """The record button from a foreign client: /sd/record/stop finishes show.mp4, status says
+    recording 0, /sd/record/start records into show-2.mp4, and the exit summary lists both."""
+    osc_port = free_port()
+    status = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    status.bind(("127.0.0.1", 0))
+    status.settimeout(0.2)
+    command = [sys.executable, "-m", "bridge.cli", "run", "--source", "testpattern", "--sink", f"file:{tmp_path}/show.mp4",
+               *TINY, "--fps", "10", "--osc-port", str(osc_port), "--status-target", f"127.0.0.1:{status.getsockname()[1]}"]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def recording():
+        try:
+            message = OscMessage(status.recv(65536))
+        except socket.timeout:
+            return None
+        return message.params[0] + 1 if message.address == "/sd/status/recording" else None  # (0 is falsy)
+
+    try:
+        assert wait_until(lambda: recording() == 2, 60), "no status with one file recording"
+        time.sleep(1.0)
+        subprocess.run(["oscsend", "127.0.0.1", str(osc_port), "/sd/record/stop"], check=True, timeout=5)
+        assert wait_until(lambda: recording() == 1, 10)
+        subprocess.run(["oscsend", "127.0.0.1", str(osc_port), "/sd/record/start", "i", "1"], check=True, timeout=5)
+        assert wait_until(lambda: recording() == 2, 10)
+        time.sleep(1.0)
+        assert process.poll() is None
+    finally:
+        out, err = stop_bridge(process, status)
+    assert process.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["show-2.mp4", "show.mp4"]
+    assert f"recorded: {tmp_path}/show.mp4 (" in out and f"), {tmp_path}/show-2.mp4 (" in out, out
+    assert "recording stopped" in err and "recording to" in err
 
 
 def test_port_in_use_is_one_line_before_the_model_loads():
