@@ -47,12 +47,19 @@ class Actions:
     def resume(self):
         self.calls.append("resume")
 
+    def record_stop(self):
+        self.calls.append("record_stop")
+
+    def record_start(self):
+        self.calls.append("record_start")
+
 
 @pytest.fixture
 def plane():
     store, actions = ParameterStore(), Actions()
     settings = ControlSettings(osc_port=0, oscquery_port=0)
     with ControlPlane(store=store, settings=settings, on_pause=actions.pause, on_resume=actions.resume,
+                      on_record_stop=actions.record_stop, on_record_start=actions.record_start,
                       presets={0: {"prompt": "preset zero"}}) as control:
         control.test_store, control.test_actions = store, actions
         yield control
@@ -257,7 +264,7 @@ def test_every_advertised_address_works_when_sent(plane):
     counters = plane.counters
     assert counters["rejected"] == 0
     assert counters["internal_errors"] == 0 and counters["malformed"] == 0 and counters["unknown_address"] == 0
-    assert plane.test_actions.calls == ["pause", "resume"]
+    assert plane.test_actions.calls == ["pause", "resume", "record_stop", "record_start"]  # (the table's order)
     got = pending(plane.test_store, {})
     assert got["prompt"] == "preset zero"  # /sd/preset 0 came after /sd/prompt
     # each exclusive pair keeps the one set last: the preset's prompt, seed_blend after seed, then
