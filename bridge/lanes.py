@@ -64,7 +64,8 @@ class SinkLane:
         self.reopened = 0  # times the sink was replaced
         self._recorded: list[tuple[str, int]] = []  # (path, frames) of each replaced sink that wrote a file
         self.records = writes_files(sink)  # a recording: /sd/record/stop and /start apply to it
-        self._record_request: bool | None = None  # the latest record(on) not yet carried out (lane thread)
+        # the latest record(on) not yet carried out (lane thread); record=0: stopped before the first frame
+        self._record_request: bool | None = False if self.records and not getattr(sink, "record_at_start", True) else None
         self._record_stopped = False  # the recording was stopped on request: frames are let go
         self.name = name or type(sink).__name__
         self._target = target
@@ -158,8 +159,11 @@ class SinkLane:
             self._recorded.extend(recording_of(old))
             if old is not None:
                 close_quietly(old)
-                log.info("sink %s: recording stopped: %s", self.name,
-                         ", ".join(f"{path} ({frames} frames)" for path, frames in recording_of(old)) or "nothing written")
+                if old.frames_written or getattr(old, "record_at_start", True):
+                    log.info("sink %s: recording stopped: %s", self.name,
+                             ", ".join(f"{path} ({frames} frames)" for path, frames in recording_of(old)) or "nothing written")
+                else:
+                    log.info("sink %s: not recording until /sd/record/start (record=0)", self.name)
             return
         if not self._record_stopped:
             log.info("sink %s: already recording", self.name)

@@ -312,3 +312,36 @@ def test_recording_stops_and_starts_a_new_file_while_the_other_sinks_go_on(tmp_p
     assert "cannot start recording again (a PNG sequence would number over its pictures)" in snapshot["last_error"]
     assert f"recording stopped: {tmp_path / 'show.mp4'} ({stopped_at[0]} frames)" in caplog.text
     assert f"recording to {tmp_path / 'show-2.mp4'}" in caplog.text
+
+
+def test_a_recording_armed_with_record_0_waits_for_record_start(tmp_path, caplog):
+    """file:show.mp4?record=0: checked at start (name, codec, disk), then nothing is written
+    until /sd/record/start; the status line and /sd/status/recording say when it records."""
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.session import sink_reopeners
+    from bridge.telemetry import status_line
+    from bridge.transports.testpattern import TestPatternSource
+    from test_runtime import StandInEngine
+
+    caplog.set_level(logging.INFO)
+    spec = f"file:{tmp_path}/show.mp4?record=0"
+    sink = open_sink(spec, width=64, height=64, fps=FPS)
+    assert sink.record_at_start is False
+    reopened = open_sink(spec, width=64, height=64, fps=FPS, keep_existing=True)
+    assert reopened.record_at_start is True and reopened.path == str(tmp_path / "show-2.mp4")  # (as the lane would)
+    reopened.close()  # (nothing written: its file goes)
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS), sinks=[sink],
+                      config=RuntimeConfig(fps=FPS), reopen_sinks=sink_reopeners([spec], width=64, height=64, fps=FPS))
+    with runtime:
+        assert wait_for(lambda: runtime.snapshot()["frames_out"] >= 10)
+        armed = sorted(p.name for p in tmp_path.iterdir()), runtime.snapshot()
+        runtime.record_start()
+        assert wait_for(lambda: runtime.snapshot()["recording"] == 1)
+        time.sleep(0.5)
+        line = status_line(runtime.snapshot())
+    assert armed[0] == [] and armed[1]["recording"] == 0  # checked at start, then removed: nothing was recorded
+    assert "recording" not in status_line(armed[1]) and "| recording 1" in line
+    assert "not recording until /sd/record/start (record=0)" in caplog.text
+    assert frames_in(tmp_path / "show.mp4") >= 10 and dict(runtime.recordings()) == {
+        str(tmp_path / "show.mp4"): frames_in(tmp_path / "show.mp4")}

@@ -167,14 +167,17 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0, keep_exi
 
         return NullSink()
     if spec.kind == "file":
-        _check_options(spec, ("codec", "size", "fit", "filter", "fragment", "overwrite"))
+        _check_options(spec, ("codec", "size", "fit", "filter", "fragment", "overwrite", "record"))
         from .file import FRAGMENT_SECONDS, FileSink
 
         (width, height), fit, scaling = sink_size(spec, width, height)
         overwrite = _option(spec, "overwrite", bool, False) and not keep_existing
-        return _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
+        record = _option(spec, "record", bool, True)
+        sink = _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
                                  codec=spec.options.get("codec"), overwrite=overwrite,
                                  fragment=_option(spec, "fragment", float, FRAGMENT_SECONDS)), fit, scaling)
+        sink.record_at_start = record or keep_existing  # (opened again: it records, as it did)
+        return sink
     if spec.kind == "virtualcam":
         _check_options(spec, ("backend", "device", "size", "fit", "filter"))
         from .virtualcam import VirtualCamSink

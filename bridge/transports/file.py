@@ -118,6 +118,10 @@ class FileSink(Sink):
     `path` ends up as the file written; a PNG sequence always writes its numbered files.
     """
 
+    #: False (the sink option record=0): the runtime stops the recording as it starts, before the
+    #: first frame (the file, checked and empty, is removed) until /sd/record/start
+    record_at_start = True
+
     def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None,
                  fragment: float = FRAGMENT_SECONDS, overwrite: bool = False) -> None:
         if not path:
