@@ -90,7 +90,8 @@ def expectation(text):
 def plane():
     store, actions = ParameterStore(), Actions()
     with ControlPlane(store=store, settings=ControlSettings(osc_port=0, oscquery=False), on_pause=actions.pause,
-                      on_resume=actions.resume, presets=PRESETS) as control:
+                      on_resume=actions.resume, on_record_stop=actions.record_stop,
+                      on_record_start=actions.record_start, presets=PRESETS) as control:
         control.test_store, control.test_actions = store, actions
         yield control
 
