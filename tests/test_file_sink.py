@@ -1,6 +1,8 @@
 """A recording of the show survives what the show survives: the process killed mid-recording, a
-restart with the same command, a disk that fills up. Real files through PyAV throughout; the
-full disk is Linux's /dev/full (every write fails with ENOSPC), reached through a symbolic link."""
+restart with the same command, a disk that fills up; and the record button (/sd/record/stop,
+/sd/record/start, record=0). Real files through PyAV throughout; a disk that takes nothing is
+Linux's /dev/full (every write fails with ENOSPC) behind a symbolic link, one that fills up a
+small tmpfs in a mount namespace of a child process's own (`unshare -rm`)."""
 
 import json
 import logging
