@@ -67,6 +67,7 @@ class SinkLane:
         # the latest record(on) not yet carried out (lane thread); record=0: stopped before the first frame
         self._record_request: bool | None = False if self.records and not getattr(sink, "record_at_start", True) else None
         self._record_stopped = False  # the recording was stopped on request: frames are let go
+        self._opened_at = time.monotonic()  # when the sink began: a file with split_seconds goes on in a new one
         self.name = name or type(sink).__name__
         self._target = target
         self._telemetry = telemetry
@@ -184,13 +185,24 @@ class SinkLane:
             log.warning("%s", text)
             return
         self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
-        self._record_stopped = False
+        self._record_stopped, self._opened_at = False, time.monotonic()
         log.info("sink %s: recording to %s", self.name, getattr(sink, "path", "?"))
+
+    def _split_when_due(self) -> None:
+        """A file sink with `split_seconds` that has recorded that long: finish it and go on in
+        the next file (between two frames: none is lost)."""
+        split = getattr(self.sink, "split_seconds", None)
+        if split and self.records and time.monotonic() - self._opened_at >= split:
+            self._carry_out_record(False)
+            self._carry_out_record(True)
+            if self._record_stopped:  # the next file could not be opened: a failure, retried as any other
+                self._record_stopped = False
 
     def _run(self) -> None:
         while (frame := self._next()) is not None:
             if self._record_stopped:
                 continue  # (stopped on request: not a failure, not a missed frame)
+            self._split_when_due()
             self._sending_since, self._reported_stuck = time.monotonic(), False
             try:
                 if self.sink is None:
@@ -235,7 +247,7 @@ class SinkLane:
             close_quietly(sink)
             return
         self.sink, self._target, self._converted = sink, getattr(sink, "format", None), (None, None)
-        self._failing_since, self._backoff = None, self._backoff_range[0]
+        self._failing_since, self._backoff, self._opened_at = None, self._backoff_range[0], time.monotonic()
         self.reopened += 1
         text = f"sink {self.name} failed for {failing:.1f} s: opened it again"
         self._telemetry.error(text)

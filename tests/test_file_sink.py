@@ -347,3 +347,29 @@ def test_a_recording_armed_with_record_0_waits_for_record_start(tmp_path, caplog
     assert "not recording until /sd/record/start (record=0)" in caplog.text
     assert frames_in(tmp_path / "show.mp4") >= 10 and dict(runtime.recordings()) == {
         str(tmp_path / "show.mp4"): frames_in(tmp_path / "show.mp4")}
+
+
+def test_a_long_recording_is_split_into_files_without_losing_a_frame(tmp_path):
+    """split=1: every second the file is finished and the next one opened, between two frames."""
+    from bridge.runtime import Runtime, RuntimeConfig
+    from bridge.session import sink_reopeners
+    from bridge.transports.testpattern import TestPatternSource
+    from test_runtime import StandInEngine
+
+    spec = f"file:{tmp_path}/show.mp4?split=1"
+    sink = open_sink(spec, width=64, height=64, fps=FPS)
+    runtime = Runtime(engine=StandInEngine(size=64, cost=0.005),
+                      open_source=lambda: TestPatternSource(width=64, height=64, fps=FPS), sinks=[sink],
+                      config=RuntimeConfig(fps=FPS), reopen_sinks=sink_reopeners([spec], width=64, height=64, fps=FPS))
+    with runtime:
+        runtime.wait(timeout=2.6)
+    names = ["show.mp4", "show-2.mp4", "show-3.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    played = [frames_in(tmp_path / name) for name in names]
+    assert dict(runtime.recordings()) == {str(tmp_path / name): count for name, count in zip(names, played)}
+    assert sum(played) == runtime.sinks_sent()[0][1]  # every frame the sink took is in one of the files
+    assert all(count >= FPS * 0.5 for count in played[:2]), played
+    with pytest.raises(ValueError, match="option split='0.5' must be seconds from 1 to a week"):
+        open_sink(f"file:{tmp_path}/x.mp4?split=0.5", width=64, height=64)
+    with pytest.raises(ValueError, match="for a video file"):
+        open_sink(f"file:{tmp_path}/frames/%04d.png?split=10", width=64, height=64)

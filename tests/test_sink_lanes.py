@@ -266,3 +266,38 @@ def test_only_sinks_that_can_be_opened_again_safely_are():
     assert [reopen is not None for reopen in reopeners] == [True, True, True, True, True, False, False, False]
     assert reopeners[2].args == ("ndi:sdbridge",)
     assert reopeners[2].keywords == {"width": 64, "height": 48, "fps": 25.0, "keep_existing": True}
+
+
+class SplitFile(RecordingSink):
+    """What a lane sees of a file sink with split=SECONDS: a path, a frame count, the split."""
+
+    def __init__(self, path, split_seconds):
+        super().__init__()
+        self.path, self.split_seconds = path, split_seconds
+
+    @property
+    def frames_written(self):
+        return len(self.sent)
+
+
+def test_a_split_whose_next_file_cannot_be_opened_is_retried_as_a_failure(caplog):
+    """The disk is full when a split is due: the lane neither stops recording for good nor
+    stalls; the sends fail (counted) and the file is tried again with backoff, then records."""
+    telemetry = Telemetry()
+    tries = []
+
+    def reopen():  # the next file: refused twice (a full disk), then opened
+        tries.append(time.monotonic())
+        if len(tries) <= 2:
+            raise OSError("[Errno 28] No space left on device")
+        return SplitFile(f"show-{len(tries)}.mp4", split_seconds=60)
+
+    lane = SinkLane(SplitFile("show.mp4", split_seconds=0.3), None, telemetry, name="1 FileSink", reopen=reopen,
+                    reopen_after=0.1, backoff=(0.2, 0.4))
+    offer_for(lane, 1.6)
+    close_lanes([lane], 1.0, lambda sink: sink.close())
+    recordings = lane.recordings()
+    assert [path for path, _ in recordings] == ["show.mp4", "show-3.mp4"] and len(tries) == 3, (recordings, tries)
+    assert recordings[0][1] >= 20 and recordings[1][1] >= 20 and lane.recording
+    assert telemetry.snapshot()["sink_errors"] > 0
+    assert "could not start recording: OSError: [Errno 28] No space left on device" in caplog.text

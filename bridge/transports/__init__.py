@@ -167,16 +167,21 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0, keep_exi
 
         return NullSink()
     if spec.kind == "file":
-        _check_options(spec, ("codec", "size", "fit", "filter", "fragment", "overwrite", "record"))
-        from .file import FRAGMENT_SECONDS, FileSink
+        _check_options(spec, ("codec", "size", "fit", "filter", "fragment", "overwrite", "record", "split"))
+        from .file import FRAGMENT_SECONDS, MIN_SPLIT_SECONDS, FileSink, is_image_sequence
 
         (width, height), fit, scaling = sink_size(spec, width, height)
         overwrite = _option(spec, "overwrite", bool, False) and not keep_existing
         record = _option(spec, "record", bool, True)
+        split = _option(spec, "split", float, None)
+        if split is not None and (not MIN_SPLIT_SECONDS <= split <= 7 * 86400 or is_image_sequence(spec.target)):
+            raise ValueError(f"{spec}: option split={spec.options['split']!r} must be seconds from "
+                             f"{MIN_SPLIT_SECONDS:g} to a week, for a video file (not a PNG sequence)")
         sink = _fitting(FileSink(path=spec.target, width=width, height=height, fps=fps,
                                  codec=spec.options.get("codec"), overwrite=overwrite,
                                  fragment=_option(spec, "fragment", float, FRAGMENT_SECONDS)), fit, scaling)
         sink.record_at_start = record or keep_existing  # (opened again: it records, as it did)
+        sink.split_seconds = split
         return sink
     if spec.kind == "virtualcam":
         _check_options(spec, ("backend", "device", "size", "fit", "filter"))

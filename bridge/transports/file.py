@@ -30,6 +30,7 @@ FRAGMENT_SECONDS = 2.0  # the default: at most this much of a recording is lost 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # a fragment (with its index) per keyframe
 MAX_FRAGMENT_SECONDS = 3600.0
 LOW_SPACE_BYTES = 2 * 2**30  # less free than this where a recording starts: a warning
+MIN_SPLIT_SECONDS = 1.0  # split=SECONDS: at least this
 MAX_NUMBER = 10000  # show-2.mp4 ... show-9999.mp4, then a clear error
 
 
@@ -121,6 +122,9 @@ class FileSink(Sink):
     #: False (the sink option record=0): the runtime stops the recording as it starts, before the
     #: first frame (the file, checked and empty, is removed) until /sd/record/start
     record_at_start = True
+    #: seconds after which the runtime goes on in a new file (the sink option split=SECONDS; its
+    #: lane finishes this file and opens the next by the same name, numbered: bridge.lanes)
+    split_seconds: float | None = None
 
     def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None,
                  fragment: float = FRAGMENT_SECONDS, overwrite: bool = False) -> None:
