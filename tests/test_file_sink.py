@@ -347,6 +347,11 @@ def test_a_recording_armed_with_record_0_waits_for_record_start(tmp_path, caplog
     assert "not recording until /sd/record/start (record=0)" in caplog.text
     assert frames_in(tmp_path / "show.mp4") >= 10 and dict(runtime.recordings()) == {
         str(tmp_path / "show.mp4"): frames_in(tmp_path / "show.mp4")}
+    # with overwrite=1 too, an armed sink checks beside the old show and leaves it whole
+    armed_again = open_sink(f"file:{tmp_path}/show.mp4?record=0&overwrite=1", width=64, height=64, fps=FPS)
+    assert armed_again.path == str(tmp_path / "show-2.mp4")
+    armed_again.close()
+    assert frames_in(tmp_path / "show.mp4") >= 10 and not (tmp_path / "show-2.mp4").exists()
 
 
 def test_a_long_recording_is_split_into_files_without_losing_a_frame(tmp_path):

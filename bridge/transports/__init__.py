@@ -171,8 +171,9 @@ def open_sink(text: str, *, width: int, height: int, fps: float = 30.0, keep_exi
         from .file import FRAGMENT_SECONDS, MIN_SPLIT_SECONDS, FileSink, is_image_sequence
 
         (width, height), fit, scaling = sink_size(spec, width, height)
-        overwrite = _option(spec, "overwrite", bool, False) and not keep_existing
         record = _option(spec, "record", bool, True)
+        # (record=0 opens only to check the name, codec and disk: a file it replaced would be lost)
+        overwrite = _option(spec, "overwrite", bool, False) and not keep_existing and record
         split = _option(spec, "split", float, None)
         if split is not None and (not MIN_SPLIT_SECONDS <= split <= 7 * 86400 or is_image_sequence(spec.target)):
             raise ValueError(f"{spec}: option split={spec.options['split']!r} must be seconds from "
