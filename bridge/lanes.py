@@ -278,8 +278,7 @@ def writes_files(sink: Sink | None) -> bool:
 def recording_of(sink: Sink | None) -> list[tuple[str, int]]:
     """[(path, frames written)] for a sink that writes a file and wrote to it, else []. (Only
     its lane's thread sends to it, so the count is final once that thread has moved on.)"""
-    path, frames = getattr(sink, "path", None), getattr(sink, "frames_written", 0)
-    return [(path, frames)] if isinstance(path, str) and isinstance(frames, int) and frames > 0 else []
+    return [(sink.path, sink.frames_written)] if writes_files(sink) and sink.frames_written > 0 else []
 
 
 def close_lanes(lanes: list[SinkLane], timeout: float, close_sink: Callable[[Sink], None]) -> list[str]:
