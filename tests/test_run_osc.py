@@ -179,11 +179,18 @@ def test_oscsend_stops_and_starts_the_recording(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def recording():
-        try:
-            message = OscMessage(status.recv(65536))
-        except socket.timeout:
-            return None
-        return message.params[0] + 1 if message.address == "/sd/status/recording" else None  # (0 is falsy)
+        """The latest /sd/status/recording value among the messages waiting (all read: a status
+        tick is a dozen messages, more than one read per poll would keep up with), plus one
+        (0 is falsy); None when none came."""
+        latest = None
+        for _ in range(1000):  # (bounded; a tick is ~15 messages)
+            try:
+                message = OscMessage(status.recv(65536))
+            except socket.timeout:
+                break
+            if message.address == "/sd/status/recording":
+                latest = message.params[0] + 1
+        return latest
 
     try:
         assert wait_until(lambda: recording() == 2, 60), "no status with one file recording"
