@@ -173,7 +173,7 @@ class SinkLane:
             if self._closing:  # (the run is ending: no new file)
                 return
         if self._reopen is None:
-            text = f"sink {self.name}: cannot start recording again (a PNG sequence would number over its pictures)"
+            text = f"sink {self.name}: cannot start recording again (it cannot be opened again by its name)"
             self._telemetry.error(text)
             log.warning("%s", text)
             return

@@ -23,7 +23,6 @@ from .settings import RunSettings
 from .telemetry import status_line
 from .transports import TransportUnavailable, open_sink, open_source, parse_spec
 from .transports.base import Source, SourceLost
-from .transports.file import is_image_sequence
 
 log = logging.getLogger("bridge")
 
@@ -381,19 +380,18 @@ def _close_all(sinks, source, *others) -> None:
 
 
 #: sinks opened again by name once every send has failed for a while (bridge.lanes); a file
-#: records into a new file beside the one that failed (never over it), a PNG sequence is not
-#: opened again (it would number its pictures from 1 over the ones written), nor is a window
-#: (closed, it stays closed)
+#: records into a new file beside the one that failed (never over it: a PNG sequence, into a
+#: new take), a window is not opened again (closed, it stays closed)
 REOPENED_SINKS = ("virtualcam", "spout", "syphon", "ndi", "file")
 
 
 def sink_reopeners(specs, *, width: int, height: int, fps: float) -> list:
     """For each sink named in `specs`, opened for width x height: how to open it again by its
-    name (None for the kinds not in REOPENED_SINKS, and for PNG sequences)."""
+    name (None for the kinds not in REOPENED_SINKS)."""
     reopeners = []
     for spec in specs:
         parsed = parse_spec(spec, role="sink")
-        if parsed.kind not in REOPENED_SINKS or (parsed.kind == "file" and is_image_sequence(parsed.target)):
+        if parsed.kind not in REOPENED_SINKS:
             reopeners.append(None)
         else:
             reopeners.append(functools.partial(open_sink, spec, width=width, height=height, fps=fps, keep_existing=True))

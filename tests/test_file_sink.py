@@ -20,7 +20,7 @@ import pytest
 
 from bridge.frames import Frame
 from bridge.transports import TransportUnavailable, open_sink
-from bridge.transports.file import FileSink, claim_free_path, numbered
+from bridge.transports.file import FileSink, claim_free_path, first_picture, is_image_sequence, numbered, sequence_take
 
 FPS = 30
 
@@ -127,6 +127,48 @@ def test_free_names_are_numbered_before_the_extension(tmp_path):
     names = [claim_free_path(str(tmp_path / "show.mkv")) for _ in range(3)]
     assert names == [str(tmp_path / n) for n in ("show.mkv", "show-2.mkv", "show-3.mkv")]
     assert all(os.path.getsize(name) == 0 for name in names)  # claimed: created, so no one else takes it
+
+
+def test_a_png_sequence_is_never_written_over_unless_asked(tmp_path, caplog):
+    """A PNG sequence numbered its pictures from 1 over the ones a crashed show wrote: a start
+    with the same name now writes a take of its own beside them."""
+    frames = tmp_path / "frames"
+
+    def record(spec, count, **options):
+        sink = open_sink(f"file:{spec}", width=32, height=32, fps=FPS, **options)
+        for index in range(count):
+            sink.send(Frame(np.full((32, 32, 3), 50 * len(spec) % 256, np.uint8)))
+        sink.close()
+        return sink.path
+
+    caplog.set_level(logging.INFO)
+    assert record(f"{frames}/%04d.png", 3) == f"{frames}/%04d.png"
+    assert record(f"{frames}/%04d.png", 2) == f"{frames}/2-%04d.png"
+    assert f"{frames}/%04d.png has pictures: recording to {frames}/2-%04d.png (the sink option overwrite=1" in caplog.text
+    assert record(f"{frames}/%04d.png", 0) == f"{frames}/3-%04d.png"  # nothing recorded: nothing left behind
+    assert record(f"{frames}/shot_%3d.png", 1) == f"{frames}/shot_%3d.png"
+    assert record(f"{frames}/shot_%3d.png", 1) == f"{frames}/shot-2_%3d.png"  # (image2 pads %3d with zeros)
+    assert sorted(p.name for p in frames.iterdir()) == ["0001.png", "0002.png", "0003.png", "2-0001.png", "2-0002.png",
+                                                        "shot-2_001.png", "shot_001.png"]
+    first_take = (frames / "0001.png").read_bytes()
+    assert record(f"{frames}/%04d.png?overwrite=1", 1) == f"{frames}/%04d.png"  # asked: written over
+    assert (frames / "0001.png").read_bytes() != first_take
+    assert record(f"{frames}/%04d.png?overwrite=1", 1, keep_existing=True) == f"{frames}/3-%04d.png"
+
+
+def test_png_sequence_takes_are_named_for_editors_to_tell_apart():
+    """Each take is a sequence of its own to an editor (which reads the number at the end of a
+    name): the take goes before the picture number, not after it."""
+    assert [sequence_take("frames/%05d.png", n) for n in (1, 2, 12)] == [
+        "frames/%05d.png", "frames/2-%05d.png", "frames/12-%05d.png"]
+    assert sequence_take("shot_%04d.png", 2) == "shot-2_%04d.png"
+    assert sequence_take("show.%d.png", 3) == "show-3.%d.png"
+    assert sequence_take("/a/shot%d.png", 2) == "/a/shot-2-%d.png"
+    assert sequence_take("100%%_%03d.png", 2) == "100%%-2_%03d.png"
+    assert [first_picture(p) for p in ("f/%05d.png", "s_%3d.png", "%d.png", "100%%_%d.png")] == [
+        "f/00001.png", "s_001.png", "1.png", "100%_1.png"]
+    assert is_image_sequence("f/%05d.png") and is_image_sequence("F/%D.PNG") is False
+    assert not is_image_sequence("100%.png") and not is_image_sequence("%05d/a.png") and not is_image_sequence("%05d.mp4")
 
 
 def test_a_file_that_cannot_be_started_leaves_nothing_behind(tmp_path):
@@ -299,19 +341,23 @@ def test_recording_stops_and_starts_a_new_file_while_the_other_sinks_go_on(tmp_p
         stopped_at = (sinks[0].frames_written, sinks[1].frames_written)
         time.sleep(0.5)  # frames meanwhile go to the other sink only
         runtime.record_start()
-        assert wait_for(lambda: runtime.snapshot()["recording"] == 1)  # the PNG sequence does not start again
-        time.sleep(0.7)
+        assert wait_for(lambda: runtime.snapshot()["recording"] == 2)
+        new = [str(tmp_path / "show-2.mp4"), str(tmp_path / "frames/2-%04d.png")]  # (the PNG sequence: a new take)
+        assert wait_for(lambda: all(dict(runtime.recordings()).get(path, 0) >= 10 for path in new))
         snapshot = runtime.snapshot()
     assert (sinks[0].frames_written, sinks[1].frames_written) == stopped_at  # finished when stopped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "show-2.mp4", "show.mp4"]
     recordings = dict(runtime.recordings())
-    assert list(recordings) == [str(tmp_path / "show.mp4"), str(tmp_path / "show-2.mp4"), str(tmp_path / "frames/%04d.png")]
+    takes = [str(tmp_path / "frames/%04d.png"), str(tmp_path / "frames/2-%04d.png")]
+    assert sorted(recordings) == sorted([str(tmp_path / "show.mp4"), str(tmp_path / "show-2.mp4"), *takes])
     assert frames_in(tmp_path / "show.mp4") == recordings[str(tmp_path / "show.mp4")] == stopped_at[0]
     assert frames_in(tmp_path / "show-2.mp4") == recordings[str(tmp_path / "show-2.mp4")] >= 10
-    assert len(list((tmp_path / "frames").iterdir())) == stopped_at[1]
+    pictures = sorted(p.name for p in (tmp_path / "frames").iterdir())  # a take of its own: none written over
+    assert pictures == sorted([f"{n:04d}.png" for n in range(1, stopped_at[1] + 1)]
+                              + [f"2-{n:04d}.png" for n in range(1, recordings[takes[1]] + 1)])
     sent = [t for t, _ in sinks[2].sent]
     assert max(np.diff(sent)) < 0.25 and snapshot["sink_errors"] == 0  # a stopped recording is not a failure
-    assert "cannot start recording again (a PNG sequence would number over its pictures)" in snapshot["last_error"]
+    assert not snapshot["last_error"]
     assert f"recording stopped: {tmp_path / 'show.mp4'} ({stopped_at[0]} frames)" in caplog.text
     assert f"recording to {tmp_path / 'show-2.mp4'}" in caplog.text
 

@@ -7,13 +7,15 @@ an mp4, m4v or mov is written fragmented (an index every keyframe, a keyframe at
 system has written its cache, leaves a file that plays up to its last fragment. A classic mp4
 keeps its whole index for the end and is unreadable until then (`fragment=0` writes one, for
 the editors that want it). An existing recording is never replaced unless asked: the new one
-gets the first free name (show-2.mp4, show-3.mp4, ...).
+gets the first free name (show-2.mp4, show-3.mp4, ...), and a PNG sequence whose pictures exist
+the first free take (frames/%05d.png, then frames/2-%05d.png; shot_%04d.png, then shot-2_%04d.png).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -34,8 +36,19 @@ MIN_SPLIT_SECONDS = 1.0  # split=SECONDS: at least this
 MAX_NUMBER = 10000  # show-2.mp4 ... show-9999.mp4, then a clear error
 
 
+#: a picture number in a PNG sequence's name, as FFmpeg's image2 muxer reads it (%d, %05d), or
+#: the escaped percent sign %%
+_SEQUENCE_FIELD = re.compile(r"%%|%0?\d*d")
+FIRST_PICTURE = 1  # the number image2 gives the first picture (its start_number)
+
+
+def _number_field(name: str) -> re.Match | None:
+    return next((m for m in _SEQUENCE_FIELD.finditer(name) if m.group() != "%%"), None)
+
+
 def is_image_sequence(path: str) -> bool:
-    return "%" in os.path.basename(path) and path.lower().endswith(".png")
+    """A PNG sequence: a .png whose name holds a picture number (frames/%05d.png)."""
+    return path.lower().endswith(".png") and _number_field(os.path.basename(path)) is not None
 
 
 FORMAT_HINT = "its extension names no video format; end it in .mp4, .mov or .mkv, or write PNGs as frames/%05d.png"
@@ -95,17 +108,66 @@ def numbered(path: str, number: int) -> str:
     return f"{stem}-{number}{extension}"
 
 
+def sequence_take(pattern: str, number: int) -> str:
+    """A PNG sequence's `number`th take: its pictures' names with `-number` at the end of the
+    text before the picture number (shot_%04d.png, 2: shot-2_%04d.png; frames/%05d.png, 2:
+    frames/2-%05d.png), so that an editor sees each take as a sequence of its own. Take 1:
+    `pattern`."""
+    folder, name = os.path.split(pattern)
+    field = _number_field(name)
+    if number == 1 or field is None:
+        return pattern
+    prefix = name[:field.start()]
+    core = prefix.rstrip("-_. ")
+    separator = prefix[len(core):] or "-"
+    take = f"{core}-{number}{separator}" if core else f"{number}{separator}"
+    return os.path.join(folder, take + name[field.start():])
+
+
+def sequence_pictures(pattern: str) -> list[str]:
+    """The names of the existing files that `pattern` would write (its folder's files whose
+    names match it with any picture number)."""
+    folder, name = os.path.split(pattern)
+    parts, end = [], 0
+    for field in _SEQUENCE_FIELD.finditer(name):
+        parts.append(re.escape(name[end:field.start()]))
+        parts.append("%" if field.group() == "%%" else r"\d+")
+        end = field.end()
+    parts.append(re.escape(name[end:]))
+    matcher = re.compile("".join(parts) + r"\Z")
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    return sorted(n for n in names if matcher.match(n))
+
+
+def first_picture(pattern: str) -> str:
+    """The file name of a sequence's first picture."""
+    folder, name = os.path.split(pattern)
+    field = _number_field(name)
+    width = int(field.group()[1:-1] or 0)  # (image2 pads with zeros: %5d as %05d)
+    text = name[:field.start()] + f"{FIRST_PICTURE:0{width}d}" + name[field.end():]
+    return os.path.join(folder, text.replace("%%", "%"))
+
+
 def claim_free_path(path: str) -> str:
     """The first of path, path-2, path-3, ... that does not exist, created empty (exclusively,
-    so two sinks, or two processes, never share one)."""
+    so two sinks, or two processes, never share one). For a PNG sequence: the first take none of
+    whose pictures exist, with its first picture created the same way."""
+    sequence = is_image_sequence(path)
+    take = sequence_take if sequence else numbered
     for number in range(1, MAX_NUMBER):
-        candidate = numbered(path, number)
+        candidate = take(path, number)
+        if sequence and sequence_pictures(candidate):
+            continue
         try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.close(os.open(first_picture(candidate) if sequence else candidate,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return candidate
-    raise OSError(f"{numbered(path, 2)} to {numbered(path, MAX_NUMBER - 1)} all exist; "
+    raise OSError(f"{take(path, 2)} to {take(path, MAX_NUMBER - 1)} all exist; "
                   "move the old recordings away or name another file")
 
 
@@ -116,7 +178,7 @@ class FileSink(Sink):
     `fragment`: seconds between keyframes at most, and for an mp4, m4v or mov between the
     fragments it is written in (0: the encoder's own keyframes and a classic file, finished only
     by `close`). `overwrite`: replace an existing file at `path` rather than record beside it.
-    `path` ends up as the file written; a PNG sequence always writes its numbered files.
+    `path` ends up as the file written (a PNG sequence's: the pattern of its take).
     """
 
     #: False (the sink option record=0): the runtime stops the recording as it starts, before the
@@ -155,7 +217,7 @@ class FileSink(Sink):
             raise TransportUnavailable(f"cannot write {path}: {refusal}")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if not (is_image_sequence(path) or overwrite or is_special_file(path)):
+            if not (overwrite or is_special_file(path)):
                 self.path = claim_free_path(path)
                 self._claimed = True
             self._container, self._stream = self._open(av, self.path, codec)
@@ -164,7 +226,10 @@ class FileSink(Sink):
             reason = FORMAT_HINT if "output format" in str(exc) else str(exc)
             named = f"{path} (as {self.path})" if self.path != path else path
             raise TransportUnavailable(f"cannot write {named}: {reason}") from None
-        if self.path != path:
+        if self.path != path and is_image_sequence(path):
+            log.warning("%s has pictures: recording to %s (the sink option overwrite=1 writes over them instead)",
+                        path, self.path)
+        elif self.path != path:
             log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)", path, self.path)
         warn_if_disk_nearly_full(self.path)
 
@@ -209,10 +274,11 @@ class FileSink(Sink):
         that refused every frame: a sink reopened again and again leaves no trail of them)."""
         if self._claimed and self.frames_written == 0:
             try:
-                os.remove(self.path)
+                os.remove(first_picture(self.path) if is_image_sequence(self.path) else self.path)
             except OSError:
                 return
-            log.info("%s: no frame was recorded; removed the empty file", self.path)
+            log.info("%s: no frame was recorded; removed the empty %s", self.path,
+                     "first picture" if is_image_sequence(self.path) else "file")
 
     def send(self, frame: Frame) -> None:
         import av
