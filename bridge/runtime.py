@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import openmp
+from .aspect import ShapeFollower
 from .frames import FILTERS, FITS, FrameFormat
 from .lanes import SinkLane, close_lanes
 from .params import ParameterStore
@@ -119,9 +120,11 @@ class Runtime:
         params: ParameterStore | None = None,
         telemetry: Telemetry | None = None,
         reopen_sinks: Sequence[Callable[[], Sink] | None] | None = None,
+        follow_shape: ShapeFollower | None = None,
     ) -> None:
         """`reopen_sinks`: for each sink, how to open it again (by its name) once its sends have
-        all failed for a while (bridge.lanes); None or a None entry: never reopened."""
+        all failed for a while (bridge.lanes); None or a None entry: never reopened.
+        `follow_shape` (--aspect source): the processing size follows the source's shape."""
         engine_config = engine.config
         self.engine_format = FrameFormat(engine_config.width, engine_config.height, "RGB")
         self.config = config
@@ -137,7 +140,7 @@ class Runtime:
         self._shared = Shared(
             engine=engine, engine_format=self.engine_format, sinks=list(sinks),
             sink_formats=agree_formats(self.engine_format, sinks), params=self.params,
-            telemetry=self.telemetry, config=config,
+            telemetry=self.telemetry, config=config, follow_shape=follow_shape,
         )
         self.telemetry.watch_slots([self._shared.input_slot, self._shared.output_slot])
         from .params import empty_lora_slots, lora_values

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .aspect import ShapeFollower
 from .errors import UserError
 from .params import ParameterStore
 from .runtime import Runtime, RuntimeConfig
@@ -342,8 +343,8 @@ def sized_by_source(source: Source, config, name: str, wait: float = FIRST_FRAME
             log.warning("--aspect source: %s; processing at %dx%d", exc, config.width, config.height)
             return source, config
     if frame is None:
-        log.warning("--aspect source: no frame from %s within %g s; processing at %dx%d (the size is chosen at "
-                    "start; /sd/resolution changes it later)", name, wait, config.width, config.height)
+        log.warning("--aspect source: no frame from %s within %g s; processing at %dx%d until its frames come",
+                    name, wait, config.width, config.height)
         return source, config
     height, width = frame.pixels.shape[:2]
     size = aspect_size(width, height, config.width * config.height)
@@ -353,10 +354,12 @@ def sized_by_source(source: Source, config, name: str, wait: float = FIRST_FRAME
 
 
 class FirstFrameAgain(Source):
-    """`source`, whose first `read` returns `frame` (read from it already) again."""
+    """`source`, whose first `read` returns `frame` (read from it already) again; `shape` is
+    that frame's (width, height)."""
 
     def __init__(self, source: Source, frame) -> None:
         self._source, self._frame = source, frame
+        self.shape = (frame.width, frame.height)
 
     @property
     def format(self):
@@ -410,8 +413,11 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: Par
     config = RuntimeConfig(fps=settings.fps, fallback=settings.fallback, max_frames=settings.frames,
                            duration=settings.duration)
     reopen = sink_reopeners(settings.sink, width=engine.config.width, height=engine.config.height, fps=settings.fps)
+    follow = None
+    if settings.aspect == "source" and not isinstance(first_source, NoInput):
+        follow = ShapeFollower(settings.width * settings.height, followed=getattr(first_source, "shape", None))
     runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store,
-                      reopen_sinks=reopen)
+                      reopen_sinks=reopen, follow_shape=follow)
     runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})
     return runtime
 

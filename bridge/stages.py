@@ -48,6 +48,7 @@ class Shared:
     updating: threading.Event = field(default_factory=threading.Event)
     updating_since: float = 0.0  # when the current settings change began (time.monotonic)
     lanes: list = field(default_factory=list)  # a SinkLane per sink, in the sinks' order (bridge.lanes)
+    follow_shape: object = None  # --aspect source: a ShapeFollower (bridge.aspect), else None
     source_ended: threading.Event = field(default_factory=threading.Event)
     inference_done: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -245,6 +246,19 @@ class _Inference:
         log.info("source %dx%d into %dx%d: %s (input_fit %s; /sd/input_fit or --input-fit: crop, letterbox, "
                  "stretch)", width, height, size.width, size.height, what, fit)
 
+    def _follow_shape(self, frame: Frame, size: FrameFormat) -> None:
+        """--aspect source: a source whose new shape has settled asks for a processing size of
+        that shape, through the parameter store as /sd/resolution does (from the next frame on;
+        this one is fitted as any other)."""
+        follower = self.shared.follow_shape
+        if follower is None:
+            return
+        wanted = follower.observe(frame.width, frame.height, time.monotonic(), (size.width, size.height))
+        if wanted is not None:
+            log.info("source is now %dx%d: processing at %dx%d, its shape (--aspect source)", frame.width,
+                     frame.height, *wanted)
+            self.shared.params.set("resolution", wanted)
+
     def _txt2img_due(self) -> bool:
         """txt2img: whether a picture is due now (at most the output's fps of them: with no input to
         wait for, the engine would otherwise make pictures as fast as it can, most of them never
@@ -289,6 +303,7 @@ class _Inference:
         if frame is None:
             return not (shared.source_ended.is_set() and not shared.input_slot.pending)
         if not self.txt2img:
+            self._follow_shape(frame, size)
             self._say_fit(frame.pixels.shape, size, engine)
         started = time.perf_counter()
         try:  # 3. the engine

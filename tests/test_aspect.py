@@ -1,20 +1,26 @@
 """--aspect source: the processing size takes the shape of the source's first frame, with about
-as many pixels as --width x --height, in sizes every backend and SD model takes."""
+as many pixels as --width x --height, in sizes every backend and SD model takes, and follows the
+source when its shape changes during the show (bridge.aspect)."""
 
 import logging
 import math
 import time
 
 import av
+import numpy as np
 import pytest
 
+from bridge.aspect import ShapeFollower
+from bridge.frames import Frame, FrameFormat
+from bridge.runtime import Runtime, RuntimeConfig
 from bridge.session import FirstFrameAgain, sized_by_source
 from bridge.settings import RunSettings
 from bridge.transports.base import Source, SourceEnded
 from bridge.transports.testpattern import TestPatternSource
-from pipeline import StreamConfig
+from pipeline import StreamConfig, StreamDiffusion
 from pipeline.config import aspect_size
 from test_cli import TINY, sdbridge
+from test_runtime import RecordingSink
 
 
 @pytest.mark.parametrize("source, area, expected", [
@@ -110,3 +116,91 @@ def test_run_processes_and_records_at_the_sources_shape(tmp_path):
     with av.open(str(out)) as container:
         frame = next(container.decode(video=0))
     assert (frame.width, frame.height) == (128, 64)
+
+
+def test_the_size_follows_a_new_shape_once_it_has_settled():
+    follower = ShapeFollower(512 * 512, followed=(1280, 720), settle_seconds=1.0)
+    assert follower.observe(1280, 720, 0.0, (704, 384)) is None  # the shape chosen at start
+    assert follower.observe(1080, 1920, 10.0, (704, 384)) is None  # new: not settled yet
+    assert follower.observe(1080, 1920, 10.9, (704, 384)) is None
+    assert follower.observe(1080, 1920, 11.0, (704, 384)) == (384, 704)
+    assert follower.observe(1080, 1920, 12.0, (384, 704)) is None  # followed: asked once
+    assert follower.observe(1280, 720, 20.0, (384, 704)) is None
+    assert follower.observe(1280, 720, 21.0, (384, 704)) == (704, 384)  # and back
+
+
+def test_a_window_dragged_to_size_is_one_change_when_it_settles():
+    """A sender's window resized by hand passes through a new shape every frame: no change then,
+    one when it stops."""
+    follower = ShapeFollower(512 * 512, followed=(1280, 720), settle_seconds=1.0)
+    asked = [follower.observe(1280 - 8 * n, 720 + 8 * n, n / 30, (704, 384)) for n in range(60)]
+    assert asked == [None] * 60
+    asked = [follower.observe(800, 1200, 2 + n / 30, (704, 384)) for n in range(60)]
+    assert [size for size in asked if size] == [(384, 576)] and asked.index((384, 576)) == 30  # 2:3, exactly
+
+
+def test_a_source_flickering_between_two_shapes_changes_nothing():
+    follower = ShapeFollower(512 * 512, followed=(1280, 720), settle_seconds=0.5)
+    shapes = [(1280, 720), (720, 1280)] * 100
+    assert all(follower.observe(*shape, n / 30, (704, 384)) is None for n, shape in enumerate(shapes))
+
+
+def test_a_new_shape_whose_size_runs_now_changes_nothing():
+    """An operator's /sd/resolution already at that size, or a shape with the same size (1920x1080
+    after 1280x720): nothing to ask."""
+    follower = ShapeFollower(512 * 512, followed=(1280, 720), settle_seconds=0.0)
+    assert follower.observe(1920, 1080, 1.0, (704, 384)) is None
+    assert follower.observe(640, 480, 2.0, (576, 448)) is None
+    follower = ShapeFollower(512 * 512, settle_seconds=0.0)  # no frame at start: the first one counts
+    assert follower.observe(1280, 720, 0.0, (512, 512)) == (704, 384)
+    with pytest.raises(ValueError, match="area 0 must be positive"):
+        ShapeFollower(0)
+
+
+class Turning(Source):
+    """A TouchDesigner TOP switched from landscape to portrait mid-show: 128x72 frames, then
+    72x128 ones from `turn_at` seconds after the first read, 30 a second."""
+
+    format = None
+
+    def __init__(self, turn_at):
+        self.turn_at, self.started, self.sequence = turn_at, None, 0
+
+    def read(self, timeout=0.1):
+        time.sleep(1 / 30)
+        now = time.monotonic()
+        self.started = self.started or now
+        width, height = (128, 72) if now - self.started < self.turn_at else (72, 128)
+        self.sequence += 1
+        return Frame(np.full((height, width, 3), 90, np.uint8), "RGB", now, self.sequence)
+
+    def close(self):
+        pass
+
+
+def test_a_running_engine_follows_the_source_into_portrait(tiny_components, caplog):
+    """The runtime end to end with the tiny model: the size switches once, through the parameter
+    store (reported as /sd/resolution is), and the sink keeps its own size."""
+    caplog.set_level(logging.INFO)
+    engine = StreamDiffusion(tiny_components, StreamConfig(width=128, height=64, device="cpu", dtype="float32",
+                                                           t_index_list=(20,), seed=3))
+    engine.set_prompt("a lighthouse")
+    sink = RecordingSink(FrameFormat(128, 64, "RGB"))
+    runtime = Runtime(engine=engine, open_source=lambda: Turning(turn_at=1.0), sinks=[sink],
+                      config=RuntimeConfig(fps=30), follow_shape=ShapeFollower(64 * 64, followed=(128, 72),
+                                                                                  settle_seconds=0.3))
+    heard = []
+    runtime.params.add_listener(lambda name, value, error: heard.append((name, value, error)))
+    with runtime:
+        deadline = time.monotonic() + 60
+        while (engine.config.width, engine.config.height) != (64, 128) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (engine.config.width, engine.config.height) == (64, 128), "the size never followed the source"
+        count = len(sink.sent)
+        deadline = time.monotonic() + 30
+        while len(sink.sent) < count + 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [entry for entry in heard if entry[0] == "resolution"] == [("resolution", (64, 128), None)]
+    assert runtime.params.applied["resolution"] == (64, 128)
+    assert "source is now 72x128: processing at 64x128, its shape (--aspect source)" in caplog.text
+    assert all(frame.pixels.shape == (64, 128, 3) for _, frame in sink.sent)  # the sink's own size throughout

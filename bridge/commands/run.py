@@ -49,8 +49,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add("--height", type=int, help="processing and output height (a multiple of 64 for the SD models)")
     add("--aspect", choices=("fixed", "source"),
         help="fixed (default): process at --width x --height; source: at a size of the source's shape with "
-             "about as many pixels (multiples of 64), chosen from its first frame at start, e.g. 704x384 for a "
-             "1280x720 camera at the default 512x512")
+             "about as many pixels (multiples of 64), e.g. 704x384 for a 1280x720 camera at the default 512x512: "
+             "chosen from its first frame at start, and again whenever its shape changes")
     add("--t-index-list", dest="t_index_list", help="denoising timestep indices, e.g. 32,45")
     add("--steps", type=int, help="number of denoising steps (indices spread by --strength)")
     add("--strength", type=float, help="img2img strength in (0, 1]")
