@@ -85,7 +85,11 @@ def backend_label(engine) -> str:
     graphs = getattr(backend, "cuda_graphs", None)
     step_graphs = getattr(engine, "_graphs", None)
     if graphs == "step":
-        label += "+step graph" if step_graphs is None or not step_graphs.failed else " (step graph failed)"
+        failure = step_graphs.failure_for(engine.config) if step_graphs is not None else None
+        if failure is None:
+            label += "+step graph"
+        else:
+            label += " (step graph failed)" if step_graphs.failed else " (no step graph for these settings: out of memory)"
     elif graphs == "modules":
         label += "+module graphs"
     if getattr(backend, "fp8_layers", 0):

@@ -31,6 +31,10 @@ and the noising to each later step, as the step itself would), and then it repla
 similarity filter's decision happens before the replay (it reads the input picture), so the
 filter works with graphs too.
 
+A capture that fails turns the graphs off for the rest of the run (the device's capture state may
+be unsure after it), except one that runs out of memory: that is the one set of settings too large
+beside the rest, whose frames then run without a graph while the others keep theirs.
+
 `replay="eager"` runs the same body again at every replay instead of a CUDA graph: the same
 buffers and in-place updates, on any device, which is how the CPU tests check this plumbing.
 """
@@ -98,6 +102,9 @@ class StepGraphs:
         self.replays = 0  # frames that ran through a step graph
         self.replaying = False  # True during a replay (with replay="eager", Python runs then too)
         self.failed: str | None = None  # why capturing failed: every frame then runs without a graph
+        # settings whose capture ran out of memory (a size too large for the card beside the rest):
+        # frames at those settings run without a graph, the others keep theirs; not tried again
+        self.failed_keys: dict[tuple, str] = {}
 
     def __contains__(self, config) -> bool:
         return (graph_key(config), SOURCES[0]) in self._steps
@@ -109,7 +116,7 @@ class StepGraphs:
         key = graph_key(config)
         if keep:
             self._on_demand.pop(key, None)
-        if (key, SOURCES[0]) in self._steps or config.mode != "img2img" or self.failed:
+        if (key, SOURCES[0]) in self._steps or config.mode != "img2img" or self.failed or key in self.failed_keys:
             return
         stream = self._stream
         started = time.perf_counter()
@@ -122,10 +129,21 @@ class StepGraphs:
                 for source in SOURCES:
                     self._steps[key, source] = self._new_step(config, source, state)
         except Exception as exc:  # never stop the show for it: the same work runs without the graph
-            self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.debug("capture failure", exc_info=exc)
+            if is_out_of_memory(exc):  # these settings' buffers do not fit: the graphs that do stay
+                self.failed_keys[key] = reason
+                for source in SOURCES:
+                    self._steps.pop((key, source), None)
+                self._on_demand.pop(key, None)
+                _release_cached_memory()
+                log.warning("could not capture the step graph for %dx%d, %d step(s): out of memory; frames at these "
+                            "settings run without one, the other settings keep theirs (%s)", config.width,
+                            config.height, config.denoising_steps, reason)
+                return
+            self.failed = reason  # anything else may have left the device's capture state unsure: no more graphs
             self._steps.clear()
             log.warning("could not capture the step in a CUDA graph (%s); every frame runs without one", self.failed)
-            log.debug("capture failure", exc_info=exc)
             return
         finally:
             stream.state = saved_state
@@ -152,6 +170,10 @@ class StepGraphs:
                 self._steps.pop((key, source), None)
             log.info("released the step graph for %dx%d, %d step(s) (more than %d captured since start; "
                      "captured again when used)", key[6], key[7], key[3], ON_DEMAND_LIMIT)
+
+    def failure_for(self, config) -> str | None:
+        """Why frames at `config`'s settings run without a step graph, when capturing failed."""
+        return self.failed or self.failed_keys.get(graph_key(config))
 
     @property
     def held(self) -> int:
@@ -298,6 +320,19 @@ class StepGraphs:
         if current.last_output is None:
             current = replace(current, last_output=images)
         return current
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of memory (torch.OutOfMemoryError, or an
+    allocator's RuntimeError that says so)."""
+    out_of_memory = getattr(torch, "OutOfMemoryError", None)
+    return (out_of_memory is not None and isinstance(exc, out_of_memory)) or "out of memory" in str(exc).lower()
+
+
+def _release_cached_memory() -> None:
+    """Give the memory a failed capture took back to the device's allocator (CUDA only)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _uses_stock(config) -> bool:

@@ -532,8 +532,8 @@ class StreamDiffusion:
     def _stepped(self, config: StreamConfig) -> bool:
         """Whether `config`'s step is readied as warm_up readies it: its step graph captured, or
         with fused math and no graphs, its dry run done (True when neither applies)."""
-        if self._graphs is not None:
-            return config in self._graphs
+        if self._graphs is not None:  # (a capture that failed is as ready as these settings get)
+            return config in self._graphs or self._graphs.failure_for(config) is not None
         return graph_key(config) in self._math_ran or not self._math.fused
 
     def _ready_other(self, other: StreamConfig, ready) -> None:

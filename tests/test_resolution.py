@@ -5,6 +5,7 @@ between several prepared sizes during a show. `warm_up(sizes=...)` readies sizes
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import StreamConfig, StreamDiffusion
 from pipeline.step_graph import StepGraphs
@@ -116,6 +117,48 @@ def test_a_size_change_captures_its_step_graph_and_going_back_reuses_the_first(t
     graphed.update(resolution=(64, 64))
     assert graphed._noise.data_ptr() == first_noise, "the 64x64 graph would read noise that is gone"
     assert graphed._graphs.replays == 3 * 3  # the first frame after a switch fills the frames in flight, then replays
+
+
+def test_a_size_whose_graph_runs_out_of_memory_runs_without_it_and_the_others_keep_theirs(
+        tiny_components, monkeypatch, caplog):
+    """/sd/resolution to a size too large for the card beside the rest: its capture runs out of
+    memory. Frames at that size run without a graph (the same pictures), and going back replays
+    the first size's graph again: one failure no longer turned the graphs off for the whole show."""
+    from types import SimpleNamespace
+
+    from bridge.engine import backend_label
+
+    plain, graphed = _graphed(tiny_components, cfg_type="self")
+    graphs = graphed._graphs
+    new_step = graphs._new_step
+
+    def short_of_memory(config, source, state):
+        if config.width == WIDE[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return new_step(config, source, state)
+
+    monkeypatch.setattr(graphs, "_new_step", short_of_memory)
+    frames = iter(_frames(15))
+    replays = []
+    for size in (WIDE, (64, 64), WIDE):
+        for engine in (plain, graphed):
+            engine.update(resolution=size)
+        before = graphs.replays
+        for _ in range(3):
+            frame = next(frames)
+            assert np.array_equal(plain(frame), graphed(frame)), size
+        replays.append(graphs.replays - before)
+    assert replays == [0, 3, 0]
+    assert graphs.failed is None and graphs.failure_for(graphed.config).startswith("OutOfMemoryError: CUDA out of memory")
+    assert graphs.failure_for(graphed.config.replace(width=64)) is None
+    assert len(graphs.failed_keys) == 2  # 96x64 with guidance on and off, each tried once, not at every switch
+    assert "could not capture the step graph for 96x64, 2 step(s): out of memory" in caplog.text
+    label = backend_label(SimpleNamespace(backend=SimpleNamespace(name="compiled", cuda_graphs="step"),
+                                          _graphs=graphs, config=graphed.config))
+    assert label == "compiled (no step graph for these settings: out of memory)"
+    graphed.update(resolution=(64, 64))
+    assert backend_label(SimpleNamespace(backend=SimpleNamespace(name="compiled", cuda_graphs="step"), _graphs=graphs,
+                                         config=graphed.config)) == "compiled+step graph"
 
 
 def test_sizes_readied_at_start_switch_without_a_capture(tiny_components):
