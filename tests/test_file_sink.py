@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import av
@@ -169,6 +170,83 @@ def test_png_sequence_takes_are_named_for_editors_to_tell_apart():
         "f/00001.png", "s_001.png", "1.png", "100%_1.png"]
     assert is_image_sequence("f/%05d.png") and is_image_sequence("F/%D.PNG") is False
     assert not is_image_sequence("100%.png") and not is_image_sequence("%05d/a.png") and not is_image_sequence("%05d.mp4")
+
+
+def _in_thread(call, seconds=10):
+    """call() on a thread of its own, its result or exception; fails the test if it is still
+    running after `seconds` (what used to hang the whole start)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return outcome
+
+
+def test_a_named_pipe_without_a_reader_is_an_error_not_a_hang(tmp_path):
+    """file:PIPE.mkv, a FIFO another program (an ffmpeg that streams it on) reads: opening it
+    waited forever for that reader, freezing the start, or a lane's reopen. Now: an error at once
+    while nobody reads; all frames through it while a reader does; the reader going away ends
+    the recording with a named error, and the sink opens again once a reader is back."""
+    pipe = tmp_path / "stream.mkv"
+    os.mkfifo(pipe)
+    # in a process of its own: an open that blocks (the old behaviour) cannot be interrupted in a thread,
+    # and kept this test process from exiting
+    opening = textwrap.dedent(f"""
+        from bridge.transports import TransportUnavailable, open_sink
+        try:
+            open_sink("file:{pipe}", width=64, height=64, fps=30)
+        except TransportUnavailable as exc:
+            print(exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", opening], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == f"cannot write {pipe}: it is a named pipe that no program reads yet; start its reader first", result.stderr
+
+    def read_all(into, stop_after=None):
+        with open(pipe, "rb") as handle:
+            while block := handle.read(4096):
+                into.extend(block)
+                if stop_after is not None and len(into) > stop_after:
+                    return  # the reader goes away
+
+    received = bytearray()
+    reader = threading.Thread(target=read_all, args=(received,), daemon=True)
+    reader.start()
+    sink = _in_thread(lambda: open_sink(f"file:{pipe}", width=64, height=64, fps=FPS))["value"]
+    assert sink.path == str(pipe)  # written as it is, never numbered beside
+    for index in range(20):
+        sink.send(ramp_frame(index))
+    sink.close()
+    reader.join(10)
+    (tmp_path / "received.mkv").write_bytes(received)
+    assert frames_in(tmp_path / "received.mkv") == 20
+
+    reader = threading.Thread(target=read_all, args=(bytearray(), 3000), daemon=True)
+    reader.start()
+    sink = _in_thread(lambda: open_sink(f"file:{pipe}", width=64, height=64, fps=FPS))["value"]
+    noise = np.random.default_rng(1)
+    with pytest.raises(OSError):  # (bounded: 300 frames of noise are far more than 3000 bytes)
+        for _ in range(300):
+            sink.send(Frame(noise.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(OSError, match=rf"{pipe} stopped recording at frame \d+: Broken pipe"):
+        sink.send(ramp_frame(0))
+    sink.close()
+    reader.join(10)
+    received = bytearray()
+    reader = threading.Thread(target=read_all, args=(received,), daemon=True)
+    reader.start()
+    again = _in_thread(lambda: open_sink(f"file:{pipe}", width=64, height=64, fps=FPS, keep_existing=True))["value"]
+    again.send(ramp_frame(0))
+    again.close()
+    reader.join(10)
+    assert len(received) > 0
 
 
 def test_a_file_that_cannot_be_started_leaves_nothing_behind(tmp_path):

@@ -13,10 +13,12 @@ the first free take (frames/%05d.png, then frames/2-%05d.png; shot_%04d.png, the
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from fractions import Fraction
@@ -69,6 +71,32 @@ def is_special_file(path: str) -> bool:
     """An existing device or named pipe (/dev/null, a FIFO another program reads): written as
     it is, never numbered beside."""
     return os.path.exists(path) and not os.path.isfile(path)
+
+
+def is_pipe(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_pipe(path: str):
+    """A named pipe (FIFO) opened for writing, as an unbuffered file (its `name` is `path`, from
+    which PyAV tells the format). Opening one the usual way blocks until a program opens it for
+    reading: the show's start, or a lane opening the sink again, would hang there. Refused at
+    once instead (OSError), so that a reader that is not there yet is a clear error at start,
+    and mid-show one more failed reopen, retried with backoff until the reader is back."""
+    def without_waiting(name: str, flags: int) -> int:
+        try:
+            descriptor = os.open(name, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise OSError("it is a named pipe that no program reads yet; start its reader first") from None
+            raise
+        os.set_blocking(descriptor, True)  # (writes wait for the reader, as to any file)
+        return descriptor
+
+    return open(path, "wb", buffering=0, opener=without_waiting)
 
 
 def video_codec_for(av, container) -> str:
@@ -208,6 +236,7 @@ class FileSink(Sink):
         self._start: float | None = None
         self._last_pts = -1
         self._claimed = False  # the file is ours: created by this sink, removed if it records nothing
+        self._pipe = None  # a named pipe's file object, when `path` is one (open_pipe)
         # Why the recording stopped, once a write failed: PyAV crashes the process (a segmentation
         # fault) when a container whose header could not be written is written to again, and
         # frames after a lost one would refer to pictures the file does not have.
@@ -248,7 +277,13 @@ class FileSink(Sink):
         options = {"flush_packets": "1"}  # each packet to the operating system as it is muxed
         if self._fragment and path.lower().endswith(FRAGMENTED):
             options["movflags"] = MOVFLAGS
-        container = av.open(path, "w", container_options=options)
+        if is_pipe(path):
+            self._pipe = open_pipe(path)
+        try:
+            container = av.open(self._pipe or path, "w", container_options=options)
+        except BaseException:
+            self._close_pipe()
+            raise
         try:
             name = codec or video_codec_for(av, container)
             stream = container.add_stream(name, rate=rate)
@@ -264,10 +299,19 @@ class FileSink(Sink):
                 container.close()  # (never written to again: see _failure)
             except (av.error.FFmpegError, OSError):
                 pass
+            self._close_pipe()
             if codec and isinstance(exc, (av.error.FFmpegError, ValueError)):
                 raise ValueError(f"codec {codec}: {exc}") from None
             raise
         return container, stream
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            try:
+                self._pipe.close()
+            except OSError:  # (its reader gone: what was unsent is lost either way)
+                pass
+            self._pipe = None
 
     def _remove_claimed(self) -> None:
         """Remove the file this sink created, when it holds no frame (a failed start, or a disk
@@ -327,4 +371,5 @@ class FileSink(Sink):
                         raise
                     log.debug("%s: closing after the failure: %s", self.path, exc)  # already reported
                 finally:
+                    self._close_pipe()
                     self._remove_claimed()
