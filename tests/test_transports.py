@@ -335,24 +335,54 @@ def with_display_matrix(path, matrix):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("turn, matrix, shape, top_left_white", [
-    ("a phone held upright (90 degrees clockwise)", (0, 65536, 0, -65536, 0, 0), (96, 48, 3), True),
-    ("upside down", (-65536, 0, 0, 0, -65536, 0), (48, 96, 3), False),
-    ("90 degrees counterclockwise", (0, -65536, 0, 65536, 0, 0), (96, 48, 3), False),
-])
-def test_a_clip_is_turned_as_players_show_it(tmp_path, turn, matrix, shape, top_left_white):
+ORIENTATIONS = {  # display matrix (a, b, u, c, d, v): how players (and ffmpeg's autorotation) show the clip
+    "as stored": ((65536, 0, 0, 0, 65536, 0), lambda p: p),
+    "a phone held upright (90 degrees clockwise)": ((0, 65536, 0, -65536, 0, 0), lambda p: np.rot90(p, -1)),
+    "upside down": ((-65536, 0, 0, 0, -65536, 0), lambda p: p[::-1, ::-1]),
+    "90 degrees counterclockwise": ((0, -65536, 0, 65536, 0, 0), lambda p: np.rot90(p, 1)),
+    "mirrored (a front camera)": ((-65536, 0, 0, 0, 65536, 0), lambda p: p[:, ::-1]),
+    "mirrored top to bottom": ((65536, 0, 0, 0, -65536, 0), lambda p: p[::-1]),
+    "mirrored and turned (a transpose)": ((0, 65536, 0, 65536, 0, 0), lambda p: p.transpose(1, 0, 2)),
+    "mirrored and turned the other way": ((0, -65536, 0, -65536, 0, 0), lambda p: p.transpose(1, 0, 2)[::-1, ::-1]),
+}
+
+
+@pytest.mark.parametrize("turn", ORIENTATIONS)
+def test_a_clip_is_turned_as_players_show_it(tmp_path, turn):
     """A clip shot on a phone held upright came out lying on its side: its pictures are stored
-    wide, with a display matrix that players (and ffmpeg) turn them by."""
+    wide, with a display matrix that players (and ffmpeg) turn them by. Mirrored clips came out
+    upside down (their matrix reads as a turn of 180 degrees). Each of the eight ways a matrix
+    can show a picture, on four grey quarters that tell them all apart."""
+    matrix, shown = ORIENTATIONS[turn]
     picture = np.zeros((48, 96, 3), np.uint8)
-    picture[:, :48] = 255  # the left half white
+    picture[:24, :48], picture[:24, 48:], picture[24:, :48] = 255, 170, 85  # (the bottom right 0)
     clip = tmp_path / "phone.mp4"
     write_clip(clip, [picture] * 3, fps=10)
-    with_display_matrix(clip, matrix)
+    if turn != "as stored":
+        with_display_matrix(clip, matrix)
     with open_source(f"video:{clip}?realtime=0") as source:
         frames = read_all(source)
-    assert len(frames) == 3 and frames[0].pixels.shape == shape, turn
-    top_left = frames[0].pixels[:shape[0] // 4, :shape[1] // 4].mean()
-    assert (top_left > 200) == top_left_white and (top_left < 50) != top_left_white, (turn, top_left)
+    expected = shown(picture)
+    assert len(frames) == 3 and frames[0].pixels.shape == expected.shape, turn
+
+    def quarters(pixels):
+        h, w = pixels.shape[0] // 2, pixels.shape[1] // 2
+        return [round(float(pixels[y + h // 4:y + 3 * h // 4, x + w // 4:x + 3 * w // 4].mean()))
+                for y in (0, h) for x in (0, w)]
+
+    assert np.allclose(quarters(frames[0].pixels), quarters(expected), atol=12), (turn, quarters(frames[0].pixels))
+
+
+def test_only_quarter_turns_and_mirrors_are_applied():
+    """Another angle (a 45-degree matrix), a matrix of zeros or none: the pixels as stored."""
+    from bridge.transports.avreader import upright
+
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    for matrix in [(46341, 46341, 0, -46341, 46341, 0, 0, 0, 1 << 30), (0,) * 9, None, (1, 2)]:
+        assert upright(pixels, matrix) is pixels
+    assert upright(pixels, (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)) is pixels
+    assert np.array_equal(upright(pixels, (0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)), np.rot90(pixels, -1))
+    assert upright(pixels, (0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)).flags.c_contiguous
 
 
 CORRUPTIONS = ("bytes changed", "cut short", "a block overwritten")

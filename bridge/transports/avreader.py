@@ -21,15 +21,45 @@ log = logging.getLogger(__name__)
 MAX_BAD_PACKETS = 30
 
 
-def upright(pixels: np.ndarray, rotation) -> np.ndarray:
-    """`pixels` turned as a player shows them: `rotation` is PyAV's `VideoFrame.rotation`, the
-    display matrix's angle in degrees counterclockwise (a phone clip shot upright: -90, shown
-    turned 90 degrees clockwise, as ffmpeg's own autorotation does). Multiples of 90 only; any
-    other angle (or none) leaves the pixels as they are."""
-    if not isinstance(rotation, (int, float)) or not math.isfinite(rotation) or round(rotation) % 90:
+def upright(pixels: np.ndarray, matrix) -> np.ndarray:
+    """`pixels` as a player shows them, by the display matrix a phone or camera writes instead
+    of turning its pictures: nine numbers (a, b, u, c, d, v, x, y, w), FFmpeg's and QuickTime's
+    layout, which map a stored pixel (p, q) to the shown (a*p + c*q + x, b*p + d*q + y) (scaled,
+    and y down). A phone clip shot upright (a turn of 90 degrees clockwise), upside down, turned
+    the other way, mirrored (a front camera's), or mirrored and turned: each of the eight comes
+    out as ffmpeg's own autorotation shows it. A matrix of any other angle (or none) leaves the
+    pixels as they are."""
+    if matrix is None or len(matrix) < 5:
         return pixels
-    turns = round(rotation) // 90 % 4
-    return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels  # (rot90: counterclockwise too)
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    largest = max(abs(a), abs(b), abs(c), abs(d))
+    if not largest or not all(map(math.isfinite, (a, b, c, d))):
+        return pixels
+    a, b, c, d = (round(value / largest) if abs(value) > largest / 2 else 0 for value in (a, b, c, d))
+    if a and d and not (b or c):  # the axes kept: mirrored across either
+        shown = pixels[:, ::-1] if a < 0 else pixels
+        shown = shown[::-1] if d < 0 else shown
+    elif b and c and not (a or d):  # the axes swapped (a quarter turn): a shown row is a stored column
+        shown = pixels.transpose(1, 0, *range(2, pixels.ndim))
+        shown = shown[:, ::-1] if c < 0 else shown
+        shown = shown[::-1] if b < 0 else shown
+    else:
+        return pixels
+    return pixels if shown is pixels else np.ascontiguousarray(shown)
+
+
+def display_matrix(video_frame) -> tuple[int, ...] | None:
+    """The display matrix a decoded PyAV frame carries (its DISPLAYMATRIX side data: nine 32-bit
+    numbers, in the machine's byte order), or None."""
+    import struct
+
+    try:
+        from av.sidedata.sidedata import Type
+
+        data = video_frame.side_data.get(Type.DISPLAYMATRIX)
+        return struct.unpack("=9i", bytes(data)) if data is not None else None
+    except (AttributeError, ImportError, TypeError, ValueError, struct.error):  # (a PyAV without side data)
+        return None
 
 
 class AVReader:
@@ -125,7 +155,7 @@ class AVReader:
                 last_time = seconds
                 if self._stop.wait(max(0.0, start + (seconds - first_time) - time.monotonic())):
                     return None
-            pixels = upright(video_frame.to_ndarray(format="rgb24"), getattr(video_frame, "rotation", 0))  # (H, W, 3)
+            pixels = upright(video_frame.to_ndarray(format="rgb24"), display_matrix(video_frame))  # (H, W, 3)
             self._slot.put(Frame(pixels, "RGB", time.monotonic(), self._sequence))
             self._sequence += 1
         if last_time is None:
