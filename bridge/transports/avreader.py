@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 import time
 from typing import Callable
@@ -51,8 +52,6 @@ def upright(pixels: np.ndarray, matrix) -> np.ndarray:
 def display_matrix(video_frame) -> tuple[int, ...] | None:
     """The display matrix a decoded PyAV frame carries (its DISPLAYMATRIX side data: nine 32-bit
     numbers, in the machine's byte order), or None."""
-    import struct
-
     try:
         from av.sidedata.sidedata import Type
 
