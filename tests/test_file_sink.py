@@ -21,7 +21,8 @@ import pytest
 
 from bridge.frames import Frame
 from bridge.transports import TransportUnavailable, open_sink
-from bridge.transports.file import FileSink, claim_free_path, first_picture, is_image_sequence, numbered, sequence_take
+from bridge.transports.file import (DiskWatch, FileSink, claim_free_path, first_picture, is_image_sequence, numbered,
+                                    sequence_take)
 
 FPS = 30
 
@@ -502,3 +503,40 @@ def test_a_long_recording_is_split_into_files_without_losing_a_frame(tmp_path):
         open_sink(f"file:{tmp_path}/x.mp4?split=0.5", width=64, height=64)
     with pytest.raises(ValueError, match="for a video file"):
         open_sink(f"file:{tmp_path}/frames/%04d.png?split=10", width=64, height=64)
+
+
+def test_a_filling_disk_is_announced_as_it_halves_with_the_minutes_left():
+    """An operator learns the recording is about to stop while there is time to act: under 2 GiB
+    free, then at each halving, with the minutes left at the rate the disk has been filling."""
+    gib = 2**30
+    free = iter([3 * gib, 3 * gib, 1.5 * gib, 1.4 * gib, 0.9 * gib, 0.4 * gib])
+    watch = DiskWatch("/shows/show.mp4", free_of=lambda path: int(next(free)), every=60)
+    said = [watch.check(t) for t in (0, 30, 60, 600, 1200, 1800, 2400)]
+    assert said[:3] == [None, None, None]  # plenty (and not looked at again within 60 s)
+    assert said[3] == ("/shows/show.mp4: only 1536 MiB free on its disk, about 10 min at the rate it has been filling; "
+                       "the recording stops when it is full (the other sinks go on)")
+    assert said[4] is None  # 1.4 GiB: not halved since
+    assert said[5].startswith("/shows/show.mp4: only 922 MiB free on its disk, about 13 min")
+    assert said[6].startswith("/shows/show.mp4: only 410 MiB free on its disk, about 6 min")
+    unknown = DiskWatch("/dev/stdout", free_of=lambda path: None, every=0)
+    assert [unknown.check(t) for t in range(3)] == [None] * 3
+
+
+def test_a_recording_says_so_at_start_and_while_its_disk_fills(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+
+    import bridge.transports.file as file_module
+
+    usage = namedtuple("usage", "total used free")
+    free = [5 * 2**30, 1 * 2**30]  # at the start, then after the first frames
+    monkeypatch.setattr(file_module.shutil, "disk_usage", lambda path: usage(0, 0, free[0]))
+    monkeypatch.setattr(FileSink, "space_check_seconds", 0.0)
+    caplog.set_level(logging.WARNING)
+    sink = open_sink(f"file:{tmp_path}/show.mp4", width=64, height=64, fps=FPS)
+    assert "free on its disk" not in caplog.text
+    sink.send(ramp_frame(0))
+    free.pop(0)
+    sink.send(ramp_frame(1))
+    sink.close()
+    assert f"{tmp_path}/show.mp4: only 1024 MiB free on its disk, about " in caplog.text
+    assert frames_in(tmp_path / "show.mp4") == 2

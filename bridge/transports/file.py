@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import stat
 import threading
 import time
 from fractions import Fraction
+from typing import Callable
 
 from ..frames import Frame, FrameFormat
 from .base import Sink, TransportUnavailable, pixels_in
@@ -33,7 +35,8 @@ FRAGMENTED = (".mp4", ".m4v", ".mov")  # containers written as fragments while f
 FRAGMENT_SECONDS = 2.0  # the default: at most this much of a recording is lost with the process
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # a fragment (with its index) per keyframe
 MAX_FRAGMENT_SECONDS = 3600.0
-LOW_SPACE_BYTES = 2 * 2**30  # less free than this where a recording starts: a warning
+LOW_SPACE_BYTES = 2 * 2**30  # less free than this on a recording's disk: a warning (DiskWatch)
+SPACE_CHECK_SECONDS = 10.0  # a recording looks at its disk's free space this often
 MIN_SPLIT_SECONDS = 1.0  # split=SECONDS: at least this
 MAX_NUMBER = 10000  # show-2.mp4 ... show-9999.mp4, then a clear error
 
@@ -115,17 +118,48 @@ def pixel_format_for(av, codec: str) -> str:
     return "yuv420p" if not formats or "yuv420p" in formats else formats[0]
 
 
-def warn_if_disk_nearly_full(path: str) -> None:
-    """Log a warning when the disk holding `path` has less than LOW_SPACE_BYTES free: an hour of
-    720p pictures that change every frame can take several GB, and a disk that fills ends the
-    recording (not the show)."""
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the disk holding `path`, or None where that cannot be told."""
     try:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     except OSError:  # (a device or pipe's folder may not say)
-        return
-    if free < LOW_SPACE_BYTES:
-        log.warning("%s: only %.1f MiB free on its disk; the recording stops when it is full (the other sinks go "
-                    "on)", path, free / 2**20)
+        return None
+
+
+class DiskWatch:
+    """Warnings while a recording's disk fills: an hour of 720p pictures that change every frame
+    can take several GB, and a disk that fills ends the recording (not the show). `check(now)`
+    looks at most every `every` seconds: under LOW_SPACE_BYTES free it says so, then again each
+    time the free space has halved, with the minutes left at the rate the disk has been filling
+    since the first look. None when there is nothing (new) to say."""
+
+    def __init__(self, path: str, *, free_of: Callable[[str], int | None] = free_bytes,
+                 every: float = SPACE_CHECK_SECONDS) -> None:
+        self._path, self._free_of, self._every = path, free_of, every
+        self._next = -math.inf
+        self._below = LOW_SPACE_BYTES  # the next warning comes under this
+        self._first: tuple[float, int] | None = None  # (time, free) at the first look
+
+    def check(self, now: float) -> str | None:
+        if now < self._next:
+            return None
+        self._next = now + self._every
+        free = self._free_of(self._path)
+        if free is None:
+            return None
+        if self._first is None:
+            self._first = (now, free)
+        if free >= self._below:
+            return None
+        while self._below > max(free, 1):
+            self._below //= 2
+        started, free_then = self._first
+        left = ""
+        if now > started and free_then > free:
+            minutes = free / ((free_then - free) / (now - started)) / 60
+            left = f", about {minutes:.0f} min at the rate it has been filling"
+        return (f"{self._path}: only {free / 2**20:.0f} MiB free on its disk{left}; the recording stops when it is "
+                "full (the other sinks go on)")
 
 
 def numbered(path: str, number: int) -> str:
@@ -215,6 +249,8 @@ class FileSink(Sink):
     #: seconds after which the runtime goes on in a new file (the sink option split=SECONDS; its
     #: lane finishes this file and opens the next by the same name, numbered: bridge.lanes)
     split_seconds: float | None = None
+    #: how often a recording looks at its disk's free space (DiskWatch)
+    space_check_seconds = SPACE_CHECK_SECONDS
 
     def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None,
                  fragment: float = FRAGMENT_SECONDS, overwrite: bool = False) -> None:
@@ -260,7 +296,8 @@ class FileSink(Sink):
                         path, self.path)
         elif self.path != path:
             log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)", path, self.path)
-        warn_if_disk_nearly_full(self.path)
+        self._disk = None if is_special_file(self.path) else DiskWatch(self.path, every=self.space_check_seconds)
+        self._say_free_space(time.monotonic())
 
     def _open(self, av, path: str, codec: str | None):
         """The container and its video stream, with the header written: a codec the container
@@ -304,6 +341,11 @@ class FileSink(Sink):
                 raise ValueError(f"codec {codec}: {exc}") from None
             raise
         return container, stream
+
+    def _say_free_space(self, now: float) -> None:
+        warning = self._disk.check(now) if self._disk is not None else None
+        if warning:
+            log.warning("%s", warning)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:
@@ -351,6 +393,7 @@ class FileSink(Sink):
                 raise
             self._last_pts = video_frame.pts
             self.frames_written += 1
+        self._say_free_space(now)
 
     def close(self) -> None:
         import av
