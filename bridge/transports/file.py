@@ -158,8 +158,9 @@ class DiskWatch:
         if now > started and free_then > free:
             minutes = free / ((free_then - free) / (now - started)) / 60
             left = f", about {minutes:.0f} min at the rate it has been filling"
-        return (f"{self._path}: only {free / 2**20:.0f} MiB free on its disk{left}; the recording stops when it is "
-                "full (the other sinks go on)")
+        mib = free / 2**20
+        return (f"{self._path}: only {mib:.{1 if mib < 10 else 0}f} MiB free on its disk{left}; the recording stops "
+                "when it is full (the other sinks go on)")
 
 
 def numbered(path: str, number: int) -> str:
