@@ -85,7 +85,8 @@ def backend_label(engine) -> str:
     graphs = getattr(backend, "cuda_graphs", None)
     step_graphs = getattr(engine, "_graphs", None)
     if graphs == "step":
-        failure = step_graphs.failure_for(engine.config) if step_graphs is not None else None
+        failure_for = getattr(step_graphs, "failure_for", None)  # (pipeline.step_graph.StepGraphs)
+        failure = failure_for(engine.config) if failure_for else getattr(step_graphs, "failed", None)
         if failure is None:
             label += "+step graph"
         else:
