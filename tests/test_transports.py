@@ -1,5 +1,6 @@
 """Sources and sinks that run for real here: test pattern, video files, file sink, null, the registry."""
 
+import os
 import struct
 import sys
 import time
@@ -130,6 +131,10 @@ def test_a_looping_clip_shows_its_last_frame_as_long_as_the_others_and_a_still_l
 def test_missing_video_and_camera_are_one_line_errors(tmp_path):
     with pytest.raises(TransportUnavailable, match="video file not found"):
         open_source(f"video:{tmp_path / 'nope.mp4'}")
+    os.mkfifo(tmp_path / "pipe.mkv")
+    for name in ("", "pipe.mkv"):
+        with pytest.raises(TransportUnavailable, match="is not a file .a folder, a device or a named pipe.; video: plays"):
+            open_source(f"video:{tmp_path / name}")
     if sys.platform.startswith("linux"):
         with pytest.raises(TransportUnavailable, match="no camera at /dev/video97"):
             open_source("camera:97")

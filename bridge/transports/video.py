@@ -17,8 +17,10 @@ class VideoSource(Source):
     def __init__(self, *, path: str, loop: bool = False, realtime: bool = True) -> None:
         if not path:
             raise ValueError("path: a video file is needed, as in video:clip.mp4")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise TransportUnavailable(f"video file not found: {path}")
+        if not os.path.isfile(path):  # (a pipe would block the open until a writer came)
+            raise TransportUnavailable(f"{path} is not a file (a folder, a device or a named pipe); video: plays files")
         import av  # imported here: `sdbridge --help` stays instant
 
         def open_container():
