@@ -31,7 +31,7 @@ from .aspect import ShapeFollower
 from .frames import FILTERS, FITS, FrameFormat
 from .lanes import SinkLane, close_lanes
 from .params import ParameterStore
-from .stages import OutputLoop, Shared, capture_loop, inference_loop
+from .stages import OutputLoop, Shared, capture_loop, current_format, inference_loop
 from .telemetry import Telemetry
 from .transports.base import Sink, Source, close_quietly, run_main_thread_work
 
@@ -258,8 +258,11 @@ class Runtime:
         return [thread.name for thread in self._threads if thread.is_alive()]
 
     def snapshot(self) -> dict:
-        """The telemetry's figures, and `recording`: how many files the sinks are writing now."""
-        return {**self.telemetry.snapshot(), "recording": sum(lane.recording for lane in self._shared.lanes)}
+        """The telemetry's figures, `recording`: how many files the sinks are writing now, and
+        `size`: the processing size ("704x384"), which /sd/resolution and --aspect source change."""
+        size = current_format(self._shared)
+        return {**self.telemetry.snapshot(), "recording": sum(lane.recording for lane in self._shared.lanes),
+                "size": f"{size.width}x{size.height}"}
 
     def record_start(self) -> None:
         """Each file sink whose recording was stopped starts a new file (by its name, numbered

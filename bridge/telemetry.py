@@ -153,5 +153,6 @@ def status_line(snapshot: dict) -> str:
         + (f" | sink errors {snapshot['sink_errors']} missed {snapshot['sink_missed']}"
            if snapshot.get("sink_errors") or snapshot.get("sink_missed") else "")
         + (f" | recording {snapshot['recording']}" if snapshot.get("recording") else "")
+        + (f" | {snapshot['size']}" if snapshot.get("size") else "")
         + (f" | {snapshot['backend']}" if snapshot.get("backend") else "")
     )

@@ -15,6 +15,7 @@ from bridge.frames import Frame, FrameFormat
 from bridge.runtime import Runtime, RuntimeConfig
 from bridge.session import FirstFrameAgain, sized_by_source
 from bridge.settings import RunSettings
+from bridge.telemetry import status_line
 from bridge.transports.base import Source, SourceEnded
 from bridge.transports.testpattern import TestPatternSource
 from pipeline import StreamConfig, StreamDiffusion
@@ -203,4 +204,5 @@ def test_a_running_engine_follows_the_source_into_portrait(tiny_components, capl
     assert [entry for entry in heard if entry[0] == "resolution"] == [("resolution", (64, 128), None)]
     assert runtime.params.applied["resolution"] == (64, 128)
     assert "source is now 72x128: processing at 64x128, its shape (--aspect source)" in caplog.text
+    assert runtime.snapshot()["size"] == "64x128" and "| 64x128 |" in status_line(runtime.snapshot())
     assert all(frame.pixels.shape == (64, 128, 3) for _, frame in sink.sent)  # the sink's own size throughout

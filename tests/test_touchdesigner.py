@@ -246,7 +246,7 @@ def full_snapshot():
     return {"state": "paused", "processed_fps": 29.5, "output_fps": 30.0, "inference_ms_median": 12.5,
             "latency_ms_median": 40.0, "frames_skipped": 3, "frames_dropped": 1, "osc_refused": 2, "sink_errors": 0,
             "sink_missed": 4, "recording": 1, "last_error": "x: bad",
-            "backend": "compiled+step graph"}
+            "backend": "compiled+step graph", "size": "704x384"}
 
 
 def test_status_fields_are_what_the_bridge_sends():
@@ -260,7 +260,7 @@ def test_status_fields_are_what_the_bridge_sends():
     assert names == {name for name, _ in status.FIELDS}
     assert board.values["state"] == STATES["paused"] and board.state_name == "paused"
     assert board.values["fps"] == pytest.approx(29.5) and board.values["error"] == "x: bad"
-    assert board.values["backend"] == "compiled+step graph"
+    assert board.values["backend"] == "compiled+step graph" and board.values["size"] == "704x384"
     assert {v: k for k, v in STATES.items()} == {k: v for k, v in status.STATE_NAMES.items() if k >= 0}
     assert board.alive(3.9) and not board.alive(4.1)
 

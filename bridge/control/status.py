@@ -15,6 +15,8 @@
     /sd/status/recording      i  files the file sinks are writing now (0 after /sd/record/stop)
     /sd/status/error          s  the latest error, when there is one
     /sd/status/backend        s  what runs the frames, e.g. "compiled+step graph", "eager (fallback from tensorrt)"
+    /sd/status/size           s  the processing size, e.g. "704x384" (it changes with /sd/resolution, and with
+                                 --aspect source when the source changes shape)
 
 Numbers go one per address so TouchDesigner's OSC In CHOP shows each as a channel; the
 strings are for an OSC In DAT. A figure that has no value yet (no frame processed) is not sent.
@@ -70,6 +72,8 @@ def status_messages(snapshot: dict, *, prefix: str = "/sd", last_error: str | No
     messages.append(encode_message(base + "/state_name", state[:64]))
     if snapshot.get("backend"):
         messages.append(encode_message(base + "/backend", str(snapshot["backend"])[:128]))
+    if snapshot.get("size"):
+        messages.append(encode_message(base + "/size", str(snapshot["size"])[:32]))
     error = snapshot.get("last_error") or last_error
     if error:
         messages.append(encode_message(base + "/error", str(error)[:512].replace("\x00", " ")))

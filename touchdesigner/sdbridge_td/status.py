@@ -17,7 +17,7 @@ FIELDS = (
     ("alive", "i"), ("fps", "f"), ("output_fps", "f"), ("inference_ms", "f"), ("latency_ms", "f"),
     ("frames_skipped", "i"), ("frames_dropped", "i"), ("state", "i"), ("state_name", "s"),
     ("osc_refused", "i"), ("sink_errors", "i"), ("sink_missed", "i"), ("recording", "i"), ("error", "s"),
-    ("backend", "s"),
+    ("backend", "s"), ("size", "s"),
 )
 STATE_NAMES = {0: "starting", 1: "running", 2: "paused", 3: "source lost", 4: "stopping", 5: "stopped", 6: "stalled",
                7: "updating", -1: "other"}
