@@ -187,9 +187,9 @@ def sequence_take(pattern: str, number: int) -> str:
     return os.path.join(folder, take + name[field.start():])
 
 
-def sequence_pictures(pattern: str) -> list[str]:
-    """The names of the existing files that `pattern` would write (its folder's files whose
-    names match it with any picture number)."""
+def sequence_pictures(pattern: str, names: list[str] | None = None) -> list[str]:
+    """The names of the existing files that `pattern` would write: of `names` (its folder's
+    files, listed here when not given), those that match it with any picture number."""
     folder, name = os.path.split(pattern)
     parts, end = [], 0
     for field in _SEQUENCE_FIELD.finditer(name):
@@ -198,10 +198,11 @@ def sequence_pictures(pattern: str) -> list[str]:
         end = field.end()
     parts.append(re.escape(name[end:]))
     matcher = re.compile("".join(parts) + r"\Z")
-    try:
-        names = os.listdir(folder or ".")
-    except OSError:
-        return []
+    if names is None:
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            return []
     return sorted(n for n in names if matcher.match(n))
 
 
@@ -220,9 +221,15 @@ def claim_free_path(path: str) -> str:
     whose pictures exist, with its first picture created the same way."""
     sequence = is_image_sequence(path)
     take = sequence_take if sequence else numbered
+    existing = None  # a sequence's folder, listed once (it may hold a long show's pictures)
+    if sequence:
+        try:
+            existing = os.listdir(os.path.dirname(path) or ".")
+        except OSError:
+            existing = []
     for number in range(1, MAX_NUMBER):
         candidate = take(path, number)
-        if sequence and sequence_pictures(candidate):
+        if sequence and sequence_pictures(candidate, existing):
             continue
         try:
             os.close(os.open(first_picture(candidate) if sequence else candidate,
