@@ -415,7 +415,8 @@ def _make_runtime(settings: RunSettings, engine, sinks, first_source, store: Par
     reopen = sink_reopeners(settings.sink, width=engine.config.width, height=engine.config.height, fps=settings.fps)
     follow = None
     if settings.aspect == "source" and not isinstance(first_source, NoInput):
-        follow = ShapeFollower(settings.width * settings.height, followed=getattr(first_source, "shape", None))
+        shape = first_source.shape if isinstance(first_source, FirstFrameAgain) else None  # (None: no frame yet)
+        follow = ShapeFollower(settings.width * settings.height, followed=shape)
     runtime = Runtime(engine=engine, open_source=source_factory, sinks=sinks, config=config, params=store,
                       reopen_sinks=reopen, follow_shape=follow)
     runtime.params.report_applied({"prompt": settings.prompt, "negative_prompt": settings.negative_prompt})
