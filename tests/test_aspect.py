@@ -206,3 +206,25 @@ def test_a_running_engine_follows_the_source_into_portrait(tiny_components, capl
     assert "source is now 72x128: processing at 64x128, its shape (--aspect source)" in caplog.text
     assert runtime.snapshot()["size"] == "64x128" and "| 64x128 |" in status_line(runtime.snapshot())
     assert all(frame.pixels.shape == (64, 128, 3) for _, frame in sink.sent)  # the sink's own size throughout
+
+
+@pytest.mark.parametrize("aspect", ["source", "fixed"])
+def test_run_follows_the_source_only_with_aspect_source(aspect):
+    """`sdbridge run`'s runtime gets a follower with --aspect source, starting from the shape its
+    size was chosen for and the pixels of --width x --height; none with --aspect fixed."""
+    from bridge.session import _make_runtime
+    from bridge.transports.null import NullSink
+    from test_runtime import StandInEngine
+
+    settings = RunSettings(aspect=aspect, sink=("null",), width=512, height=448)
+    pattern = TestPatternSource(width=1280, height=720, fps=30)
+    first = FirstFrameAgain(pattern, pattern.read(timeout=1.0))
+    runtime = _make_runtime(settings, StandInEngine(size=64), [NullSink()], first, None)
+    follower = runtime._shared.follow_shape
+    if aspect == "fixed":
+        assert follower is None
+    else:
+        assert isinstance(follower, ShapeFollower) and follower.area == 512 * 448
+        assert follower.observe(1280, 720, 100.0, (64, 64)) is None  # the shape it was chosen for
+    runtime.stop()
+    first.close()
