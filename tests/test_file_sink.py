@@ -516,21 +516,36 @@ def test_a_filling_disk_is_announced_as_it_halves_with_the_minutes_left():
     assert [unknown.check(t) for t in range(3)] == [None] * 3
 
 
-def test_a_recording_says_so_at_start_and_while_its_disk_fills(tmp_path, monkeypatch, caplog):
-    from collections import namedtuple
-
-    import bridge.transports.file as file_module
-
-    usage = namedtuple("usage", "total used free")
-    free = [5 * 2**30, 1 * 2**30]  # at the start, then after the first frames
-    monkeypatch.setattr(file_module.shutil, "disk_usage", lambda path: usage(0, 0, free[0]))
-    monkeypatch.setattr(FileSink, "space_check_seconds", 0.0)
-    caplog.set_level(logging.WARNING)
-    sink = open_sink(f"file:{tmp_path}/show.mp4", width=64, height=64, fps=FPS)
-    assert "free on its disk" not in caplog.text
-    sink.send(ramp_frame(0))
-    free.pop(0)
-    sink.send(ramp_frame(1))
+FILLING_WRITER = textwrap.dedent("""
+    import logging, sys
+    import numpy as np
+    from bridge.frames import Frame
+    from bridge.transports.file import FileSink
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    sink = FileSink(path="/mnt/show.mkv", width=128, height=128, fps=30, space_check_seconds=0.0)
+    noise = np.random.default_rng(0)
+    for _ in range(2000):  # (bounded: 4 MiB of noise pictures take about 100)
+        try:
+            sink.send(Frame(noise.integers(0, 256, (128, 128, 3), dtype=np.uint8)))
+        except OSError:
+            break
     sink.close()
-    assert f"{tmp_path}/show.mp4: only 1024 MiB free on its disk, about " in caplog.text
-    assert frames_in(tmp_path / "show.mp4") == 2
+""")
+
+
+def test_a_recording_says_so_at_start_and_while_its_disk_fills(tmp_path):
+    """A real 4 MiB tmpfs (in a mount namespace of the child's own) filled by a recording: the
+    free space is said at the start, then at each halving, with the time left."""
+    reason = mount_namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=4m none /mnt && exec "$0" "$@"',
+                             sys.executable, "-c", FILLING_WRITER],
+                            capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    said = [line for line in result.stdout.splitlines() if "free on its disk" in line]
+    assert said[0] == "/mnt/show.mkv: only 4.0 MiB free on its disk; the recording stops when it is full (the other sinks go on)"
+    free = [float(line.split("only ")[1].split(" MiB")[0]) for line in said]
+    # each after the free space fell under the next halving (2 MiB, 1 MiB, ...; said to a tenth)
+    assert len(said) >= 3 and free[1] <= 2.0 and all(b <= a / 2 + 0.05 for a, b in zip(free[1:], free[2:])), said
+    assert all(", under a minute at the rate it has been filling" in line for line in said[1:]), said

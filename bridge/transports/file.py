@@ -157,7 +157,7 @@ class DiskWatch:
         left = ""
         if now > started and free_then > free:
             minutes = free / ((free_then - free) / (now - started)) / 60
-            left = f", about {minutes:.0f} min at the rate it has been filling"
+            left = (f", about {minutes:.0f} min" if minutes >= 1 else ", under a minute") + " at the rate it has been filling"
         mib = free / 2**20
         return (f"{self._path}: only {mib:.{1 if mib < 10 else 0}f} MiB free on its disk{left}; the recording stops "
                 "when it is full (the other sinks go on)")
@@ -248,6 +248,7 @@ class FileSink(Sink):
     `fragment`: seconds between keyframes at most, and for an mp4, m4v or mov between the
     fragments it is written in (0: the encoder's own keyframes and a classic file, finished only
     by `close`). `overwrite`: replace an existing file at `path` rather than record beside it.
+    `space_check_seconds`: how often it looks at its disk's free space (DiskWatch).
     `path` ends up as the file written (a PNG sequence's: the pattern of its take).
     """
 
@@ -257,11 +258,10 @@ class FileSink(Sink):
     #: seconds after which the runtime goes on in a new file (the sink option split=SECONDS; its
     #: lane finishes this file and opens the next by the same name, numbered: bridge.lanes)
     split_seconds: float | None = None
-    #: how often a recording looks at its disk's free space (DiskWatch)
-    space_check_seconds = SPACE_CHECK_SECONDS
 
     def __init__(self, *, path: str, width: int, height: int, fps: float = 30.0, codec: str | None = None,
-                 fragment: float = FRAGMENT_SECONDS, overwrite: bool = False) -> None:
+                 fragment: float = FRAGMENT_SECONDS, overwrite: bool = False,
+                 space_check_seconds: float = SPACE_CHECK_SECONDS) -> None:
         if not path:
             raise ValueError("path: an output file is needed, as in file:out.mp4")
         if not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
@@ -304,7 +304,7 @@ class FileSink(Sink):
                         path, self.path)
         elif self.path != path:
             log.warning("%s exists: recording to %s (the sink option overwrite=1 replaces it instead)", path, self.path)
-        self._disk = None if is_special_file(self.path) else DiskWatch(self.path, every=self.space_check_seconds)
+        self._disk = None if is_special_file(self.path) else DiskWatch(self.path, every=space_check_seconds)
         self._say_free_space(time.monotonic())
 
     def _open(self, av, path: str, codec: str | None):
