@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from typing import Any
 
 from .params import lora_values
@@ -87,11 +86,10 @@ def free_memory(exc: BaseException) -> None:
     """After an out-of-memory error: hand the failed step's cached blocks back to the device.
     No gc.collect() here: a full collection holds the GIL for hundreds of ms in a process this
     size and would stall the output thread (the step's tensors are freed by reference counting)."""
-    if "OutOfMemory" not in type(exc).__name__ and "out of memory" not in str(exc).lower():
-        return
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    from pipeline.errors import is_out_of_memory, release_cached_memory
+
+    if is_out_of_memory(exc):
+        release_cached_memory()
 
 
 def _lora_scales(engine) -> tuple[float, ...]:

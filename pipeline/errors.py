@@ -21,3 +21,19 @@ def innermost_line(exc: BaseException, limit: int = 300) -> str:
     lines = str(exc).strip().splitlines()
     line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device running out of memory (torch.OutOfMemoryError, or an
+    allocator's error that says so)."""
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Hand the blocks torch's CUDA allocator keeps cached back to the device (after an
+    out-of-memory error); nothing where CUDA was never used. Imports nothing itself."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from .errors import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class StepGraphs:
                 for source in SOURCES:
                     self._steps.pop((key, source), None)
                 self._on_demand.pop(key, None)
-                _release_cached_memory()
+                release_cached_memory()
                 log.warning("could not capture the step graph for %dx%d, %d step(s): out of memory; frames at these "
                             "settings run without one, the other settings keep theirs (%s)", config.width,
                             config.height, config.denoising_steps, reason)
@@ -320,19 +321,6 @@ class StepGraphs:
         if current.last_output is None:
             current = replace(current, last_output=images)
         return current
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is the device running out of memory (torch.OutOfMemoryError, or an
-    allocator's RuntimeError that says so)."""
-    out_of_memory = getattr(torch, "OutOfMemoryError", None)
-    return (out_of_memory is not None and isinstance(exc, out_of_memory)) or "out of memory" in str(exc).lower()
-
-
-def _release_cached_memory() -> None:
-    """Give the memory a failed capture took back to the device's allocator (CUDA only)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _uses_stock(config) -> bool:
